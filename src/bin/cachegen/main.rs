@@ -1,0 +1,136 @@
+//! `cachegen`: encode, decode, inspect and benchmark KV caches.
+
+mod baselines;
+mod bench;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use cachegen::codec::{self, Container, EncodeOptions, Level};
+use cachegen::interchange;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cachegen", version, about = "CacheGen KV-cache codec: encode, decode, inspect, benchmark")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Encode a KV cache (safetensors: layers.{i}.key / layers.{i}.value) into a .cg stream.
+    Encode {
+        /// Quality level: 1/compact, 2/default, 3/high, 4/lossless.
+        #[arg(long, default_value = "default")]
+        level: String,
+        input: PathBuf,
+        output: PathBuf,
+    },
+    /// Decode a .cg stream back to safetensors (same names, shapes and dtype).
+    Decode { input: PathBuf, output: PathBuf },
+    /// Print a JSON summary of a .cg stream's header and section sizes.
+    Inspect { input: PathBuf },
+    /// Measure size, speed (and quality, with the model harness) against baselines.
+    Bench(bench::BenchArgs),
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, String> {
+    std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))
+}
+
+fn write(path: &Path, bytes: &[u8]) -> Result<(), String> {
+    std::fs::write(path, bytes).map_err(|e| format!("cannot write {}: {e}", path.display()))
+}
+
+fn load_kv(path: &Path) -> Result<interchange::Loaded, String> {
+    interchange::from_safetensors(&read(path)?).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+fn run(cli: Cli) -> Result<(), String> {
+    match cli.command {
+        Command::Encode { level, input, output } => {
+            let level = Level::parse(&level).map_err(|e| e.to_string())?;
+            let kv = load_kv(&input)?.kv;
+            let bytes = codec::encode(&kv, &EncodeOptions::level(level)).map_err(|e| format!("{}: {e}", input.display()))?;
+            write(&output, &bytes)?;
+            let raw = kv.shape.elems() * 2;
+            eprintln!(
+                "{}: {} bytes -> {} bytes ({:.2} bits/element, {:.2}x vs fp16), level {}",
+                input.display(),
+                kv.shape.elems() * kv.dtype.size(),
+                bytes.len(),
+                8.0 * bytes.len() as f64 / kv.shape.elems() as f64,
+                raw as f64 / bytes.len() as f64,
+                level.name()
+            );
+            Ok(())
+        }
+        Command::Decode { input, output } => {
+            let bytes = read(&input)?;
+            let kv = codec::decode(&bytes, None).map_err(|e| format!("{}: {e}", input.display()))?;
+            let st = interchange::to_safetensors(&kv, None).map_err(|e| e.to_string())?;
+            write(&output, &st)
+        }
+        Command::Inspect { input } => {
+            let bytes = read(&input)?;
+            let c = Container::parse(&bytes, None, Default::default());
+            // A stream with external tables can still be inspected without them.
+            let c = match c {
+                Err(codec::Error::MissingTables(_)) => None,
+                other => Some(other.map_err(|e| format!("{}: {e}", input.display()))?),
+            };
+            let layout = codec::format::parse(&bytes, u64::MAX).map_err(|e| format!("{}: {e}", input.display()))?;
+            println!("{}", serde_json::to_string_pretty(&inspect_json(&layout, c.as_ref(), bytes.len())).unwrap());
+            Ok(())
+        }
+        Command::Bench(args) => bench::run(args),
+    }
+}
+
+fn inspect_json(layout: &codec::format::Layout, c: Option<&Container>, total: usize) -> serde_json::Value {
+    use codec::format::PlaneKind;
+    let h = &layout.header;
+    let planes: Vec<serde_json::Value> = layout
+        .planes
+        .iter()
+        .map(|p| match p {
+            PlaneKind::Quantized(q) => serde_json::json!({"kind": "quantized", "scale_group": format!("{:?}", q.group), "asymmetric": q.asymmetric, "symbols": q.nsym()}),
+            PlaneKind::Raw { index, shared } => serde_json::json!({"kind": "raw_byte", "byte": index, "shared_table": shared}),
+        })
+        .collect();
+    let elems = h.shape.elems() as f64;
+    serde_json::json!({
+        "format_version": codec::format::VERSION,
+        "dtype": h.dtype.name(),
+        "kind": format!("{:?}", h.shape.kind),
+        "layers": h.shape.layers,
+        "tokens": h.shape.tokens,
+        "kv_heads": h.shape.heads,
+        "head_dim": h.shape.head_dim,
+        "level": h.level,
+        "level_name": Level::from_number(h.level).map(|l| l.name()),
+        "prob_bits": h.prob_bits,
+        "tables": if h.external_tables() { "external" } else { "embedded" },
+        "table_id": format!("{:016x}", h.table_id),
+        "segment_tokens": h.seg_tokens,
+        "segment_groups": h.seg_groups,
+        "segments": h.segments,
+        "planes": planes,
+        "bytes": c.map(|c| serde_json::to_value(c.section_sizes()).unwrap()),
+        "total_bytes": total,
+        "bits_per_element": 8.0 * total as f64 / elems,
+        "ratio_vs_fp16": 2.0 * elems / total as f64,
+    })
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("cachegen: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,223 @@
+//! Decoder: a container back to KV tensors. Every field is validated
+//! against the data before anything is sized by it (`format::parse`).
+
+use half::bf16;
+
+use super::encode::{parse_tables, TableSet};
+use super::format::{self, Header, Layout, PlaneKind};
+use super::quant::{self, GroupParams, QuantSpec, ScaleGroup};
+use super::rans::{decode_segment, DecodeScratch, SegmentGeometry, LANES};
+use super::table::{FreqTable, TableEncoding};
+use super::{Error, KvTensors};
+
+/// Bounds on what a decoder will produce from an untrusted stream.
+#[derive(Clone, Copy, Debug)]
+pub struct DecodeLimits {
+    /// Largest decoded chunk, in bytes of the output dtype.
+    pub max_output_bytes: u64,
+}
+
+impl Default for DecodeLimits {
+    fn default() -> Self {
+        // A 32K-token Llama-3-70B chunk in f16 is 10 GiB; chunks are normally far smaller.
+        DecodeLimits { max_output_bytes: 16 << 30 }
+    }
+}
+
+/// A validated stream with its tables parsed, ready to decode tensor by
+/// tensor (tensors are independent, so callers may decode them in parallel).
+pub struct Container<'a> {
+    bytes: &'a [u8],
+    layout: Layout,
+    tables: Vec<Vec<FreqTable>>,
+    /// Index of each plane's first bf16 in the scale section.
+    scale_start: Vec<usize>,
+}
+
+impl<'a> Container<'a> {
+    /// Validate `bytes`. Streams with external tables need `tables`.
+    pub fn parse(bytes: &'a [u8], tables: Option<&TableSet>, limits: DecodeLimits) -> Result<Container<'a>, Error> {
+        let layout = format::parse(bytes, limits.max_output_bytes)?;
+        let h = &layout.header;
+        let channels = h.shape.channels();
+        let tables = if h.external_tables() {
+            let set = tables.ok_or(Error::MissingTables(h.table_id))?;
+            if set.id() != h.table_id {
+                return Err(Error::WrongTables { got: set.id(), want: h.table_id });
+            }
+            if set.plan != layout.planes || set.channels != channels || set.prob_bits != h.prob_bits {
+                return Err(Error::Corrupt("table set does not match the stream's planes"));
+            }
+            set.tables()?
+        } else {
+            parse_tables(&bytes[layout.tables.clone()], &layout.planes, channels, h.prob_bits, TableEncoding::Compact)?
+        };
+        let mut scale_start = Vec::with_capacity(layout.planes.len());
+        let mut acc = 0;
+        for p in &layout.planes {
+            scale_start.push(acc);
+            acc += p.scale_values(&h.shape);
+        }
+        Ok(Container { bytes, layout, tables, scale_start })
+    }
+
+    pub fn header(&self) -> &Header {
+        &self.layout.header
+    }
+
+    pub fn planes(&self) -> &[PlaneKind] {
+        &self.layout.planes
+    }
+
+    /// Sizes of the sections, for `inspect` and the benchmark.
+    pub fn section_sizes(&self) -> SectionSizes {
+        let h = &self.layout.header;
+        SectionSizes {
+            total: self.bytes.len(),
+            header: format::HEADER_LEN + 4 * h.planes,
+            scales: h.scales_len,
+            tables: h.tables_len,
+            offsets: 4 * h.segments,
+            payload: h.payload_len,
+            checksum: format::CHECKSUM_LEN,
+        }
+    }
+
+    /// Bytes of one decoded tensor.
+    pub fn tensor_bytes(&self) -> usize {
+        self.header().shape.plane_elems() * self.header().dtype.size()
+    }
+
+    fn group_params(&self, plane: usize, spec: &QuantSpec) -> Vec<GroupParams> {
+        let sc = &self.bytes[self.layout.scales.clone()];
+        let s = &self.header().shape;
+        let n = spec.group.count(s.tokens, s.channels(), s.head_dim);
+        let at = |i: usize| bf16::from_le_bytes([sc[2 * i], sc[2 * i + 1]]).to_f32();
+        let base = self.scale_start[plane];
+        (0..n)
+            .map(|g| {
+                if spec.asymmetric {
+                    GroupParams { offset: at(base + 2 * g), step: at(base + 2 * g + 1) }
+                } else {
+                    GroupParams { offset: 0.0, step: at(base + g) }
+                }
+            })
+            .collect()
+    }
+
+    fn decode_plane<F: FnMut(usize, &SegmentGeometry, &[u8], usize)>(&self, plane: usize, scratch: &mut DecodeScratch, mut sink: F) -> Result<(), Error> {
+        let h = self.header();
+        let kind = &self.layout.planes[plane];
+        let tabs = &self.tables[plane];
+        let per_plane = h.segments_per_plane();
+        for k in 0..per_plane {
+            let (a, b) = self.layout.segments[plane * per_plane + k];
+            let geo = h.segment_geometry(k);
+            decode_segment(&geo, &self.bytes[a..b], |c| &tabs[kind.table_index(c)], scratch, |g, tile, lanes| sink(g, &geo, tile, lanes))?;
+        }
+        Ok(())
+    }
+
+    /// Decode tensor `i` (layer `i / streams`, stream `i % streams`) into
+    /// `out`, which must hold `tensor_bytes()` bytes.
+    pub fn decode_tensor(&self, i: usize, out: &mut [u8]) -> Result<(), Error> {
+        let h = self.header();
+        let shape = h.shape;
+        if i >= shape.tensors() || out.len() != self.tensor_bytes() {
+            return Err(Error::Invalid("tensor index or output size out of range".into()));
+        }
+        let channels = shape.channels();
+        let head_dim = shape.head_dim;
+        let dtype = h.dtype;
+        let size = dtype.size();
+        let per_tensor = self.layout.planes.len() / shape.tensors();
+        let mut scratch = DecodeScratch::new(h.prob_bits);
+        match self.layout.planes[i * per_tensor] {
+            PlaneKind::Quantized(spec) => {
+                let params = self.group_params(i, &spec);
+                // x = s * step + base, with base = offset (asymmetric) or -max * step.
+                let coef = |p: GroupParams| if spec.asymmetric { (p.step, p.offset) } else { (p.step, -(spec.max as f32) * p.step) };
+                let mut vals = [0f32; LANES];
+                self.decode_plane(i, &mut scratch, |g, geo, tile, lanes| {
+                    let c0 = LANES * g;
+                    let per_lane: Vec<(f32, f32)> = match spec.group {
+                        ScaleGroup::PerChannel => (0..lanes).map(|l| coef(params[c0 + l])).collect(),
+                        _ => Vec::new(),
+                    };
+                    for (r, row) in tile.chunks_exact(LANES).enumerate() {
+                        let t = geo.token_begin + r;
+                        match spec.group {
+                            ScaleGroup::PerChannel => {
+                                for l in 0..lanes {
+                                    vals[l] = row[l] as f32 * per_lane[l].0 + per_lane[l].1;
+                                }
+                            }
+                            ScaleGroup::PerToken => {
+                                let (step, base) = coef(params[t]);
+                                for l in 0..lanes {
+                                    vals[l] = row[l] as f32 * step + base;
+                                }
+                            }
+                            ScaleGroup::PerTokenHead => {
+                                for l in 0..lanes {
+                                    let (step, base) = coef(params[ScaleGroup::PerTokenHead.index(t, c0 + l, channels, head_dim)]);
+                                    vals[l] = row[l] as f32 * step + base;
+                                }
+                            }
+                        }
+                        let at = (t * channels + c0) * size;
+                        quant::store_row(dtype, &vals[..lanes], &mut out[at..at + lanes * size]);
+                    }
+                })
+            }
+            PlaneKind::Raw { .. } => {
+                for b in 0..per_tensor {
+                    let byte = size - 1 - b;
+                    self.decode_plane(i * per_tensor + b, &mut scratch, |g, geo, tile, lanes| {
+                        for (r, row) in tile.chunks_exact(LANES).enumerate() {
+                            let at = ((geo.token_begin + r) * channels + LANES * g) * size + byte;
+                            for (l, &s) in row[..lanes].iter().enumerate() {
+                                out[at + l * size] = s;
+                            }
+                        }
+                    })?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Decode every tensor.
+    pub fn decode(&self) -> Result<KvTensors, Error> {
+        let h = self.header();
+        let mut tensors = Vec::with_capacity(h.shape.tensors());
+        for i in 0..h.shape.tensors() {
+            let mut out = vec![0u8; self.tensor_bytes()];
+            self.decode_tensor(i, &mut out)?;
+            tensors.push(out);
+        }
+        Ok(KvTensors { shape: h.shape, dtype: h.dtype, tensors })
+    }
+}
+
+/// Byte counts of a stream's sections.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct SectionSizes {
+    pub total: usize,
+    /// Header plus plane descriptors.
+    pub header: usize,
+    pub scales: usize,
+    pub tables: usize,
+    pub offsets: usize,
+    pub payload: usize,
+    pub checksum: usize,
+}
+
+/// Decode a self-contained stream (or one whose table set is given).
+pub fn decode(bytes: &[u8], tables: Option<&TableSet>) -> Result<KvTensors, Error> {
+    decode_with_limits(bytes, tables, DecodeLimits::default())
+}
+
+pub fn decode_with_limits(bytes: &[u8], tables: Option<&TableSet>, limits: DecodeLimits) -> Result<KvTensors, Error> {
+    Container::parse(bytes, tables, limits)?.decode()
+}

@@ -1,0 +1,304 @@
+//! Frequency tables: how a symbol histogram becomes the integer frequencies
+//! the rANS coder uses, and how tables are serialised compactly.
+//!
+//! A table covers symbols `lo .. lo + n`; symbols outside have frequency 0.
+//! Frequencies sum to exactly `1 << prob_bits`. In the compact form each
+//! symbol's weight is a 4-bit code (0 = absent, 1..=15 = half-octave steps
+//! below the most frequent symbol), so a 31-symbol table costs 18 bytes.
+
+use super::Error;
+
+/// Integer weight of each 4-bit code: `round(256 * 2^((q - 15) / 2))`.
+/// Part of the format (FORMAT.md, "Compact tables"): never change.
+pub const WEIGHT_OF_CODE: [u32; 16] = [0, 2, 3, 4, 6, 8, 11, 16, 23, 32, 45, 64, 91, 128, 181, 256];
+
+/// One frequency table, normalised to `1 << prob_bits`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FreqTable {
+    /// First symbol with a (possibly zero) stored weight.
+    pub lo: u8,
+    /// `freq[i]` is the frequency of symbol `lo + i`.
+    pub freq: Vec<u16>,
+}
+
+impl FreqTable {
+    pub fn freq_of(&self, sym: u8) -> u32 {
+        let i = sym as usize;
+        let lo = self.lo as usize;
+        if i < lo || i >= lo + self.freq.len() {
+            0
+        } else {
+            self.freq[i - lo] as u32
+        }
+    }
+
+    /// Cumulative frequencies for every symbol `0..=255` plus the total (257 entries).
+    pub fn cumulative(&self) -> [u32; 257] {
+        let mut cum = [0u32; 257];
+        for s in 0..256usize {
+            cum[s + 1] = cum[s] + self.freq_of(s as u8);
+        }
+        cum
+    }
+}
+
+/// Quantise a histogram to 4-bit weight codes: the most frequent symbol gets
+/// 15, a symbol `k` half-octaves rarer gets `15 - k` (at least 1); absent
+/// symbols get 0. Returns `(lo, codes)` trimmed to the non-zero range.
+pub fn codes_from_histogram(hist: &[u32]) -> (u8, Vec<u8>) {
+    let first = hist.iter().position(|&c| c > 0);
+    let Some(first) = first else {
+        // Empty histogram: a single symbol 0 carries all probability.
+        return (0, vec![15]);
+    };
+    let last = hist.iter().rposition(|&c| c > 0).unwrap();
+    let max = *hist.iter().max().unwrap() as f64;
+    let codes = hist[first..=last]
+        .iter()
+        .map(|&c| {
+            if c == 0 {
+                0
+            } else {
+                let half_octaves = (2.0 * (max / c as f64).log2()).round();
+                (15.0 - half_octaves).clamp(1.0, 15.0) as u8
+            }
+        })
+        .collect();
+    (first as u8, codes)
+}
+
+/// Normalise integer weights to frequencies summing to `1 << prob_bits`,
+/// every non-zero weight getting at least 1. Deterministic integer
+/// arithmetic, specified in FORMAT.md so that every decoder builds the same
+/// table.
+pub fn normalize(weights: &[u32], prob_bits: u32) -> Result<Vec<u16>, Error> {
+    let total: u64 = 1 << prob_bits;
+    let nonzero = weights.iter().filter(|&&w| w > 0).count() as u64;
+    let sum: u64 = weights.iter().map(|&w| w as u64).sum();
+    if nonzero == 0 {
+        return Err(Error::Corrupt("frequency table has no symbol"));
+    }
+    if nonzero > total / 2 {
+        return Err(Error::Corrupt("frequency table has more symbols than prob_bits allows"));
+    }
+    let mut freq: Vec<u64> = weights
+        .iter()
+        .map(|&w| if w == 0 { 0 } else { ((w as u64 * total) / sum).max(1) })
+        .collect();
+    let mut assigned: u64 = freq.iter().sum();
+    // Give the rounding remainder to (or take the excess from) the largest
+    // frequency, lowest index on ties. Taking is repeated because the
+    // largest may not be able to give everything while staying >= 1.
+    while assigned != total {
+        let (imax, fmax) = freq
+            .iter()
+            .enumerate()
+            .fold((0, 0), |(bi, bf), (i, &f)| if f > bf { (i, f) } else { (bi, bf) });
+        if assigned < total {
+            freq[imax] += total - assigned;
+            assigned = total;
+        } else {
+            let take = (assigned - total).min(fmax - 1);
+            freq[imax] -= take;
+            assigned -= take;
+        }
+    }
+    // A single symbol can hold all 2^prob_bits; the coder needs freq < 2^16.
+    if freq.iter().any(|&f| f >= 1 << 16) {
+        return Err(Error::Corrupt("frequency does not fit 16 bits"));
+    }
+    Ok(freq.into_iter().map(|f| f as u16).collect())
+}
+
+/// Build a table from 4-bit codes.
+pub fn table_from_codes(lo: u8, codes: &[u8], prob_bits: u32) -> Result<FreqTable, Error> {
+    let weights: Vec<u32> = codes.iter().map(|&q| WEIGHT_OF_CODE[q as usize & 15]).collect();
+    let freq = normalize(&weights, prob_bits)?;
+    Ok(FreqTable { lo, freq })
+}
+
+/// Serialised size of a compact table with `n` symbols.
+pub fn compact_len(n: usize) -> usize {
+    2 + n.div_ceil(2)
+}
+
+/// Append the compact form: `lo`, `n - 1`, then the codes two per byte, high
+/// nibble first, the last byte's low nibble zero when `n` is odd.
+pub fn write_compact(out: &mut Vec<u8>, lo: u8, codes: &[u8]) {
+    debug_assert!(!codes.is_empty() && codes.len() <= 256);
+    out.push(lo);
+    out.push((codes.len() - 1) as u8);
+    for pair in codes.chunks(2) {
+        let hi = pair[0] & 15;
+        let lo_nib = pair.get(1).copied().unwrap_or(0) & 15;
+        out.push((hi << 4) | lo_nib);
+    }
+}
+
+/// Parse one compact table at `buf[*pos..]`, checking it fits an alphabet
+/// of `nsym` symbols. Advances `pos`.
+pub fn read_compact(buf: &[u8], pos: &mut usize, nsym: usize, prob_bits: u32) -> Result<FreqTable, Error> {
+    let head = buf.get(*pos..*pos + 2).ok_or(Error::Corrupt("table section truncated"))?;
+    let lo = head[0];
+    let n = head[1] as usize + 1;
+    if lo as usize + n > nsym {
+        return Err(Error::Corrupt("table covers symbols outside the plane's alphabet"));
+    }
+    let body = buf
+        .get(*pos + 2..*pos + compact_len(n))
+        .ok_or(Error::Corrupt("table section truncated"))?;
+    if n % 2 == 1 && body[n / 2] & 15 != 0 {
+        return Err(Error::Corrupt("table padding nibble is not zero"));
+    }
+    let codes: Vec<u8> = (0..n).map(|i| if i % 2 == 0 { body[i / 2] >> 4 } else { body[i / 2] & 15 }).collect();
+    *pos += compact_len(n);
+    table_from_codes(lo, &codes, prob_bits)
+}
+
+/// How a table section stores its tables.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TableEncoding {
+    /// 4-bit weight codes (streams that carry their own tables).
+    Compact,
+    /// Exact 16-bit frequencies (calibrated table sets, stored once).
+    Exact,
+}
+
+/// Append the exact form: `lo`, `n - 1`, then `n` little-endian u16 frequencies.
+pub fn write_exact(out: &mut Vec<u8>, t: &FreqTable) {
+    out.push(t.lo);
+    out.push((t.freq.len() - 1) as u8);
+    for f in &t.freq {
+        out.extend_from_slice(&f.to_le_bytes());
+    }
+}
+
+/// Parse one exact table; frequencies must sum to `1 << prob_bits`.
+pub fn read_exact(buf: &[u8], pos: &mut usize, nsym: usize, prob_bits: u32) -> Result<FreqTable, Error> {
+    let head = buf.get(*pos..*pos + 2).ok_or(Error::Corrupt("table section truncated"))?;
+    let lo = head[0];
+    let n = head[1] as usize + 1;
+    if lo as usize + n > nsym {
+        return Err(Error::Corrupt("table covers symbols outside the plane's alphabet"));
+    }
+    let body = buf.get(*pos + 2..*pos + 2 + 2 * n).ok_or(Error::Corrupt("table section truncated"))?;
+    let freq: Vec<u16> = body.chunks_exact(2).map(|b| u16::from_le_bytes([b[0], b[1]])).collect();
+    if freq.iter().map(|&f| f as u32).sum::<u32>() != 1 << prob_bits {
+        return Err(Error::Corrupt("table frequencies do not sum to 2^prob_bits"));
+    }
+    *pos += 2 + 2 * n;
+    Ok(FreqTable { lo, freq })
+}
+
+/// Per-symbol encoder constants. The encoder divides the state by the
+/// frequency with a multiply (Granlund and Montgomery 1994, exact for every
+/// 32-bit state), since a hardware divide per symbol would cap the encoder.
+#[derive(Clone, Copy, Default, Debug)]
+pub struct EncSymbol {
+    /// A state at or above this flushes one 16-bit word first.
+    pub x_max: u64,
+    pub rcp_freq: u32,
+    pub rcp_shift: u32,
+    pub bias: u32,
+    pub cmpl_freq: u32,
+}
+
+impl EncSymbol {
+    pub fn new(start: u32, freq: u32, prob_bits: u32) -> EncSymbol {
+        debug_assert!(freq > 0 && start + freq <= 1 << prob_bits);
+        // u64: a symbol holding all 2^prob_bits gives exactly 2^32 (never flush).
+        let x_max = (((super::rans::RANS_L >> prob_bits) as u64) << 16) * freq as u64;
+        let cmpl_freq = (1u32 << prob_bits) - freq;
+        if freq == 1 {
+            // The quotient comes out as x - 1; the bias adds the missing M - 1.
+            EncSymbol { x_max, rcp_freq: u32::MAX, rcp_shift: 0, bias: start + (1 << prob_bits) - 1, cmpl_freq }
+        } else {
+            let l = 32 - (freq - 1).leading_zeros(); // ceil(log2(freq))
+            let m = ((1u64 << 32) * ((1u64 << l) - freq as u64) / freq as u64 + 1) as u32;
+            EncSymbol { x_max, rcp_freq: m, rcp_shift: l - 1, bias: start, cmpl_freq }
+        }
+    }
+
+    /// The coder step `C(s, x) = (x / f) * M + x % f + start`.
+    #[inline(always)]
+    pub fn encode(&self, x: u32) -> u32 {
+        let t = ((x as u64 * self.rcp_freq as u64) >> 32) as u32;
+        let q = (t + ((x - t) >> 1)) >> self.rcp_shift;
+        x.wrapping_add(self.bias).wrapping_add(q.wrapping_mul(self.cmpl_freq))
+    }
+}
+
+/// Decoder view of one table: a slot-to-symbol lookup plus frequency and
+/// cumulative arrays, built into caller-provided scratch.
+pub fn fill_decode_lut(table: &FreqTable, prob_bits: u32, lut: &mut [u8], freq_cum: &mut [u32; 256]) {
+    let mut start = 0u32;
+    for (i, &f) in table.freq.iter().enumerate() {
+        let sym = table.lo as usize + i;
+        let f = f as u32;
+        freq_cum[sym] = f | (start << 16);
+        lut[start as usize..(start + f) as usize].fill(sym as u8);
+        start += f;
+    }
+    debug_assert_eq!(start, 1 << prob_bits);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn normalize_sums_to_total_and_keeps_every_symbol() {
+        for pb in [8u32, 10, 12] {
+            let w = [1u32, 1000000, 3, 0, 7, 1];
+            let f = normalize(&w, pb).unwrap();
+            assert_eq!(f.iter().map(|&x| x as u32).sum::<u32>(), 1 << pb);
+            for (wi, fi) in w.iter().zip(&f) {
+                assert_eq!(*wi == 0, *fi == 0);
+            }
+        }
+    }
+
+    #[test]
+    fn normalize_rejects_too_many_symbols() {
+        let w = vec![1u32; 200];
+        assert!(normalize(&w, 8).is_err());
+        assert!(normalize(&w, 9).is_ok());
+    }
+
+    #[test]
+    fn compact_round_trip() {
+        let hist = [0u32, 0, 5, 100, 3000, 90, 0, 1, 0];
+        let (lo, codes) = codes_from_histogram(&hist);
+        assert_eq!(lo, 2);
+        assert_eq!(codes.len(), 6);
+        let mut buf = Vec::new();
+        write_compact(&mut buf, lo, &codes);
+        assert_eq!(buf.len(), compact_len(6));
+        let mut pos = 0;
+        let t = read_compact(&buf, &mut pos, 9, 10).unwrap();
+        assert_eq!(pos, buf.len());
+        assert_eq!(t, table_from_codes(lo, &codes, 10).unwrap());
+        assert_eq!(t.freq_of(6), 0);
+        assert!(t.freq_of(4) > t.freq_of(3));
+    }
+
+    #[test]
+    fn encoder_reciprocal_matches_division() {
+        for pb in [10u32, 12] {
+            for freq in [1u32, 2, 3, 4, 7, 100, 1 << (pb - 1), (1 << pb) - 5] {
+                let start = 1;
+                let s = EncSymbol::new(start, freq, pb);
+                for x in [super::super::rans::RANS_L as u64, 123456789, 3_000_000_000, s.x_max - 1] {
+                    let x = x.min(u32::MAX as u64);
+                    if x >= s.x_max {
+                        continue;
+                    }
+                    let x = x as u32;
+                    let got = s.encode(x);
+                    let want = ((x / freq) << pb) + (x % freq) + start;
+                    assert_eq!(got, want, "freq {freq} x {x}");
+                }
+            }
+        }
+    }
+}

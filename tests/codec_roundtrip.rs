@@ -1,0 +1,162 @@
+//! Round-trip properties of the codec over shapes, dtypes and levels.
+
+use cachegen::codec::format::PlaneKind;
+use cachegen::codec::quant::{self, QuantSpec, ScaleGroup};
+use cachegen::codec::{self, calibrate_tables, decode, encode, Dtype, EncodeOptions, KvKind, KvShape, KvTensors, Level, Tables};
+use proptest::prelude::*;
+
+fn xorshift(seed: u64) -> impl FnMut() -> f64 {
+    let mut state = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
+    move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        (state >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+/// Deterministic KV-like data: per-channel offsets and scales that belong
+/// to the "model" (the same for every seed, as real channel statistics
+/// are), heavy-tailed token noise from `seed`, a few outlier channels and an
+/// attention-sink-like first token.
+fn synthetic(shape: KvShape, dtype: Dtype, seed: u64) -> KvTensors {
+    synthetic_with(shape, dtype, seed, true)
+}
+
+fn synthetic_with(shape: KvShape, dtype: Dtype, seed: u64, sink: bool) -> KvTensors {
+    let mut model = xorshift(12345);
+    let mut rnd = xorshift(seed);
+    let c = shape.channels();
+    let tensors = (0..shape.tensors())
+        .map(|_| {
+            let offs: Vec<f64> = (0..c).map(|_| (model() - 0.5) * 2.0).collect();
+            let scl: Vec<f64> = (0..c).map(|i| if i % 37 == 5 { 8.0 } else { 0.2 + model() }).collect();
+            let mut out = vec![0u8; shape.plane_elems() * dtype.size()];
+            for t in 0..shape.tokens {
+                for ch in 0..c {
+                    // Laplace-ish: difference of two exponentials.
+                    let lap = (-(rnd() + 1e-12).ln()) - (-(rnd() + 1e-12).ln());
+                    let mut v = offs[ch] + scl[ch] * lap;
+                    if sink && t == 0 {
+                        v *= 20.0;
+                    }
+                    quant::store(dtype, &mut out, t * c + ch, v as f32);
+                }
+            }
+            out
+        })
+        .collect();
+    KvTensors { shape, dtype, tensors }
+}
+
+fn check_lossy(kv: &KvTensors, bytes: &[u8]) {
+    let container = codec::Container::parse(bytes, None, Default::default()).unwrap();
+    let out = container.decode().unwrap();
+    assert_eq!(out.shape, kv.shape);
+    assert_eq!(out.dtype, kv.dtype);
+    // Error bound: half a step, plus rounding to the output dtype.
+    let shape = kv.shape;
+    let (c, d) = (shape.channels(), shape.head_dim);
+    for (i, plane) in container.planes().iter().enumerate() {
+        let PlaneKind::Quantized(spec) = plane else { panic!("lossy plane expected") };
+        let orig = kv.tensor_f32(i);
+        let got = out.tensor_f32(i);
+        // Recompute the group steps the encoder used.
+        let params = quant::group_params(&orig, shape.tokens, c, d, spec).unwrap();
+        for t in 0..shape.tokens {
+            for ch in 0..c {
+                let p = params[spec.group.index(t, ch, c, d)];
+                let e = (orig[t * c + ch] - got[t * c + ch]).abs();
+                let dtype_eps = match kv.dtype {
+                    Dtype::F16 => 1.0 / 1024.0,
+                    Dtype::Bf16 => 1.0 / 128.0,
+                    Dtype::F32 => 1e-6,
+                };
+                let bound = 0.5 * p.step * (1.0 + 1e-5) + dtype_eps * got[t * c + ch].abs().max(1e-4) + 1e-7;
+                assert!(e <= bound, "tensor {i} t {t} c {ch}: |{} - {}| = {e} > {bound}", orig[t * c + ch], got[t * c + ch]);
+            }
+        }
+    }
+}
+
+fn shapes() -> impl Strategy<Value = (KvShape, Dtype)> {
+    let kind = prop_oneof![Just(KvKind::KeyValue), Just(KvKind::Latent)];
+    let dtype = prop_oneof![Just(Dtype::F16), Just(Dtype::Bf16), Just(Dtype::F32)];
+    (kind, 1usize..4, 1usize..300, 1usize..6, prop_oneof![Just(8usize), Just(13), Just(64), Just(256)], dtype).prop_map(
+        |(kind, layers, tokens, heads, head_dim, dtype)| {
+            let heads = if kind == KvKind::Latent { 1 } else { heads };
+            (KvShape { kind, layers, tokens, heads, head_dim }, dtype)
+        },
+    )
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+
+    #[test]
+    fn lossy_levels_stay_within_half_a_step((shape, dtype) in shapes(), seed in any::<u64>(), level in 1u8..=3) {
+        let kv = synthetic(shape, dtype, seed);
+        let bytes = encode(&kv, &EncodeOptions::level(Level::from_number(level).unwrap())).unwrap();
+        check_lossy(&kv, &bytes);
+    }
+
+    #[test]
+    fn lossless_is_bit_exact((shape, dtype) in shapes(), seed in any::<u64>()) {
+        let kv = synthetic(shape, dtype, seed);
+        let bytes = encode(&kv, &EncodeOptions::level(Level::Lossless)).unwrap();
+        prop_assert_eq!(decode(&bytes, None).unwrap(), kv);
+    }
+}
+
+#[test]
+fn lossless_keeps_nan_and_infinity_while_lossy_rejects_them() {
+    let shape = KvShape { kind: KvKind::KeyValue, layers: 1, tokens: 5, heads: 1, head_dim: 8 };
+    let mut kv = synthetic(shape, Dtype::F16, 3);
+    kv.tensors[0][0..2].copy_from_slice(&half::f16::NAN.to_le_bytes());
+    kv.tensors[1][4..6].copy_from_slice(&half::f16::INFINITY.to_le_bytes());
+    let bytes = encode(&kv, &EncodeOptions::level(Level::Lossless)).unwrap();
+    assert_eq!(decode(&bytes, None).unwrap(), kv);
+    assert!(matches!(encode(&kv, &EncodeOptions::level(Level::Default)), Err(codec::Error::NonFinite)));
+}
+
+#[test]
+fn every_scale_grouping_and_symmetry_round_trips() {
+    let shape = KvShape { kind: KvKind::KeyValue, layers: 2, tokens: 77, heads: 3, head_dim: 64 };
+    let kv = synthetic(shape, Dtype::Bf16, 11);
+    for group in [ScaleGroup::PerToken, ScaleGroup::PerTokenHead, ScaleGroup::PerChannel] {
+        for asymmetric in [false, true] {
+            let plan = vec![PlaneKind::Quantized(QuantSpec { group, max: 9, asymmetric }); shape.tensors()];
+            let opts = EncodeOptions { plan: Some(plan), ..Default::default() };
+            check_lossy(&kv, &encode(&kv, &opts).unwrap());
+        }
+    }
+}
+
+#[test]
+fn constant_and_zero_tensors_round_trip() {
+    let shape = KvShape { kind: KvKind::KeyValue, layers: 1, tokens: 40, heads: 2, head_dim: 64 };
+    let zeros = KvTensors { shape, dtype: Dtype::F16, tensors: vec![vec![0u8; shape.plane_elems() * 2]; 2] };
+    for level in Level::ALL {
+        let bytes = encode(&zeros, &EncodeOptions::level(level)).unwrap();
+        assert_eq!(decode(&bytes, None).unwrap(), zeros, "{level:?}");
+    }
+}
+
+#[test]
+fn external_tables_round_trip_and_are_required() {
+    let shape = KvShape { kind: KvKind::KeyValue, layers: 3, tokens: 256, heads: 3, head_dim: 64 };
+    // Stationary statistics (no sink token), as within one model's chunks.
+    let calib = [synthetic_with(shape, Dtype::F16, 1, false), synthetic_with(shape, Dtype::F16, 2, false)];
+    let set = calibrate_tables(&calib.iter().collect::<Vec<_>>(), Level::Default).unwrap();
+    let set = codec::TableSet::from_bytes(&set.to_bytes()).unwrap();
+    let kv = synthetic_with(shape, Dtype::F16, 99, false);
+    let opts = EncodeOptions { level: Some(Level::Default), tables: Tables::External(&set), ..Default::default() };
+    let external = encode(&kv, &opts).unwrap();
+    let embedded = encode(&kv, &EncodeOptions::level(Level::Default)).unwrap();
+    assert!(external.len() < embedded.len(), "external {} embedded {}", external.len(), embedded.len());
+    // Same reconstruction either way: tables change the bits, not the values.
+    assert_eq!(decode(&external, Some(&set)).unwrap(), decode(&embedded, None).unwrap());
+    assert!(matches!(decode(&external, None), Err(codec::Error::MissingTables(_))));
+    let other = calibrate_tables(&[&synthetic(shape, Dtype::F16, 5)], Level::Default).unwrap();
+    assert!(matches!(decode(&external, Some(&other)), Err(codec::Error::WrongTables { .. })));
+}
