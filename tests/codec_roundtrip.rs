@@ -2,6 +2,20 @@
 
 use cachegen::codec::format::PlaneKind;
 use cachegen::codec::quant::{self, QuantSpec, ScaleGroup};
+
+#[test]
+fn sink_like_token_is_detected_and_stored_exactly() {
+    let shape = KvShape { kind: KvKind::KeyValue, layers: 2, tokens: 100, heads: 3, head_dim: 64 };
+    let kv = synthetic(shape, Dtype::F16, 7);
+    let bytes = encode(&kv, &EncodeOptions::level(Level::Default)).unwrap();
+    let c = codec::Container::parse(&bytes, None, Default::default()).unwrap();
+    // synthetic() scales token 0 by 20 in every tensor.
+    assert_eq!(c.exact_tokens(), &[0]);
+    let none = encode(&kv, &EncodeOptions { level: Some(Level::Default), protect_outliers: Some(false), ..Default::default() }).unwrap();
+    assert!(codec::Container::parse(&none, None, Default::default()).unwrap().exact_tokens().is_empty());
+    check_lossy(&kv, &bytes);
+    check_lossy(&kv, &none);
+}
 use cachegen::codec::{self, calibrate_tables, decode, encode, Dtype, EncodeOptions, KvKind, KvShape, KvTensors, Level, Tables};
 use proptest::prelude::*;
 
@@ -61,9 +75,14 @@ fn check_lossy(kv: &KvTensors, bytes: &[u8]) {
         let PlaneKind::Quantized(spec) = plane else { panic!("lossy plane expected") };
         let orig = kv.tensor_f32(i);
         let got = out.tensor_f32(i);
-        // Recompute the group steps the encoder used.
-        let params = quant::group_params(&orig, shape.tokens, c, d, spec).unwrap();
+        let params = container.group_params(i, spec);
+        let exact = container.exact_tokens();
         for t in 0..shape.tokens {
+            if exact.contains(&t) {
+                let row = c * kv.dtype.size();
+                assert_eq!(out.tensors[i][t * row..(t + 1) * row], kv.tensors[i][t * row..(t + 1) * row], "exact token {t}");
+                continue;
+            }
             for ch in 0..c {
                 let p = params[spec.group.index(t, ch, c, d)];
                 let e = (orig[t * c + ch] - got[t * c + ch]).abs();
@@ -123,7 +142,7 @@ fn lossless_keeps_nan_and_infinity_while_lossy_rejects_them() {
 fn every_scale_grouping_and_symmetry_round_trips() {
     let shape = KvShape { kind: KvKind::KeyValue, layers: 2, tokens: 77, heads: 3, head_dim: 64 };
     let kv = synthetic(shape, Dtype::Bf16, 11);
-    for group in [ScaleGroup::PerToken, ScaleGroup::PerTokenHead, ScaleGroup::PerChannel] {
+    for group in [ScaleGroup::PerToken, ScaleGroup::PerTokenHead, ScaleGroup::PerChannel, ScaleGroup::PerTensor] {
         for asymmetric in [false, true] {
             let plan = vec![PlaneKind::Quantized(QuantSpec { group, max: 9, asymmetric }); shape.tensors()];
             let opts = EncodeOptions { plan: Some(plan), ..Default::default() };
@@ -146,8 +165,8 @@ fn constant_and_zero_tensors_round_trip() {
 fn external_tables_round_trip_and_are_required() {
     let shape = KvShape { kind: KvKind::KeyValue, layers: 3, tokens: 256, heads: 3, head_dim: 64 };
     // Stationary statistics (no sink token), as within one model's chunks.
-    let calib = [synthetic_with(shape, Dtype::F16, 1, false), synthetic_with(shape, Dtype::F16, 2, false)];
-    let set = calibrate_tables(&calib.iter().collect::<Vec<_>>(), Level::Default).unwrap();
+    let calib: Vec<KvTensors> = (1..=6).map(|seed| synthetic_with(shape, Dtype::F16, seed, false)).collect();
+    let set = calibrate_tables(&calib.iter().collect::<Vec<_>>(), &EncodeOptions::level(Level::Default)).unwrap();
     let set = codec::TableSet::from_bytes(&set.to_bytes()).unwrap();
     let kv = synthetic_with(shape, Dtype::F16, 99, false);
     let opts = EncodeOptions { level: Some(Level::Default), tables: Tables::External(&set), ..Default::default() };
@@ -157,6 +176,6 @@ fn external_tables_round_trip_and_are_required() {
     // Same reconstruction either way: tables change the bits, not the values.
     assert_eq!(decode(&external, Some(&set)).unwrap(), decode(&embedded, None).unwrap());
     assert!(matches!(decode(&external, None), Err(codec::Error::MissingTables(_))));
-    let other = calibrate_tables(&[&synthetic(shape, Dtype::F16, 5)], Level::Default).unwrap();
+    let other = calibrate_tables(&[&synthetic(shape, Dtype::F16, 5)], &EncodeOptions::level(Level::Default)).unwrap();
     assert!(matches!(decode(&external, Some(&other)), Err(codec::Error::WrongTables { .. })));
 }

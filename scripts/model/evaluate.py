@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Score a (compressed/decompressed) KV cache against the reference by what the model does with it.
 
-    .venv/bin/python scripts/model/evaluate.py REFERENCE.safetensors CANDIDATE.safetensors [--json]
+    .venv/bin/python scripts/model/evaluate.py REFERENCE.safetensors CANDIDATE.safetensors... [--json]
 
 The reference (written by make_kv.py) holds the KV of N context tokens and, in its metadata,
 the context token ids and the M eval tokens e0..e{M-1} that follow them in the text.  The
@@ -90,32 +90,41 @@ def tokens_from_metadata(metadata, path):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("reference", type=Path)
-    ap.add_argument("candidate", type=Path)
-    ap.add_argument("--json", action="store_true", help="print one JSON object")
+    ap.add_argument("candidate", type=Path, nargs="+", help="one or more candidates (the model loads once)")
+    ap.add_argument("--json", action="store_true",
+                    help="print one JSON object (a JSON list of objects for several candidates)")
     args = ap.parse_args()
     try:
         ref_kv, meta, ref_dtype = kvfile.read_kv(args.reference)
-        cand_kv, _, cand_dtype = kvfile.read_kv(args.candidate)
         context, evals = tokens_from_metadata(meta, args.reference)
-        check_compatible(ref_kv, cand_kv)
+        candidates = []
+        for path in args.candidate:
+            cand_kv, _, cand_dtype = kvfile.read_kv(path)
+            check_compatible(ref_kv, cand_kv)
+            candidates.append((path, cand_kv, cand_dtype))
         model = smollm2.get_model()
-        t0 = time.time()
-        result = evaluate(ref_kv, cand_kv, context, evals, model)
+        results = []
+        for path, cand_kv, cand_dtype in candidates:
+            t0 = time.time()
+            result = evaluate(ref_kv, cand_kv, context, evals, model)
+            smollm2.log(f"{path}: evaluated {result['positions']} positions in {time.time() - t0:.1f} s")
+            results.append((path, cand_dtype, result))
     except (kvfile.KVFileError, ValueError) as e:
         sys.exit(f"evaluate.py: error: {e}")
-    smollm2.log(f"evaluated {result['positions']} positions in {time.time() - t0:.1f} s")
     if args.json:
-        print(json.dumps({"reference": str(args.reference), "candidate": str(args.candidate),
-                          "reference_dtype": ref_dtype, "candidate_dtype": cand_dtype, **result}))
+        objs = [{"reference": str(args.reference), "candidate": str(path), "reference_dtype": ref_dtype,
+                 "candidate_dtype": cand_dtype, **result} for path, cand_dtype, result in results]
+        print(json.dumps(objs[0] if len(objs) == 1 else objs))
         return
-    print(f"reference  {args.reference} ({ref_dtype}, {len(context)} context tokens)")
-    print(f"candidate  {args.candidate} ({cand_dtype})")
-    print(f"positions  {result['positions']} (predictions of eval tokens 1..{len(evals) - 1})")
-    print(f"kl_mean    {result['kl_mean']:.6g} nats")
-    print(f"kl_max     {result['kl_max']:.6g} nats")
-    print(f"top1       {result['top1_agreement']:.4f}")
-    print(f"ppl        {result['ppl_ref']:.4f} -> {result['ppl_cand']:.4f} "
-          f"({result['ppl_increase_pct']:+.3f}%)")
+    for path, cand_dtype, result in results:
+        print(f"reference  {args.reference} ({ref_dtype}, {len(context)} context tokens)")
+        print(f"candidate  {path} ({cand_dtype})")
+        print(f"positions  {result['positions']} (predictions of eval tokens 1..{len(evals) - 1})")
+        print(f"kl_mean    {result['kl_mean']:.6g} nats")
+        print(f"kl_max     {result['kl_max']:.6g} nats")
+        print(f"top1       {result['top1_agreement']:.4f}")
+        print(f"ppl        {result['ppl_ref']:.4f} -> {result['ppl_cand']:.4f} "
+              f"({result['ppl_increase_pct']:+.3f}%)")
 
 
 if __name__ == "__main__":

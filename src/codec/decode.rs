@@ -3,7 +3,7 @@
 
 use half::bf16;
 
-use super::encode::{parse_tables, TableSet};
+use super::encode::{apply_patches, parse_tables, TableSet};
 use super::format::{self, Header, Layout, PlaneKind};
 use super::quant::{self, GroupParams, QuantSpec, ScaleGroup};
 use super::rans::{decode_segment, DecodeScratch, SegmentGeometry, LANES};
@@ -48,7 +48,9 @@ impl<'a> Container<'a> {
             if set.plan != layout.planes || set.channels != channels || set.prob_bits != h.prob_bits {
                 return Err(Error::Corrupt("table set does not match the stream's planes"));
             }
-            set.tables()?
+            let mut t = set.tables()?;
+            apply_patches(&bytes[layout.tables.clone()], &layout.planes, channels, h.prob_bits, &mut t)?;
+            t
         } else {
             parse_tables(&bytes[layout.tables.clone()], &layout.planes, channels, h.prob_bits, TableEncoding::Compact)?
         };
@@ -88,7 +90,13 @@ impl<'a> Container<'a> {
         self.header().shape.plane_elems() * self.header().dtype.size()
     }
 
-    fn group_params(&self, plane: usize, spec: &QuantSpec) -> Vec<GroupParams> {
+    /// Tokens stored exactly rather than quantized.
+    pub fn exact_tokens(&self) -> &[usize] {
+        &self.layout.exact_tokens
+    }
+
+    /// The stored reconstruction parameters of a quantized plane's groups.
+    pub fn group_params(&self, plane: usize, spec: &QuantSpec) -> Vec<GroupParams> {
         let sc = &self.bytes[self.layout.scales.clone()];
         let s = &self.header().shape;
         let n = spec.group.count(s.tokens, s.channels(), s.head_dim);
@@ -152,8 +160,8 @@ impl<'a> Container<'a> {
                                     vals[l] = row[l] as f32 * per_lane[l].0 + per_lane[l].1;
                                 }
                             }
-                            ScaleGroup::PerToken => {
-                                let (step, base) = coef(params[t]);
+                            ScaleGroup::PerToken | ScaleGroup::PerTensor => {
+                                let (step, base) = coef(params[spec.group.index(t, 0, channels, head_dim)]);
                                 for l in 0..lanes {
                                     vals[l] = row[l] as f32 * step + base;
                                 }
@@ -168,7 +176,16 @@ impl<'a> Container<'a> {
                         let at = (t * channels + c0) * size;
                         quant::store_row(dtype, &vals[..lanes], &mut out[at..at + lanes * size]);
                     }
-                })
+                })?;
+                // Exact tokens: their raw rows replace the placeholder symbols.
+                let row = channels * size;
+                let n = self.layout.exact_tokens.len();
+                let raw = &self.bytes[self.layout.exact_rows.clone()];
+                for (k, &t) in self.layout.exact_tokens.iter().enumerate() {
+                    let src = &raw[(i * n + k) * row..(i * n + k + 1) * row];
+                    out[t * row..(t + 1) * row].copy_from_slice(src);
+                }
+                Ok(())
             }
             PlaneKind::Raw { .. } => {
                 for b in 0..per_tensor {

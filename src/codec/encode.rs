@@ -3,7 +3,7 @@
 use xxhash_rust::xxh3::xxh3_64;
 
 use super::format::{self, Header, PlaneKind, FLAG_EXTERNAL_TABLES, MAX_PROB_BITS, MIN_PROB_BITS};
-use super::quant::{self, GroupParams, QuantSpec};
+use super::quant::{self, GroupParams, QuantSpec, StepRule};
 use super::rans::{encode_segment, LANES};
 use super::table::{self, EncSymbol, FreqTable, TableEncoding};
 use super::{Error, KvShape, KvTensors, Level};
@@ -26,6 +26,13 @@ pub struct EncodeOptions<'a> {
     pub plan: Option<Vec<PlaneKind>>,
     pub prob_bits: Option<u32>,
     pub tables: Tables<'a>,
+    /// Per-tensor step multipliers (a model's sensitivity profile), in
+    /// tensor order (layer-major, key then value).
+    pub profile: Option<Vec<f32>>,
+    /// Override how steps are chosen for a custom `plan` (default: range).
+    pub rules: Option<Vec<StepRule>>,
+    /// Store attention-sink-like outlier tokens exactly (default: on for lossy levels).
+    pub protect_outliers: Option<bool>,
 }
 
 impl EncodeOptions<'_> {
@@ -102,6 +109,39 @@ impl TableSet {
     }
 }
 
+/// Apply a stream's table patches (count, then per patch a u32 global table
+/// index, ascending, and a compact table) to tables from a set.
+pub fn apply_patches(bytes: &[u8], plan: &[PlaneKind], channels: usize, prob_bits: u32, tables: &mut [Vec<FreqTable>]) -> Result<(), Error> {
+    let count = u32::from_le_bytes(bytes.get(..4).ok_or(Error::Corrupt("patch count missing"))?.try_into().unwrap()) as usize;
+    let total: usize = plan.iter().map(|p| p.tables(channels)).sum();
+    // Each patch is at least 4 + 3 bytes: refuse impossible counts up front.
+    if count > total || count.saturating_mul(7) > bytes.len() - 4 {
+        return Err(Error::Corrupt("patch count out of range"));
+    }
+    let mut pos = 4;
+    let mut prev: Option<usize> = None;
+    for _ in 0..count {
+        let idx = u32::from_le_bytes(bytes.get(pos..pos + 4).ok_or(Error::Corrupt("patch truncated"))?.try_into().unwrap()) as usize;
+        pos += 4;
+        if idx >= total || prev.is_some_and(|p| idx <= p) {
+            return Err(Error::Corrupt("patch indices are not ascending and in range"));
+        }
+        prev = Some(idx);
+        // Find the plane holding global table `idx`.
+        let mut base = 0;
+        let mut plane = 0;
+        while base + plan[plane].tables(channels) <= idx {
+            base += plan[plane].tables(channels);
+            plane += 1;
+        }
+        tables[plane][idx - base] = table::read_compact(bytes, &mut pos, plan[plane].nsym(), prob_bits)?;
+    }
+    if pos != bytes.len() {
+        return Err(Error::Corrupt("patch section has trailing bytes"));
+    }
+    Ok(())
+}
+
 /// Parse the tables of every plane; the bytes must be consumed exactly.
 pub fn parse_tables(bytes: &[u8], plan: &[PlaneKind], channels: usize, prob_bits: u32, encoding: TableEncoding) -> Result<Vec<Vec<FreqTable>>, Error> {
     let mut pos = 0;
@@ -133,10 +173,10 @@ struct PlaneSymbols {
     scales: Vec<u8>,
 }
 
-fn quantize_tensor(values: &[f32], shape: &KvShape, spec: &QuantSpec) -> Result<PlaneSymbols, Error> {
+fn quantize_tensor(values: &[f32], shape: &KvShape, spec: &QuantSpec, rule: StepRule, exact: &[usize]) -> Result<PlaneSymbols, Error> {
     let (t, c, d) = (shape.tokens, shape.channels(), shape.head_dim);
-    let params = quant::group_params(values, t, c, d, spec)?;
-    let symbols = quant::quantize_plane(values, t, c, d, spec, &params);
+    let params = quant::group_params_with(values, t, c, d, spec, rule, exact)?;
+    let symbols = quant::quantize_plane_skip(values, t, c, d, spec, &params, exact);
     Ok(PlaneSymbols { symbols, scales: scale_bytes(&params, spec) })
 }
 
@@ -167,7 +207,15 @@ pub fn choose_segments(tokens: usize, channels: usize) -> (usize, usize) {
     (seg_tokens, seg_groups)
 }
 
-fn plan_for(kv: &KvTensors, opts: &EncodeOptions) -> Result<(Vec<PlaneKind>, u32, Level), Error> {
+struct Plan {
+    planes: Vec<PlaneKind>,
+    rules: Vec<StepRule>,
+    prob_bits: u32,
+    level: Level,
+    protect: bool,
+}
+
+fn plan_for(kv: &KvTensors, opts: &EncodeOptions) -> Result<Plan, Error> {
     let level = opts.level.unwrap_or(Level::Default);
     let plan = match (&opts.plan, opts.tables) {
         (Some(p), _) => p.clone(),
@@ -188,20 +236,53 @@ fn plan_for(kv: &KvTensors, opts: &EncodeOptions) -> Result<(Vec<PlaneKind>, u32
     if !ok {
         return Err(Error::Invalid("plan does not match the tensors and dtype".into()));
     }
-    Ok((plan, prob_bits, level))
+    if let Some(p) = &opts.profile {
+        if p.len() != t || p.iter().any(|m| !(m.is_finite() && *m > 0.0)) {
+            return Err(Error::Invalid(format!("profile needs {t} positive multipliers (one per tensor)")));
+        }
+    }
+    let rules = match (&opts.rules, &opts.plan) {
+        (Some(r), _) if r.len() == t => r.clone(),
+        (Some(_), _) => return Err(Error::Invalid("rules need one entry per tensor".into())),
+        (None, Some(_)) => vec![StepRule::Range; t],
+        (None, None) => level.step_rules(&kv.shape, opts.profile.as_deref()),
+    };
+    let lossy = matches!(plan[0], PlaneKind::Quantized(_));
+    let protect = lossy && opts.protect_outliers.unwrap_or(true);
+    Ok(Plan { planes: plan, rules, prob_bits, level, protect })
 }
 
-fn plane_symbols(kv: &KvTensors, plan: &[PlaneKind]) -> Result<Vec<PlaneSymbols>, Error> {
-    let per_tensor = plan.len() / kv.shape.tensors();
-    let mut out = Vec::with_capacity(plan.len());
-    for (i, p) in plan.iter().enumerate() {
-        let tensor = &kv.tensors[i / per_tensor];
-        out.push(match p {
-            PlaneKind::Quantized(spec) => quantize_tensor(&quant::to_f32(kv.dtype, tensor), &kv.shape, spec)?,
-            PlaneKind::Raw { index, .. } => PlaneSymbols { symbols: raw_byte_plane(tensor, kv.dtype.size(), *index as usize), scales: Vec::new() },
-        });
+/// Symbols of every plane, and the exact tokens (indices, then raw rows).
+fn plane_symbols(kv: &KvTensors, plan: &Plan) -> Result<(Vec<PlaneSymbols>, Vec<u8>), Error> {
+    let shape = &kv.shape;
+    let per_tensor = plan.planes.len() / shape.tensors();
+    if per_tensor > 1 {
+        let out = plan
+            .planes
+            .iter()
+            .enumerate()
+            .map(|(i, p)| match p {
+                PlaneKind::Raw { index, .. } => PlaneSymbols { symbols: raw_byte_plane(&kv.tensors[i / per_tensor], kv.dtype.size(), *index as usize), scales: Vec::new() },
+                PlaneKind::Quantized(_) => unreachable!("checked by plan_for"),
+            })
+            .collect();
+        return Ok((out, Vec::new()));
     }
-    Ok(out)
+    let values: Vec<Vec<f32>> = kv.tensors.iter().map(|t| quant::to_f32(kv.dtype, t)).collect();
+    let exact = if plan.protect { quant::outlier_tokens(&values, shape.tokens, shape.channels()) } else { Vec::new() };
+    let mut out = Vec::with_capacity(plan.planes.len());
+    for ((p, rule), v) in plan.planes.iter().zip(&plan.rules).zip(&values) {
+        let PlaneKind::Quantized(spec) = p else { unreachable!("checked by plan_for") };
+        out.push(quantize_tensor(v, shape, spec, *rule, &exact)?);
+    }
+    let row = shape.channels() * kv.dtype.size();
+    let mut exact_bytes: Vec<u8> = exact.iter().flat_map(|&t| (t as u32).to_le_bytes()).collect();
+    for tensor in &kv.tensors {
+        for &t in &exact {
+            exact_bytes.extend_from_slice(&tensor[t * row..(t + 1) * row]);
+        }
+    }
+    Ok((out, exact_bytes))
 }
 
 /// Histogram of each table of a plane.
@@ -215,13 +296,18 @@ fn histograms(sym: &[u8], plane: &PlaneKind, channels: usize) -> Vec<[u32; 256]>
     h
 }
 
-/// Encode one chunk.
+/// Encode one chunk. With `Tables::External`, channels whose symbols fall
+/// outside the calibrated tables' support carry their own compact tables
+/// (patches), so encoding never fails for that reason.
 pub fn encode(kv: &KvTensors, opts: &EncodeOptions) -> Result<Vec<u8>, Error> {
     kv.validate()?;
-    let (plan, prob_bits, level) = plan_for(kv, opts)?;
+    let recipe = plan_for(kv, opts)?;
+    let (prob_bits, level) = (recipe.prob_bits, recipe.level);
     let shape = kv.shape;
     let channels = shape.channels();
-    let planes = plane_symbols(kv, &plan)?;
+    let (planes, exact) = plane_symbols(kv, &recipe)?;
+    let plan = recipe.planes;
+    let exact_tokens = if exact.is_empty() { 0 } else { exact.len() / (4 + shape.tensors() * channels * kv.dtype.size()) };
 
     // Probability tables: from this chunk, or the external set.
     let mut table_bytes = Vec::new();
@@ -243,13 +329,27 @@ pub fn encode(kv: &KvTensors, opts: &EncodeOptions) -> Result<Vec<u8>, Error> {
             if set.channels != channels || set.plan != plan {
                 return Err(Error::Invalid("table set was calibrated for another shape or level".into()));
             }
-            let all = set.tables()?;
-            for ((p, ps), tabs) in plan.iter().zip(&planes).zip(&all) {
+            // Channels whose symbols the calibrated table cannot code get a
+            // compact table of their own in the stream (a patch).
+            let mut all = set.tables()?;
+            let mut patches: Vec<(u32, Vec<u8>)> = Vec::new();
+            let mut global = 0u32;
+            for ((p, ps), tabs) in plan.iter().zip(&planes).zip(all.iter_mut()) {
                 for (k, h) in histograms(&ps.symbols, p, channels).iter().enumerate() {
                     if (0..256).any(|s| h[s] > 0 && tabs[k].freq_of(s as u8) == 0) {
-                        return Err(Error::Invalid("table set gives zero probability to a symbol in this chunk".into()));
+                        let (lo, codes) = table::codes_from_histogram(&h[..p.nsym()]);
+                        let mut b = Vec::new();
+                        table::write_compact(&mut b, lo, &codes);
+                        tabs[k] = table::table_from_codes(lo, &codes, prob_bits)?;
+                        patches.push((global + k as u32, b));
                     }
                 }
+                global += tabs.len() as u32;
+            }
+            table_bytes.extend_from_slice(&(patches.len() as u32).to_le_bytes());
+            for (idx, b) in patches {
+                table_bytes.extend_from_slice(&idx.to_le_bytes());
+                table_bytes.extend_from_slice(&b);
             }
             all
         }
@@ -271,6 +371,7 @@ pub fn encode(kv: &KvTensors, opts: &EncodeOptions) -> Result<Vec<u8>, Error> {
         tables_len: table_bytes.len(),
         segments: 0,
         payload_len: 0,
+        exact_tokens,
     };
     let per_plane = header.segments_per_plane();
     let mut payload = Vec::new();
@@ -293,12 +394,11 @@ pub fn encode(kv: &KvTensors, opts: &EncodeOptions) -> Result<Vec<u8>, Error> {
     if let Tables::External(set) = opts.tables {
         header.flags |= FLAG_EXTERNAL_TABLES;
         header.table_id = set.id();
-        header.tables_len = 0;
     } else {
         header.table_id = xxh3_64(&table_bytes);
     }
     let scales: Vec<u8> = planes.iter().flat_map(|p| p.scales.iter().copied()).collect();
-    Ok(format::assemble(&header, &plan, &scales, &table_bytes, &ends, &payload))
+    Ok(format::assemble(&header, &plan, &scales, &exact, &table_bytes, &ends, &payload))
 }
 
 fn enc_symbols(t: &FreqTable, prob_bits: u32) -> Box<[EncSymbol; 256]> {
@@ -313,21 +413,23 @@ fn enc_symbols(t: &FreqTable, prob_bits: u32) -> Box<[EncSymbol; 256]> {
     out
 }
 
-/// Calibrate model-level tables for `level` from sample chunks (all of one
-/// shape and dtype). Every symbol of each plane's alphabet gets a non-zero
-/// probability, so any later chunk can be coded with the set.
-pub fn calibrate_tables(samples: &[&KvTensors], level: Level) -> Result<TableSet, Error> {
+/// Calibrate model-level tables from sample chunks (all of one shape and
+/// dtype), for the level and profile in `opts`. Every symbol of each plane's
+/// alphabet gets a non-zero probability, so any later chunk can be coded
+/// with the set.
+pub fn calibrate_tables(samples: &[&KvTensors], opts: &EncodeOptions) -> Result<TableSet, Error> {
     let first = samples.first().ok_or_else(|| Error::Invalid("calibration needs at least one sample".into()))?;
     let channels = first.shape.channels();
-    let plan = level.plan(&first.shape, first.dtype);
-    let prob_bits = level.prob_bits();
+    let recipe = plan_for(first, &EncodeOptions { tables: Tables::Embedded, ..opts.clone() })?;
+    let plan = recipe.planes.clone();
+    let prob_bits = recipe.prob_bits;
     let mut hist: Vec<Vec<[u64; 256]>> = plan.iter().map(|p| vec![[0u64; 256]; p.tables(channels)]).collect();
     for kv in samples {
         kv.validate()?;
         if kv.shape.channels() != channels || kv.shape.tensors() != first.shape.tensors() || kv.dtype != first.dtype {
             return Err(Error::Invalid("calibration samples differ in shape or dtype".into()));
         }
-        let planes = plane_symbols(kv, &plan)?;
+        let (planes, _) = plane_symbols(kv, &recipe)?;
         for ((p, ps), hs) in plan.iter().zip(&planes).zip(hist.iter_mut()) {
             for (k, h) in histograms(&ps.symbols, p, channels).iter().enumerate() {
                 for s in 0..256 {
@@ -339,12 +441,22 @@ pub fn calibrate_tables(samples: &[&KvTensors], level: Level) -> Result<TableSet
     let mut table_bytes = Vec::new();
     for (p, hs) in plan.iter().zip(&hist) {
         for h in hs {
-            // Scale counts to about 2^20 and add 1 everywhere in the
-            // alphabet: unseen symbols stay codable at the smallest frequency.
-            let total: u64 = h[..p.nsym()].iter().sum::<u64>().max(1);
-            let weights: Vec<u32> = h[..p.nsym()].iter().map(|&c| ((c << 20) / total) as u32 + 1).collect();
+            // Support: the observed range widened by half its width (at least
+            // 3 symbols) each side. Counts are scaled to about 2^20
+            // and 1 is added across the support, so symbols a little outside
+            // what calibration saw stay codable at the smallest frequency
+            // without spreading probability over the whole alphabet. A chunk
+            // outside the support is encoded with embedded tables instead.
+            let h = &h[..p.nsym()];
+            let lo_seen = h.iter().position(|&c| c > 0).unwrap_or(p.nsym() / 2);
+            let hi_seen = h.iter().rposition(|&c| c > 0).unwrap_or(p.nsym() / 2);
+            let margin = ((hi_seen - lo_seen) / 2).max(3);
+            let lo = lo_seen.saturating_sub(margin);
+            let hi = (hi_seen + margin).min(p.nsym() - 1);
+            let total: u64 = h.iter().sum::<u64>().max(1);
+            let weights: Vec<u32> = h[lo..=hi].iter().map(|&c| ((c << 20) / total) as u32 + 1).collect();
             let freq = table::normalize(&weights, prob_bits)?;
-            table::write_exact(&mut table_bytes, &FreqTable { lo: 0, freq });
+            table::write_exact(&mut table_bytes, &FreqTable { lo: lo as u8, freq });
         }
     }
     Ok(TableSet { prob_bits, channels, plan, table_bytes })

@@ -5,7 +5,9 @@
 //! header            64 bytes (Header)
 //! plane descriptors 4 bytes per plane
 //! scales            scales_len bytes of bf16
-//! tables            tables_len bytes of compact tables (0 when external)
+//! exact tokens      4 bytes per exact token (indices), then their raw rows
+//! tables            tables_len bytes: compact tables for every channel, or with
+//!                   external tables a patch list (count, then index + compact table)
 //! segment ends      4 bytes per segment: end offset of each segment in the payload
 //! payload           payload_len bytes
 //! checksum          8 bytes: XXH3-64 (seed 0) of every byte before it
@@ -111,6 +113,8 @@ pub struct Header {
     pub tables_len: usize,
     pub segments: usize,
     pub payload_len: usize,
+    /// Tokens stored exactly (raw input bits) instead of quantized.
+    pub exact_tokens: usize,
 }
 
 impl Header {
@@ -135,7 +139,7 @@ impl Header {
         out.extend_from_slice(&(self.seg_groups as u16).to_le_bytes());
         out.extend_from_slice(&0u16.to_le_bytes());
         out.extend_from_slice(&self.table_id.to_le_bytes());
-        for v in [self.planes, self.scales_len, self.tables_len, self.segments, self.payload_len] {
+        for v in [self.planes, self.scales_len, self.tables_len, self.segments, self.payload_len, self.exact_tokens] {
             out.extend_from_slice(&(v as u32).to_le_bytes());
         }
         out.resize(start + HEADER_LEN, 0);
@@ -179,7 +183,7 @@ impl Header {
         };
         let seg_tokens = u16_at(18) as usize;
         let seg_groups = u16_at(24) as usize;
-        if u16_at(26) != 0 || b[56..64].iter().any(|&x| x != 0) {
+        if u16_at(26) != 0 || b[60..64].iter().any(|&x| x != 0) {
             return Err(Error::Corrupt("reserved header bytes are not zero"));
         }
         if shape.layers == 0 || shape.heads == 0 || shape.head_dim == 0 || shape.tokens == 0 {
@@ -206,6 +210,7 @@ impl Header {
             tables_len: u32_at(44) as usize,
             segments: u32_at(48) as usize,
             payload_len: u32_at(52) as usize,
+            exact_tokens: u32_at(56) as usize,
         })
     }
 
@@ -240,6 +245,10 @@ pub struct Layout {
     pub header: Header,
     pub planes: Vec<PlaneKind>,
     pub scales: std::ops::Range<usize>,
+    /// Indices of the exact tokens (ascending).
+    pub exact_tokens: Vec<usize>,
+    /// Their raw rows: for each tensor, for each exact token, one row.
+    pub exact_rows: std::ops::Range<usize>,
     pub tables: std::ops::Range<usize>,
     /// Start and end of each segment in the stream (absolute offsets).
     pub segments: Vec<(usize, usize)>,
@@ -300,8 +309,19 @@ pub fn parse(b: &[u8], max_output: u64) -> Result<Layout, Error> {
         return Err(Error::Corrupt("scales length does not match the planes"));
     }
     let scales = take(&mut pos, h.scales_len as u64)?;
-    if h.external_tables() != (h.tables_len == 0) {
-        return Err(Error::Corrupt("tables length does not match the external-tables flag"));
+    let quantized = matches!(planes[0], PlaneKind::Quantized(_));
+    if h.exact_tokens > h.shape.tokens || (!quantized && h.exact_tokens > 0) {
+        return Err(Error::Corrupt("exact token count out of range"));
+    }
+    let idx = take(&mut pos, 4 * h.exact_tokens as u64)?;
+    let exact_tokens: Vec<usize> = b[idx].chunks_exact(4).map(|c| u32::from_le_bytes(c.try_into().unwrap()) as usize).collect();
+    if exact_tokens.windows(2).any(|w| w[0] >= w[1]) || exact_tokens.last().is_some_and(|&t| t >= h.shape.tokens) {
+        return Err(Error::Corrupt("exact token indices are not ascending and in range"));
+    }
+    let row_bytes = (h.shape.channels() * h.dtype.size()) as u64;
+    let exact_rows = take(&mut pos, h.exact_tokens as u64 * h.shape.tensors() as u64 * row_bytes)?;
+    if h.external_tables() && h.tables_len < 4 {
+        return Err(Error::Corrupt("external-table stream lacks its patch count"));
     }
     let tables = take(&mut pos, h.tables_len as u64)?;
     let want_segments = planes.len() as u64 * h.segments_per_plane() as u64;
@@ -327,15 +347,16 @@ pub fn parse(b: &[u8], max_output: u64) -> Result<Layout, Error> {
     if prev != h.payload_len {
         return Err(Error::Corrupt("last segment does not end at the payload end"));
     }
-    Ok(Layout { header: h, planes, scales, tables, segments })
+    Ok(Layout { header: h, planes, scales, exact_tokens, exact_rows, tables, segments })
 }
 
 /// Assemble a stream from its parts and append the checksum.
-pub fn assemble(header: &Header, planes: &[PlaneKind], scales: &[u8], tables: &[u8], segment_ends: &[u32], payload: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(HEADER_LEN + 4 * planes.len() + scales.len() + tables.len() + 4 * segment_ends.len() + payload.len() + CHECKSUM_LEN);
+pub fn assemble(header: &Header, planes: &[PlaneKind], scales: &[u8], exact: &[u8], tables: &[u8], segment_ends: &[u32], payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(HEADER_LEN + 4 * planes.len() + scales.len() + exact.len() + tables.len() + 4 * segment_ends.len() + payload.len() + CHECKSUM_LEN);
     header.write(&mut out);
     out.extend_from_slice(&plane_descriptors(planes));
     out.extend_from_slice(scales);
+    out.extend_from_slice(exact);
     out.extend_from_slice(tables);
     for e in segment_ends {
         out.extend_from_slice(&e.to_le_bytes());

@@ -3,11 +3,14 @@
 //! The decoder never needs this file: every plane's quantizer is written
 //! into the stream. Levels only choose what the encoder writes; the
 //! numbers below were chosen by measurement on real SmolLM2 KV
-//! (docs/BENCHMARKS.md, "Choosing the levels").
+//! (docs/BENCHMARKS.md, "Choosing the levels"): with an entropy coder, one
+//! uniform step per (K/V, layer) tensor beats per-token or per-channel
+//! absmax bins at equal size, because the model weighs absolute errors in
+//! every channel alike and rare large values cost bits only where they occur.
 
 use super::format::PlaneKind;
-use super::quant::{QuantSpec, ScaleGroup};
-use super::{Dtype, Error, KvKind, KvShape};
+use super::quant::{QuantSpec, ScaleGroup, StepRule};
+use super::{Dtype, Error, KvShape};
 
 /// A quality level. Higher is larger and closer to the original.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -63,55 +66,34 @@ impl Level {
         }
     }
 
-    /// The coding of every plane for a chunk of this shape and dtype.
-    pub fn plan(self, shape: &KvShape, dtype: Dtype) -> Vec<PlaneKind> {
-        match self.recipe() {
-            None => lossless_plan(shape, dtype),
-            Some(r) => r.plan(shape),
-        }
-    }
-
-    fn recipe(self) -> Option<Recipe> {
+    /// Step factor `alpha`: the step is `alpha * m * rms` of each (K/V,
+    /// layer) tensor, `m` from the model's profile (1 without one).
+    pub fn alpha(self) -> Option<f32> {
         match self {
-            Level::Compact => Some(Recipe { key_max: [7, 5], value_max: [7, 5], early_key: 0.34, early_value: 0.1 }),
-            Level::Default => Some(Recipe { key_max: [11, 9], value_max: [11, 9], early_key: 0.34, early_value: 0.1 }),
-            Level::High => Some(Recipe { key_max: [31, 31], value_max: [31, 31], early_key: 0.34, early_value: 0.1 }),
+            Level::Compact => Some(0.8),
+            Level::Default => Some(0.4),
+            Level::High => Some(0.15),
             Level::Lossless => None,
         }
     }
-}
 
-/// A lossy level: keys get per-channel asymmetric scales (post-RoPE keys
-/// carry outlier channels that a per-token scale would spread over every
-/// channel); values get per-token scales. Early layers, which the model is
-/// more sensitive to, get finer steps.
-#[derive(Clone, Copy, Debug)]
-struct Recipe {
-    /// `max` (alphabet `2*max+1`) for [early layers, later layers].
-    key_max: [u8; 2],
-    value_max: [u8; 2],
-    /// Fraction of layers counted as early (rounded up).
-    early_key: f64,
-    early_value: f64,
-}
+    /// How the encoder picks each tensor's step.
+    pub fn step_rules(self, shape: &KvShape, profile: Option<&[f32]>) -> Vec<StepRule> {
+        (0..shape.tensors())
+            .map(|i| match self.alpha() {
+                Some(a) => StepRule::Rms(a * profile.map_or(1.0, |p| p[i])),
+                None => StepRule::Range,
+            })
+            .collect()
+    }
 
-impl Recipe {
-    fn plan(&self, shape: &KvShape) -> Vec<PlaneKind> {
-        let early = |frac: f64| (shape.layers as f64 * frac).ceil() as usize;
-        let (ek, ev) = (early(self.early_key), early(self.early_value));
-        let mut planes = Vec::with_capacity(shape.tensors());
-        for layer in 0..shape.layers {
-            for stream in 0..shape.kind.streams() {
-                let is_value = shape.kind == KvKind::KeyValue && stream == 1;
-                let spec = if is_value {
-                    QuantSpec { group: ScaleGroup::PerToken, max: self.value_max[(layer >= ev) as usize], asymmetric: false }
-                } else {
-                    QuantSpec { group: ScaleGroup::PerChannel, max: self.key_max[(layer >= ek) as usize], asymmetric: true }
-                };
-                planes.push(PlaneKind::Quantized(spec));
-            }
+    /// The coding of every plane for a chunk of this shape and dtype.
+    pub fn plan(self, shape: &KvShape, dtype: Dtype) -> Vec<PlaneKind> {
+        match self {
+            Level::Lossless => lossless_plan(shape, dtype),
+            // One step per (K/V, layer) tensor, symmetric, 255 symbols.
+            _ => vec![PlaneKind::Quantized(QuantSpec { group: ScaleGroup::PerTensor, max: 127, asymmetric: false }); shape.tensors()],
         }
-        planes
     }
 }
 

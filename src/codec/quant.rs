@@ -20,6 +20,8 @@ pub enum ScaleGroup {
     PerTokenHead,
     /// One scale per channel over the chunk's tokens (KIVI keys).
     PerChannel,
+    /// One scale for the whole (K/V, layer) tensor of the chunk.
+    PerTensor,
 }
 
 impl ScaleGroup {
@@ -28,6 +30,7 @@ impl ScaleGroup {
             ScaleGroup::PerToken => 1,
             ScaleGroup::PerTokenHead => 2,
             ScaleGroup::PerChannel => 3,
+            ScaleGroup::PerTensor => 4,
         }
     }
     pub fn from_code(c: u8) -> Option<ScaleGroup> {
@@ -35,6 +38,7 @@ impl ScaleGroup {
             1 => Some(ScaleGroup::PerToken),
             2 => Some(ScaleGroup::PerTokenHead),
             3 => Some(ScaleGroup::PerChannel),
+            4 => Some(ScaleGroup::PerTensor),
             _ => None,
         }
     }
@@ -44,6 +48,7 @@ impl ScaleGroup {
             ScaleGroup::PerToken => tokens,
             ScaleGroup::PerTokenHead => tokens * (channels / head_dim),
             ScaleGroup::PerChannel => channels,
+            ScaleGroup::PerTensor => 1,
         }
     }
     /// Group of element `(t, c)`.
@@ -53,6 +58,7 @@ impl ScaleGroup {
             ScaleGroup::PerToken => t,
             ScaleGroup::PerTokenHead => t * (channels / head_dim) + c / head_dim,
             ScaleGroup::PerChannel => c,
+            ScaleGroup::PerTensor => 0,
         }
     }
 }
@@ -112,26 +118,58 @@ pub fn bf16_round_down(v: f32) -> f32 {
     -bf16_round_up(-v)
 }
 
-/// Compute each group's parameters. Fails on NaN or infinity.
+/// How the encoder picks a group's step (the decoder only reads steps).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum StepRule {
+    /// The group's range fills the alphabet (LMCache-style bins).
+    Range,
+    /// `alpha` times the group's RMS, widened where needed so the group's
+    /// absmax still fits the alphabet. With an entropy coder the step, not
+    /// the alphabet, sets rate and error; outliers cost bits only where they occur.
+    Rms(f32),
+}
+
+/// Compute each group's parameters over the tokens not in `skip` (stored
+/// exactly elsewhere). Fails on NaN or infinity.
 pub fn group_params(plane: &[f32], tokens: usize, channels: usize, head_dim: usize, spec: &QuantSpec) -> Result<Vec<GroupParams>, Error> {
+    group_params_with(plane, tokens, channels, head_dim, spec, StepRule::Range, &[])
+}
+
+pub fn group_params_with(plane: &[f32], tokens: usize, channels: usize, head_dim: usize, spec: &QuantSpec, rule: StepRule, skip: &[usize]) -> Result<Vec<GroupParams>, Error> {
     let n = spec.group.count(tokens, channels, head_dim);
     let mut lo = vec![f32::INFINITY; n];
     let mut hi = vec![f32::NEG_INFINITY; n];
+    let mut sq = vec![0f64; n];
+    let mut cnt = vec![0u64; n];
     for t in 0..tokens {
         let row = &plane[t * channels..(t + 1) * channels];
+        if row.iter().any(|v| !v.is_finite()) {
+            return Err(Error::NonFinite);
+        }
+        if skip.contains(&t) {
+            continue;
+        }
         for (c, &v) in row.iter().enumerate() {
-            if !v.is_finite() {
-                return Err(Error::NonFinite);
-            }
             let g = spec.group.index(t, c, channels, head_dim);
             lo[g] = lo[g].min(v);
             hi[g] = hi[g].max(v);
+            sq[g] += (v as f64) * (v as f64);
+            cnt[g] += 1;
         }
     }
     let max = spec.max as f32;
     let mut out = Vec::with_capacity(n);
     for g in 0..n {
-        let p = if spec.asymmetric {
+        if cnt[g] == 0 {
+            // Every token of the group is stored exactly.
+            out.push(GroupParams { offset: 0.0, step: 0.0 });
+            continue;
+        }
+        let p = if let (StepRule::Rms(alpha), false) = (rule, spec.asymmetric) {
+            let absmax = lo[g].abs().max(hi[g].abs());
+            let rms = (sq[g] / cnt[g] as f64).sqrt() as f32;
+            GroupParams { offset: 0.0, step: bf16_round_up((alpha * rms).max(absmax / max)) }
+        } else if spec.asymmetric {
             let offset = bf16_round_down(lo[g]);
             let range = hi[g] - offset;
             let step = bf16_round_up(range / (2.0 * max));
@@ -172,16 +210,68 @@ pub fn dequantize_value(s: u8, p: GroupParams, spec: &QuantSpec) -> f32 {
     }
 }
 
-/// Quantize a plane to symbols `[tokens, channels]`.
+/// Quantize a plane to symbols `[tokens, channels]`; tokens in `skip` get
+/// the symbol of zero (their values are stored exactly elsewhere).
 pub fn quantize_plane(plane: &[f32], tokens: usize, channels: usize, head_dim: usize, spec: &QuantSpec, params: &[GroupParams]) -> Vec<u8> {
+    quantize_plane_skip(plane, tokens, channels, head_dim, spec, params, &[])
+}
+
+pub fn quantize_plane_skip(plane: &[f32], tokens: usize, channels: usize, head_dim: usize, spec: &QuantSpec, params: &[GroupParams], skip: &[usize]) -> Vec<u8> {
     let mut out = vec![0u8; tokens * channels];
     for t in 0..tokens {
-        for c in 0..channels {
-            let p = params[spec.group.index(t, c, channels, head_dim)];
-            out[t * channels + c] = quantize_value(plane[t * channels + c], p, spec);
+        let row = &plane[t * channels..(t + 1) * channels];
+        let dst = &mut out[t * channels..(t + 1) * channels];
+        if skip.contains(&t) {
+            dst.fill(if spec.asymmetric { 0 } else { spec.max });
+            continue;
+        }
+        match spec.group {
+            // The common groupings get loops the compiler can vectorise.
+            ScaleGroup::PerToken | ScaleGroup::PerTensor => {
+                let p = params[spec.group.index(t, 0, channels, head_dim)];
+                for (d, &v) in dst.iter_mut().zip(row) {
+                    *d = quantize_value(v, p, spec);
+                }
+            }
+            ScaleGroup::PerChannel => {
+                for ((d, &v), &p) in dst.iter_mut().zip(row).zip(params) {
+                    *d = quantize_value(v, p, spec);
+                }
+            }
+            ScaleGroup::PerTokenHead => {
+                for (c, (d, &v)) in dst.iter_mut().zip(row).enumerate() {
+                    *d = quantize_value(v, params[spec.group.index(t, c, channels, head_dim)], spec);
+                }
+            }
         }
     }
     out
+}
+
+/// Tokens whose KV is far from the chunk's typical magnitude in most
+/// tensors (attention sinks): the model is very sensitive to them, and
+/// they are few, so they are stored exactly. `score[t]` is the mean over
+/// tensors of `|ln(norm_t / median norm)|`; tokens above 1.0 qualify,
+/// highest first, at most `max(1, tokens / 64)`; none below 8 tokens.
+pub fn outlier_tokens(tensors: &[Vec<f32>], tokens: usize, channels: usize) -> Vec<usize> {
+    if tokens < 8 || tensors.is_empty() {
+        return Vec::new();
+    }
+    let mut score = vec![0f64; tokens];
+    for x in tensors {
+        let norms: Vec<f64> = x.chunks_exact(channels).map(|r| r.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>().sqrt()).collect();
+        let mut sorted = norms.clone();
+        sorted.sort_by(|a, b| a.total_cmp(b));
+        let med = sorted[tokens / 2];
+        for (s, n) in score.iter_mut().zip(&norms) {
+            *s += ((n + 1e-6) / (med + 1e-6)).ln().abs();
+        }
+    }
+    let mut picked: Vec<usize> = (0..tokens).filter(|&t| score[t] / tensors.len() as f64 > 1.0).collect();
+    picked.sort_by(|&a, &b| score[b].total_cmp(&score[a]).then(a.cmp(&b)));
+    picked.truncate((tokens / 64).max(1));
+    picked.sort_unstable();
+    picked
 }
 
 /// Raw little-endian bytes of `dtype` to f32.

@@ -203,17 +203,21 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
         for level in [Level::Compact, Level::Default, Level::High] {
             progress(args.json, &format!("cachegen level {}, chunks with model tables from {}", level.number(), path.display()));
             let refs: Vec<&KvTensors> = calib_chunks.iter().filter(|c| c.shape.tokens == args.chunk_tokens).collect();
-            let set: TableSet = calibrate_tables(&refs, level).map_err(|e| e.to_string())?;
+            let set: TableSet = calibrate_tables(&refs, &EncodeOptions::level(level)).map_err(|e| e.to_string())?;
             let opts = EncodeOptions { level: Some(level), tables: Tables::External(&set), ..Default::default() };
-            let mut bytes = 0;
+            let (mut bytes, mut patches) = (0, 0);
             for c in &chunks {
-                // A short tail chunk has other per-channel statistics; the codec refuses
-                // tables that cannot code it, and then embeds its own.
-                let b = codec::encode(c, &opts).or_else(|_| codec::encode(c, &EncodeOptions::level(level))).map_err(|e| e.to_string())?;
+                // Channels the calibrated tables cannot code carry patches.
+                let b = codec::encode(c, &opts).map_err(|e| e.to_string())?;
+                let container = Container::parse(&b, Some(&set), Default::default()).map_err(|e| e.to_string())?;
+                if container.decode().map_err(|e| e.to_string())? != codec::decode(&codec::encode(c, &EncodeOptions::level(level)).unwrap(), None).unwrap() {
+                    return Err("model-table stream decodes differently from the embedded-table stream".into());
+                }
+                patches += container.section_sizes().tables;
                 bytes += b.len();
             }
             rows.push(Row {
-                table_bits_per_element: Some(0.0),
+                table_bits_per_element: Some(8.0 * patches as f64 / elems as f64),
                 note: Some(format!("per-chunk streams referencing a table set calibrated on {} ({} bytes, stored once per namespace)", path.display(), set.to_bytes().len())),
                 ..size_row("cachegen-chunked-model-tables", Some(level.number()), args.chunk_tokens, bytes)
             });
