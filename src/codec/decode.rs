@@ -78,6 +78,7 @@ impl<'a> Container<'a> {
             total: self.bytes.len(),
             header: format::HEADER_LEN + 4 * h.planes,
             scales: h.scales_len,
+            exact: self.layout.exact_rows.end - self.layout.scales.end,
             tables: h.tables_len,
             offsets: 4 * h.segments,
             payload: h.payload_len,
@@ -224,6 +225,8 @@ pub struct SectionSizes {
     /// Header plus plane descriptors.
     pub header: usize,
     pub scales: usize,
+    /// Exact-token indices and rows.
+    pub exact: usize,
     pub tables: usize,
     pub offsets: usize,
     pub payload: usize,

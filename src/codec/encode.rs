@@ -285,6 +285,20 @@ fn plane_symbols(kv: &KvTensors, plan: &Plan) -> Result<(Vec<PlaneSymbols>, Vec<
     Ok((out, exact_bytes))
 }
 
+/// The most distinct symbols any table of the chunk needs.
+fn plan_used_symbols(plan: &[PlaneKind], planes: &[PlaneSymbols], channels: usize) -> usize {
+    plan.iter().zip(planes).flat_map(|(p, ps)| histograms(&ps.symbols, p, channels)).map(|h| h.iter().filter(|&&c| c > 0).count()).max().unwrap_or(1)
+}
+
+/// Smallest precision whose normalisation can hold `symbols` distinct symbols.
+fn needed_prob_bits(symbols: usize) -> u32 {
+    let mut pb = MIN_PROB_BITS;
+    while (1usize << pb) / 2 < symbols && pb < MAX_PROB_BITS {
+        pb += 1;
+    }
+    pb
+}
+
 /// Histogram of each table of a plane.
 fn histograms(sym: &[u8], plane: &PlaneKind, channels: usize) -> Vec<[u32; 256]> {
     let mut h = vec![[0u32; 256]; plane.tables(channels)];
@@ -302,10 +316,16 @@ fn histograms(sym: &[u8], plane: &PlaneKind, channels: usize) -> Vec<[u32; 256]>
 pub fn encode(kv: &KvTensors, opts: &EncodeOptions) -> Result<Vec<u8>, Error> {
     kv.validate()?;
     let recipe = plan_for(kv, opts)?;
-    let (prob_bits, level) = (recipe.prob_bits, recipe.level);
+    let level = recipe.level;
     let shape = kv.shape;
     let channels = shape.channels();
     let (planes, exact) = plane_symbols(kv, &recipe)?;
+    let prob_bits = match opts.tables {
+        Tables::External(_) => recipe.prob_bits,
+        // A table needs at most half its slots for distinct symbols
+        // (table::normalize); widen the precision for unusually wide channels.
+        Tables::Embedded => recipe.prob_bits.max(needed_prob_bits(plan_used_symbols(&recipe.planes, &planes, channels))),
+    };
     let plan = recipe.planes;
     let exact_tokens = if exact.is_empty() { 0 } else { exact.len() / (4 + shape.tensors() * channels * kv.dtype.size()) };
 
@@ -340,7 +360,12 @@ pub fn encode(kv: &KvTensors, opts: &EncodeOptions) -> Result<Vec<u8>, Error> {
                         let (lo, codes) = table::codes_from_histogram(&h[..p.nsym()]);
                         let mut b = Vec::new();
                         table::write_compact(&mut b, lo, &codes);
-                        tabs[k] = table::table_from_codes(lo, &codes, prob_bits)?;
+                        match table::table_from_codes(lo, &codes, prob_bits) {
+                            Ok(t) => tabs[k] = t,
+                            // Too many distinct symbols for the set's precision:
+                            // this chunk carries all its own tables instead.
+                            Err(_) => return encode(kv, &EncodeOptions { tables: Tables::Embedded, ..opts.clone() }),
+                        }
                         patches.push((global + k as u32, b));
                     }
                 }
@@ -439,6 +464,7 @@ pub fn calibrate_tables(samples: &[&KvTensors], opts: &EncodeOptions) -> Result<
         }
     }
     let mut table_bytes = Vec::new();
+    let mut supports = Vec::new();
     for (p, hs) in plan.iter().zip(&hist) {
         for h in hs {
             // Support: the observed range widened by half its width (at least
@@ -455,9 +481,13 @@ pub fn calibrate_tables(samples: &[&KvTensors], opts: &EncodeOptions) -> Result<
             let hi = (hi_seen + margin).min(p.nsym() - 1);
             let total: u64 = h.iter().sum::<u64>().max(1);
             let weights: Vec<u32> = h[lo..=hi].iter().map(|&c| ((c << 20) / total) as u32 + 1).collect();
-            let freq = table::normalize(&weights, prob_bits)?;
-            table::write_exact(&mut table_bytes, &FreqTable { lo: lo as u8, freq });
+            supports.push((lo, weights));
         }
+    }
+    let prob_bits = prob_bits.max(needed_prob_bits(supports.iter().map(|(_, w)| w.len()).max().unwrap_or(1)));
+    for (lo, weights) in supports {
+        let freq = table::normalize(&weights, prob_bits)?;
+        table::write_exact(&mut table_bytes, &FreqTable { lo: lo as u8, freq });
     }
     Ok(TableSet { prob_bits, channels, plan, table_bytes })
 }

@@ -6,7 +6,7 @@
 //! plane descriptors 4 bytes per plane
 //! scales            scales_len bytes of bf16
 //! exact tokens      4 bytes per exact token (indices), then their raw rows
-//! tables            tables_len bytes: compact tables for every channel, or with
+//! tables            tables_len bytes: compact tables of every plane, or with
 //!                   external tables a patch list (count, then index + compact table)
 //! segment ends      4 bytes per segment: end offset of each segment in the payload
 //! payload           payload_len bytes
@@ -26,7 +26,8 @@ pub const CHECKSUM_LEN: usize = 8;
 /// Flag bit 0: tables are not in the stream but in a table set named by `table_id`.
 pub const FLAG_EXTERNAL_TABLES: u16 = 1;
 pub const MIN_PROB_BITS: u32 = 8;
-pub const MAX_PROB_BITS: u32 = 15;
+/// Version 1 bounds `prob_bits` so that a decode lookup entry fits 32 bits.
+pub const MAX_PROB_BITS: u32 = 10;
 
 /// How one plane is coded.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

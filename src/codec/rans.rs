@@ -87,11 +87,17 @@ pub fn encode_segment(
     }
 }
 
+/// Largest `prob_bits` the packed lookup entries can hold.
+pub const MAX_DECODE_PROB_BITS: u32 = 10;
+
 /// Decoder scratch, reused across segments: per-lane lookup tables for the
 /// group being decoded, the segment's words, and a tile of decoded symbols.
+///
+/// A lookup entry packs everything one decode step needs, so a step is one
+/// load: `symbol | freq << 8 | (slot - cum) << 19` (11-bit fields, which is
+/// why streams with more than `MAX_DECODE_PROB_BITS` are refused).
 pub struct DecodeScratch {
-    lut: Vec<u8>,
-    freq_cum: Vec<u32>,
+    lut: Vec<u32>,
     words: Vec<u16>,
     tile: Vec<u8>,
     prob_bits: u32,
@@ -99,13 +105,22 @@ pub struct DecodeScratch {
 
 impl DecodeScratch {
     pub fn new(prob_bits: u32) -> DecodeScratch {
-        DecodeScratch { lut: vec![0u8; LANES << prob_bits], freq_cum: vec![0u32; LANES * 256], words: Vec::new(), tile: Vec::new(), prob_bits }
+        DecodeScratch { lut: vec![0u32; LANES << prob_bits], words: Vec::new(), tile: Vec::new(), prob_bits }
     }
 
     fn load(&mut self, lane: usize, table: &FreqTable) {
         let n = 1usize << self.prob_bits;
-        let fc: &mut [u32; 256] = (&mut self.freq_cum[lane * 256..(lane + 1) * 256]).try_into().unwrap();
-        super::table::fill_decode_lut(table, self.prob_bits, &mut self.lut[lane * n..(lane + 1) * n], fc);
+        let lut = &mut self.lut[lane * n..(lane + 1) * n];
+        let mut start = 0usize;
+        for (i, &f) in table.freq.iter().enumerate() {
+            let sym = (table.lo as usize + i) as u32;
+            let f = f as usize;
+            for (j, e) in lut[start..start + f].iter_mut().enumerate() {
+                *e = sym | (f as u32) << 8 | (j as u32) << 19;
+            }
+            start += f;
+        }
+        debug_assert_eq!(start, n);
     }
 }
 
@@ -121,6 +136,9 @@ pub fn decode_segment<'t>(
     mut sink: impl FnMut(usize, &[u8], usize),
 ) -> Result<(), Error> {
     let prob_bits = scratch.prob_bits;
+    if prob_bits > MAX_DECODE_PROB_BITS {
+        return Err(Error::Corrupt("prob_bits above what this decoder supports"));
+    }
     let lanes = geo.lanes();
     let state_bytes = 4 * lanes;
     if bytes.len() < state_bytes || (bytes.len() - state_bytes) % 2 != 0 {
@@ -133,12 +151,12 @@ pub fn decode_segment<'t>(
             return Err(Error::Corrupt("rANS state below its normalised range"));
         }
     }
-    // Words, plus one zero so that reading past the end (only possible in a
-    // corrupt stream, caught by the count check below) stays in bounds.
     let nwords = (bytes.len() - state_bytes) / 2;
     scratch.words.clear();
     scratch.words.extend(bytes[state_bytes..].chunks_exact(2).map(|w| u16::from_le_bytes([w[0], w[1]])));
-    scratch.words.push(0);
+    // Zero padding: reading past the end (only in a corrupt stream, caught
+    // by the count check below) stays in bounds; 8 words for the SIMD path.
+    scratch.words.extend_from_slice(&[0u16; 8]);
     let tokens = geo.token_end - geo.token_begin;
     scratch.tile.resize(tokens * LANES, 0);
     let mask = (1u32 << prob_bits) - 1;
@@ -148,26 +166,41 @@ pub fn decode_segment<'t>(
         for l in 0..active {
             scratch.load(l, table_of(LANES * g + l));
         }
-        let DecodeScratch { lut, freq_cum, words, tile, .. } = &mut *scratch;
-        assert!(lut.len() == LANES << prob_bits && freq_cum.len() == LANES * 256 && words.len() == nwords + 1 && tile.len() == tokens * LANES);
+        let DecodeScratch { lut, words, tile, .. } = &mut *scratch;
+        assert!(lut.len() == LANES << prob_bits && words.len() == nwords + 8 && tile.len() == tokens * LANES);
+        #[cfg(target_arch = "x86_64")]
+        if active == LANES && simd::enabled() {
+            // SAFETY: AVX2 is present; the buffers have the sizes asserted above.
+            pos = unsafe { simd::decode_rounds(&mut x, lut, words, nwords, pos, tile, prob_bits) };
+            sink(g, &scratch.tile, active);
+            continue;
+        }
         for row in tile.chunks_exact_mut(LANES) {
+            // Two passes per round so lanes do not wait on each other: first
+            // every lane decodes its symbol (independent work), then lanes
+            // that fell below RANS_L take words in lane order, each at the
+            // position given by the count of refilling lanes before it
+            // (a warp's ballot and popcount on a GPU).
+            let mut need = 0u32;
             for l in 0..active {
-                // SAFETY: slot <= mask < 2^prob_bits and l < LANES, so the LUT
-                // index is below LANES << prob_bits (asserted above); s < 256
-                // so the freq_cum index is below LANES * 256; pos is clamped
-                // to nwords and words has nwords + 1 entries.
-                unsafe {
-                    let xl = *x.get_unchecked(l);
-                    let slot = xl & mask;
-                    let s = *lut.get_unchecked((l << prob_bits) + slot as usize);
-                    let e = *freq_cum.get_unchecked(l * 256 + s as usize);
-                    let xl = (e & 0xffff) * (xl >> prob_bits) + slot - (e >> 16);
-                    let need = xl < RANS_L;
-                    let w = *words.get_unchecked(pos.min(nwords)) as u32;
-                    *x.get_unchecked_mut(l) = if need { (xl << 16) | w } else { xl };
-                    pos += need as usize;
-                    *row.get_unchecked_mut(l) = s;
+                // SAFETY: slot <= mask < 2^prob_bits and l < LANES, so the
+                // index is below LANES << prob_bits (asserted above).
+                let e = unsafe { *lut.get_unchecked((l << prob_bits) + (x[l] & mask) as usize) };
+                let xl = ((e >> 8) & 0x7ff) * (x[l] >> prob_bits) + (e >> 19);
+                x[l] = xl;
+                need |= ((xl < RANS_L) as u32) << l;
+                row[l] = e as u8;
+            }
+            if need != 0 {
+                for l in 0..active {
+                    let before = (need & ((1u32 << l) - 1)).count_ones() as usize;
+                    // SAFETY: the index is clamped to nwords and words has nwords + 8 entries.
+                    let w = unsafe { *words.get_unchecked((pos + before).min(nwords)) } as u32;
+                    // Branch-free select: refills are too irregular to predict.
+                    let take = 0u32.wrapping_sub((need >> l) & 1);
+                    x[l] = (x[l] & !take) | (((x[l] << 16) | w) & take);
                 }
+                pos += need.count_ones() as usize;
             }
         }
         sink(g, &scratch.tile, active);
@@ -179,4 +212,85 @@ pub fn decode_segment<'t>(
         return Err(Error::Corrupt("rANS lanes did not end in their initial state"));
     }
     Ok(())
+}
+
+/// AVX2 decoding of full 32-lane rounds: eight lanes per vector, table
+/// lookups by gather, refills by a permutation chosen by the refill mask.
+/// Produces exactly what the scalar loop produces.
+#[cfg(target_arch = "x86_64")]
+mod simd {
+    use std::arch::x86_64::*;
+
+    use super::{LANES, RANS_L};
+
+    /// For each 8-bit refill mask, the index among refilling lanes of each
+    /// lane (the number of refilling lanes before it).
+    const fn refill_permutations() -> [[u32; 8]; 256] {
+        let mut t = [[0u32; 8]; 256];
+        let mut m = 0;
+        while m < 256 {
+            let mut l = 0;
+            while l < 8 {
+                t[m][l] = ((m as u32) & ((1u32 << l) - 1)).count_ones();
+                l += 1;
+            }
+            m += 1;
+        }
+        t
+    }
+    static PERM: [[u32; 8]; 256] = refill_permutations();
+
+    /// Whether to take the AVX2 path: the CPU has it, and it was not
+    /// turned off with CACHEGEN_NO_SIMD=1 (to compare the two paths).
+    pub fn enabled() -> bool {
+        std::arch::is_x86_feature_detected!("avx2") && std::env::var_os("CACHEGEN_NO_SIMD").is_none()
+    }
+
+    /// Decode every row of `tile` (LANES symbols per row); returns the new
+    /// word position (unclamped, for the caller's count check).
+    #[target_feature(enable = "avx2")]
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn decode_rounds(x: &mut [u32; LANES], lut: &[u32], words: &[u16], nwords: usize, mut pos: usize, tile: &mut [u8], prob_bits: u32) -> usize {
+        let mask = _mm256_set1_epi32(((1u32 << prob_bits) - 1) as i32);
+        let field = _mm256_set1_epi32(0x7ff);
+        let shift = _mm_cvtsi32_si128(prob_bits as i32);
+        let pick_low_bytes = _mm256_setr_epi8(0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, 0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1);
+        let mut state = [_mm256_setzero_si256(); 4];
+        let mut lut_base = [_mm256_setzero_si256(); 4];
+        for v in 0..4 {
+            state[v] = _mm256_loadu_si256(x.as_ptr().add(8 * v) as *const __m256i);
+            let lanes = _mm256_add_epi32(_mm256_set1_epi32(8 * v as i32), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+            lut_base[v] = _mm256_sll_epi32(lanes, shift);
+        }
+        let lut_ptr = lut.as_ptr() as *const i32;
+        for row in tile.chunks_exact_mut(LANES) {
+            for v in 0..4 {
+                let xv = state[v];
+                let slot = _mm256_and_si256(xv, mask);
+                let e = _mm256_i32gather_epi32(lut_ptr, _mm256_add_epi32(lut_base[v], slot), 4);
+                let s = e;
+                let freq = _mm256_and_si256(_mm256_srli_epi32(e, 8), field);
+                let xn = _mm256_add_epi32(_mm256_mullo_epi32(freq, _mm256_srl_epi32(xv, shift)), _mm256_srli_epi32(e, 19));
+                // Lanes below RANS_L (top 16 bits zero) take a word.
+                let need = _mm256_cmpeq_epi32(_mm256_srli_epi32(xn, 16), _mm256_setzero_si256());
+                let m = _mm256_movemask_ps(_mm256_castsi256_ps(need)) as usize;
+                let at = pos.min(nwords);
+                let w = _mm256_cvtepu16_epi32(_mm_loadu_si128(words.as_ptr().add(at) as *const __m128i));
+                let w = _mm256_permutevar8x32_epi32(w, _mm256_loadu_si256(PERM[m].as_ptr() as *const __m256i));
+                let refilled = _mm256_or_si256(_mm256_slli_epi32(xn, 16), w);
+                state[v] = _mm256_blendv_epi8(xn, refilled, need);
+                pos += (m as u32).count_ones() as usize;
+                // Symbols: the low byte of each 32-bit lane, 8 bytes.
+                let b = _mm256_shuffle_epi8(s, pick_low_bytes);
+                let lo = _mm_cvtsi128_si32(_mm256_castsi256_si128(b)) as u32 as u64;
+                let hi = _mm_cvtsi128_si32(_mm256_extracti128_si256(b, 1)) as u32 as u64;
+                std::ptr::write_unaligned(row.as_mut_ptr().add(8 * v) as *mut u64, lo | (hi << 32));
+            }
+        }
+        for v in 0..4 {
+            _mm256_storeu_si256(x.as_mut_ptr().add(8 * v) as *mut __m256i, state[v]);
+        }
+        let _ = RANS_L;
+        pos
+    }
 }

@@ -228,20 +228,6 @@ impl EncSymbol {
     }
 }
 
-/// Decoder view of one table: a slot-to-symbol lookup plus frequency and
-/// cumulative arrays, built into caller-provided scratch.
-pub fn fill_decode_lut(table: &FreqTable, prob_bits: u32, lut: &mut [u8], freq_cum: &mut [u32; 256]) {
-    let mut start = 0u32;
-    for (i, &f) in table.freq.iter().enumerate() {
-        let sym = table.lo as usize + i;
-        let f = f as u32;
-        freq_cum[sym] = f | (start << 16);
-        lut[start as usize..(start + f) as usize].fill(sym as u8);
-        start += f;
-    }
-    debug_assert_eq!(start, 1 << prob_bits);
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -116,6 +116,7 @@ fn inspect_json(layout: &codec::format::Layout, c: Option<&Container>, total: us
         "segment_tokens": h.seg_tokens,
         "segment_groups": h.seg_groups,
         "segments": h.segments,
+        "exact_tokens": layout.exact_tokens,
         "planes": planes,
         "bytes": c.map(|c| serde_json::to_value(c.section_sizes()).unwrap()),
         "total_bytes": total,

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# The demo: encode and decode the committed real KV fixture (SmolLM2-135M on
+# Linux kernel documentation) at the default level, and report size, ratio
+# and what the real model says about the decoded cache.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/model/setup_env.sh >/dev/null
+cargo build --release --quiet
+fixture=fixtures/smollm2-kernel-doc-320.safetensors
+out=$(mktemp -d)
+trap 'rm -rf "$out"' EXIT
+./target/release/cachegen encode "$fixture" "$out/kv.cg"
+./target/release/cachegen decode "$out/kv.cg" "$out/decoded.safetensors"
+./target/release/cachegen inspect "$out/kv.cg" | .venv/bin/python -c '
+import json, sys
+i = json.load(sys.stdin)
+print(f"stream: {i[\"total_bytes\"]} bytes, {i[\"bits_per_element\"]:.3f} bits/element, "
+      f"{i[\"ratio_vs_fp16\"]:.2f}x smaller than fp16 (level {i[\"level_name\"]}, "
+      f"{i[\"layers\"]} layers x {i[\"tokens\"]} tokens x {i[\"kv_heads\"]} heads x {i[\"head_dim\"]})")'
+echo "quality of the decoded KV (next-token distributions over the 127 following tokens):"
+.venv/bin/python scripts/model/evaluate.py "$fixture" "$out/decoded.safetensors" 2>/dev/null | sed 's/^/  /'

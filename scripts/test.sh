@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# The whole test suite, exactly as CI runs it (.ci/run calls this script).
+# Installs what it needs: the Python model harness (.venv, model and text
+# under .cache/), pytest, and cargo-fuzz for the fuzz smoke run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+step() { printf '\n== %s\n' "$*"; }
+
+step "model harness: venv, SmolLM2 (sha256-pinned) and kernel docs"
+scripts/model/setup_env.sh
+.venv/bin/pip install -q pytest==8.3.4
+
+step "build"
+cargo build --release
+
+step "fuzz smoke run: the decoder on arbitrary bytes (${FUZZ_SECONDS:=60} s)"
+command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked --version 0.13.2
+mkdir -p fuzz/corpus/decode
+for level in 1 2 3 4; do
+    ./target/release/cachegen encode --level $level fixtures/smollm2-kernel-doc-320.safetensors fuzz/corpus/decode/seed-$level.cg 2>/dev/null
+done
+# cargo-fuzz needs nightly flags (sanitizers); RUSTC_BOOTSTRAP lets the stable toolchain take them.
+(cd fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz run decode corpus/decode -- -max_total_time="$FUZZ_SECONDS" -rss_limit_mb=2048 -max_len=1048576)
+
+step "harness self-checks (model output: self, f16/bf16 rounding, noise)"
+.venv/bin/python scripts/model/sanity_check.py
+
+step "Rust tests"
+cargo test --release
+
+step "CLI end to end on the real fixture, judged by the model"
+.venv/bin/python -m pytest -q tests/python
