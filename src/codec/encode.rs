@@ -285,6 +285,14 @@ fn plane_symbols(kv: &KvTensors, plan: &Plan) -> Result<(Vec<PlaneSymbols>, Vec<
     Ok((out, exact_bytes))
 }
 
+/// The symbols `encode` would entropy-code for each plane (`[tokens,
+/// channels]` each), for baselines and experiments on the same symbols.
+pub fn plane_symbols_for(kv: &KvTensors, opts: &EncodeOptions) -> Result<Vec<Vec<u8>>, Error> {
+    kv.validate()?;
+    let recipe = plan_for(kv, opts)?;
+    Ok(plane_symbols(kv, &recipe)?.0.into_iter().map(|p| p.symbols).collect())
+}
+
 /// The most distinct symbols any table of the chunk needs.
 fn plan_used_symbols(plan: &[PlaneKind], planes: &[PlaneSymbols], channels: usize) -> usize {
     plan.iter().zip(planes).flat_map(|(p, ps)| histograms(&ps.symbols, p, channels)).map(|h| h.iter().filter(|&&c| c > 0).count()).max().unwrap_or(1)

@@ -72,9 +72,9 @@ impl Level {
     /// layer) tensor, `m` from the model's profile (1 without one).
     pub fn alpha(self) -> Option<f32> {
         match self {
-            Level::Compact => Some(0.8),
-            Level::Default => Some(0.4),
-            Level::High => Some(0.15),
+            Level::Compact => Some(0.59),
+            Level::Default => Some(0.22),
+            Level::High => Some(0.063),
             Level::Lossless => None,
         }
     }

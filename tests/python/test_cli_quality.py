@@ -17,14 +17,16 @@ import kvfile  # noqa: E402
 
 CLI = REPO / "target/release/cachegen"
 FIXTURE = REPO / "fixtures/smollm2-kernel-doc-320.safetensors"
+PROFILE = REPO / "profiles/smollm2-135m-instruct.json"
 
-# Regression guards for each level on the fixture (measured values are in
-# docs/BENCHMARKS.md; these bounds leave room for noise, not for regressions
-# of a different order). (min ratio vs fp16, max KL nats/token, min top-1)
+# Regression guards for each level on the fixture with the model's profile
+# (measured values are in docs/BENCHMARKS.md; these bounds leave room for
+# noise, not for regressions of a different order).
+# (min ratio vs fp16 counting every byte, max KL nats/token, min top-1)
 LEVELS = {
-    "compact": (7.0, 0.15, 0.80),
-    "default": (4.8, 0.07, 0.88),
-    "high": (3.2, 0.005, 0.93),
+    "compact": (6.0, 0.04, 0.85),
+    "default": (3.7, 0.006, 0.92),
+    "high": (2.6, 0.0012, 0.97),
 }
 
 
@@ -38,9 +40,9 @@ def reference():
     return kv, *ev.tokens_from_metadata(meta, FIXTURE)
 
 
-def round_trip(tmp_path, level):
-    cg, out = tmp_path / f"{level}.cg", tmp_path / f"{level}.safetensors"
-    run("encode", "--level", level, FIXTURE, cg)
+def round_trip(tmp_path, level, profile=True):
+    cg, out = tmp_path / f"{level}-{profile}.cg", tmp_path / f"{level}-{profile}.safetensors"
+    run("encode", "--level", level, *(["--profile", PROFILE] if profile else []), FIXTURE, cg)
     run("decode", cg, out)
     return cg, out
 
@@ -68,6 +70,24 @@ def test_levels_trade_size_for_quality(tmp_path, reference):
         kls.append(ev.evaluate(kv, kvfile.read_kv(out)[0], ctx, evals)["kl_mean"])
     assert sizes[0] < sizes[1] < sizes[2], sizes
     assert kls[0] > kls[1] > kls[2], kls
+
+
+def test_profile_lowers_kl_at_about_the_same_size(tmp_path, reference):
+    # The profile was calibrated on other documents; this text is held out.
+    kv, ctx, evals = reference
+    with_cg, with_out = round_trip(tmp_path, "default", profile=True)
+    without_cg, without_out = round_trip(tmp_path, "default", profile=False)
+    assert abs(with_cg.stat().st_size / without_cg.stat().st_size - 1) < 0.05
+    kl_with = ev.evaluate(kv, kvfile.read_kv(with_out)[0], ctx, evals)["kl_mean"]
+    kl_without = ev.evaluate(kv, kvfile.read_kv(without_out)[0], ctx, evals)["kl_mean"]
+    assert kl_with < 0.6 * kl_without, (kl_with, kl_without)
+
+
+def test_profile_must_match_the_model(tmp_path):
+    bad = tmp_path / "p.json"
+    bad.write_text(json.dumps({"key": [1.0] * 3, "value": [1.0] * 3}))
+    r = run("encode", "--profile", bad, FIXTURE, tmp_path / "x.cg", check=False)
+    assert r.returncode != 0 and "30 layers" in r.stderr
 
 
 def test_lossless_is_bit_exact(tmp_path):

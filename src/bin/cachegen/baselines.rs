@@ -2,7 +2,7 @@
 
 use std::time::Instant;
 
-use cachegen::codec::quant::{self, QuantSpec};
+use cachegen::codec::quant;
 use cachegen::codec::table;
 use cachegen::codec::{Dtype, KvShape, KvTensors};
 use constriction::stream::model::{SmallNonContiguousCategoricalEncoderModel, SmallNonContiguousLookupDecoderModel};
@@ -152,20 +152,13 @@ pub struct ConstrictionResult {
     pub decode_s: f64,
 }
 
-pub fn constriction_reference(kv: &KvTensors, plan: &[QuantSpec], repeat: usize) -> ConstrictionResult {
-    let s: KvShape = kv.shape;
-    let (t, c, d) = (s.tokens, s.channels(), s.head_dim);
-    let mut symbols: Vec<Vec<u8>> = Vec::new();
-    for (i, spec) in plan.iter().enumerate() {
-        let x = kv.tensor_f32(i);
-        let params = quant::group_params(&x, t, c, d, spec).expect("finite input");
-        symbols.push(quant::quantize_plane(&x, t, c, d, spec, &params));
-    }
+pub fn constriction_reference(s: &KvShape, symbols: &[Vec<u8>], repeat: usize) -> ConstrictionResult {
+    let (t, c) = (s.tokens, s.channels());
     // Per (plane, channel) models from exact histograms at 12 bits.
     let mut enc_models = Vec::new();
     let mut dec_models = Vec::new();
     let mut entropy_bits = 0.0;
-    for sym in &symbols {
+    for sym in symbols {
         for ch in 0..c {
             let mut hist = [0u32; 256];
             for row in sym.chunks_exact(c) {

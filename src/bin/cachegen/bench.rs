@@ -4,7 +4,6 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-use cachegen::codec::format::PlaneKind;
 use cachegen::codec::{self, calibrate_tables, Container, EncodeOptions, KvShape, KvTensors, Level, TableSet, Tables};
 use cachegen::interchange;
 use serde::Serialize;
@@ -32,6 +31,9 @@ pub struct BenchArgs {
     /// adds rows for chunks that reference those tables by id.
     #[arg(long)]
     tables_from: Option<PathBuf>,
+    /// The model's sensitivity profile (per-layer step multipliers), used by every cachegen row.
+    #[arg(long)]
+    profile: Option<PathBuf>,
     /// Timed repetitions (the best is kept).
     #[arg(long, default_value_t = 5)]
     repeat: usize,
@@ -121,6 +123,8 @@ fn progress(json: bool, msg: &str) {
 pub fn run(args: BenchArgs) -> Result<(), String> {
     let loaded = crate::load_kv(&args.input)?;
     let kv = loaded.kv;
+    let profile = crate::load_profile(args.profile.as_deref(), &kv.shape)?;
+    let level_opts = |level: Level| EncodeOptions { level: Some(level), profile: profile.clone(), ..Default::default() };
     let elems = kv.shape.elems();
     let fp16_bytes = 2.0 * elems as f64;
     let threads = args.threads.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
@@ -140,7 +144,7 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
     // The codec, whole input as one chunk (self-contained .cg, as the CLI writes).
     for level in Level::ALL {
         progress(args.json, &format!("cachegen level {} ({}), whole input", level.number(), level.name()));
-        let opts = EncodeOptions::level(level);
+        let opts = level_opts(level);
         let (enc_s, bytes) = best_time(repeat, || codec::encode(&kv, &opts));
         let bytes = bytes.map_err(|e| e.to_string())?;
         let (dec_s, decoded) = best_time(repeat, || codec::decode(&bytes, None));
@@ -178,7 +182,7 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
     let chunks = split_chunks(&kv, args.chunk_tokens);
     for level in Level::ALL {
         progress(args.json, &format!("cachegen level {}, {}-token chunks", level.number(), args.chunk_tokens));
-        let opts = EncodeOptions::level(level);
+        let opts = level_opts(level);
         let (enc_s, encoded) = best_time(repeat, || parallel(&chunks, threads, |c| codec::encode(c, &opts).expect("encode")));
         let (dec_s, decoded) = best_time(repeat, || parallel(&encoded.1, threads, |b| codec::decode(b, None).expect("decode")));
         let bytes: usize = encoded.1.iter().map(|b| b.len()).sum();
@@ -203,14 +207,14 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
         for level in [Level::Compact, Level::Default, Level::High] {
             progress(args.json, &format!("cachegen level {}, chunks with model tables from {}", level.number(), path.display()));
             let refs: Vec<&KvTensors> = calib_chunks.iter().filter(|c| c.shape.tokens == args.chunk_tokens).collect();
-            let set: TableSet = calibrate_tables(&refs, &EncodeOptions::level(level)).map_err(|e| e.to_string())?;
-            let opts = EncodeOptions { level: Some(level), tables: Tables::External(&set), ..Default::default() };
+            let set: TableSet = calibrate_tables(&refs, &level_opts(level)).map_err(|e| e.to_string())?;
+            let opts = EncodeOptions { tables: Tables::External(&set), ..level_opts(level) };
             let (mut bytes, mut patches) = (0, 0);
             for c in &chunks {
                 // Channels the calibrated tables cannot code carry patches.
                 let b = codec::encode(c, &opts).map_err(|e| e.to_string())?;
                 let container = Container::parse(&b, Some(&set), Default::default()).map_err(|e| e.to_string())?;
-                if container.decode().map_err(|e| e.to_string())? != codec::decode(&codec::encode(c, &EncodeOptions::level(level)).unwrap(), None).unwrap() {
+                if container.decode().map_err(|e| e.to_string())? != codec::decode(&codec::encode(c, &level_opts(level)).unwrap(), None).unwrap() {
                     return Err("model-table stream decodes differently from the embedded-table stream".into());
                 }
                 patches += container.section_sizes().tables;
@@ -248,15 +252,8 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
             ..size_row(&format!("zstd-{zl}"), None, kv.shape.tokens, z.bytes)
         });
     }
-    let plan: Vec<_> = Level::Default
-        .plan(&kv.shape, kv.dtype)
-        .into_iter()
-        .map(|p| match p {
-            PlaneKind::Quantized(q) => q,
-            PlaneKind::Raw { .. } => unreachable!("default level is lossy"),
-        })
-        .collect();
-    let cr = baselines::constriction_reference(&kv, &plan, repeat);
+    let symbols = codec::encode::plane_symbols_for(&kv, &level_opts(Level::Default)).map_err(|e| e.to_string())?;
+    let cr = baselines::constriction_reference(&kv.shape, &symbols, repeat);
     rows.push(Row {
         encode_gsym_s: gsym(elems, Some(cr.encode_s)),
         decode_gsym_s: gsym(elems, Some(cr.decode_s)),

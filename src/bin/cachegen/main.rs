@@ -24,6 +24,10 @@ enum Command {
         /// Quality level: 1/compact, 2/default, 3/high, 4/lossless.
         #[arg(long, default_value = "default")]
         level: String,
+        /// The model's sensitivity profile (JSON with per-layer `key` and
+        /// `value` step multipliers; see profiles/).
+        #[arg(long)]
+        profile: Option<PathBuf>,
         input: PathBuf,
         output: PathBuf,
     },
@@ -47,12 +51,21 @@ fn load_kv(path: &Path) -> Result<interchange::Loaded, String> {
     interchange::from_safetensors(&read(path)?).map_err(|e| format!("{}: {e}", path.display()))
 }
 
+/// Per-tensor multipliers from a profile file, checked against the cache's shape.
+pub fn load_profile(path: Option<&Path>, shape: &codec::KvShape) -> Result<Option<Vec<f32>>, String> {
+    let Some(path) = path else { return Ok(None) };
+    let text = String::from_utf8(read(path)?).map_err(|_| format!("{}: not UTF-8 JSON", path.display()))?;
+    let p = cachegen::profile::Profile::from_json(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+    p.multipliers(shape).map(Some).map_err(|e| format!("{}: {e}", path.display()))
+}
+
 fn run(cli: Cli) -> Result<(), String> {
     match cli.command {
-        Command::Encode { level, input, output } => {
+        Command::Encode { level, profile, input, output } => {
             let level = Level::parse(&level).map_err(|e| e.to_string())?;
             let kv = load_kv(&input)?.kv;
-            let bytes = codec::encode(&kv, &EncodeOptions::level(level)).map_err(|e| format!("{}: {e}", input.display()))?;
+            let opts = EncodeOptions { level: Some(level), profile: load_profile(profile.as_deref(), &kv.shape)?, ..Default::default() };
+            let bytes = codec::encode(&kv, &opts).map_err(|e| format!("{}: {e}", input.display()))?;
             write(&output, &bytes)?;
             let raw = kv.shape.elems() * 2;
             eprintln!(
