@@ -106,7 +106,7 @@ def code_tensor(sel, step, groups):
     res["dpcm"] = (float(ec.sum()) + 8.0 * c, float(kc.sum()) + 8.0 * c, 1, np.abs(rsym[1:]).max())
     # oracle per-(tensor, channel) switch direct/dpcm (the 1 flag bit per channel not charged)
     res["best/ch"] = (float(np.minimum(ec_dir, ec + 8.0).sum()), float(np.minimum(kc_dir, kc + 8.0).sum()),
-                      1, np.abs(rsym[1:]).max())
+                      1, max(np.abs(direct).max(), np.abs(rsym[1:]).max()))
     res["dpcm_wins"] = (float((ec + 8.0 < ec_dir).sum()), float((kc + 8.0 < kc_dir).sum()), 0, 0)
     return res, maxerr
 

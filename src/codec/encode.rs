@@ -5,7 +5,7 @@ use xxhash_rust::xxh3::xxh3_64;
 use super::format::{self, Header, PlaneKind, FLAG_EXTERNAL_TABLES, MAX_PROB_BITS, MIN_PROB_BITS};
 use super::quant::{self, GroupParams, QuantSpec, StepRule};
 use super::rans::{encode_segment, LANES};
-use super::table::{self, EncSymbol, FreqTable, TableEncoding};
+use super::table::{self, EncTable, FreqTable, TableEncoding};
 use super::{Error, KvShape, KvTensors, Level};
 
 /// Where the probability tables go.
@@ -167,17 +167,18 @@ pub fn parse_tables(bytes: &[u8], plan: &[PlaneKind], channels: usize, prob_bits
     Ok(out)
 }
 
-/// Symbols and scale bytes of one plane.
+/// Symbols and scale bytes of one plane, and the histogram of each of its tables.
 struct PlaneSymbols {
     symbols: Vec<u8>,
     scales: Vec<u8>,
+    hist: Vec<[u32; 256]>,
 }
 
 fn quantize_tensor(values: &[f32], shape: &KvShape, spec: &QuantSpec, rule: StepRule, exact: &[usize]) -> Result<PlaneSymbols, Error> {
     let (t, c, d) = (shape.tokens, shape.channels(), shape.head_dim);
     let params = quant::group_params_with(values, t, c, d, spec, rule, exact)?;
     let symbols = quant::quantize_plane_skip(values, t, c, d, spec, &params, exact);
-    Ok(PlaneSymbols { symbols, scales: scale_bytes(&params, spec) })
+    Ok(PlaneSymbols { symbols, scales: scale_bytes(&params, spec), hist: Vec::new() })
 }
 
 fn scale_bytes(params: &[GroupParams], spec: &QuantSpec) -> Vec<u8> {
@@ -262,11 +263,11 @@ fn plane_symbols(kv: &KvTensors, plan: &Plan) -> Result<(Vec<PlaneSymbols>, Vec<
             .iter()
             .enumerate()
             .map(|(i, p)| match p {
-                PlaneKind::Raw { index, .. } => PlaneSymbols { symbols: raw_byte_plane(&kv.tensors[i / per_tensor], kv.dtype.size(), *index as usize), scales: Vec::new() },
+                PlaneKind::Raw { index, .. } => PlaneSymbols { symbols: raw_byte_plane(&kv.tensors[i / per_tensor], kv.dtype.size(), *index as usize), scales: Vec::new(), hist: Vec::new() },
                 PlaneKind::Quantized(_) => unreachable!("checked by plan_for"),
             })
             .collect();
-        return Ok((out, Vec::new()));
+        return Ok((with_histograms(out, &plan.planes, shape.channels()), Vec::new()));
     }
     let values: Vec<Vec<f32>> = kv.tensors.iter().map(|t| quant::to_f32(kv.dtype, t)).collect();
     let exact = if plan.protect { quant::outlier_tokens(&values, shape.tokens, shape.channels()) } else { Vec::new() };
@@ -282,7 +283,14 @@ fn plane_symbols(kv: &KvTensors, plan: &Plan) -> Result<(Vec<PlaneSymbols>, Vec<
             exact_bytes.extend_from_slice(&tensor[t * row..(t + 1) * row]);
         }
     }
-    Ok((out, exact_bytes))
+    Ok((with_histograms(out, &plan.planes, shape.channels()), exact_bytes))
+}
+
+fn with_histograms(mut planes: Vec<PlaneSymbols>, plan: &[PlaneKind], channels: usize) -> Vec<PlaneSymbols> {
+    for (ps, p) in planes.iter_mut().zip(plan) {
+        ps.hist = histograms(&ps.symbols, p, channels);
+    }
+    planes
 }
 
 /// The symbols `encode` would entropy-code for each plane (`[tokens,
@@ -295,7 +303,8 @@ pub fn plane_symbols_for(kv: &KvTensors, opts: &EncodeOptions) -> Result<Vec<Vec
 
 /// The most distinct symbols any table of the chunk needs.
 fn plan_used_symbols(plan: &[PlaneKind], planes: &[PlaneSymbols], channels: usize) -> usize {
-    plan.iter().zip(planes).flat_map(|(p, ps)| histograms(&ps.symbols, p, channels)).map(|h| h.iter().filter(|&&c| c > 0).count()).max().unwrap_or(1)
+    let _ = (plan, channels);
+    planes.iter().flat_map(|ps| ps.hist.iter()).map(|h| h.iter().filter(|&&c| c > 0).count()).max().unwrap_or(1)
 }
 
 /// Smallest precision whose normalisation can hold `symbols` distinct symbols.
@@ -310,9 +319,15 @@ fn needed_prob_bits(symbols: usize) -> u32 {
 /// Histogram of each table of a plane.
 fn histograms(sym: &[u8], plane: &PlaneKind, channels: usize) -> Vec<[u32; 256]> {
     let mut h = vec![[0u32; 256]; plane.tables(channels)];
-    for row in sym.chunks_exact(channels) {
-        for (c, &s) in row.iter().enumerate() {
-            h[plane.table_index(c)][s as usize] += 1;
+    if h.len() == 1 {
+        for &s in sym {
+            h[0][s as usize] += 1;
+        }
+    } else {
+        for row in sym.chunks_exact(channels) {
+            for (hc, &s) in h.iter_mut().zip(row) {
+                hc[s as usize] += 1;
+            }
         }
     }
     h
@@ -344,7 +359,7 @@ pub fn encode(kv: &KvTensors, opts: &EncodeOptions) -> Result<Vec<u8>, Error> {
             let mut all = Vec::with_capacity(plan.len());
             for (p, ps) in plan.iter().zip(&planes) {
                 let mut tabs = Vec::new();
-                for h in histograms(&ps.symbols, p, channels) {
+                for h in &ps.hist {
                     let (lo, codes) = table::codes_from_histogram(&h[..p.nsym()]);
                     table::write_compact(&mut table_bytes, lo, &codes);
                     tabs.push(table::table_from_codes(lo, &codes, prob_bits)?);
@@ -363,7 +378,7 @@ pub fn encode(kv: &KvTensors, opts: &EncodeOptions) -> Result<Vec<u8>, Error> {
             let mut patches: Vec<(u32, Vec<u8>)> = Vec::new();
             let mut global = 0u32;
             for ((p, ps), tabs) in plan.iter().zip(&planes).zip(all.iter_mut()) {
-                for (k, h) in histograms(&ps.symbols, p, channels).iter().enumerate() {
+                for (k, h) in ps.hist.iter().enumerate() {
                     if (0..256).any(|s| h[s] > 0 && tabs[k].freq_of(s as u8) == 0) {
                         let (lo, codes) = table::codes_from_histogram(&h[..p.nsym()]);
                         let mut b = Vec::new();
@@ -411,8 +426,8 @@ pub fn encode(kv: &KvTensors, opts: &EncodeOptions) -> Result<Vec<u8>, Error> {
     let mut ends = Vec::with_capacity(per_plane * plan.len());
     let mut words = Vec::new();
     for ((p, ps), tabs) in plan.iter().zip(&planes).zip(&tables) {
-        let enc: Vec<Box<[EncSymbol; 256]>> = tabs.iter().map(|t| enc_symbols(t, prob_bits)).collect();
-        let by_channel: Vec<&[EncSymbol; 256]> = (0..channels).map(|c| &*enc[p.table_index(c)]).collect();
+        let enc: Vec<EncTable> = tabs.iter().map(|t| EncTable::new(t, prob_bits)).collect();
+        let by_channel: Vec<&EncTable> = (0..channels).map(|c| &enc[p.table_index(c)]).collect();
         for k in 0..per_plane {
             let geo = header.segment_geometry(k);
             encode_segment(&geo, &ps.symbols, channels, &by_channel, prob_bits, &mut payload, &mut words);
@@ -434,18 +449,6 @@ pub fn encode(kv: &KvTensors, opts: &EncodeOptions) -> Result<Vec<u8>, Error> {
     Ok(format::assemble(&header, &plan, &scales, &exact, &table_bytes, &ends, &payload))
 }
 
-fn enc_symbols(t: &FreqTable, prob_bits: u32) -> Box<[EncSymbol; 256]> {
-    let mut out = Box::new([EncSymbol::default(); 256]);
-    let cum = t.cumulative();
-    for s in 0..256 {
-        let f = cum[s + 1] - cum[s];
-        if f > 0 {
-            out[s] = EncSymbol::new(cum[s], f, prob_bits);
-        }
-    }
-    out
-}
-
 /// Calibrate model-level tables from sample chunks (all of one shape and
 /// dtype), for the level and profile in `opts`. Every symbol of each plane's
 /// alphabet gets a non-zero probability, so any later chunk can be coded
@@ -463,8 +466,8 @@ pub fn calibrate_tables(samples: &[&KvTensors], opts: &EncodeOptions) -> Result<
             return Err(Error::Invalid("calibration samples differ in shape or dtype".into()));
         }
         let (planes, _) = plane_symbols(kv, &recipe)?;
-        for ((p, ps), hs) in plan.iter().zip(&planes).zip(hist.iter_mut()) {
-            for (k, h) in histograms(&ps.symbols, p, channels).iter().enumerate() {
+        for (ps, hs) in planes.iter().zip(hist.iter_mut()) {
+            for (k, h) in ps.hist.iter().enumerate() {
                 for s in 0..256 {
                     hs[k][s] += h[s] as u64;
                 }

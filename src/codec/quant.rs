@@ -149,12 +149,39 @@ pub fn group_params_with(plane: &[f32], tokens: usize, channels: usize, head_dim
         if skip.contains(&t) {
             continue;
         }
-        for (c, &v) in row.iter().enumerate() {
-            let g = spec.group.index(t, c, channels, head_dim);
-            lo[g] = lo[g].min(v);
-            hi[g] = hi[g].max(v);
-            sq[g] += (v as f64) * (v as f64);
-            cnt[g] += 1;
+        match spec.group {
+            // One group per row: reduce the row in f32 lanes, then once into f64.
+            ScaleGroup::PerToken | ScaleGroup::PerTensor => {
+                let g = spec.group.index(t, 0, channels, head_dim);
+                let (mut l8, mut h8, mut s8) = ([f32::INFINITY; 8], [f32::NEG_INFINITY; 8], [0f32; 8]);
+                let chunks = row.chunks_exact(8);
+                let rest = chunks.remainder();
+                for ch in chunks {
+                    for k in 0..8 {
+                        l8[k] = l8[k].min(ch[k]);
+                        h8[k] = h8[k].max(ch[k]);
+                        s8[k] += ch[k] * ch[k];
+                    }
+                }
+                for (k, &v) in rest.iter().enumerate() {
+                    l8[k] = l8[k].min(v);
+                    h8[k] = h8[k].max(v);
+                    s8[k] += v * v;
+                }
+                lo[g] = l8.iter().fold(lo[g], |a, &b| a.min(b));
+                hi[g] = h8.iter().fold(hi[g], |a, &b| a.max(b));
+                sq[g] += s8.iter().map(|&v| v as f64).sum::<f64>();
+                cnt[g] += channels as u64;
+            }
+            _ => {
+                for (c, &v) in row.iter().enumerate() {
+                    let g = spec.group.index(t, c, channels, head_dim);
+                    lo[g] = lo[g].min(v);
+                    hi[g] = hi[g].max(v);
+                    sq[g] += (v as f64) * (v as f64);
+                    cnt[g] += 1;
+                }
+            }
         }
     }
     let max = spec.max as f32;
@@ -276,8 +303,15 @@ pub fn outlier_tokens(tensors: &[Vec<f32>], tokens: usize, channels: usize) -> V
 
 /// Raw little-endian bytes of `dtype` to f32.
 pub fn to_f32(dtype: Dtype, bytes: &[u8]) -> Vec<f32> {
+    use half::slice::HalfFloatSliceExt;
     match dtype {
-        Dtype::F16 => bytes.chunks_exact(2).map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+        Dtype::F16 => {
+            // Through an aligned copy so the slice conversion can use F16C.
+            let h: Vec<f16> = bytes.chunks_exact(2).map(|b| f16::from_le_bytes([b[0], b[1]])).collect();
+            let mut out = vec![0f32; h.len()];
+            h.convert_to_f32_slice(&mut out);
+            out
+        }
         Dtype::Bf16 => bytes.chunks_exact(2).map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
         Dtype::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
     }

@@ -8,7 +8,7 @@
 //! one lane per thread (refills become a ballot + prefix count); the CPU runs
 //! the same loop. The encoder walks the same order backwards.
 
-use super::table::{EncSymbol, FreqTable};
+use super::table::{EncTable, FreqTable};
 use super::Error;
 
 /// Lower bound of the normalised state interval `[RANS_L, 2^32)`.
@@ -43,41 +43,45 @@ impl SegmentGeometry {
     }
 }
 
-/// Encode one segment. `symbol(t, c)` gives the symbol at token `t` and
-/// channel `c`; `enc_tables[c]` holds the encoder constants of channel `c`'s
-/// table for every symbol. Appends the segment bytes (lane states, then
-/// words) to `out`.
+/// Encode one segment. `symbols` is the plane `[tokens, channels_stride]`;
+/// `enc_tables[c]` holds the encoder constants of channel `c`'s table.
+/// Appends the segment bytes (lane states, then words) to `out`.
 pub fn encode_segment(
     geo: &SegmentGeometry,
     symbols: &[u8],
     channels_stride: usize,
-    enc_tables: &[&[EncSymbol; 256]],
+    enc_tables: &[&EncTable],
     prob_bits: u32,
     out: &mut Vec<u8>,
     words: &mut Vec<u16>,
 ) {
     let lanes = geo.lanes();
     let mut x = [RANS_L; LANES];
+    // At most one word per symbol: write unconditionally, advance by the
+    // flush bit (branch-free; flushes are too irregular to predict).
     words.clear();
+    words.resize(geo.symbols() + 1, 0);
+    let mut n = 0usize;
     // Walk the decode order backwards; a word flushed here is the word the
     // decoder reads at the same event, so reversing `words` gives decode order.
     for g in (geo.group_begin..geo.group_end).rev() {
         let active = geo.lanes_in_group(g);
         let c0 = LANES * g;
+        let tables = &enc_tables[c0..c0 + active];
         for t in (geo.token_begin..geo.token_end).rev() {
             let row = &symbols[t * channels_stride + c0..t * channels_stride + c0 + active];
             for l in (0..active).rev() {
-                let s = &enc_tables[c0 + l][row[l] as usize];
-                let mut xl = x[l];
-                if xl as u64 >= s.x_max {
-                    words.push(xl as u16);
-                    xl >>= 16;
-                }
-                x[l] = s.encode(xl);
+                let table = tables[l];
+                let s = &table.symbols[row[l].wrapping_sub(table.lo) as usize];
+                let xl = x[l];
+                let flush = s.must_flush(xl, prob_bits);
+                words[n] = xl as u16;
+                n += flush as usize;
+                x[l] = s.encode(if flush { xl >> 16 } else { xl });
             }
         }
     }
-    let _ = prob_bits;
+    words.truncate(n);
     for &state in &x[..lanes] {
         out.extend_from_slice(&state.to_le_bytes());
     }

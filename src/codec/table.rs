@@ -190,33 +190,37 @@ pub fn read_exact(buf: &[u8], pos: &mut usize, nsym: usize, prob_bits: u32) -> R
     Ok(FreqTable { lo, freq })
 }
 
-/// Per-symbol encoder constants. The encoder divides the state by the
-/// frequency with a multiply (Granlund and Montgomery 1994, exact for every
-/// 32-bit state), since a hardware divide per symbol would cap the encoder.
+/// Per-symbol encoder constants (16 bytes). The encoder divides the state
+/// by the frequency with a multiply (Granlund and Montgomery 1994, exact for
+/// every 32-bit state), since a hardware divide per symbol would cap it.
 #[derive(Clone, Copy, Default, Debug)]
 pub struct EncSymbol {
-    /// A state at or above this flushes one 16-bit word first.
-    pub x_max: u64,
     pub rcp_freq: u32,
-    pub rcp_shift: u32,
     pub bias: u32,
-    pub cmpl_freq: u32,
+    pub freq: u16,
+    pub cmpl_freq: u16,
+    pub rcp_shift: u32,
 }
 
 impl EncSymbol {
     pub fn new(start: u32, freq: u32, prob_bits: u32) -> EncSymbol {
-        debug_assert!(freq > 0 && start + freq <= 1 << prob_bits);
-        // u64: a symbol holding all 2^prob_bits gives exactly 2^32 (never flush).
-        let x_max = (((super::rans::RANS_L >> prob_bits) as u64) << 16) * freq as u64;
-        let cmpl_freq = (1u32 << prob_bits) - freq;
+        debug_assert!(freq > 0 && start + freq <= 1 << prob_bits && prob_bits <= 15);
+        let cmpl_freq = ((1u32 << prob_bits) - freq) as u16;
         if freq == 1 {
             // The quotient comes out as x - 1; the bias adds the missing M - 1.
-            EncSymbol { x_max, rcp_freq: u32::MAX, rcp_shift: 0, bias: start + (1 << prob_bits) - 1, cmpl_freq }
+            EncSymbol { rcp_freq: u32::MAX, rcp_shift: 0, bias: start + (1 << prob_bits) - 1, freq: 1, cmpl_freq }
         } else {
             let l = 32 - (freq - 1).leading_zeros(); // ceil(log2(freq))
             let m = ((1u64 << 32) * ((1u64 << l) - freq as u64) / freq as u64 + 1) as u32;
-            EncSymbol { x_max, rcp_freq: m, rcp_shift: l - 1, bias: start, cmpl_freq }
+            EncSymbol { rcp_freq: m, rcp_shift: l - 1, bias: start, freq: freq as u16, cmpl_freq }
         }
+    }
+
+    /// Whether state `x` must flush a 16-bit word before coding this symbol:
+    /// `x >= ((RANS_L >> prob_bits) << 16) * freq`, written without overflow.
+    #[inline(always)]
+    pub fn must_flush(&self, x: u32, prob_bits: u32) -> bool {
+        (x >> (32 - prob_bits)) >= self.freq as u32
     }
 
     /// The coder step `C(s, x) = (x / f) * M + x % f + start`.
@@ -224,7 +228,29 @@ impl EncSymbol {
     pub fn encode(&self, x: u32) -> u32 {
         let t = ((x as u64 * self.rcp_freq as u64) >> 32) as u32;
         let q = (t + ((x - t) >> 1)) >> self.rcp_shift;
-        x.wrapping_add(self.bias).wrapping_add(q.wrapping_mul(self.cmpl_freq))
+        x.wrapping_add(self.bias).wrapping_add(q.wrapping_mul(self.cmpl_freq as u32))
+    }
+}
+
+/// Encoder constants of one table, indexed by `symbol - lo`.
+pub struct EncTable {
+    pub lo: u8,
+    pub symbols: Vec<EncSymbol>,
+}
+
+impl EncTable {
+    pub fn new(t: &FreqTable, prob_bits: u32) -> EncTable {
+        let mut start = 0u32;
+        let symbols = t
+            .freq
+            .iter()
+            .map(|&f| {
+                let e = if f > 0 { EncSymbol::new(start, f as u32, prob_bits) } else { EncSymbol::default() };
+                start += f as u32;
+                e
+            })
+            .collect();
+        EncTable { lo: t.lo, symbols }
     }
 }
 
@@ -274,9 +300,11 @@ mod tests {
             for freq in [1u32, 2, 3, 4, 7, 100, 1 << (pb - 1), (1 << pb) - 5] {
                 let start = 1;
                 let s = EncSymbol::new(start, freq, pb);
-                for x in [super::super::rans::RANS_L as u64, 123456789, 3_000_000_000, s.x_max - 1] {
+                let x_max = (((super::super::rans::RANS_L >> pb) as u64) << 16) * freq as u64;
+                for x in [super::super::rans::RANS_L as u64, 123456789, 3_000_000_000, x_max - 1, x_max, u32::MAX as u64] {
                     let x = x.min(u32::MAX as u64);
-                    if x >= s.x_max {
+                    assert_eq!(s.must_flush(x as u32, pb), x >= x_max, "flush at x {x} freq {freq}");
+                    if x >= x_max {
                         continue;
                     }
                     let x = x as u32;
