@@ -333,20 +333,19 @@ pub fn store_row(dtype: Dtype, vals: &[f32], out: &mut [u8]) {
     use half::slice::HalfFloatSliceExt;
     const N: usize = 32;
     for (vals, out) in vals.chunks(N).zip(out.chunks_mut(N * dtype.size())) {
+        let n = vals.len();
         match dtype {
             Dtype::F16 => {
                 let mut h = [f16::ZERO; N];
-                h[..vals.len()].convert_from_f32_slice(vals);
-                for (dst, v) in out.chunks_exact_mut(2).zip(&h) {
-                    dst.copy_from_slice(&v.to_le_bytes());
-                }
+                h[..n].convert_from_f32_slice(vals);
+                let bits: [u16; N] = h.map(|v| v.to_bits().to_le());
+                out[..2 * n].copy_from_slice(&as_bytes(&bits)[..2 * n]);
             }
             Dtype::Bf16 => {
                 let mut h = [bf16::ZERO; N];
-                h[..vals.len()].convert_from_f32_slice(vals);
-                for (dst, v) in out.chunks_exact_mut(2).zip(&h) {
-                    dst.copy_from_slice(&v.to_le_bytes());
-                }
+                h[..n].convert_from_f32_slice(vals);
+                let bits: [u16; N] = h.map(|v| v.to_bits().to_le());
+                out[..2 * n].copy_from_slice(&as_bytes(&bits)[..2 * n]);
             }
             Dtype::F32 => {
                 for (dst, v) in out.chunks_exact_mut(4).zip(vals) {
@@ -355,6 +354,13 @@ pub fn store_row(dtype: Dtype, vals: &[f32], out: &mut [u8]) {
             }
         }
     }
+}
+
+/// The bytes of a u16 array (already in little-endian order).
+fn as_bytes(v: &[u16; 32]) -> &[u8; 64] {
+    // SAFETY: [u16; 32] and [u8; 64] have the same size, u8 has no
+    // alignment requirement, and every bit pattern is a valid u8.
+    unsafe { &*(v as *const [u16; 32] as *const [u8; 64]) }
 }
 
 #[cfg(test)]

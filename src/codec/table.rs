@@ -81,39 +81,37 @@ pub fn normalize(weights: &[u32], prob_bits: u32) -> Result<Vec<u16>, Error> {
     if nonzero > total / 2 {
         return Err(Error::Corrupt("frequency table has more symbols than prob_bits allows"));
     }
-    let mut freq: Vec<u64> = weights
-        .iter()
-        .map(|&w| if w == 0 { 0 } else { ((w as u64 * total) / sum).max(1) })
-        .collect();
-    let mut assigned: u64 = freq.iter().sum();
+    let mut freq: Vec<u16> = Vec::with_capacity(weights.len());
+    let mut assigned: u64 = 0;
+    for &w in weights {
+        let f = if w == 0 { 0 } else { ((w as u64 * total) / sum).max(1) };
+        assigned += f;
+        freq.push(f as u16); // f <= total <= 2^15
+    }
     // Give the rounding remainder to (or take the excess from) the largest
     // frequency, lowest index on ties. Taking is repeated because the
     // largest may not be able to give everything while staying >= 1.
     while assigned != total {
-        let (imax, fmax) = freq
-            .iter()
-            .enumerate()
-            .fold((0, 0), |(bi, bf), (i, &f)| if f > bf { (i, f) } else { (bi, bf) });
+        let (imax, fmax) = freq.iter().enumerate().fold((0, 0u16), |(bi, bf), (i, &f)| if f > bf { (i, f) } else { (bi, bf) });
         if assigned < total {
-            freq[imax] += total - assigned;
+            freq[imax] += (total - assigned) as u16;
             assigned = total;
         } else {
-            let take = (assigned - total).min(fmax - 1);
-            freq[imax] -= take;
+            let take = (assigned - total).min(fmax as u64 - 1);
+            freq[imax] -= take as u16;
             assigned -= take;
         }
     }
-    // A single symbol can hold all 2^prob_bits; the coder needs freq < 2^16.
-    if freq.iter().any(|&f| f >= 1 << 16) {
-        return Err(Error::Corrupt("frequency does not fit 16 bits"));
-    }
-    Ok(freq.into_iter().map(|f| f as u16).collect())
+    Ok(freq)
 }
 
 /// Build a table from 4-bit codes.
 pub fn table_from_codes(lo: u8, codes: &[u8], prob_bits: u32) -> Result<FreqTable, Error> {
-    let weights: Vec<u32> = codes.iter().map(|&q| WEIGHT_OF_CODE[q as usize & 15]).collect();
-    let freq = normalize(&weights, prob_bits)?;
+    let mut weights = [0u32; 256];
+    for (w, &q) in weights.iter_mut().zip(codes) {
+        *w = WEIGHT_OF_CODE[q as usize & 15];
+    }
+    let freq = normalize(&weights[..codes.len()], prob_bits)?;
     Ok(FreqTable { lo, freq })
 }
 
@@ -150,9 +148,12 @@ pub fn read_compact(buf: &[u8], pos: &mut usize, nsym: usize, prob_bits: u32) ->
     if n % 2 == 1 && body[n / 2] & 15 != 0 {
         return Err(Error::Corrupt("table padding nibble is not zero"));
     }
-    let codes: Vec<u8> = (0..n).map(|i| if i % 2 == 0 { body[i / 2] >> 4 } else { body[i / 2] & 15 }).collect();
+    let mut codes = [0u8; 256];
+    for (i, c) in codes[..n].iter_mut().enumerate() {
+        *c = if i % 2 == 0 { body[i / 2] >> 4 } else { body[i / 2] & 15 };
+    }
     *pos += compact_len(n);
-    table_from_codes(lo, &codes, prob_bits)
+    table_from_codes(lo, &codes[..n], prob_bits)
 }
 
 /// How a table section stores its tables.
