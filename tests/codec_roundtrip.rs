@@ -179,3 +179,28 @@ fn external_tables_round_trip_and_are_required() {
     let other = calibrate_tables(&[&synthetic(shape, Dtype::F16, 5)], &EncodeOptions::level(Level::Default)).unwrap();
     assert!(matches!(decode(&external, Some(&other)), Err(codec::Error::WrongTables { .. })));
 }
+
+#[test]
+fn scalar_and_simd_decoders_agree_symbol_for_symbol() {
+    use cachegen::codec::format;
+    use cachegen::codec::rans::{decode_segment_with, DecodeScratch};
+    use cachegen::codec::table::TableEncoding;
+    let shape = KvShape { kind: KvKind::KeyValue, layers: 2, tokens: 300, heads: 5, head_dim: 64 };
+    for level in [Level::Compact, Level::High, Level::Lossless] {
+        let bytes = encode(&synthetic(shape, Dtype::F16, 21), &EncodeOptions::level(level)).unwrap();
+        let layout = format::parse(&bytes, u64::MAX).unwrap();
+        let h = &layout.header;
+        let tables = codec::encode::parse_tables(&bytes[layout.tables.clone()], &layout.planes, h.shape.channels(), h.prob_bits, TableEncoding::Compact).unwrap();
+        let per = h.segments_per_plane();
+        for (k, &(a, b)) in layout.segments.iter().enumerate() {
+            let (p, geo) = (k / per, h.segment_geometry(k % per));
+            let kind = layout.planes[p];
+            let mut out = [Vec::new(), Vec::new()];
+            for (simd, o) in [false, true].into_iter().zip(out.iter_mut()) {
+                let mut scratch = DecodeScratch::new(h.prob_bits);
+                decode_segment_with(&geo, &bytes[a..b], |c| &tables[p][kind.table_index(c)], &mut scratch, |_, tile, _| o.extend_from_slice(tile), simd).unwrap();
+            }
+            assert_eq!(out[0], out[1], "{level:?} segment {k}");
+        }
+    }
+}

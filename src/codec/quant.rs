@@ -369,7 +369,7 @@ mod tests {
 
     #[test]
     fn bf16_rounding_brackets_value() {
-        for v in [0.0f32, 1e-30, 0.3, 1.0, 3.14159, 1234.567, 6.0e4] {
+        for v in [0.0f32, 1e-30, 0.3, 1.0, 3.3, 1234.567, 6.0e4, -0.3, -77.7] {
             let up = bf16_round_up(v);
             let down = bf16_round_down(v);
             assert!(up >= v && down <= v, "{v}: {down} {up}");

@@ -137,7 +137,24 @@ pub fn decode_segment<'t>(
     bytes: &[u8],
     table_of: impl Fn(usize) -> &'t FreqTable,
     scratch: &mut DecodeScratch,
+    sink: impl FnMut(usize, &[u8], usize),
+) -> Result<(), Error> {
+    #[cfg(target_arch = "x86_64")]
+    let simd = simd::enabled();
+    #[cfg(not(target_arch = "x86_64"))]
+    let simd = false;
+    decode_segment_with(geo, bytes, table_of, scratch, sink, simd)
+}
+
+/// `decode_segment` with the SIMD path allowed or not (both must give the
+/// same result; tests compare them).
+pub fn decode_segment_with<'t>(
+    geo: &SegmentGeometry,
+    bytes: &[u8],
+    table_of: impl Fn(usize) -> &'t FreqTable,
+    scratch: &mut DecodeScratch,
     mut sink: impl FnMut(usize, &[u8], usize),
+    allow_simd: bool,
 ) -> Result<(), Error> {
     let prob_bits = scratch.prob_bits;
     if prob_bits > MAX_DECODE_PROB_BITS {
@@ -173,7 +190,7 @@ pub fn decode_segment<'t>(
         let DecodeScratch { lut, words, tile, .. } = &mut *scratch;
         assert!(lut.len() == LANES << prob_bits && words.len() == nwords + 8 && tile.len() == tokens * LANES);
         #[cfg(target_arch = "x86_64")]
-        if active == LANES && simd::enabled() {
+        if active == LANES && allow_simd && std::arch::is_x86_feature_detected!("avx2") {
             // SAFETY: AVX2 is present; the buffers have the sizes asserted above.
             pos = unsafe { simd::decode_rounds(&mut x, lut, words, nwords, pos, tile, prob_bits) };
             sink(g, &scratch.tile, active);
