@@ -4,7 +4,7 @@
 # and what the real model says about the decoded cache.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/model/setup_env.sh >/dev/null
+scripts/model/setup_env.sh >/dev/null 2>&1 || scripts/model/setup_env.sh
 cargo build --release --quiet
 fixture=fixtures/smollm2-kernel-doc-320.safetensors
 out=$(mktemp -d)
@@ -15,8 +15,7 @@ trap 'rm -rf "$out"' EXIT
 ./target/release/cachegen inspect "$out/kv.cg" | .venv/bin/python -c '
 import json, sys
 i = json.load(sys.stdin)
-print(f"stream: {i[\"total_bytes\"]} bytes, {i[\"bits_per_element\"]:.3f} bits/element, "
-      f"{i[\"ratio_vs_fp16\"]:.2f}x smaller than fp16 (level {i[\"level_name\"]}, "
-      f"{i[\"layers\"]} layers x {i[\"tokens\"]} tokens x {i[\"kv_heads\"]} heads x {i[\"head_dim\"]})")'
+print("stream: {total_bytes} bytes, {bits_per_element:.3f} bits/element, {ratio_vs_fp16:.2f}x smaller than fp16 "
+      "(level {level_name}, {layers} layers x {tokens} tokens x {kv_heads} heads x {head_dim})".format(**i))'
 echo "quality of the decoded KV (next-token distributions over the 127 following tokens):"
 .venv/bin/python scripts/model/evaluate.py "$fixture" "$out/decoded.safetensors" 2>/dev/null | sed 's/^/  /'
