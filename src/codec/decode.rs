@@ -54,6 +54,24 @@ impl<'a> Container<'a> {
         } else {
             parse_tables(&bytes[layout.tables.clone()], &layout.planes, channels, h.prob_bits, TableEncoding::Compact)?
         };
+        // Steps must be finite and non-negative, offsets finite: the encoder
+        // never writes anything else, and such values would reach the output.
+        let sc = &bytes[layout.scales.clone()];
+        {
+            let mut k = 0;
+            for p in &layout.planes {
+                if let PlaneKind::Quantized(spec) = p {
+                    for _ in 0..spec.group.count(h.shape.tokens, channels, h.shape.head_dim) {
+                        let at = |j: usize| bf16::from_le_bytes([sc[2 * j], sc[2 * j + 1]]).to_f32();
+                        let (offset, step) = if spec.asymmetric { (at(k), at(k + 1)) } else { (0.0, at(k)) };
+                        if !(offset.is_finite() && step.is_finite() && step >= 0.0) {
+                            return Err(Error::Corrupt("scale is not finite and non-negative"));
+                        }
+                        k += spec.params_per_group();
+                    }
+                }
+            }
+        }
         let mut scale_start = Vec::with_capacity(layout.planes.len());
         let mut acc = 0;
         for p in &layout.planes {
@@ -142,6 +160,27 @@ impl<'a> Container<'a> {
         let per_tensor = self.layout.planes.len() / shape.tensors();
         let mut scratch = DecodeScratch::new(h.prob_bits);
         match self.layout.planes[i * per_tensor] {
+            PlaneKind::Quantized(spec) if spec.group == ScaleGroup::PerTensor => {
+                // One step for the whole tensor: every symbol has one output
+                // value, so dequantization is a 256-entry table lookup.
+                let p = self.group_params(i, &spec)[0];
+                let mut lut = [0u8; 256 * 4];
+                for s in 0..256usize {
+                    let v = if spec.asymmetric { s as f32 * p.step + p.offset } else { s as f32 * p.step + -(spec.max as f32) * p.step };
+                    quant::store(dtype, &mut lut, s, v);
+                }
+                self.decode_plane(i, &mut scratch, |g, geo, tile, lanes| {
+                    let c0 = LANES * g;
+                    for (r, row) in tile.chunks_exact(LANES).enumerate() {
+                        let at = ((geo.token_begin + r) * channels + c0) * size;
+                        for (dst, &s) in out[at..at + lanes * size].chunks_exact_mut(size).zip(&row[..lanes]) {
+                            dst.copy_from_slice(&lut[s as usize * size..(s as usize + 1) * size]);
+                        }
+                    }
+                })?;
+                self.overwrite_exact_tokens(i, out);
+                Ok(())
+            }
             PlaneKind::Quantized(spec) => {
                 let params = self.group_params(i, &spec);
                 // x = s * step + base, with base = offset (asymmetric) or -max * step.
@@ -178,14 +217,7 @@ impl<'a> Container<'a> {
                         quant::store_row(dtype, &vals[..lanes], &mut out[at..at + lanes * size]);
                     }
                 })?;
-                // Exact tokens: their raw rows replace the placeholder symbols.
-                let row = channels * size;
-                let n = self.layout.exact_tokens.len();
-                let raw = &self.bytes[self.layout.exact_rows.clone()];
-                for (k, &t) in self.layout.exact_tokens.iter().enumerate() {
-                    let src = &raw[(i * n + k) * row..(i * n + k + 1) * row];
-                    out[t * row..(t + 1) * row].copy_from_slice(src);
-                }
+                self.overwrite_exact_tokens(i, out);
                 Ok(())
             }
             PlaneKind::Raw { .. } => {
@@ -202,6 +234,17 @@ impl<'a> Container<'a> {
                 }
                 Ok(())
             }
+        }
+    }
+
+    /// Exact tokens: their raw rows replace the placeholder symbols.
+    fn overwrite_exact_tokens(&self, i: usize, out: &mut [u8]) {
+        let row = self.header().shape.channels() * self.header().dtype.size();
+        let n = self.layout.exact_tokens.len();
+        let raw = &self.bytes[self.layout.exact_rows.clone()];
+        for (k, &t) in self.layout.exact_tokens.iter().enumerate() {
+            let src = &raw[(i * n + k) * row..(i * n + k + 1) * row];
+            out[t * row..(t + 1) * row].copy_from_slice(src);
         }
     }
 
