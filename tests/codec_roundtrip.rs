@@ -204,3 +204,16 @@ fn scalar_and_simd_decoders_agree_symbol_for_symbol() {
         }
     }
 }
+
+#[test]
+fn mla_latent_576_wide_round_trips_at_every_level() {
+    // DeepSeek-style MLA: one latent "head" of 512 + 64 = 576, no K/V split.
+    let shape = KvShape { kind: KvKind::Latent, layers: 3, tokens: 130, heads: 1, head_dim: 576 };
+    for dtype in [Dtype::Bf16, Dtype::F16] {
+        let kv = synthetic(shape, dtype, 5);
+        for level in [Level::Compact, Level::Default, Level::High] {
+            check_lossy(&kv, &encode(&kv, &EncodeOptions::level(level)).unwrap());
+        }
+        assert_eq!(decode(&encode(&kv, &EncodeOptions::level(Level::Lossless)).unwrap(), None).unwrap(), kv);
+    }
+}
