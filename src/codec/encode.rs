@@ -302,8 +302,7 @@ pub fn plane_symbols_for(kv: &KvTensors, opts: &EncodeOptions) -> Result<Vec<Vec
 }
 
 /// The most distinct symbols any table of the chunk needs.
-fn plan_used_symbols(plan: &[PlaneKind], planes: &[PlaneSymbols], channels: usize) -> usize {
-    let _ = (plan, channels);
+fn max_used_symbols(planes: &[PlaneSymbols]) -> usize {
     planes.iter().flat_map(|ps| ps.hist.iter()).map(|h| h.iter().filter(|&&c| c > 0).count()).max().unwrap_or(1)
 }
 
@@ -347,7 +346,7 @@ pub fn encode(kv: &KvTensors, opts: &EncodeOptions) -> Result<Vec<u8>, Error> {
         Tables::External(_) => recipe.prob_bits,
         // A table needs at most half its slots for distinct symbols
         // (table::normalize); widen the precision for unusually wide channels.
-        Tables::Embedded => recipe.prob_bits.max(needed_prob_bits(plan_used_symbols(&recipe.planes, &planes, channels))),
+        Tables::Embedded => recipe.prob_bits.max(needed_prob_bits(max_used_symbols(&planes))),
     };
     let plan = recipe.planes;
     let exact_tokens = if exact.is_empty() { 0 } else { exact.len() / (4 + shape.tensors() * channels * kv.dtype.size()) };

@@ -242,7 +242,7 @@ pub fn decode_segment_with<'t>(
 mod simd {
     use std::arch::x86_64::*;
 
-    use super::{LANES, RANS_L};
+    use super::LANES;
 
     /// For each 8-bit refill mask, the index among refilling lanes of each
     /// lane (the number of refilling lanes before it).
@@ -311,7 +311,6 @@ mod simd {
         for v in 0..4 {
             _mm256_storeu_si256(x.as_mut_ptr().add(8 * v) as *mut __m256i, state[v]);
         }
-        let _ = RANS_L;
         pos
     }
 }

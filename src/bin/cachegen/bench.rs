@@ -115,8 +115,8 @@ fn parallel<T: Sync, R: Send>(items: &[T], threads: usize, f: impl Fn(&T) -> R +
     (t.elapsed().as_secs_f64(), results.into_iter().map(|r| r.unwrap()).collect())
 }
 
-fn progress(json: bool, msg: &str) {
-    let _ = json;
+/// Progress goes to stderr, so `--json` output stays clean.
+fn progress(msg: &str) {
     eprintln!("bench: {msg}");
 }
 
@@ -143,7 +143,7 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
 
     // The codec, whole input as one chunk (self-contained .cg, as the CLI writes).
     for level in Level::ALL {
-        progress(args.json, &format!("cachegen level {} ({}), whole input", level.number(), level.name()));
+        progress(&format!("cachegen level {} ({}), whole input", level.number(), level.name()));
         let opts = level_opts(level);
         let (enc_s, bytes) = best_time(repeat, || codec::encode(&kv, &opts));
         let bytes = bytes.map_err(|e| e.to_string())?;
@@ -181,7 +181,7 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
     // multi-core rows encode and decode chunks in parallel.
     let chunks = split_chunks(&kv, args.chunk_tokens);
     for level in Level::ALL {
-        progress(args.json, &format!("cachegen level {}, {}-token chunks", level.number(), args.chunk_tokens));
+        progress(&format!("cachegen level {}, {}-token chunks", level.number(), args.chunk_tokens));
         let opts = level_opts(level);
         let (enc_s, encoded) = best_time(repeat, || parallel(&chunks, threads, |c| codec::encode(c, &opts).expect("encode")));
         let (dec_s, decoded) = best_time(repeat, || parallel(&encoded.1, threads, |b| codec::decode(b, None).expect("decode")));
@@ -205,7 +205,7 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
         let calib = crate::load_kv(path)?.kv;
         let calib_chunks = split_chunks(&calib, args.chunk_tokens);
         for level in [Level::Compact, Level::Default, Level::High] {
-            progress(args.json, &format!("cachegen level {}, chunks with model tables from {}", level.number(), path.display()));
+            progress(&format!("cachegen level {}, chunks with model tables from {}", level.number(), path.display()));
             let refs: Vec<&KvTensors> = calib_chunks.iter().filter(|c| c.shape.tokens == args.chunk_tokens).collect();
             let set: TableSet = calibrate_tables(&refs, &level_opts(level)).map_err(|e| e.to_string())?;
             let opts = EncodeOptions { tables: Tables::External(&set), ..level_opts(level) };
@@ -228,7 +228,7 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
         }
     }
 
-    progress(args.json, "baselines: int8, LMCache-style CacheGen, zstd, constriction");
+    progress("baselines: int8, LMCache-style CacheGen, zstd, constriction");
     let int8 = baselines::int8_absmax(&kv, repeat);
     rows.push(Row {
         encode_gsym_s: gsym(elems, int8.encode_s),
@@ -298,7 +298,7 @@ fn evaluate(args: &BenchArgs, metadata: &std::collections::HashMap<String, Strin
             files.push((i, p));
         }
     }
-    progress(args.json, &format!("evaluating {} reconstructions with the model", files.len()));
+    progress(&format!("evaluating {} reconstructions with the model", files.len()));
     let out = Command::new(&args.python)
         .arg(&args.evaluator)
         .arg(&args.input)
