@@ -169,15 +169,24 @@ impl<'a> Container<'a> {
                     let v = if spec.asymmetric { s as f32 * p.step + p.offset } else { s as f32 * p.step + -(spec.max as f32) * p.step };
                     quant::store(dtype, &mut lut, s, v);
                 }
-                self.decode_plane(i, &mut scratch, |g, geo, tile, lanes| {
-                    let c0 = LANES * g;
-                    for (r, row) in tile.chunks_exact(LANES).enumerate() {
-                        let at = ((geo.token_begin + r) * channels + c0) * size;
-                        for (dst, &s) in out[at..at + lanes * size].chunks_exact_mut(size).zip(&row[..lanes]) {
-                            dst.copy_from_slice(&lut[s as usize * size..(s as usize + 1) * size]);
+                // Element sizes as constants, so each store is one move.
+                fn run<const N: usize>(c: &Container, i: usize, scratch: &mut DecodeScratch, lut: &[u8], out: &mut [u8], channels: usize) -> Result<(), Error> {
+                    let lut: Vec<[u8; N]> = lut.chunks_exact(N).take(256).map(|b| b.try_into().unwrap()).collect();
+                    c.decode_plane(i, scratch, |g, geo, tile, lanes| {
+                        let c0 = LANES * g;
+                        for (r, row) in tile.chunks_exact(LANES).enumerate() {
+                            let at = ((geo.token_begin + r) * channels + c0) * N;
+                            for (dst, &s) in out[at..at + lanes * N].chunks_exact_mut(N).zip(&row[..lanes]) {
+                                let dst: &mut [u8; N] = dst.try_into().unwrap();
+                                *dst = lut[s as usize];
+                            }
                         }
-                    }
-                })?;
+                    })
+                }
+                match size {
+                    2 => run::<2>(self, i, &mut scratch, &lut, out, channels)?,
+                    _ => run::<4>(self, i, &mut scratch, &lut, out, channels)?,
+                }
                 self.overwrite_exact_tokens(i, out);
                 Ok(())
             }
