@@ -101,3 +101,17 @@ fn garbage_and_wrong_versions_are_named() {
     reseal(&mut b);
     assert!(matches!(decode(&b, None), Err(Error::Version(9))));
 }
+
+#[test]
+fn non_finite_or_negative_scales_are_rejected() {
+    let kv = fixture();
+    let b = encode(&kv, &EncodeOptions::level(Level::Default)).unwrap();
+    let layout = format::parse(&b, u64::MAX).unwrap();
+    for bad in [0x7fc0u16, 0x7f80, 0xbf80] {
+        // NaN, +infinity, -1.0 as the first plane's step.
+        let mut c = b.clone();
+        c[layout.scales.start..layout.scales.start + 2].copy_from_slice(&bad.to_le_bytes());
+        reseal(&mut c);
+        assert!(matches!(decode(&c, None), Err(Error::Corrupt(_))), "scale bits {bad:#x}");
+    }
+}

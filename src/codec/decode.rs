@@ -54,31 +54,23 @@ impl<'a> Container<'a> {
         } else {
             parse_tables(&bytes[layout.tables.clone()], &layout.planes, channels, h.prob_bits, TableEncoding::Compact)?
         };
-        // Steps must be finite and non-negative, offsets finite: the encoder
-        // never writes anything else, and such values would reach the output.
-        let sc = &bytes[layout.scales.clone()];
-        {
-            let mut k = 0;
-            for p in &layout.planes {
-                if let PlaneKind::Quantized(spec) = p {
-                    for _ in 0..spec.group.count(h.shape.tokens, channels, h.shape.head_dim) {
-                        let at = |j: usize| bf16::from_le_bytes([sc[2 * j], sc[2 * j + 1]]).to_f32();
-                        let (offset, step) = if spec.asymmetric { (at(k), at(k + 1)) } else { (0.0, at(k)) };
-                        if !(offset.is_finite() && step.is_finite() && step >= 0.0) {
-                            return Err(Error::Corrupt("scale is not finite and non-negative"));
-                        }
-                        k += spec.params_per_group();
-                    }
-                }
-            }
-        }
         let mut scale_start = Vec::with_capacity(layout.planes.len());
         let mut acc = 0;
         for p in &layout.planes {
             scale_start.push(acc);
             acc += p.scale_values(&h.shape);
         }
-        Ok(Container { bytes, layout, tables, scale_start })
+        let container = Container { bytes, layout, tables, scale_start };
+        // Steps must be finite and non-negative, offsets finite: the encoder
+        // never writes anything else, and such values would reach the output.
+        for (i, p) in container.layout.planes.iter().enumerate() {
+            if let PlaneKind::Quantized(spec) = p {
+                if container.group_params(i, spec).iter().any(|g| !(g.offset.is_finite() && g.step.is_finite() && g.step >= 0.0)) {
+                    return Err(Error::Corrupt("scale is not finite and non-negative"));
+                }
+            }
+        }
+        Ok(container)
     }
 
     pub fn header(&self) -> &Header {
