@@ -9,7 +9,7 @@ text token, no BOS is prepended) and records in its metadata the context token i
     .venv/bin/python scripts/model/make_kv.py --tokens 320 --eval-tokens 128 --dtype f16 \\
         --out fixtures/smollm2-kernel-doc-320.safetensors
     # an evaluation set: 4 documents x 1024 context tokens (not committed)
-    .venv/bin/python scripts/model/make_kv.py --many 4 --tokens 1024 --out-dir out/kv-eval
+    .venv/bin/python scripts/model/make_kv.py --many 4 --tokens 1024 --out-dir .cache/kv-eval
 """
 
 import argparse
