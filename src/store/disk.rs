@@ -27,7 +27,7 @@ use std::time::SystemTime;
 
 use xxhash_rust::xxh3::xxh3_64;
 
-use super::{key_from_hex, key_hex, Key, Lru, StoreError, Tier, TierStats};
+use super::{Counters, key_from_hex, key_hex, Key, Lru, StoreError, Tier, TierStats};
 
 const MAGIC: &[u8; 8] = b"CGDISK01";
 /// Bytes of framing around each value (magic, length, checksum).
@@ -46,10 +46,7 @@ pub struct DiskTier {
     index: Mutex<Lru<u64>>,
     next_gen: AtomicU64,
     tmp_seq: AtomicU64,
-    hits: AtomicU64,
-    misses: AtomicU64,
-    puts: AtomicU64,
-    evictions: AtomicU64,
+    counters: Counters,
 }
 
 enum ReadError {
@@ -80,10 +77,7 @@ impl DiskTier {
             index: Mutex::new(Lru::new()),
             next_gen: AtomicU64::new(1),
             tmp_seq: AtomicU64::new(0),
-            hits: AtomicU64::new(0),
-            misses: AtomicU64::new(0),
-            puts: AtomicU64::new(0),
-            evictions: AtomicU64::new(0),
+            counters: Counters::default(),
         };
         let mut found = tier.scan()?;
         found.sort();
@@ -100,7 +94,7 @@ impl DiskTier {
                 tier.unlink(&k);
                 evicted += 1;
             }
-            tier.evictions.fetch_add(evicted, Relaxed);
+            tier.counters.evictions.fetch_add(evicted, Relaxed);
         }
         Ok(tier)
     }
@@ -232,7 +226,7 @@ impl Tier for DiskTier {
 
     fn get(&self, key: &Key) -> Result<Option<Vec<u8>>, StoreError> {
         let Some(gen) = self.lock().touch(key).map(|s| s.value) else {
-            self.misses.fetch_add(1, Relaxed);
+            self.counters.misses.fetch_add(1, Relaxed);
             return Ok(None);
         };
         let path = self.path_of(key);
@@ -250,20 +244,20 @@ impl Tier for DiskTier {
         };
         match result {
             Ok(v) => {
-                self.hits.fetch_add(1, Relaxed);
+                self.counters.hits.fetch_add(1, Relaxed);
                 Ok(Some(v))
             }
             Err(ReadError::NotFound) => {
                 // Deleted behind our back (or evicted/removed meanwhile).
                 drop(forget());
-                self.misses.fetch_add(1, Relaxed);
+                self.counters.misses.fetch_add(1, Relaxed);
                 Ok(None)
             }
             Err(ReadError::Corrupt(why)) => {
                 if let (true, _index) = forget() {
                     self.unlink(key);
                 }
-                self.misses.fetch_add(1, Relaxed);
+                self.counters.misses.fetch_add(1, Relaxed);
                 Err(StoreError::Corrupt(format!("{}: {why} (entry removed)", path.display())))
             }
             Err(ReadError::Io(e)) => Err(io_err("reading", &path, e)),
@@ -300,13 +294,13 @@ impl Tier for DiskTier {
                 self.unlink(k);
             }
             index.insert(*key, size, gen);
-            self.evictions.fetch_add(victims.len() as u64, Relaxed);
+            self.counters.evictions.fetch_add(victims.len() as u64, Relaxed);
         }
         // Make the rename durable; the entry is already visible either way.
         if let Ok(d) = File::open(parent) {
             let _ = d.sync_all();
         }
-        self.puts.fetch_add(1, Relaxed);
+        self.counters.puts.fetch_add(1, Relaxed);
         Ok(())
     }
 
@@ -329,13 +323,6 @@ impl Tier for DiskTier {
             let index = self.lock();
             (index.bytes(), index.len() as u64)
         };
-        TierStats {
-            hits: self.hits.load(Relaxed),
-            misses: self.misses.load(Relaxed),
-            puts: self.puts.load(Relaxed),
-            evictions: self.evictions.load(Relaxed),
-            bytes,
-            entries,
-        }
+        self.counters.snapshot(bytes, entries)
     }
 }

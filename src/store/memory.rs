@@ -1,21 +1,18 @@
 //! The in-process tier: an LRU bounded by value bytes, with leases (pins).
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
-use super::{Key, Lru, StoreError, Tier, TierStats};
+use super::{Counters, Key, Lru, StoreError, Tier, TierStats};
 
 /// In-memory LRU tier. The budget counts value bytes only (not the per-entry
 /// bookkeeping). `get` copies the value outside the lock.
 pub struct MemoryTier {
     budget: u64,
     state: Mutex<State>,
-    hits: AtomicU64,
-    misses: AtomicU64,
-    puts: AtomicU64,
-    evictions: AtomicU64,
+    counters: Counters,
 }
 
 struct State {
@@ -30,10 +27,7 @@ impl MemoryTier {
         MemoryTier {
             budget: byte_budget,
             state: Mutex::new(State { lru: Lru::new(), pins: HashMap::new() }),
-            hits: AtomicU64::new(0),
-            misses: AtomicU64::new(0),
-            puts: AtomicU64::new(0),
-            evictions: AtomicU64::new(0),
+            counters: Counters::default(),
         }
     }
 
@@ -85,11 +79,11 @@ impl Tier for MemoryTier {
         let value = self.lock().lru.touch(key).map(|s| Arc::clone(&s.value));
         match value {
             Some(v) => {
-                self.hits.fetch_add(1, Relaxed);
+                self.counters.hits.fetch_add(1, Relaxed);
                 Ok(Some(v.as_ref().clone()))
             }
             None => {
-                self.misses.fetch_add(1, Relaxed);
+                self.counters.misses.fetch_add(1, Relaxed);
                 Ok(None)
             }
         }
@@ -115,10 +109,10 @@ impl Tier for MemoryTier {
                 pins.remove(k);
             }
             dropped.extend(lru.insert(*key, size, value));
-            self.evictions.fetch_add(victims.len() as u64, Relaxed);
+            self.counters.evictions.fetch_add(victims.len() as u64, Relaxed);
         }
         drop(dropped);
-        self.puts.fetch_add(1, Relaxed);
+        self.counters.puts.fetch_add(1, Relaxed);
         Ok(())
     }
 
@@ -141,13 +135,6 @@ impl Tier for MemoryTier {
             let st = self.lock();
             (st.lru.bytes(), st.lru.len() as u64)
         };
-        TierStats {
-            hits: self.hits.load(Relaxed),
-            misses: self.misses.load(Relaxed),
-            puts: self.puts.load(Relaxed),
-            evictions: self.evictions.load(Relaxed),
-            bytes,
-            entries,
-        }
+        self.counters.snapshot(bytes, entries)
     }
 }

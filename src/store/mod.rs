@@ -53,6 +53,22 @@ pub struct TierStats {
     pub entries: u64,
 }
 
+/// The event counters every tier keeps (shared by the tiers' `stats`).
+#[derive(Default)]
+pub(crate) struct Counters {
+    pub hits: std::sync::atomic::AtomicU64,
+    pub misses: std::sync::atomic::AtomicU64,
+    pub puts: std::sync::atomic::AtomicU64,
+    pub evictions: std::sync::atomic::AtomicU64,
+}
+
+impl Counters {
+    pub fn snapshot(&self, bytes: u64, entries: u64) -> TierStats {
+        use std::sync::atomic::Ordering::Relaxed;
+        TierStats { hits: self.hits.load(Relaxed), misses: self.misses.load(Relaxed), puts: self.puts.load(Relaxed), evictions: self.evictions.load(Relaxed), bytes, entries }
+    }
+}
+
 /// One storage tier. All methods take `&self`; tiers are shared between threads.
 pub trait Tier: Send + Sync {
     fn name(&self) -> &str;
