@@ -10,6 +10,7 @@
 //! - [`profile`]: a model's calibrated per-(layer, K/V) step multipliers.
 
 pub mod codec;
+pub mod gpu;
 pub mod interchange;
 pub mod keys;
 pub mod layout;
