@@ -483,12 +483,17 @@ impl KvLayout {
     /// `chunk_offset` a byte offset into it and `address` the run's address in
     /// the layout's address space. Runs are a head (`head_dim` elements), or a
     /// token's heads, or a block's tokens when those are contiguous.
-    fn for_each_run(&self, block_ids: &[u32], tokens: usize, mut f: impl FnMut(usize, usize, usize, usize)) {
+    fn for_each_run(&self, block_ids: &[u32], tokens: usize, f: impl FnMut(usize, usize, usize, usize)) {
+        self.for_each_run_in(0..self.layers, block_ids, tokens, f)
+    }
+
+    /// [`KvLayout::for_each_run`] restricted to the layers in `layers`.
+    fn for_each_run_in(&self, layers: std::ops::Range<usize>, block_ids: &[u32], tokens: usize, mut f: impl FnMut(usize, usize, usize, usize)) {
         let row = self.head_dim * self.dtype.size();
         let token_bytes = self.heads * row;
         let heads_contig = self.heads == 1 || self.stride_head == row as isize;
         let streams = self.streams();
-        for l in 0..self.layers {
+        for l in layers {
             // validate() and the region check keep every address in 0..=isize::MAX.
             let layer_addr = self.effective_base(l) as isize;
             for s in 0..streams {
@@ -594,6 +599,41 @@ impl KvLayout {
             let src = &chunk.tensors[ti][co..co + len];
             // SAFETY: the caller guarantees [addr, addr + len) is writable and
             // disjoint from the chunk.
+            unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), addr as *mut u8, len) };
+        });
+        Ok(())
+    }
+
+    /// Copy one layer of a chunk into host memory at real addresses: the
+    /// layer's streams (key then value, or the latent), each a
+    /// `[tokens, heads, head_dim]` tensor of the layout's dtype, go to the
+    /// first `tokens` token slots of `block_ids`. This is how the load
+    /// pipeline writes a chunk layer by layer (and can skip a chunk's first
+    /// blocks by passing suffixes of the block list and of the tensors).
+    /// Errors, all detected before any write: those of
+    /// [`KvLayout::scatter_raw`], `layer >= layers`, and stream buffers of
+    /// the wrong number or length.
+    ///
+    /// # Safety
+    /// As for [`KvLayout::scatter_raw`], for the bytes of layer `layer`.
+    pub unsafe fn scatter_layer_raw(&self, layer: usize, block_ids: &[u32], tokens: usize, streams: &[&[u8]]) -> Result<(), LayoutError> {
+        self.check_request(block_ids, tokens, true)?;
+        if layer >= self.layers {
+            return Err(LayoutError::Mismatch(format!("layer {layer} of a {}-layer layout", self.layers)));
+        }
+        let want = tokens * self.heads * self.head_dim * self.dtype.size();
+        if streams.len() != self.streams() || streams.iter().any(|s| s.len() != want) {
+            return Err(LayoutError::Mismatch(format!(
+                "expected {} stream buffers of {want} bytes, got {:?}",
+                self.streams(),
+                streams.iter().map(|s| s.len()).collect::<Vec<_>>()
+            )));
+        }
+        let streams_per_layer = self.streams();
+        self.for_each_run_in(layer..layer + 1, block_ids, tokens, |ti, co, addr, len| {
+            let src = &streams[ti - layer * streams_per_layer][co..co + len];
+            // SAFETY: the caller guarantees [addr, addr + len) is writable and
+            // disjoint from the source buffers.
             unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), addr as *mut u8, len) };
         });
         Ok(())

@@ -23,7 +23,8 @@ use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Mutex, MutexGuard};
-use std::time::SystemTime;
+use std::collections::HashMap;
+use std::time::{Instant, SystemTime};
 
 use xxhash_rust::xxh3::xxh3_64;
 
@@ -47,6 +48,8 @@ pub struct DiskTier {
     next_gen: AtomicU64,
     tmp_seq: AtomicU64,
     counters: Counters,
+    /// Lease expiry per pinned key (locked after `index`, never before).
+    pins: Mutex<HashMap<Key, Instant>>,
 }
 
 enum ReadError {
@@ -78,6 +81,7 @@ impl DiskTier {
             next_gen: AtomicU64::new(1),
             tmp_seq: AtomicU64::new(0),
             counters: Counters::default(),
+            pins: Mutex::new(HashMap::new()),
         };
         let mut found = tier.scan()?;
         found.sort();
@@ -281,9 +285,25 @@ impl Tier for DiskTier {
         let gen = self.next_gen.fetch_add(1, Relaxed);
         {
             let mut index = self.lock();
-            // size <= budget, and nothing is protected: a plan always exists.
-            let victims =
-                index.plan_eviction(key, size, self.budget, |_| false).unwrap_or_default();
+            let now = Instant::now();
+            let victims = {
+                let mut pins = self.pins.lock().unwrap_or_else(|e| e.into_inner());
+                pins.retain(|_, t| *t > now);
+                match index.plan_eviction(key, size, self.budget, |k| pins.contains_key(k)) {
+                    Some(v) => {
+                        for k in &v {
+                            pins.remove(k);
+                        }
+                        v
+                    }
+                    None => {
+                        drop(pins);
+                        drop(index);
+                        let _ = fs::remove_file(&tmp);
+                        return Err(StoreError::Full { size, budget: self.budget });
+                    }
+                }
+            };
             if let Err(e) = fs::rename(&tmp, &path) {
                 drop(index);
                 let _ = fs::remove_file(&tmp);
@@ -312,6 +332,7 @@ impl Tier for DiskTier {
         let path = self.path_of(key);
         let mut index = self.lock();
         index.remove(key);
+        self.pins.lock().unwrap_or_else(|e| e.into_inner()).remove(key);
         match fs::remove_file(&path) {
             Err(e) if e.kind() != io::ErrorKind::NotFound => Err(io_err("removing", &path, e)),
             _ => Ok(()),
@@ -324,5 +345,24 @@ impl Tier for DiskTier {
             (index.bytes(), index.len() as u64)
         };
         self.counters.snapshot(bytes, entries)
+    }
+
+    fn pin(&self, key: &Key, until: Instant) -> bool {
+        let now = Instant::now();
+        let index = self.lock();
+        let mut pins = self.pins.lock().unwrap_or_else(|e| e.into_inner());
+        pins.retain(|_, t| *t > now);
+        if index.peek(key).is_none() {
+            return false;
+        }
+        if until > now {
+            let t = pins.entry(*key).or_insert(until);
+            *t = (*t).max(until);
+        }
+        true
+    }
+
+    fn unpin(&self, key: &Key) {
+        self.pins.lock().unwrap_or_else(|e| e.into_inner()).remove(key);
     }
 }

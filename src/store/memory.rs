@@ -35,28 +35,6 @@ impl MemoryTier {
         self.budget
     }
 
-    /// Keeps `key` from being evicted until `until` (a lease). Extends an
-    /// existing lease, never shortens it. Returns false, pinning nothing, when
-    /// the key is absent. `remove` still removes a pinned entry.
-    pub fn pin(&self, key: &Key, until: Instant) -> bool {
-        let now = Instant::now();
-        let mut st = self.lock();
-        st.pins.retain(|_, t| *t > now);
-        if st.lru.peek(key).is_none() {
-            return false;
-        }
-        if until > now {
-            let t = st.pins.entry(*key).or_insert(until);
-            *t = (*t).max(until);
-        }
-        true
-    }
-
-    /// Ends the lease on `key` early (if any).
-    pub fn unpin(&self, key: &Key) {
-        self.lock().pins.remove(key);
-    }
-
     /// Whether `key` holds an unexpired lease.
     pub fn is_pinned(&self, key: &Key) -> bool {
         let now = Instant::now();
@@ -136,5 +114,27 @@ impl Tier for MemoryTier {
             (st.lru.bytes(), st.lru.len() as u64)
         };
         self.counters.snapshot(bytes, entries)
+    }
+
+    /// Keeps `key` from being evicted until `until` (a lease). Extends an
+    /// existing lease, never shortens it. Returns false, pinning nothing, when
+    /// the key is absent. `remove` still removes a pinned entry.
+    fn pin(&self, key: &Key, until: Instant) -> bool {
+        let now = Instant::now();
+        let mut st = self.lock();
+        st.pins.retain(|_, t| *t > now);
+        if st.lru.peek(key).is_none() {
+            return false;
+        }
+        if until > now {
+            let t = st.pins.entry(*key).or_insert(until);
+            *t = (*t).max(until);
+        }
+        true
+    }
+
+    /// Ends the lease on `key` early (if any).
+    fn unpin(&self, key: &Key) {
+        self.lock().pins.remove(key);
     }
 }

@@ -5,17 +5,23 @@
 //!   time-limited pins (leases) that keep an entry from being evicted.
 //! - [`DiskTier`]: one checksummed file per key, written atomically, bounded by
 //!   file bytes, found again by a later instance on the same directory.
+//! - [`RedisTier`]: checksummed values on a Redis server or Redis Cluster,
+//!   shared between engines, connected lazily and reconnected after failures.
 //!
 //! Tiers never return corrupt data: a value that fails its check is removed
 //! and reported as [`StoreError::Corrupt`]; the next `get` sees it absent.
 
 mod disk;
 mod memory;
+mod redis;
+mod stack;
 
 use std::collections::{BTreeMap, HashMap};
 
 pub use disk::{DiskTier, DISK_OVERHEAD};
 pub use memory::MemoryTier;
+pub use redis::{RedisOptions, RedisTier};
+pub use stack::{Fetched, TierStack};
 
 /// A 128-bit key (e.g. a hash of the model, the token prefix and the level).
 pub type Key = [u8; 16];
@@ -83,6 +89,15 @@ pub trait Tier: Send + Sync {
     /// Removes `key`; removing an absent key is not an error.
     fn remove(&self, key: &Key) -> Result<(), StoreError>;
     fn stats(&self) -> TierStats;
+    /// Keeps `key` from being evicted until `until` (a lease); extends an
+    /// existing pin, never shortens it. Returns whether the tier pinned it
+    /// (false when absent, or when the tier cannot pin: a remote tier evicts
+    /// by its own policy).
+    fn pin(&self, _key: &Key, _until: std::time::Instant) -> bool {
+        false
+    }
+    /// Ends a pin early (if any).
+    fn unpin(&self, _key: &Key) {}
 }
 
 /// The key as 32 lowercase hex digits (the disk tier's file name).

@@ -1,0 +1,233 @@
+//! The context's JSON configuration.
+//!
+//! ```json
+//! {
+//!   "namespace": {"model": "SmolLM2-135M-Instruct@<weights hash>", "kv_dtype": "f16",
+//!                 "tp_world_size": 1, "tp_rank": 0, "block_size": 16},
+//!   "chunk_tokens": 256,
+//!   "level": "default",
+//!   "profile": "profiles/smollm2-135m-instruct.json",
+//!   "tiers": {"memory": {"bytes": 1073741824},
+//!             "disk": {"path": "/var/cache/cachegen", "bytes": 10737418240},
+//!             "redis": {"url": "redis://127.0.0.1:6379", "timeout_ms": 500}},
+//!   "io_threads": 4, "decode_threads": 0, "load_timeout_ms": 30000
+//! }
+//! ```
+//!
+//! Only `namespace.model` is required. Unknown fields are errors (a typo must
+//! not silently fall back to a default). Tiers are tried fastest first
+//! (memory, disk, redis); with no `tiers` a 1 GiB memory tier is used.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::codec::{Dtype, Level};
+use crate::keys::Namespace;
+
+/// A validated configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub namespace: NamespaceConfig,
+    pub chunk_tokens: usize,
+    pub level: Level,
+    /// Per-(layer, K/V) step multipliers, already loaded.
+    pub profile: Option<crate::profile::Profile>,
+    pub tiers: TiersConfig,
+    /// Threads that fetch from and write to tiers (they may block on I/O).
+    pub io_threads: usize,
+    /// Threads that gather, encode, decode and scatter.
+    pub decode_threads: usize,
+    /// A load's chunks not fetched by then are reported failed.
+    pub load_timeout: Duration,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NamespaceConfig {
+    /// Model and weights fingerprint.
+    pub model: String,
+    #[serde(default = "default_dtype")]
+    pub kv_dtype: String,
+    #[serde(default = "one")]
+    pub tp_world_size: u32,
+    #[serde(default)]
+    pub tp_rank: u32,
+    #[serde(default = "default_block")]
+    pub block_size: u32,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TiersConfig {
+    pub memory: Option<MemoryConfig>,
+    pub disk: Option<DiskConfig>,
+    pub redis: Option<RedisConfig>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemoryConfig {
+    pub bytes: u64,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskConfig {
+    pub path: PathBuf,
+    pub bytes: u64,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisConfig {
+    pub url: String,
+    #[serde(default = "default_redis_timeout")]
+    pub timeout_ms: u64,
+    /// Expiry of stored entries in seconds (none: Redis' own eviction policy).
+    #[serde(default)]
+    pub ttl_s: Option<u64>,
+    #[serde(default = "default_prefix")]
+    pub key_prefix: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    namespace: NamespaceConfig,
+    #[serde(default = "default_chunk")]
+    chunk_tokens: usize,
+    #[serde(default = "default_level")]
+    level: serde_json::Value,
+    #[serde(default)]
+    profile: Option<PathBuf>,
+    #[serde(default)]
+    tiers: Option<TiersConfig>,
+    #[serde(default = "default_io")]
+    io_threads: usize,
+    #[serde(default)]
+    decode_threads: usize,
+    #[serde(default = "default_timeout")]
+    load_timeout_ms: u64,
+}
+
+fn default_dtype() -> String {
+    "f16".into()
+}
+fn one() -> u32 {
+    1
+}
+fn default_block() -> u32 {
+    16
+}
+fn default_chunk() -> usize {
+    256
+}
+fn default_level() -> serde_json::Value {
+    serde_json::Value::String("default".into())
+}
+fn default_io() -> usize {
+    4
+}
+fn default_timeout() -> u64 {
+    30_000
+}
+fn default_redis_timeout() -> u64 {
+    500
+}
+fn default_prefix() -> String {
+    "cachegen:".into()
+}
+
+/// The KV dtype names the namespace accepts, and the codec dtype they mean.
+pub fn parse_dtype(name: &str) -> Option<Dtype> {
+    match name {
+        "f16" | "float16" | "half" => Some(Dtype::F16),
+        "bf16" | "bfloat16" => Some(Dtype::Bf16),
+        "f32" | "float32" | "float" => Some(Dtype::F32),
+        _ => None,
+    }
+}
+
+impl Config {
+    /// Parse and check a JSON configuration. Errors name the offending field.
+    pub fn from_json(text: &str) -> Result<Config, String> {
+        let raw: RawConfig = serde_json::from_str(text).map_err(|e| format!("config: {e}"))?;
+        let ns = raw.namespace;
+        if ns.model.is_empty() {
+            return Err("config: namespace.model must not be empty".into());
+        }
+        if parse_dtype(&ns.kv_dtype).is_none() {
+            return Err(format!("config: namespace.kv_dtype {:?} is not one of f16, bf16, f32", ns.kv_dtype));
+        }
+        if ns.tp_world_size == 0 || ns.tp_rank >= ns.tp_world_size {
+            return Err(format!("config: tp_rank {} must be below tp_world_size {}", ns.tp_rank, ns.tp_world_size));
+        }
+        if ns.block_size == 0 {
+            return Err("config: namespace.block_size must be positive".into());
+        }
+        if raw.chunk_tokens == 0 || raw.chunk_tokens % ns.block_size as usize != 0 || raw.chunk_tokens > 1 << 20 {
+            return Err(format!(
+                "config: chunk_tokens ({}) must be a positive multiple of block_size ({})",
+                raw.chunk_tokens, ns.block_size
+            ));
+        }
+        let level = match &raw.level {
+            serde_json::Value::String(s) => Level::parse(s),
+            serde_json::Value::Number(n) => Level::parse(&n.to_string()),
+            other => return Err(format!("config: level must be a name or number, not {other}")),
+        }
+        .map_err(|e| format!("config: level: {e}"))?;
+        let profile = match &raw.profile {
+            None => None,
+            Some(p) => {
+                let text = std::fs::read_to_string(p).map_err(|e| format!("config: profile {}: {e}", p.display()))?;
+                Some(crate::profile::Profile::from_json(&text).map_err(|e| format!("config: profile {}: {e}", p.display()))?)
+            }
+        };
+        let tiers = raw.tiers.unwrap_or(TiersConfig { memory: Some(MemoryConfig { bytes: 1 << 30 }), disk: None, redis: None });
+        if tiers.memory.is_none() && tiers.disk.is_none() && tiers.redis.is_none() {
+            return Err("config: tiers must name at least one of memory, disk, redis".into());
+        }
+        if raw.io_threads == 0 || raw.io_threads > 256 || raw.decode_threads > 1024 {
+            return Err("config: io_threads must be 1..=256 and decode_threads 0 (auto)..=1024".into());
+        }
+        let decode_threads = if raw.decode_threads == 0 {
+            std::thread::available_parallelism().map_or(2, |n| n.get())
+        } else {
+            raw.decode_threads
+        };
+        if raw.load_timeout_ms == 0 {
+            return Err("config: load_timeout_ms must be positive".into());
+        }
+        Ok(Config {
+            namespace: ns,
+            chunk_tokens: raw.chunk_tokens,
+            level,
+            profile,
+            tiers,
+            io_threads: raw.io_threads,
+            decode_threads,
+            load_timeout: Duration::from_millis(raw.load_timeout_ms),
+        })
+    }
+
+    /// The KV dtype the namespace declares.
+    pub fn dtype(&self) -> Dtype {
+        parse_dtype(&self.namespace.kv_dtype).expect("checked in from_json")
+    }
+
+    /// The namespace that keys are derived from (the dtype by its canonical
+    /// name, so `half` and `f16` share entries).
+    pub fn key_namespace(&self) -> Namespace {
+        Namespace {
+            model: self.namespace.model.clone(),
+            kv_dtype: self.dtype().name().into(),
+            tp_world_size: self.namespace.tp_world_size,
+            block_size: self.namespace.block_size,
+            chunk_tokens: self.chunk_tokens as u32,
+            level: self.level.number(),
+        }
+    }
+}
