@@ -285,3 +285,17 @@ pub fn decode(bytes: &[u8], tables: Option<&TableSet>) -> Result<KvTensors, Erro
 pub fn decode_with_limits(bytes: &[u8], tables: Option<&TableSet>, limits: DecodeLimits) -> Result<KvTensors, Error> {
     Container::parse(bytes, tables, limits)?.decode()
 }
+
+/// Read-only views of a validated stream for decoders outside this module
+/// (the GPU decoder in `src/gpu` builds its device descriptors from them).
+impl<'a> Container<'a> {
+    /// Byte ranges of the stream's sections (validated by `parse`).
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    /// The stream's bytes.
+    pub fn bytes(&self) -> &'a [u8] {
+        self.bytes
+    }
+}

@@ -1,0 +1,336 @@
+// Fused CacheGen decode: rANS (one lane per thread, one segment per warp),
+// table normalisation and lookup, dequantization and the scatter into an
+// engine's paged KV blocks, in one kernel. docs/FORMAT.md is the bitstream;
+// src/gpu/decode.rs builds the descriptors below (its #[repr(C)] structs
+// mirror them field for field) and src/layout.rs defines the address formula.
+//
+// Compiled at run time with NVRTC (see cuda/README.md). No includes: NVRTC
+// runs without the CUDA headers.
+
+typedef unsigned char u8;
+typedef unsigned short u16;
+typedef unsigned int u32;
+typedef unsigned long long u64;
+typedef long long i64;
+
+#define LANES 32
+#define FULL 0xffffffffu
+#define RANS_L 65536u
+
+// Error bits, OR-ed per chunk into `errors[chunk]`.
+#define ERR_WORDS 1u   // a segment read more or fewer words than it holds (FORMAT.md 2.2 item 35)
+#define ERR_STATE 2u   // a lane did not end in state 2^16 (item 36)
+#define ERR_TABLE 4u   // a compact table is invalid (item 32; also checked on the host)
+
+// One chunk (container) of the batch. Offsets are bytes from `region`.
+struct Chunk {
+    u64 bytes;          // offset of the container's first byte
+    u32 tokens, heads, head_dim, channels;
+    u32 seg_tokens, seg_groups, groups, token_blocks;
+    u32 prob_bits, planes_per_tensor, streams, exact_n;
+    u32 scales_off, exact_idx_off, exact_rows_off, plane_first; // container offsets; index into planes[]
+    u32 tab_first, index, dtype_size, is_bf16;                  // index into tab_off[]; chunk index of the call
+    u32 tensors, pad0, pad1, pad2;                              // layers * streams
+};
+
+// One plane of a chunk.
+struct Plane {
+    u32 group;        // scale group code 1..4 for quantized planes, 0 for raw planes
+    u32 asym;         // 1: asymmetric (offset, step) pairs
+    u32 max;          // symmetric centre (nsym - 1) / 2
+    u32 scale_start;  // index of the plane's first bf16 in the scale section
+    u32 byte_shift;   // raw planes: byte of the little-endian element this plane writes
+    u32 shared;       // raw planes: one table for every channel
+};
+
+// One segment: the unit of work of a warp.
+struct Seg {
+    u32 chunk, plane, k;  // chunk index, plane index within the chunk, segment index within the plane
+    u32 off;              // offset of the segment's lane states, from the chunk's first byte
+    u32 nwords;           // 16-bit words after the states
+};
+
+// Destination: KvLayout (src/layout.rs) with device addresses.
+struct Dest {
+    u64 layer_base;       // device address of a u64[layers] array of layer bases
+    u64 block_ids;        // device address of the u32 block ids of every chunk
+    u64 block_first;      // device address of u32[chunks]: where each chunk's block ids start
+    i64 stride_block, stride_kv, stride_token, stride_head, stride_layer;
+    u32 block_size, pad;
+};
+
+__device__ __forceinline__ u32 ld8(const u8* p) { return __ldg(p); }
+__device__ __forceinline__ u32 ld16u(const u8* p) { return ld8(p) | (ld8(p + 1) << 8); }
+__device__ __forceinline__ u32 ld32u(const u8* p) { return ld16u(p) | (ld16u(p + 2) << 16); }
+
+// f32 -> f16 bits exactly as the `half` crate converts (round to nearest even,
+// overflow to infinity, NaN: quiet bit set, top mantissa bits kept).
+__device__ __forceinline__ u32 f32_to_f16_bits(u32 x) {
+    u32 sign = x & 0x80000000u, exp = x & 0x7F800000u, man = x & 0x007FFFFFu;
+    if (exp == 0x7F800000u) {
+        u32 nan_bit = man == 0 ? 0u : 0x0200u;
+        return (sign >> 16) | 0x7C00u | nan_bit | (man >> 13);
+    }
+    u32 half_sign = sign >> 16;
+    int half_exp = (int)(exp >> 23) - 127 + 15;
+    if (half_exp >= 0x1F) return half_sign | 0x7C00u;
+    if (half_exp <= 0) {
+        if (14 - half_exp > 24) return half_sign;
+        u32 m = man | 0x00800000u;
+        u32 half_man = m >> (14 - half_exp);
+        u32 round_bit = 1u << (13 - half_exp);
+        if ((m & round_bit) != 0 && (m & (3u * round_bit - 1u)) != 0) half_man += 1;
+        return half_sign | half_man;
+    }
+    u32 he = ((u32)half_exp) << 10;
+    u32 hm = man >> 13;
+    u32 round_bit = 0x00001000u;
+    if ((man & round_bit) != 0 && (man & (3u * round_bit - 1u)) != 0) return (half_sign | he | hm) + 1u;
+    return half_sign | he | hm;
+}
+
+// f32 -> bf16 bits exactly as the `half` crate converts.
+__device__ __forceinline__ u32 f32_to_bf16_bits(u32 x) {
+    if ((x & 0x7FFFFFFFu) > 0x7F800000u) return ((x >> 16) | 0x0040u) & 0xFFFFu;
+    u32 round_bit = 0x00008000u;
+    if ((x & round_bit) != 0 && (x & (3u * round_bit - 1u)) != 0) return ((x >> 16) + 1u) & 0xFFFFu;
+    return x >> 16;
+}
+
+// The reconstruction of FORMAT.md 6.2, with the CPU decoder's exact
+// operations: a multiply, then an add, each rounded (never fused). A NaN
+// (only from inf - inf with absurd scales) is given the x86 default NaN the
+// CPU decoder produces.
+__device__ __forceinline__ u32 dequant_bits(u32 sym, float step, float base, u32 esize, u32 is_bf16) {
+    float v = __fadd_rn(__fmul_rn((float)sym, step), base);
+    u32 x = __float_as_uint(v);
+    if (v != v) x = 0xFFC00000u;
+    if (esize == 4) return x;
+    return is_bf16 ? f32_to_bf16_bits(x) : f32_to_f16_bits(x);
+}
+
+__device__ __forceinline__ float bf16_at(const u8* scales, u32 i) {
+    return __uint_as_float(ld16u(scales + 2 * i) << 16);
+}
+
+// (step, base) of scale group `g` of a quantized plane.
+__device__ __forceinline__ void group_coef(const u8* scales, const Plane& pl, u32 g, float& step, float& base) {
+    if (pl.asym) {
+        base = bf16_at(scales, pl.scale_start + 2 * g);
+        step = bf16_at(scales, pl.scale_start + 2 * g + 1);
+    } else {
+        step = bf16_at(scales, pl.scale_start + g);
+        base = __fmul_rn(-(float)pl.max, step);
+    }
+}
+
+__constant__ u32 WEIGHT_OF_CODE[16] = {0, 2, 3, 4, 6, 8, 11, 16, 23, 32, 45, 64, 91, 128, 181, 256};
+
+__device__ __forceinline__ u32 code_at(const u8* tab, u32 j) {
+    u32 b = ld8(tab + 2 + (j >> 1));
+    return (j & 1) ? (b & 15u) : (b >> 4);
+}
+
+// Build this lane's slot lookup (FORMAT.md 7.3 and 7.5) from its compact table
+// into lut[slot * 32] (the caller offsets `lut` by the lane, so lanes never
+// share a bank). The normalisation is table::normalize, step for step; the
+// non-zero (index, frequency) pairs live at the top of the lane's slots while
+// it runs, where the expansion (which fills slots from the bottom) never
+// overtakes them. Returns false for an invalid table.
+__device__ bool build_lut(const u8* tab, u32* lut, u32 prob_bits, u32 nsym) {
+    const u32 M = 1u << prob_bits;
+    const u32 lo = ld8(tab), n = ld8(tab + 1) + 1;
+    if (lo + n > nsym) return false;
+    if ((n & 1) && (ld8(tab + 2 + (n >> 1)) & 15u)) return false;
+    u32 sum = 0, nz = 0;
+    for (u32 j = 0; j < n; j++) {
+        u32 w = WEIGHT_OF_CODE[code_at(tab, j)];
+        sum += w;
+        nz += w > 0;
+    }
+    if (nz == 0 || nz > M / 2) return false;
+    // Pairs at slots M - nz .. M: (j | f << 16).
+    const u32 top = M - nz;
+    u32 assigned = 0, k = 0, fmax = 0, kmax = 0;
+    for (u32 j = 0; j < n; j++) {
+        u32 w = WEIGHT_OF_CODE[code_at(tab, j)];
+        if (w == 0) continue;
+        u32 f = (w * M) / sum;
+        if (f < 1) f = 1;
+        assigned += f;
+        if (f > fmax) { fmax = f; kmax = k; }
+        lut[(top + k) * LANES] = j | (f << 16);
+        k++;
+    }
+    while (assigned != M) {
+        u32 e = lut[(top + kmax) * LANES];
+        u32 f = e >> 16;
+        if (assigned < M) {
+            f += M - assigned;
+            assigned = M;
+        } else {
+            u32 take = assigned - M;
+            if (take > f - 1) take = f - 1;
+            f -= take;
+            assigned -= take;
+        }
+        lut[(top + kmax) * LANES] = (e & 0xFFFFu) | (f << 16);
+        if (assigned != M) {
+            fmax = 0; kmax = 0;
+            for (u32 q = 0; q < nz; q++) {
+                u32 fq = lut[(top + q) * LANES] >> 16;
+                if (fq > fmax) { fmax = fq; kmax = q; }
+            }
+        }
+    }
+    u32 slot = 0;
+    for (u32 q = 0; q < nz; q++) {
+        u32 e = lut[(top + q) * LANES];
+        u32 sym = lo + (e & 0xFFFFu), f = e >> 16;
+        for (u32 r = 0; r < f; r++) {
+            lut[slot * LANES] = sym | (f << 8) | (r << 19);
+            slot++;
+        }
+    }
+    return true;
+}
+
+// One warp per segment. Dynamic shared memory: warps_per_block * 32 << max_prob_bits u32.
+extern "C" __global__ void cg_decode(
+    const u8* __restrict__ region, const Chunk* __restrict__ chunks, const Plane* __restrict__ planes,
+    const Seg* __restrict__ segs, const u32* __restrict__ tab_off, u32 nsegs, u32 max_prob_bits,
+    Dest dest, u32* __restrict__ errors)
+{
+    extern __shared__ u32 smem[];
+    const u32 lane = threadIdx.x & 31u;
+    const u32 warp = threadIdx.x >> 5;
+    const u32 si = blockIdx.x * (blockDim.x >> 5) + warp;
+    if (si >= nsegs) return;
+    u32* lut = smem + ((size_t)warp * LANES << max_prob_bits) + lane;
+
+    const Seg sg = segs[si];
+    const Chunk ch = chunks[sg.chunk];
+    const Plane pl = planes[ch.plane_first + sg.plane];
+    const u8* base = region + ch.bytes;
+    const u32 prob_bits = ch.prob_bits, mask = (1u << prob_bits) - 1u;
+    const u32 C = ch.channels;
+
+    const u32 gb = sg.k / ch.token_blocks, tb = sg.k - gb * ch.token_blocks;
+    const u32 g0 = gb * ch.seg_groups;
+    const u32 g1 = min(g0 + ch.seg_groups, ch.groups);
+    const u32 t0 = tb * ch.seg_tokens;
+    const u32 t1 = min(t0 + ch.seg_tokens, ch.tokens);
+    const u32 L = min(32u, C - 32u * g0);
+
+    const u16* seg16 = (const u16*)(base + sg.off);   // 2-byte aligned (host places the payload so)
+    u32 x = RANS_L;
+    if (lane < L) x = (u32)__ldg(seg16 + 2 * lane) | ((u32)__ldg(seg16 + 2 * lane + 1) << 16);
+    const u16* words = seg16 + 2 * L;
+    const u32 nwords = sg.nwords;
+
+    // Word window: w0 holds words wbase..wbase+31 (one per lane), w1 the next
+    // 32; w2 and w3 are loads in flight for the two windows after that.
+    u32 wbase = 0;
+    u32 w0 = lane < nwords ? __ldg(words + lane) : 0u;
+    u32 w1 = 32 + lane < nwords ? __ldg(words + 32 + lane) : 0u;
+    u32 w2 = 64 + lane < nwords ? __ldg(words + 64 + lane) : 0u;
+    u32 w3 = 96 + lane < nwords ? __ldg(words + 96 + lane) : 0u;
+    u32 pos = 0;
+    const u32 lt_mask = (1u << lane) - 1u;
+
+    const u32 tensor = sg.plane / ch.planes_per_tensor;
+    const u32 layer = tensor / ch.streams, stream = tensor - layer * ch.streams;
+    u8* layer_ptr = (u8*)(((const u64*)dest.layer_base)[layer]) + (i64)layer * dest.stride_layer + (i64)stream * dest.stride_kv;
+    const u32* block_ids = (const u32*)dest.block_ids + ((const u32*)dest.block_first)[ch.index];
+    const u32 esize = ch.dtype_size;
+    const u32 raw = pl.group == 0;
+    const u8* scales = base + ch.scales_off;
+    const u32 nsym = raw ? 256u : 2u * pl.max + 1u;
+    bool ok = true;
+
+    float step = 0.f, sbase = 0.f;
+    if (!raw && pl.group == 4) group_coef(scales, pl, 0, step, sbase);
+
+    for (u32 g = g0; g < g1; g++) {
+        const u32 active = min(32u, C - 32u * g);
+        const u32 c = 32u * g + lane;
+        const bool on = lane < active;
+        __syncwarp();
+        if (on) {
+            const u32 ti = raw && pl.shared ? 0u : c;
+            ok &= build_lut(base + tab_off[ch.tab_first + sg.plane * C + ti], lut, prob_bits, nsym);
+        }
+        __syncwarp();
+        const u32 h = on ? c / ch.head_dim : 0u;
+        const u32 d = on ? c - h * ch.head_dim : 0u;
+        const i64 coff = (i64)h * dest.stride_head + (i64)d * esize + (raw ? (i64)pl.byte_shift : 0);
+        if (!raw && pl.group == 3 && on) group_coef(scales, pl, c, step, sbase);
+        u32 bi = t0 / dest.block_size, slot = t0 - bi * dest.block_size;
+        for (u32 t = t0; t < t1; t++) {
+            u32 sym = 0;
+            bool need = false;
+            if (on) {
+                const u32 e = lut[(x & mask) * LANES];
+                sym = e & 0xFFu;
+                x = ((e >> 8) & 0x7FFu) * (x >> prob_bits) + (e >> 19);
+                need = x < RANS_L;
+            }
+            const u32 bal = __ballot_sync(FULL, need);
+            const u32 idx = pos - wbase + __popc(bal & lt_mask);
+            const u32 a = __shfl_sync(FULL, w0, idx & 31u);
+            const u32 b = __shfl_sync(FULL, w1, idx & 31u);
+            if (need) x = (x << 16) | (idx < 32u ? a : b);
+            pos += __popc(bal);
+            if (pos - wbase >= 32u) {
+                wbase += 32u;
+                w0 = w1; w1 = w2; w2 = w3;
+                const u32 wi = wbase + 96u + lane;
+                w3 = wi < nwords ? __ldg(words + wi) : 0u;
+            }
+            if (on) {
+                u8* p = layer_ptr + (i64)block_ids[bi] * dest.stride_block + (i64)slot * dest.stride_token + coff;
+                if (raw) {
+                    *p = (u8)sym;
+                } else {
+                    if (pl.group == 1) group_coef(scales, pl, t, step, sbase);
+                    else if (pl.group == 2) group_coef(scales, pl, t * ch.heads + h, step, sbase);
+                    const u32 bits = dequant_bits(sym, step, sbase, esize, ch.is_bf16);
+                    if (esize == 4) *(u32*)p = bits; else *(u16*)p = (u16)bits;
+                }
+            }
+            if (++slot == dest.block_size) { slot = 0; bi++; }
+        }
+    }
+    u32 err = ok ? 0u : ERR_TABLE;
+    if (pos != nwords) err |= ERR_WORDS;
+    if (lane < L && x != RANS_L) err |= ERR_STATE;
+    err = __reduce_or_sync(FULL, err);
+    if (lane == 0 && err) atomicOr(errors + ch.index, err);
+}
+
+// Exact tokens (FORMAT.md 6.3): copy the stored rows over the decoded ones.
+// Launched after cg_decode on the same stream. grid.y = chunk; one thread per
+// element of (tensor, exact token, channel).
+extern "C" __global__ void cg_exact(const u8* __restrict__ region, const Chunk* __restrict__ chunks, Dest dest)
+{
+    const Chunk ch = chunks[blockIdx.y];
+    const u32 n = ch.exact_n;
+    const u32 C = ch.channels;
+    const u64 work = (u64)ch.tensors * n * C;
+    const u8* base = region + ch.bytes;
+    const u32 esize = ch.dtype_size;
+    const u32* block_ids = (const u32*)dest.block_ids + ((const u32*)dest.block_first)[ch.index];
+    for (u64 w = (u64)blockIdx.x * blockDim.x + threadIdx.x; w < work; w += (u64)gridDim.x * blockDim.x) {
+        const u32 c = (u32)(w % C);
+        const u64 ik = w / C;                       // tensor * n + k: the row's index in the rows part
+        const u32 k = (u32)(ik % n), i = (u32)(ik / n);
+        const u32 t = ld32u(base + ch.exact_idx_off + 4 * k);
+        const u32 layer = i / ch.streams, stream = i - layer * ch.streams;
+        const u32 h = c / ch.head_dim, d = c - h * ch.head_dim;
+        const u32 bi = t / dest.block_size, slot = t - bi * dest.block_size;
+        u8* p = (u8*)(((const u64*)dest.layer_base)[layer]) + (i64)layer * dest.stride_layer + (i64)stream * dest.stride_kv
+              + (i64)block_ids[bi] * dest.stride_block + (i64)slot * dest.stride_token + (i64)h * dest.stride_head + (i64)d * esize;
+        const u8* src = base + ch.exact_rows_off + (ik * C + c) * esize;
+        if (esize == 4) *(u32*)p = ld32u(src); else *(u16*)p = (u16)ld16u(src);
+    }
+}

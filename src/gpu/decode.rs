@@ -1,0 +1,717 @@
+//! The fused GPU decoder: `.cg` containers to an engine's paged KV blocks.
+//!
+//! Two steps, so that host work and copies can be placed where the caller
+//! wants them:
+//!
+//! 1. [`GpuDecoder::stage`] (host only): validates every container exactly
+//!    as the CPU decoder does ([`Container::parse`]: header, checksum,
+//!    sections, tables, scales) plus the per-segment checks that are cheap on
+//!    the host (FORMAT.md 2.2 items 33 and 34), and lays the containers and
+//!    small descriptors (segment offsets, table offsets, plane parameters)
+//!    out in pinned host memory, in batches. A corrupt container is rejected
+//!    here, before anything is launched.
+//! 2. [`GpuDecoder::decode_staged`]: copies each batch to the device on a
+//!    copy stream while the previous batch decodes, launches the fused kernel
+//!    per batch (one warp per segment: rANS with one lane per channel, the
+//!    lane's table normalised and expanded into a shared-memory lookup,
+//!    dequantization, and the store into the paged block through the layout)
+//!    and a small kernel that writes the exact (outlier) token rows, then
+//!    waits and checks the device-side error flags (items 35 and 36).
+//!
+//! [`GpuDecoder::decode_into`] does both. The output is bit-identical to
+//! `codec::decode` + `KvLayout::scatter` (tests/gpu_decode.rs).
+//!
+//! Not supported yet: streams that reference an external table set
+//! ([`GpuError::Unsupported`]); fp8 KV caches.
+
+use std::ffi::c_void;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use crate::codec::format::PlaneKind;
+use crate::codec::rans::RANS_L;
+use crate::codec::{Container, DecodeLimits, Dtype, Error as CodecError, KvShape};
+use crate::layout::KvLayout;
+
+use super::driver::{self, DeviceBuffer, Event, Module, PinnedBuffer, Stream};
+use super::{nvrtc, Gpu, GpuError};
+
+/// The kernel source, compiled at run time (cuda/README.md).
+pub const DECODE_CU: &str = include_str!("../../cuda/decode.cu");
+
+// Mirrors of the structs in cuda/decode.cu, field for field.
+#[repr(C)]
+#[derive(Clone, Copy, Default, Debug)]
+struct ChunkDesc {
+    bytes: u64,
+    tokens: u32,
+    heads: u32,
+    head_dim: u32,
+    channels: u32,
+    seg_tokens: u32,
+    seg_groups: u32,
+    groups: u32,
+    token_blocks: u32,
+    prob_bits: u32,
+    planes_per_tensor: u32,
+    streams: u32,
+    exact_n: u32,
+    scales_off: u32,
+    exact_idx_off: u32,
+    exact_rows_off: u32,
+    plane_first: u32,
+    tab_first: u32,
+    index: u32,
+    dtype_size: u32,
+    is_bf16: u32,
+    tensors: u32,
+    pad: [u32; 3],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Default, Debug)]
+struct PlaneDesc {
+    group: u32,
+    asym: u32,
+    max: u32,
+    scale_start: u32,
+    byte_shift: u32,
+    shared: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Default, Debug)]
+struct SegDesc {
+    chunk: u32,
+    plane: u32,
+    k: u32,
+    off: u32,
+    nwords: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Default, Debug)]
+struct DestDesc {
+    layer_base: u64,
+    block_ids: u64,
+    block_first: u64,
+    stride_block: i64,
+    stride_kv: i64,
+    stride_token: i64,
+    stride_head: i64,
+    stride_layer: i64,
+    block_size: u32,
+    pad: u32,
+}
+
+fn as_bytes<T: Copy>(v: &[T]) -> &[u8] {
+    // SAFETY: T is a plain #[repr(C)] struct of integers (no padding is read uninitialised:
+    // every struct here is made of u32/u64 fields with explicit padding).
+    unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, std::mem::size_of_val(v)) }
+}
+
+/// One container, validated, with its device descriptors.
+struct Prep {
+    desc: ChunkDesc,
+    planes: Vec<PlaneDesc>,
+    segs: Vec<SegDesc>,
+    tab: Vec<u32>,
+    payload_start: usize,
+    shape: KvShape,
+    dtype: Dtype,
+    symbols: u64,
+}
+
+fn codec_err(chunk: usize) -> impl Fn(CodecError) -> GpuError {
+    move |e| match e {
+        CodecError::MissingTables(_) => GpuError::Unsupported("streams that reference an external table set".into()),
+        source => GpuError::Codec { chunk, source },
+    }
+}
+
+fn prepare(bytes: &[u8], index: usize) -> Result<Prep, GpuError> {
+    let err = codec_err(index);
+    if bytes.len() > u32::MAX as usize {
+        return Err(GpuError::Unsupported("containers of 4 GiB or more".into()));
+    }
+    let c = Container::parse(bytes, None, DecodeLimits::default()).map_err(&err)?;
+    let h = c.header();
+    let lay = c.layout();
+    let shape = h.shape;
+    let channels = shape.channels();
+    let e = h.dtype.size();
+    let per_tensor = lay.planes.len() / shape.tensors();
+    // Planes and their scale offsets.
+    let mut planes = Vec::with_capacity(lay.planes.len());
+    let mut scale_start = 0usize;
+    for p in &lay.planes {
+        planes.push(match p {
+            PlaneKind::Quantized(q) => PlaneDesc {
+                group: q.group.code() as u32,
+                asym: q.asymmetric as u32,
+                max: q.max as u32,
+                scale_start: scale_start as u32,
+                ..Default::default()
+            },
+            PlaneKind::Raw { index, shared } => PlaneDesc { byte_shift: (e - 1 - *index as usize) as u32, shared: *shared as u32, ..Default::default() },
+        });
+        scale_start += p.scale_values(&shape);
+    }
+    // Table offsets (validated by Container::parse; here only walked).
+    let tb = &bytes[lay.tables.clone()];
+    let mut tab = Vec::with_capacity(lay.planes.len() * channels);
+    let mut pos = 0usize;
+    for p in &lay.planes {
+        let first = tab.len();
+        for j in 0..p.tables(channels) {
+            let n = *tb.get(pos + 1).ok_or_else(|| err(CodecError::Corrupt("table section truncated")))? as usize + 1;
+            if j == 0 || p.tables(channels) == channels {
+                tab.push((lay.tables.start + pos) as u32);
+            }
+            pos += 2 + n.div_ceil(2);
+        }
+        // Shared tables: every channel uses the plane's one table.
+        let t0 = tab[first];
+        tab.resize(first + channels, t0);
+    }
+    // Segments, with the checks that need no decoding (items 33 and 34).
+    let spp = h.segments_per_plane();
+    let mut segs = Vec::with_capacity(lay.segments.len());
+    let mut symbols = 0u64;
+    for (s, &(a, b)) in lay.segments.iter().enumerate() {
+        let (plane, k) = (s / spp, s % spp);
+        let geo = h.segment_geometry(k);
+        let lanes = geo.lanes();
+        let words = b - a - 4 * lanes; // format::parse checked b - a >= 4 * lanes
+        if words % 2 != 0 {
+            return Err(err(CodecError::Corrupt("segment length does not match its lanes")));
+        }
+        for l in 0..lanes {
+            let x = u32::from_le_bytes(bytes[a + 4 * l..a + 4 * l + 4].try_into().unwrap());
+            if x < RANS_L {
+                return Err(err(CodecError::Corrupt("rANS state below its normalised range")));
+            }
+        }
+        symbols += geo.symbols() as u64;
+        segs.push(SegDesc { chunk: 0, plane: plane as u32, k: k as u32, off: a as u32, nwords: (words / 2) as u32 });
+    }
+    let payload_start = lay.segments.first().map(|s| s.0).unwrap_or(0);
+    let n_exact = lay.exact_tokens.len();
+    let desc = ChunkDesc {
+        bytes: 0,
+        tokens: shape.tokens as u32,
+        heads: shape.heads as u32,
+        head_dim: shape.head_dim as u32,
+        channels: channels as u32,
+        seg_tokens: h.seg_tokens as u32,
+        seg_groups: h.seg_groups as u32,
+        groups: h.groups() as u32,
+        token_blocks: shape.tokens.div_ceil(h.seg_tokens) as u32,
+        prob_bits: h.prob_bits,
+        planes_per_tensor: per_tensor as u32,
+        streams: shape.kind.streams() as u32,
+        exact_n: n_exact as u32,
+        scales_off: lay.scales.start as u32,
+        exact_idx_off: (lay.exact_rows.start - 4 * n_exact) as u32,
+        exact_rows_off: lay.exact_rows.start as u32,
+        plane_first: 0,
+        tab_first: 0,
+        index: index as u32,
+        dtype_size: e as u32,
+        is_bf16: (h.dtype == Dtype::Bf16) as u32,
+        tensors: shape.tensors() as u32,
+        pad: [0; 3],
+    };
+    Ok(Prep { desc, planes, segs, tab, payload_start, shape, dtype: h.dtype, symbols })
+}
+
+/// A batch of chunks inside a [`Staged`] image: copied and decoded together.
+#[derive(Clone, Debug)]
+struct Batch {
+    off: usize,
+    len: usize,
+    chunks_off: usize,
+    planes_off: usize,
+    segs_off: usize,
+    tab_off: usize,
+    nchunks: u32,
+    nsegs: u32,
+    max_prob_bits: u32,
+    /// Largest (tensors x exact tokens x channels) of a chunk: 0 = no exact tokens.
+    exact_work: u64,
+}
+
+static NEXT_STAGED: AtomicU64 = AtomicU64::new(1);
+
+/// Containers validated and laid out for the device in pinned host memory
+/// ([`GpuDecoder::stage`]). Reusable: decode it as often as needed.
+pub struct Staged {
+    id: u64,
+    image: PinnedBuffer,
+    batches: Vec<Batch>,
+    shapes: Vec<(KvShape, Dtype)>,
+    compressed: usize,
+    symbols: u64,
+}
+
+impl Staged {
+    /// Number of chunks.
+    pub fn chunks(&self) -> usize {
+        self.shapes.len()
+    }
+    /// Bytes of the containers.
+    pub fn compressed_bytes(&self) -> usize {
+        self.compressed
+    }
+    /// Bytes copied to the device (containers plus descriptors).
+    pub fn staged_bytes(&self) -> usize {
+        self.image.len()
+    }
+    /// Symbols (coded values) in all chunks.
+    pub fn symbols(&self) -> u64 {
+        self.symbols
+    }
+    /// Bytes written to the KV blocks (elements x element size).
+    pub fn output_bytes(&self) -> u64 {
+        self.shapes.iter().map(|(s, d)| (s.elems() * d.size()) as u64).sum()
+    }
+}
+
+/// Device-side time of one decode call, from CUDA events on the compute stream.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Timings {
+    /// From the start of the call's first copy to the end of its last kernel.
+    pub gpu_ms: f32,
+}
+
+struct State {
+    region: Option<DeviceBuffer>,
+    dest: Option<DeviceBuffer>,
+    dest_host: Option<PinnedBuffer>,
+    errors: Option<DeviceBuffer>,
+    copy: Stream,
+    own: Stream,
+    batch_events: Vec<Event>,
+    start: Event,
+    end: Event,
+    resident: u64,
+}
+
+/// Decodes containers on one GPU into paged KV blocks. Thread-safe; calls
+/// are serialised.
+pub struct GpuDecoder {
+    gpu: Gpu,
+    _module: Module,
+    f_decode: cudarc::driver::sys::CUfunction,
+    f_exact: cudarc::driver::sys::CUfunction,
+    state: Mutex<State>,
+    /// Target bytes of containers per batch (copy/decode overlap granularity).
+    pub batch_bytes: usize,
+}
+
+// SAFETY: CUfunction handles are usable from any thread with the context current.
+unsafe impl Send for GpuDecoder {}
+unsafe impl Sync for GpuDecoder {}
+
+impl GpuDecoder {
+    /// Compile the kernels for this device and set up streams.
+    pub fn new(gpu: &Gpu) -> Result<GpuDecoder, GpuError> {
+        gpu.bind()?;
+        let (maj, min) = gpu.compute_capability();
+        let (cubin, _log) = nvrtc::compile(DECODE_CU, "decode.cu", maj, min)?;
+        let module = Module::load(&cubin)?;
+        let f_decode = module.function("cg_decode")?;
+        let f_exact = module.function("cg_exact")?;
+        driver::set_max_dynamic_smem(f_decode, gpu.inner.smem_optin)?;
+        let state = State {
+            region: None,
+            dest: None,
+            dest_host: None,
+            errors: None,
+            copy: Stream::new()?,
+            own: Stream::new()?,
+            batch_events: Vec::new(),
+            start: Event::new(true)?,
+            end: Event::new(true)?,
+            resident: 0,
+        };
+        Ok(GpuDecoder { gpu: gpu.clone(), _module: module, f_decode, f_exact, state: Mutex::new(state), batch_bytes: 48 << 20 })
+    }
+
+    /// The device.
+    pub fn gpu(&self) -> &Gpu {
+        &self.gpu
+    }
+
+    /// Warps per block of the decode kernel for tables of `prob_bits`
+    /// (each warp holds 32 lookup tables of 2^prob_bits u32 in shared memory).
+    fn warps_per_block(&self, prob_bits: u32) -> u32 {
+        let per_warp = 128usize << prob_bits;
+        ((self.gpu.inner.smem_optin as usize / per_warp) as u32).clamp(1, 8)
+    }
+
+    /// Validate `chunks` on the host and lay them out in pinned memory
+    /// (uses all CPU cores). Errors name the first bad chunk; nothing is
+    /// launched.
+    pub fn stage(&self, chunks: &[&[u8]]) -> Result<Staged, GpuError> {
+        if chunks.is_empty() {
+            return Err(GpuError::Invalid("no chunks".into()));
+        }
+        let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).min(chunks.len());
+        let mut preps: Vec<Option<Result<Prep, GpuError>>> = (0..chunks.len()).map(|_| None).collect();
+        std::thread::scope(|s| {
+            for (t, part) in preps.chunks_mut(chunks.len().div_ceil(threads)).enumerate() {
+                let base = t * chunks.len().div_ceil(threads);
+                s.spawn(move || {
+                    for (j, slot) in part.iter_mut().enumerate() {
+                        *slot = Some(prepare(chunks[base + j], base + j));
+                    }
+                });
+            }
+        });
+        let mut preps: Vec<Prep> = preps.into_iter().map(|p| p.unwrap()).collect::<Result<_, _>>()?;
+        // Batches and offsets.
+        let align = |x: usize, a: usize| x.div_ceil(a) * a;
+        let mut batches = Vec::new();
+        let mut placements = vec![0usize; chunks.len()]; // absolute image offset of each container
+        let mut off = 0usize;
+        let mut i = 0usize;
+        while i < chunks.len() {
+            let mut j = i;
+            let mut bytes = 0usize;
+            while j < chunks.len() && (j == i || bytes + chunks[j].len() <= self.batch_bytes) {
+                bytes += chunks[j].len();
+                j += 1;
+            }
+            let n_planes: usize = preps[i..j].iter().map(|p| p.planes.len()).sum();
+            let n_segs: usize = preps[i..j].iter().map(|p| p.segs.len()).sum();
+            let n_tab: usize = preps[i..j].iter().map(|p| p.tab.len()).sum();
+            let chunks_off = 0usize;
+            let planes_off = align(chunks_off + (j - i) * std::mem::size_of::<ChunkDesc>(), 16);
+            let segs_off = align(planes_off + n_planes * std::mem::size_of::<PlaneDesc>(), 16);
+            let tab_off = align(segs_off + n_segs * std::mem::size_of::<SegDesc>(), 16);
+            let mut at = align(tab_off + n_tab * 4, 16);
+            let (mut pf, mut tf) = (0u32, 0u32);
+            let mut max_pb = 8;
+            let mut exact_work = 0u64;
+            for (local, k) in (i..j).enumerate() {
+                // Place the container so that its payload starts 16-byte aligned
+                // (segments are then 2-byte aligned: their lengths are even).
+                let ps = preps[k].payload_start;
+                let mut start = align(at, 16) + (16 - ps % 16) % 16;
+                if start < at {
+                    start += 16;
+                }
+                placements[k] = off + start;
+                let p = &mut preps[k];
+                p.desc.bytes = start as u64;
+                p.desc.plane_first = pf;
+                p.desc.tab_first = tf;
+                pf += p.planes.len() as u32;
+                tf += p.tab.len() as u32;
+                for s in &mut p.segs {
+                    s.chunk = local as u32;
+                }
+                max_pb = max_pb.max(p.desc.prob_bits);
+                exact_work = exact_work.max(p.desc.tensors as u64 * p.desc.exact_n as u64 * p.desc.channels as u64);
+                at = start + chunks[k].len();
+            }
+            let len = align(at, 16);
+            batches.push(Batch {
+                off,
+                len,
+                chunks_off,
+                planes_off,
+                segs_off,
+                tab_off,
+                nchunks: (j - i) as u32,
+                nsegs: n_segs as u32,
+                max_prob_bits: max_pb,
+                exact_work,
+            });
+            off += len;
+            i = j;
+        }
+        let mut image = self.gpu.alloc_pinned(off)?;
+        {
+            let img = image.as_mut_slice();
+            // Descriptors (small), then containers copied by all threads.
+            let mut first = 0usize;
+            for b in &batches {
+                let ps = &preps[first..first + b.nchunks as usize];
+                let descs: Vec<ChunkDesc> = ps.iter().map(|p| p.desc).collect();
+                let put = |img: &mut [u8], at: usize, src: &[u8]| img[b.off + at..b.off + at + src.len()].copy_from_slice(src);
+                put(img, b.chunks_off, as_bytes(&descs));
+                let planes: Vec<PlaneDesc> = ps.iter().flat_map(|p| p.planes.iter().copied()).collect();
+                put(img, b.planes_off, as_bytes(&planes));
+                let segs: Vec<SegDesc> = ps.iter().flat_map(|p| p.segs.iter().copied()).collect();
+                put(img, b.segs_off, as_bytes(&segs));
+                let tab: Vec<u32> = ps.iter().flat_map(|p| p.tab.iter().copied()).collect();
+                put(img, b.tab_off, as_bytes(&tab));
+                first += b.nchunks as usize;
+            }
+            let base = img.as_mut_ptr() as usize;
+            let img_len = img.len();
+            std::thread::scope(|s| {
+                let per = chunks.len().div_ceil(threads);
+                for t in 0..threads {
+                    let placements = &placements;
+                    s.spawn(move || {
+                        for k in t * per..((t + 1) * per).min(chunks.len()) {
+                            assert!(placements[k] + chunks[k].len() <= img_len);
+                            // SAFETY: containers occupy disjoint ranges of the image (checked in bounds above).
+                            unsafe { std::ptr::copy_nonoverlapping(chunks[k].as_ptr(), (base + placements[k]) as *mut u8, chunks[k].len()) };
+                        }
+                    });
+                }
+            });
+        }
+        Ok(Staged {
+            id: NEXT_STAGED.fetch_add(1, Ordering::Relaxed),
+            image,
+            batches,
+            shapes: preps.iter().map(|p| (p.shape, p.dtype)).collect(),
+            compressed: chunks.iter().map(|c| c.len()).sum(),
+            symbols: preps.iter().map(|p| p.symbols).sum(),
+        })
+    }
+
+    /// Decode `chunks` into the blocks `block_ids[i]` of `layout` (chunk `i`'s
+    /// token `t` goes to slot `t % block_size` of block
+    /// `block_ids[i][t / block_size]`, as in [`KvLayout::scatter`]). The
+    /// work runs on `stream` (a raw `CUstream` of this device's primary
+    /// context) or on the decoder's own stream; the call returns when it is
+    /// done and the device-side checks have passed.
+    ///
+    /// # Safety
+    /// `layout.layer_base` must hold device addresses such that every element
+    /// of every block named in `block_ids` is valid device memory of this
+    /// GPU that nothing else accesses during the call.
+    pub unsafe fn decode_into(&self, chunks: &[&[u8]], layout: &KvLayout, block_ids: &[&[u32]], stream: Option<u64>) -> Result<Timings, GpuError> {
+        let staged = self.stage(chunks)?;
+        // SAFETY: forwarded to the caller.
+        unsafe { self.decode_staged(&staged, layout, block_ids, stream) }
+    }
+
+    /// Copy `staged` to the device (batch by batch, overlapped with decoding)
+    /// and decode it into `layout`; see [`GpuDecoder::decode_into`].
+    ///
+    /// # Safety
+    /// As for [`GpuDecoder::decode_into`].
+    pub unsafe fn decode_staged(&self, staged: &Staged, layout: &KvLayout, block_ids: &[&[u32]], stream: Option<u64>) -> Result<Timings, GpuError> {
+        // SAFETY: forwarded.
+        unsafe { self.run(staged, layout, block_ids, stream, true) }
+    }
+
+    /// Decode `staged` again without copying it: the last call on this
+    /// decoder must have copied this same `staged` (for benchmarks of the
+    /// kernels alone).
+    ///
+    /// # Safety
+    /// As for [`GpuDecoder::decode_into`].
+    pub unsafe fn decode_resident(&self, staged: &Staged, layout: &KvLayout, block_ids: &[&[u32]], stream: Option<u64>) -> Result<Timings, GpuError> {
+        // SAFETY: forwarded.
+        unsafe { self.run(staged, layout, block_ids, stream, false) }
+    }
+
+    /// Host checks of a request against the layout, and the destination
+    /// descriptor data: layer bases (u64), then per chunk the start of its
+    /// block ids (u32), then the block ids.
+    fn destination(&self, staged: &Staged, layout: &KvLayout, block_ids: &[&[u32]]) -> Result<(Vec<u8>, usize, usize), GpuError> {
+        layout.validate().map_err(|e| GpuError::Invalid(e.to_string()))?;
+        if block_ids.len() != staged.chunks() {
+            return Err(GpuError::Invalid(format!("{} chunks but {} block id lists", staged.chunks(), block_ids.len())));
+        }
+        let mut data: Vec<u8> = Vec::new();
+        for &b in &layout.layer_base {
+            data.extend_from_slice(&(b as u64).to_le_bytes());
+        }
+        let first_at = data.len();
+        let mut acc = 0u32;
+        for ids in block_ids {
+            data.extend_from_slice(&acc.to_le_bytes());
+            acc += ids.len() as u32;
+        }
+        let ids_at = data.len();
+        for (i, (ids, (shape, dtype))) in block_ids.iter().zip(&staged.shapes).enumerate() {
+            if *dtype != layout.dtype {
+                return Err(GpuError::Invalid(format!("chunk {i} is {} but the layout holds {}", dtype.name(), layout.dtype.name())));
+            }
+            if layout.chunk_shape(shape.tokens) != *shape {
+                return Err(GpuError::Invalid(format!("chunk {i} has shape {shape:?}, the layout {:?}", layout.chunk_shape(shape.tokens))));
+            }
+            let used = shape.tokens.div_ceil(layout.block_size);
+            if ids.len() < used {
+                return Err(GpuError::Invalid(format!("chunk {i}: {} tokens do not fit {} blocks of {}", shape.tokens, ids.len(), layout.block_size)));
+            }
+            if let Some(&id) = ids.iter().find(|&&id| id as usize >= layout.num_blocks) {
+                return Err(GpuError::Invalid(format!("chunk {i}: block id {id} out of range ({} blocks)", layout.num_blocks)));
+            }
+            let mut u = ids[..used].to_vec();
+            u.sort_unstable();
+            if let Some(w) = u.windows(2).find(|w| w[0] == w[1]) {
+                return Err(GpuError::Invalid(format!("chunk {i}: block id {} appears twice", w[0])));
+            }
+            for id in *ids {
+                data.extend_from_slice(&id.to_le_bytes());
+            }
+        }
+        Ok((data, first_at, ids_at))
+    }
+
+    unsafe fn run(&self, staged: &Staged, layout: &KvLayout, block_ids: &[&[u32]], stream: Option<u64>, upload: bool) -> Result<Timings, GpuError> {
+        let (dest_data, first_at, ids_at) = self.destination(staged, layout, block_ids)?;
+        self.gpu.bind()?;
+        let mut guard = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let st = &mut *guard;
+        if !upload && st.resident != staged.id {
+            return Err(GpuError::Invalid("decode_resident: this staged set is not on the device".into()));
+        }
+        let need = staged.image.len();
+        if st.region.as_ref().is_none_or(|r| r.len() < need) {
+            st.region = None;
+            st.resident = 0;
+            st.region = Some(self.gpu.alloc(need)?);
+        }
+        if st.dest.as_ref().is_none_or(|r| r.len() < dest_data.len()) {
+            st.dest = None;
+            st.dest = Some(self.gpu.alloc(dest_data.len().max(4096))?);
+            st.dest_host = None;
+            st.dest_host = Some(self.gpu.alloc_pinned(dest_data.len().max(4096))?);
+        }
+        let nchunks = staged.chunks();
+        if st.errors.as_ref().is_none_or(|r| r.len() < 4 * nchunks) {
+            st.errors = None;
+            st.errors = Some(self.gpu.alloc(4 * nchunks)?);
+        }
+        while st.batch_events.len() < staged.batches.len() {
+            st.batch_events.push(Event::new(false)?);
+        }
+        let borrowed;
+        let compute: &Stream = match stream {
+            Some(s) => {
+                borrowed = Stream::borrowed(s);
+                &borrowed
+            }
+            None => &st.own,
+        };
+        let region = st.region.as_ref().unwrap().ptr();
+        let dest = st.dest.as_ref().unwrap().ptr();
+        let errors = st.errors.as_ref().unwrap().ptr();
+        {
+            let host = st.dest_host.as_mut().unwrap().as_mut_slice();
+            host[..dest_data.len()].copy_from_slice(&dest_data);
+        }
+        let dest_host = &st.dest_host.as_ref().unwrap().as_slice()[..dest_data.len()];
+        st.start.record(compute)?;
+        // SAFETY: all device ranges below were allocated above with these sizes.
+        unsafe {
+            driver::copy_htod(dest, dest_host, compute)?;
+            driver::memset(errors, 0, 4 * nchunks, compute)?;
+        }
+        let desc = DestDesc {
+            layer_base: dest,
+            block_ids: dest + ids_at as u64,
+            block_first: dest + first_at as u64,
+            stride_block: layout.stride_block as i64,
+            stride_kv: layout.stride_kv as i64,
+            stride_token: layout.stride_token as i64,
+            stride_head: layout.stride_head as i64,
+            stride_layer: layout.stride_layer as i64,
+            block_size: layout.block_size as u32,
+            pad: 0,
+        };
+        if upload {
+            // The copy stream must not overwrite the region while an earlier
+            // call's kernels (on another stream) might still read it: they
+            // have all completed, since every call waits for its work.
+            st.resident = 0;
+        }
+        for (bi, b) in staged.batches.iter().enumerate() {
+            let base = region + b.off as u64;
+            if upload {
+                // SAFETY: the image range is inside the region allocation; the
+                // pinned image outlives the call (we wait before returning).
+                unsafe { driver::copy_htod(base, &staged.image.as_slice()[b.off..b.off + b.len], &st.copy)? };
+                st.batch_events[bi].record(&st.copy)?;
+                compute.wait(&st.batch_events[bi])?;
+            }
+            let mut p_region = base;
+            let mut p_chunks = base + b.chunks_off as u64;
+            let mut p_planes = base + b.planes_off as u64;
+            let mut p_segs = base + b.segs_off as u64;
+            let mut p_tab = base + b.tab_off as u64;
+            let mut nsegs = b.nsegs;
+            let mut max_pb = b.max_prob_bits;
+            let mut d = desc;
+            let mut p_errors = errors;
+            let w = self.warps_per_block(max_pb);
+            let smem = w * (128u32 << max_pb);
+            let mut params: [*mut c_void; 9] = [
+                &mut p_region as *mut _ as *mut c_void,
+                &mut p_chunks as *mut _ as *mut c_void,
+                &mut p_planes as *mut _ as *mut c_void,
+                &mut p_segs as *mut _ as *mut c_void,
+                &mut p_tab as *mut _ as *mut c_void,
+                &mut nsegs as *mut _ as *mut c_void,
+                &mut max_pb as *mut _ as *mut c_void,
+                &mut d as *mut _ as *mut c_void,
+                &mut p_errors as *mut _ as *mut c_void,
+            ];
+            // SAFETY: the parameters match cg_decode's signature; the descriptors
+            // in the region address only the region, and the destination is the
+            // caller's promise.
+            unsafe { driver::launch(self.f_decode, (nsegs.div_ceil(w), 1, 1), (32 * w, 1, 1), smem, compute, &mut params)? };
+            if b.exact_work > 0 {
+                let mut params: [*mut c_void; 3] =
+                    [&mut p_region as *mut _ as *mut c_void, &mut p_chunks as *mut _ as *mut c_void, &mut d as *mut _ as *mut c_void];
+                let gx = (b.exact_work.div_ceil(256)).min(4096) as u32;
+                // SAFETY: as above, for cg_exact.
+                unsafe { driver::launch(self.f_exact, (gx, b.nchunks, 1), (256, 1, 1), 0, compute, &mut params)? };
+            }
+        }
+        st.end.record(compute)?;
+        st.end.sync()?;
+        if upload {
+            st.resident = staged.id;
+        }
+        let gpu_ms = st.end.since(&st.start)?;
+        let mut errs = vec![0u8; 4 * nchunks];
+        st.errors.as_ref().unwrap().read(0, &mut errs)?;
+        if let Some((chunk, bits)) = errs.chunks_exact(4).map(|b| u32::from_le_bytes(b.try_into().unwrap())).enumerate().find(|&(_, b)| b != 0) {
+            return Err(GpuError::CorruptOnDevice { chunk, bits });
+        }
+        Ok(Timings { gpu_ms })
+    }
+
+    /// Device-to-device copy of `n` bytes on the decoder's own stream,
+    /// timed with events (a bandwidth reference for benchmarks).
+    pub fn timed_copy(&self, dst: &DeviceBuffer, src: &DeviceBuffer, n: usize) -> Result<f32, GpuError> {
+        if n > dst.len() || n > src.len() {
+            return Err(GpuError::Invalid("copy larger than its buffers".into()));
+        }
+        self.gpu.bind()?;
+        let st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        st.start.record(&st.own)?;
+        // SAFETY: both ranges are inside live allocations.
+        unsafe { driver::copy_dtod(dst.ptr(), src.ptr(), n, &st.own)? };
+        st.end.record(&st.own)?;
+        st.end.sync()?;
+        st.end.since(&st.start)
+    }
+
+    /// Host-to-device copy of `src` (pinned) on the decoder's own stream, timed with events.
+    pub fn timed_upload(&self, dst: &DeviceBuffer, src: &PinnedBuffer) -> Result<f32, GpuError> {
+        if src.len() > dst.len() {
+            return Err(GpuError::Invalid("copy larger than its buffers".into()));
+        }
+        self.gpu.bind()?;
+        let st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        st.start.record(&st.own)?;
+        // SAFETY: dst holds src.len() bytes; src is pinned and outlives the wait below.
+        unsafe { driver::copy_htod(dst.ptr(), src.as_slice(), &st.own)? };
+        st.end.record(&st.own)?;
+        st.end.sync()?;
+        st.end.since(&st.start)
+    }
+}

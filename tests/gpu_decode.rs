@@ -1,0 +1,356 @@
+//! GPU decode (issue 5): the fused kernel's output, written through every
+//! layout kind into device memory, must equal `codec::decode` followed by
+//! `KvLayout::scatter` byte for byte, including the bytes it must not touch.
+//!
+//! On a machine without a GPU every test prints `SKIPPED: no GPU (<reason>)`
+//! and passes, so CPU-only CI stays green.
+
+use std::sync::OnceLock;
+
+use cachegen::codec::format::PlaneKind;
+use cachegen::codec::quant::{self, QuantSpec, ScaleGroup};
+use cachegen::codec::{self, calibrate_tables, encode, Dtype, EncodeOptions, KvKind, KvShape, KvTensors, Level, Tables};
+use cachegen::gpu::{Gpu, GpuDecoder, GpuError};
+use cachegen::layout::KvLayout;
+
+static DECODER: OnceLock<Result<GpuDecoder, String>> = OnceLock::new();
+
+/// The shared decoder, or `None` after printing why the test is skipped.
+fn decoder() -> Option<&'static GpuDecoder> {
+    let d = DECODER.get_or_init(|| match Gpu::open(0) {
+        Ok(g) => {
+            eprintln!("GPU: {} (sm_{}{})", g.name(), g.compute_capability().0, g.compute_capability().1);
+            Ok(GpuDecoder::new(&g).unwrap_or_else(|e| panic!("GPU present but the decoder failed to start: {e}")))
+        }
+        Err(GpuError::NoGpu(reason)) => Err(reason),
+        Err(e) => panic!("GPU present but unusable: {e}"),
+    });
+    match d {
+        Ok(d) => Some(d),
+        Err(reason) => {
+            println!("SKIPPED: no GPU ({reason})");
+            None
+        }
+    }
+}
+
+fn xorshift(seed: u64) -> impl FnMut() -> f64 {
+    let mut state = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
+    move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        (state >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+/// KV-like data: per-channel offsets and scales, Laplace noise, a few
+/// outlier channels and an attention-sink-like first token.
+fn synthetic(shape: KvShape, dtype: Dtype, seed: u64) -> KvTensors {
+    let mut model = xorshift(777);
+    let mut rnd = xorshift(seed);
+    let c = shape.channels();
+    let tensors = (0..shape.tensors())
+        .map(|_| {
+            let offs: Vec<f64> = (0..c).map(|_| (model() - 0.5) * 2.0).collect();
+            let scl: Vec<f64> = (0..c).map(|i| if i % 37 == 5 { 8.0 } else { 0.2 + model() }).collect();
+            let mut out = vec![0u8; shape.plane_elems() * dtype.size()];
+            for t in 0..shape.tokens {
+                for ch in 0..c {
+                    let lap = (-(rnd() + 1e-12).ln()) - (-(rnd() + 1e-12).ln());
+                    let mut v = offs[ch] + scl[ch] * lap;
+                    if t == 0 {
+                        v *= 20.0;
+                    }
+                    quant::store(dtype, &mut out, t * c + ch, v as f32);
+                }
+            }
+            out
+        })
+        .collect();
+    KvTensors { shape, dtype, tensors }
+}
+
+/// Tokens `t0..t1` of a chunk.
+fn slice_tokens(kv: &KvTensors, t0: usize, t1: usize) -> KvTensors {
+    let row = kv.shape.channels() * kv.dtype.size();
+    KvTensors { shape: KvShape { tokens: t1 - t0, ..kv.shape }, dtype: kv.dtype, tensors: kv.tensors.iter().map(|t| t[t0 * row..t1 * row].to_vec()).collect() }
+}
+
+/// The same values in another dtype.
+fn convert(kv: &KvTensors, dtype: Dtype) -> KvTensors {
+    let tensors = (0..kv.tensors.len())
+        .map(|i| {
+            let v = kv.tensor_f32(i);
+            let mut out = vec![0u8; v.len() * dtype.size()];
+            for (j, &x) in v.iter().enumerate() {
+                quant::store(dtype, &mut out, j, x);
+            }
+            out
+        })
+        .collect();
+    KvTensors { shape: kv.shape, dtype, tensors }
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Kind {
+    FlashAttn(bool),
+    FlashInfer(bool),
+    CrossLayer(bool),
+    TrtPool(bool),
+    Mla,
+}
+
+const ALL_KINDS: [Kind; 9] = [
+    Kind::FlashAttn(false),
+    Kind::FlashAttn(true),
+    Kind::FlashInfer(false),
+    Kind::FlashInfer(true),
+    Kind::CrossLayer(false),
+    Kind::CrossLayer(true),
+    Kind::TrtPool(false),
+    Kind::TrtPool(true),
+    Kind::Mla,
+];
+
+/// A layout of `kind` with arena offsets starting at 0, and the arena size.
+fn make_layout(kind: Kind, layers: usize, num_blocks: usize, block_size: usize, heads: usize, head_dim: usize, dtype: Dtype) -> (KvLayout, usize) {
+    let e = dtype.size();
+    let per_layer = |kv: usize| kv * num_blocks * block_size * heads * head_dim * e;
+    let bases = |size: usize| (0..layers).map(|l| l * size).collect::<Vec<_>>();
+    let l = match kind {
+        Kind::FlashAttn(hnd) => KvLayout::vllm_flash_attn(bases(per_layer(2)), num_blocks, block_size, heads, head_dim, dtype, hnd),
+        Kind::FlashInfer(hnd) => KvLayout::flashinfer(bases(per_layer(2)), num_blocks, block_size, heads, head_dim, dtype, hnd),
+        Kind::CrossLayer(hnd) => KvLayout::vllm_cross_layer(0, layers, num_blocks, block_size, heads, head_dim, dtype, hnd),
+        Kind::TrtPool(hnd) => KvLayout::trtllm_pool(0, layers, num_blocks, block_size, heads, head_dim, dtype, hnd),
+        Kind::Mla => KvLayout::mla(bases(per_layer(1)), num_blocks, block_size, head_dim, dtype),
+    }
+    .unwrap();
+    let size = match kind {
+        Kind::Mla => per_layer(1) * layers,
+        _ => per_layer(2) * layers,
+    };
+    (l, size)
+}
+
+/// Distinct random block ids for each chunk.
+fn block_ids(rnd: &mut impl FnMut() -> f64, num_blocks: usize, per_chunk: &[usize]) -> Vec<Vec<u32>> {
+    let mut ids: Vec<u32> = (0..num_blocks as u32).collect();
+    for i in (1..ids.len()).rev() {
+        let j = (rnd() * (i + 1) as f64) as usize;
+        ids.swap(i, j.min(i));
+    }
+    let mut at = 0;
+    per_chunk
+        .iter()
+        .map(|&n| {
+            let v = ids[at..at + n].to_vec();
+            at += n;
+            v
+        })
+        .collect()
+}
+
+/// Decode `streams` with the CPU (decode + scatter) and the GPU (into a
+/// device arena filled with the same garbage) and compare the arenas.
+fn check(dec: &GpuDecoder, kind: Kind, streams: &[Vec<u8>], what: &str) {
+    let first = codec::decode(&streams[0], None).unwrap();
+    let s = first.shape;
+    let block_size = 16;
+    let per_chunk: Vec<usize> = streams
+        .iter()
+        .map(|b| codec::Container::parse(b, None, Default::default()).unwrap().header().shape.tokens.div_ceil(block_size))
+        .collect();
+    let num_blocks = per_chunk.iter().sum::<usize>() + 3;
+    let (layout, size) = make_layout(kind, s.layers, num_blocks, block_size, s.heads, s.head_dim, first.dtype);
+    let mut rnd = xorshift(size as u64);
+    let ids = block_ids(&mut rnd, num_blocks, &per_chunk);
+    let garbage: Vec<u8> = (0..size).map(|_| (rnd() * 256.0) as u8).collect();
+    let mut want = garbage.clone();
+    for (b, ids) in streams.iter().zip(&ids) {
+        let kv = codec::decode(b, None).unwrap();
+        layout.scatter(&mut want, ids, &kv).unwrap();
+    }
+    let arena = dec.gpu().alloc(size).unwrap();
+    arena.write(0, &garbage).unwrap();
+    let mut dev_layout = layout.clone();
+    for b in &mut dev_layout.layer_base {
+        *b += arena.ptr() as usize;
+    }
+    let refs: Vec<&[u8]> = streams.iter().map(|b| b.as_slice()).collect();
+    let id_refs: Vec<&[u32]> = ids.iter().map(|v| v.as_slice()).collect();
+    // SAFETY: the arena holds the whole layout and nothing else uses it.
+    unsafe { dec.decode_into(&refs, &dev_layout, &id_refs, None) }.unwrap_or_else(|e| panic!("{what} {kind:?}: {e}"));
+    let mut got = vec![0u8; size];
+    arena.read(0, &mut got).unwrap();
+    if got != want {
+        let diffs: Vec<usize> = (0..size).filter(|&i| got[i] != want[i]).collect();
+        panic!(
+            "{what} {kind:?} {:?}: {} of {size} bytes differ, first at {} (got {:#04x}, want {:#04x}, was {:#04x})",
+            first.dtype,
+            diffs.len(),
+            diffs[0],
+            got[diffs[0]],
+            want[diffs[0]],
+            garbage[diffs[0]]
+        );
+    }
+}
+
+fn shape_for(kind: Kind, tokens: usize) -> KvShape {
+    match kind {
+        Kind::Mla => KvShape { kind: KvKind::Latent, layers: 2, tokens, heads: 1, head_dim: 96 },
+        _ => KvShape { kind: KvKind::KeyValue, layers: 2, tokens, heads: 3, head_dim: 64 },
+    }
+}
+
+#[test]
+fn every_layout_kind_dtype_and_level_matches_the_cpu() {
+    let Some(dec) = decoder() else { return };
+    let mut n = 0;
+    for kind in ALL_KINDS {
+        for dtype in [Dtype::F16, Dtype::Bf16, Dtype::F32] {
+            for level in [Level::Compact, Level::Default, Level::High, Level::Lossless] {
+                // Two chunks in one call, the second not a multiple of the block size.
+                let streams: Vec<Vec<u8>> = [77usize, 40]
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &t)| encode(&synthetic(shape_for(kind, t), dtype, 1 + i as u64), &EncodeOptions::level(level)).unwrap())
+                    .collect();
+                check(dec, kind, &streams, &format!("{level:?}"));
+                n += 1;
+            }
+        }
+    }
+    println!("{n} combinations matched");
+}
+
+#[test]
+fn partial_channel_groups_and_long_chunks_match() {
+    let Some(dec) = decoder() else { return };
+    // 2 heads x 40 = 80 channels: the last lane group has 16 lanes. 600 tokens:
+    // several token blocks per plane.
+    for (heads, head_dim, tokens) in [(2usize, 40usize, 600usize), (5, 24, 33), (1, 8, 300)] {
+        let shape = KvShape { kind: KvKind::KeyValue, layers: 3, tokens, heads, head_dim };
+        for level in [Level::Default, Level::Lossless] {
+            let s = vec![encode(&synthetic(shape, Dtype::F16, 9), &EncodeOptions::level(level)).unwrap()];
+            check(dec, Kind::FlashAttn(false), &s, &format!("{heads}x{head_dim} {tokens} tokens {level:?}"));
+            check(dec, Kind::TrtPool(true), &s, &format!("{heads}x{head_dim} {tokens} tokens {level:?}"));
+        }
+    }
+}
+
+#[test]
+fn every_scale_grouping_and_symmetry_matches() {
+    let Some(dec) = decoder() else { return };
+    let shape = KvShape { kind: KvKind::KeyValue, layers: 2, tokens: 77, heads: 3, head_dim: 64 };
+    for dtype in [Dtype::F16, Dtype::Bf16] {
+        let kv = synthetic(shape, dtype, 11);
+        for group in [ScaleGroup::PerToken, ScaleGroup::PerTokenHead, ScaleGroup::PerChannel, ScaleGroup::PerTensor] {
+            for asymmetric in [false, true] {
+                for max in [9u8, 127] {
+                    let plan = vec![PlaneKind::Quantized(QuantSpec { group, max, asymmetric }); shape.tensors()];
+                    let opts = EncodeOptions { plan: Some(plan), ..Default::default() };
+                    let s = vec![encode(&kv, &opts).unwrap()];
+                    check(dec, Kind::FlashInfer(false), &s, &format!("{group:?} asym={asymmetric} max={max}"));
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn real_kv_fixture_matches_at_every_level() {
+    let Some(dec) = decoder() else { return };
+    let bytes = std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/smollm2-kernel-doc-320.safetensors")).unwrap();
+    let kv = cachegen::interchange::from_safetensors(&bytes).unwrap().kv;
+    for dtype in [Dtype::F16, Dtype::Bf16] {
+        let kv = if dtype == kv.dtype { kv.clone() } else { convert(&kv, dtype) };
+        for level in [Level::Compact, Level::Default, Level::High, Level::Lossless] {
+            let whole = vec![encode(&kv, &EncodeOptions::level(level)).unwrap()];
+            check(dec, Kind::FlashAttn(false), &whole, &format!("fixture {level:?}"));
+            // 256 + 64 tokens, as a connector would chunk it.
+            let parts: Vec<Vec<u8>> = [(0, 256), (256, 320)].iter().map(|&(a, b)| encode(&slice_tokens(&kv, a, b), &EncodeOptions::level(level)).unwrap()).collect();
+            check(dec, Kind::CrossLayer(true), &parts, &format!("fixture chunks {level:?}"));
+        }
+    }
+}
+
+/// Run a request that must fail; the arena must be untouched when `untouched`.
+fn expect_err(dec: &GpuDecoder, streams: &[Vec<u8>], dtype: Dtype, untouched: bool) -> GpuError {
+    let s = shape_for(Kind::FlashAttn(false), 77);
+    let (layout, size) = make_layout(Kind::FlashAttn(false), s.layers, 16, 16, s.heads, s.head_dim, dtype);
+    let arena = dec.gpu().alloc(size).unwrap();
+    let garbage: Vec<u8> = (0..size).map(|i| (i * 7 + 3) as u8).collect();
+    arena.write(0, &garbage).unwrap();
+    let mut dev_layout = layout.clone();
+    for b in &mut dev_layout.layer_base {
+        *b += arena.ptr() as usize;
+    }
+    let refs: Vec<&[u8]> = streams.iter().map(|b| b.as_slice()).collect();
+    let ids: Vec<Vec<u32>> = (0..streams.len()).map(|i| (0..5).map(|j| (i * 5 + j) as u32).collect()).collect();
+    let id_refs: Vec<&[u32]> = ids.iter().map(|v| v.as_slice()).collect();
+    // SAFETY: the arena holds the whole layout.
+    let e = unsafe { dec.decode_into(&refs, &dev_layout, &id_refs, None) }.expect_err("must fail");
+    if untouched {
+        let mut got = vec![0u8; size];
+        arena.read(0, &mut got).unwrap();
+        assert!(got == garbage, "a rejected request wrote to the blocks ({e})");
+    }
+    e
+}
+
+fn with_checksum(mut b: Vec<u8>) -> Vec<u8> {
+    let n = b.len() - 8;
+    let sum = xxhash_rust::xxh3::xxh3_64(&b[..n]);
+    b[n..].copy_from_slice(&sum.to_le_bytes());
+    b
+}
+
+#[test]
+fn corrupt_containers_are_rejected() {
+    let Some(dec) = decoder() else { return };
+    let kv = synthetic(shape_for(Kind::FlashAttn(false), 77), Dtype::F16, 3);
+    let good = encode(&kv, &EncodeOptions::level(Level::Default)).unwrap();
+    let h = codec::Container::parse(&good, None, Default::default()).unwrap();
+    let seg0 = h.layout().segments[0];
+    drop(h);
+    // A flipped payload byte: the checksum catches it on the host, before launch.
+    let mut bad = good.clone();
+    bad[seg0.1 - 1] ^= 0x40;
+    let e = expect_err(dec, &[good.clone(), bad], Dtype::F16, true);
+    assert!(matches!(e, GpuError::Codec { chunk: 1, .. }), "{e}");
+    // Truncated.
+    let e = expect_err(dec, &[good[..good.len() - 9].to_vec()], Dtype::F16, true);
+    assert!(matches!(e, GpuError::Codec { chunk: 0, .. }), "{e}");
+    // A lane state below 2^16 with a valid checksum: caught on the host too.
+    let mut bad = good.clone();
+    bad[seg0.0 + 2..seg0.0 + 4].copy_from_slice(&[0, 0]);
+    let e = expect_err(dec, &[with_checksum(bad)], Dtype::F16, true);
+    assert!(matches!(e, GpuError::Codec { chunk: 0, .. }), "{e}");
+    // Corrupt words with a valid checksum: only decoding can tell; the device
+    // reports it (the blocks may then have been written and are discarded).
+    let mut bad = good.clone();
+    for i in seg0.0 + 4 * 32..seg0.1 {
+        bad[i] = bad[i].wrapping_mul(31).wrapping_add(7);
+    }
+    let bad = with_checksum(bad);
+    assert!(codec::decode(&bad, None).is_err(), "the CPU decoder must reject it too");
+    let e = expect_err(dec, &[good.clone(), bad], Dtype::F16, false);
+    assert!(matches!(e, GpuError::CorruptOnDevice { chunk: 1, .. } | GpuError::Codec { chunk: 1, .. }), "{e}");
+    // A wrong dtype for the layout, and duplicate blocks: rejected before launch.
+    let e = expect_err(dec, &[good.clone()], Dtype::Bf16, true);
+    assert!(matches!(e, GpuError::Invalid(_)), "{e}");
+}
+
+#[test]
+fn streams_with_external_tables_are_refused_clearly() {
+    let Some(dec) = decoder() else { return };
+    let shape = shape_for(Kind::FlashAttn(false), 64);
+    let calib = synthetic(shape, Dtype::F16, 4);
+    let set = calibrate_tables(&[&calib], &EncodeOptions::level(Level::Default)).unwrap();
+    let opts = EncodeOptions { level: Some(Level::Default), tables: Tables::External(&set), ..Default::default() };
+    let s = encode(&synthetic(shape, Dtype::F16, 5), &opts).unwrap();
+    let e = dec.stage(&[&s]).err().expect("external tables are not supported yet");
+    assert!(matches!(e, GpuError::Unsupported(_)), "{e}");
+}
