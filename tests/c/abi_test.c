@@ -40,8 +40,8 @@
 #define ES 2                       /* f16 */
 #define WAIT_MS 60000
 
-static int failures = 0;
-static int checks = 0;
+static _Atomic int failures = 0; /* CHECKs also run on the loader threads */
+static _Atomic int checks = 0;
 
 #define CHECK(cond)                                                                                  \
     do {                                                                                             \
@@ -155,6 +155,28 @@ typedef struct engine {
     cg_layout_desc desc;
 } engine;
 
+/* Engine buffers have guard zones on both sides: the library's writes are
+ * not instrumented by ASan (only its calls into libc are), so stray writes
+ * just outside a buffer are caught by checking the guards on free. */
+#define GUARD 4096
+#define GUARD_BYTE 0x5C
+
+static uint8_t *guarded_alloc(size_t n) {
+    uint8_t *p = (uint8_t *)malloc(n + 2 * GUARD);
+    memset(p, GUARD_BYTE, GUARD);
+    memset(p + GUARD + n, GUARD_BYTE, GUARD);
+    return p + GUARD;
+}
+
+static void guarded_free(uint8_t *q, size_t n) {
+    if (!q) return;
+    uint8_t *p = q - GUARD;
+    int bad = 0;
+    for (size_t i = 0; i < GUARD; i++) bad += (p[i] != GUARD_BYTE) + (q[n + i] != GUARD_BYTE);
+    CHECK_EQ(bad, 0);
+    free(p);
+}
+
 static cg_layout_desc desc_common(uint32_t num_blocks, const uint64_t *base) {
     cg_layout_desc d;
     memset(&d, 0, sizeof d);
@@ -178,7 +200,7 @@ static void engine_vllm(engine *e, uint32_t num_blocks, bool hnd, uint8_t fill) 
     e->n_bufs = LAYERS;
     e->buf_bytes = 2ull * num_blocks * BS * HEADS * HEAD_DIM * ES;
     for (int l = 0; l < LAYERS; l++) {
-        e->bufs[l] = (uint8_t *)malloc(e->buf_bytes);
+        e->bufs[l] = guarded_alloc(e->buf_bytes);
         memset(e->bufs[l], fill, e->buf_bytes);
         e->base[l] = (uint64_t)(uintptr_t)e->bufs[l];
     }
@@ -198,7 +220,7 @@ static void engine_trtllm(engine *e, uint32_t num_blocks, uint8_t fill) {
     e->name = "TRT-LLM pool (HND, stride_layer)";
     e->n_bufs = 1;
     e->buf_bytes = (size_t)num_blocks * LAYERS * 2 * HEADS * BS * HEAD_DIM * ES;
-    e->bufs[0] = (uint8_t *)malloc(e->buf_bytes);
+    e->bufs[0] = guarded_alloc(e->buf_bytes);
     memset(e->bufs[0], fill, e->buf_bytes);
     for (int l = 0; l < LAYERS; l++) e->base[l] = (uint64_t)(uintptr_t)e->bufs[0];
     e->desc = desc_common(num_blocks, e->base);
@@ -211,7 +233,7 @@ static void engine_trtllm(engine *e, uint32_t num_blocks, uint8_t fill) {
 }
 
 static void engine_free(engine *e) {
-    for (int i = 0; i < e->n_bufs; i++) free(e->bufs[i]);
+    for (int i = 0; i < e->n_bufs; i++) guarded_free(e->bufs[i], e->buf_bytes);
     memset(e, 0, sizeof *e);
 }
 
