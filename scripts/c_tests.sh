@@ -4,7 +4,8 @@
 #   1. include/cachegen.h compiles on its own (C11, C99 and C++17, -Wall -Wextra -Wpedantic -Werror);
 #   2. tests/c/abi_test.c     (C11) on the real fixture, store/lookup/load across layouts, error paths;
 #   3. tests/cpp/abi_test.cpp (C++17) RAII wrapper round trip;
-#   4. integrations/c/example.c, built as its README says and with the sanitizers.
+#   4. integrations/c/example.c, built as its README says, with the sanitizers, and (where cmake
+#      is installed) through the generated CMake package.
 # Expected load results are the CLI's own encode + decode of each 64-token chunk
 # of the fixture (tests/c/split_chunks.py splits it). Work files: target/c-tests/.
 #
@@ -157,6 +158,34 @@ build_and_run "integrations/c/example.c (sanitizers)" gcc CFLAGS integrations/c/
 # And exactly as integrations/c/README.md builds it.
 PLAIN=(-std=c11 -O2 -Wall -Wextra)
 build_and_run "integrations/c/example.c (README recipe)" gcc PLAIN integrations/c/example.c "$WORK/example"
+
+# The CMake package files (only where cmake is installed; it is not required).
+cmake_example() {
+    local defs="" f
+    for f in "${COMPAT[@]}"; do case "$f" in -D*) defs="${f#-D}" ;; esac; done
+    mkdir -p "$WORK/cmake"
+    cat >"$WORK/cmake/CMakeLists.txt" <<CMAKE
+cmake_minimum_required(VERSION 3.16)
+project(cachegen_example C)
+find_package(cachegen 0.1 REQUIRED)
+add_executable(example "$REPO/integrations/c/example.c")
+target_compile_definitions(example PRIVATE $defs)
+target_include_directories(example PRIVATE "$REPO/integrations/c")
+target_link_libraries(example PRIVATE cachegen::cachegen)
+CMAKE
+    if cmake -S "$WORK/cmake" -B "$WORK/cmake/build" -Dcachegen_DIR="$REPO/target/cmake/cachegen" >"$WORK/cmake/configure.log" 2>&1 &&
+        cmake --build "$WORK/cmake/build" >"$WORK/cmake/build.log" 2>&1; then
+        "$WORK/cmake/build/example"
+    else
+        cat "$WORK"/cmake/*.log
+        return 1
+    fi
+}
+if command -v cmake >/dev/null 2>&1; then
+    run "integrations/c/example.c (CMake find_package)" cmake_example
+else
+    step "CMake package: skipped (cmake is not installed)"
+fi
 
 # ---------------------------------------------------------------- result
 echo
