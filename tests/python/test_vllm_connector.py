@@ -44,15 +44,7 @@ except ImportError as e:  # fail loudly: this test must run against the real eng
     ) from e
 
 import cachegen
-from vllm.config import (
-    CacheConfig,
-    DeviceConfig,
-    KVTransferConfig,
-    ModelConfig,
-    SchedulerConfig,
-    VllmConfig,
-    set_current_vllm_config,
-)
+from vllm.config import VllmConfig, set_current_vllm_config
 from vllm.distributed.kv_transfer import kv_transfer_state
 from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
@@ -132,23 +124,37 @@ def distributed(model_dir):
     destroy_distributed_environment()
 
 
+def serve_args(model_dir: Path, extra: dict, prefix_caching: bool = True) -> list:
+    """The `vllm serve` command line of this test's engine (less `serve`)."""
+    kv_transfer = {
+        "kv_connector": "CacheGenConnector",
+        "kv_connector_module_path": "cachegen_vllm.connector",
+        "kv_role": "kv_both",
+        "kv_load_failure_policy": "recompute",
+        "kv_connector_extra_config": extra,
+    }
+    return [
+        "--model", str(model_dir), "--skip-tokenizer-init", "--dtype", "float16", "--seed", "0",
+        "--max-model-len", "512", "--max-num-seqs", "8", "--max-num-batched-tokens", "512",
+        "--block-size", str(BLOCK),
+        "--enable-prefix-caching" if prefix_caching else "--no-enable-prefix-caching",
+        "--kv-transfer-config", json.dumps(kv_transfer),
+    ]
+
+
 def make_config(model_dir: Path, extra: dict, prefix_caching: bool = True) -> VllmConfig:
-    model_config = ModelConfig(model=str(model_dir), skip_tokenizer_init=True, dtype="float16", max_model_len=512, seed=0)
-    return VllmConfig(
-        model_config=model_config,
-        scheduler_config=SchedulerConfig(
-            max_num_seqs=8, max_num_batched_tokens=512, max_model_len=512, is_encoder_decoder=False,
-        ),
-        cache_config=CacheConfig(block_size=BLOCK, enable_prefix_caching=prefix_caching),
-        device_config=DeviceConfig("cpu"),
-        kv_transfer_config=KVTransferConfig(
-            kv_connector="CacheGenConnector",
-            kv_connector_module_path="cachegen_vllm.connector",
-            kv_role="kv_both",
-            kv_load_failure_policy="recompute",
-            kv_connector_extra_config=extra,
-        ),
-    )
+    """A VllmConfig built the way `vllm serve` builds it: vLLM's own argument
+    parser reads --kv-transfer-config as JSON, then EngineArgs makes the config."""
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    parser = EngineArgs.add_cli_args(FlexibleArgumentParser())
+    args = parser.parse_args(serve_args(model_dir, extra, prefix_caching))
+    vc = EngineArgs.from_cli_args(args).create_engine_config()
+    assert vc.kv_transfer_config.kv_connector == "CacheGenConnector"
+    assert vc.kv_transfer_config.kv_connector_extra_config == extra
+    assert vc.cache_config.block_size == BLOCK
+    return vc
 
 
 # ---------------------------------------------------------------------------
@@ -206,8 +212,17 @@ class Engine:
         ctx.clear()
         for name in LAYER_NAMES:
             ctx[name] = SimpleNamespace(kv_cache=self.kv[name])
-        self.calls = []  # worker-side hook order, for the test of the call order
+        self.calls = []  # worker-side hooks as vLLM called them
+        for hook in ("bind_connector_metadata", "start_load_kv", "wait_for_layer_load", "save_kv_layer",
+                     "wait_for_save", "get_finished", "get_block_ids_with_load_errors", "clear_connector_metadata"):
+            setattr(self.worker, hook, self._spy(hook, getattr(self.worker, hook)))
         self.last_output = None
+
+    def _spy(self, hook, fn):
+        def call(*args, **kwargs):
+            self.calls.append(hook + (f"({args[0]})" if args and isinstance(args[0], str) else ""))
+            return fn(*args, **kwargs)
+        return call
 
     # -- requests
 
@@ -226,6 +241,7 @@ class Engine:
 
     def step(self):
         so = self.scheduler.schedule()
+        self.calls.clear()
         with set_current_vllm_config(self.vc):
             kv_out = self._execute(so)
         req_ids = list(so.num_scheduled_tokens)
@@ -321,6 +337,10 @@ def test_store_then_load_through_scheduler(model_dir, distributed, tmp_path, lay
     assert so.num_scheduled_tokens["A"] == 100
     assert so.kv_connector_metadata.requests[0].save_tokens == 96
     assert not kv_out.invalid_block_ids
+    layer_hooks = [f"{h}({n})" for n in LAYER_NAMES for h in ("wait_for_layer_load", "save_kv_layer")]
+    after = ["wait_for_save", "get_finished", "get_block_ids_with_load_errors", "clear_connector_metadata"]
+    # No sync load this step: vLLM starts (async) loads after the forward.
+    assert e1.calls == ["bind_connector_metadata", *layer_hooks, "start_load_kv", *after]
     e1.run_until_done()
     wait_store_durable(e1.worker.stats, 3)
     e1.close()
@@ -358,6 +378,8 @@ def test_store_then_load_through_scheduler(model_dir, distributed, tmp_path, lay
     [meta_b] = [m for m in so.kv_connector_metadata.requests if m.req_id == "B"]
     assert (meta_b.load_tokens, meta_b.first_token) == (96, 48)
     assert not kv_out.invalid_block_ids
+    # A sync load: started before the forward, awaited per layer.
+    assert e2.calls == ["bind_connector_metadata", "start_load_kv", *layer_hooks, *after]
     blocks_b = e2.block_ids("B")
     assert blocks_b[:3] == blocks_p[:3]  # vLLM's own prefix-cache hit
 
@@ -385,8 +407,12 @@ def test_store_then_load_through_scheduler(model_dir, distributed, tmp_path, lay
             np.testing.assert_array_equal(got, true_kv(li, pos, prompt_b[pos]))
     assert 0 < max_err < 0.5, max_err  # lossy, but close (values are ~N(0, 1))
 
-    c = ctx_stats()["counters"]
+    stats = ctx_stats()
+    c = stats["counters"]
     assert c["load_chunks_ok"] >= 3 and c.get("load_chunks_failed", 0) == 0, c
+    # Scheduler and worker share the context here, so each load carried a
+    # lease; the loads ended them once their chunks were fetched.
+    assert c["leases_granted"] == 2 and stats["leases_active"] == 0, stats
     e2.run_until_done()
     e2.close()
 

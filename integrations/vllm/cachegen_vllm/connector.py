@@ -346,6 +346,9 @@ class CacheGenConnector(KVConnectorBase_V1):
         extra = dict(getattr(self._kv_transfer_config, "kv_connector_extra_config", None) or {})
         is_worker = role == KVConnectorRole.WORKER
         self._settings = _Settings(vllm_config, extra, _tp_rank() if is_worker else 0)
+        # kv_producer only stores, kv_consumer only loads, kv_both does both.
+        self._settings.load_enabled &= bool(getattr(self._kv_transfer_config, "is_kv_consumer", True))
+        self._settings.save_enabled &= bool(getattr(self._kv_transfer_config, "is_kv_producer", True))
         self._shared: Optional[_Shared] = None
         self._disabled: Optional[str] = self._settings.disabled_reason
         if self._disabled is None and not is_worker and _device_type(vllm_config) == "cuda":
