@@ -1,0 +1,742 @@
+"""The Python binding (integrations/python, package `cachegen`) of the C ABI, on
+numpy host buffers holding the real KV fixture: store from one engine layout,
+lookup, load into others; per-layer waits, job info, statistics, salts,
+partial loads, failures reported per block, error codes, timeouts.
+
+What a load must produce is the codec's own decoded output, obtained
+independently through the CLI (`cachegen encode` / `cachegen decode` of each
+64-token chunk). The library is $CACHEGEN_LIBRARY or target/release (built by
+scripts/test.sh with `cargo build --release`)."""
+
+import gc
+import json
+import os
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+# Test this checkout's build unless told otherwise (an installed wheel may bundle another).
+if (REPO / "target/release/libcachegen.so").is_file():
+    os.environ.setdefault("CACHEGEN_LIBRARY", str(REPO / "target/release/libcachegen.so"))
+try:
+    import cachegen
+except ImportError:  # not installed into the venv: use the source tree
+    sys.path.insert(0, str(REPO / "integrations/python"))
+    import cachegen
+
+CLI = REPO / "target/release/cachegen"
+FIXTURE = REPO / "fixtures/smollm2-kernel-doc-320.safetensors"
+BS = 16  # tokens per block
+CHUNK = 64  # tokens per chunk
+N_TOK = 320  # the fixture's tokens: 5 chunks, 20 blocks
+AXES_VLLM = ("kv", "block", "token", "head", "dim")
+AXES_FLASHINFER = ("block", "kv", "token", "head", "dim")
+AXES_TRTLLM = ("block", "layer", "kv", "head", "token", "dim")
+
+
+# ---------------------------------------------------------------------------
+# safetensors by hand: 8-byte little-endian header length, JSON header, raw bytes
+
+def read_safetensors(path):
+    data = Path(path).read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + n])
+    meta = header.pop("__metadata__", {})
+    out = {}
+    for name, h in header.items():
+        assert h["dtype"] == "F16", h
+        a, b = h["data_offsets"]
+        out[name] = np.frombuffer(data, dtype=np.float16, count=(b - a) // 2, offset=8 + n + a).reshape(h["shape"])
+    return out, meta
+
+
+def write_safetensors(path, tensors):
+    header, offset, blobs = {}, 0, []
+    for name, t in tensors.items():
+        raw = np.ascontiguousarray(t, dtype=np.float16).tobytes()
+        header[name] = {"dtype": "F16", "shape": list(t.shape), "data_offsets": [offset, offset + len(raw)]}
+        offset += len(raw)
+        blobs.append(raw)
+    h = json.dumps(header).encode()
+    h += b" " * (-len(h) % 8)
+    Path(path).write_bytes(struct.pack("<Q", len(h)) + h + b"".join(blobs))
+
+
+@pytest.fixture(scope="module")
+def kv():
+    """(K, V, tokens): K and V as [layers, 320, 3, 64] f16; the fixture's own token ids."""
+    t, meta = read_safetensors(FIXTURE)
+    layers = len([k for k in t if k.endswith(".key")])
+    k = np.stack([t[f"layers.{i}.key"] for i in range(layers)])
+    v = np.stack([t[f"layers.{i}.value"] for i in range(layers)])
+    tokens = np.array(json.loads(meta["context_tokens"]), dtype=np.uint32)
+    assert k.shape == (30, N_TOK, 3, 64) and tokens.shape == (N_TOK,)
+    return k, v, tokens
+
+
+@pytest.fixture(scope="module")
+def decoded(kv, tmp_path_factory):
+    """What loading the 5 chunks must give: each 64-token chunk encoded at the
+    default level and decoded again, by the CLI."""
+    k, v, _ = kv
+    d = tmp_path_factory.mktemp("codec")
+    outs_k, outs_v = [], []
+    for c in range(N_TOK // CHUNK):
+        s = slice(c * CHUNK, (c + 1) * CHUNK)
+        src, cg, dec = d / f"chunk{c}.safetensors", d / f"chunk{c}.cg", d / f"chunk{c}.dec.safetensors"
+        tensors = {}
+        for i in range(k.shape[0]):
+            tensors[f"layers.{i}.key"] = k[i, s]
+            tensors[f"layers.{i}.value"] = v[i, s]
+        write_safetensors(src, tensors)
+        subprocess.run([str(CLI), "encode", "--level", "default", str(src), str(cg)], check=True, capture_output=True)
+        subprocess.run([str(CLI), "decode", str(cg), str(dec)], check=True, capture_output=True)
+        got, _ = read_safetensors(dec)
+        outs_k.append(np.stack([got[f"layers.{i}.key"] for i in range(k.shape[0])]))
+        outs_v.append(np.stack([got[f"layers.{i}.value"] for i in range(k.shape[0])]))
+    dk, dv = np.concatenate(outs_k, axis=1), np.concatenate(outs_v, axis=1)
+    assert dk.shape == k.shape and not np.array_equal(dk.view(np.uint16), k.view(np.uint16)), "lossy level"
+    return dk, dv
+
+
+def config(**extra):
+    cfg = {
+        "namespace": {"model": "smollm2-python-test", "kv_dtype": "f16", "block_size": BS},
+        "chunk_tokens": CHUNK,
+        "decode_threads": 2,
+        "io_threads": 2,
+    }
+    cfg.update(extra)
+    return cfg
+
+
+# ---------------------------------------------------------------------------
+# Engines: numpy host memory in each engine's layout, plus a canonical view
+# [layer][kv, block, token, head, dim] for filling and checking from the test.
+
+class Engine:
+    def __init__(self, layout, canon):
+        self.layout = layout
+        self.canon = canon  # per layer: a view (2, blocks, BS, heads, dim) of the engine's memory
+
+    def fill(self, k, v, blocks, tokens):
+        nb = len(blocks)
+        assert nb * BS == tokens
+        idx = np.asarray(blocks)
+        for l, view in enumerate(self.canon):
+            view[0, idx] = k[l, :tokens].reshape(nb, BS, *k.shape[2:])
+            view[1, idx] = v[l, :tokens].reshape(nb, BS, *v.shape[2:])
+
+    def read(self, blocks, start, end):
+        """(K, V) [layers, end-start, heads, dim] of tokens start..end (block aligned)."""
+        idx = np.asarray(blocks[start // BS : end // BS])
+        ks = np.stack([view[0, idx].reshape(-1, *view.shape[3:]) for view in self.canon])
+        vs = np.stack([view[1, idx].reshape(-1, *view.shape[3:]) for view in self.canon])
+        return ks, vs
+
+    def block_bytes(self, block):
+        return [view[:, block].tobytes() for view in self.canon]
+
+
+def vllm(num_blocks, hnd=False, layers=30, dtype=np.float16):
+    """vLLM flash-attn: per layer (2, blocks, BS, heads, dim); HND: heads before tokens physically."""
+    if hnd:
+        arrs = [np.zeros((2, num_blocks, 3, BS, 64), dtype).transpose(0, 1, 3, 2, 4) for _ in range(layers)]
+    else:
+        arrs = [np.zeros((2, num_blocks, BS, 3, 64), dtype) for _ in range(layers)]
+    return Engine(cachegen.Layout.from_tensors(arrs, AXES_VLLM), arrs)
+
+
+def flashinfer(num_blocks, layers=30):
+    arrs = [np.zeros((num_blocks, 2, BS, 3, 64), np.float16) for _ in range(layers)]
+    return Engine(cachegen.Layout.from_tensors(arrs, AXES_FLASHINFER), [a.transpose(1, 0, 2, 3, 4) for a in arrs])
+
+
+def trtllm(num_blocks, layers=30):
+    pool = np.zeros((num_blocks, layers, 2, 3, BS, 64), np.float16)
+    canon = [pool[:, l].transpose(1, 0, 3, 2, 4) for l in range(layers)]
+    return Engine(cachegen.Layout.from_tensors(pool, AXES_TRTLLM), canon)
+
+
+def assert_same(got, want, what):
+    # bytes, not values: f16 NaN/-0 must round-trip exactly too
+    assert got.shape == want.shape, what
+    assert np.array_equal(got.view(np.uint16), want.view(np.uint16)), what
+
+
+def store_all(ctx, k, v, toks, n=N_TOK, salt=b"", num_blocks=20):
+    src = vllm(num_blocks)
+    blocks = list(range(n // BS))
+    src.fill(k, v, blocks, n)
+    with ctx.store(src.layout, toks[:n], blocks, salt=salt) as job:
+        assert job.wait(timeout=60)
+        return job.info()
+
+
+# ---------------------------------------------------------------------------
+
+def test_version_and_library():
+    assert cachegen.version() == "0.1.0"
+    assert Path(cachegen.library_path()).is_file()
+
+
+def test_store_lookup_load_across_layouts(kv, decoded):
+    k, v, toks = kv
+    dk, dv = decoded
+    with cachegen.Context(config()) as ctx:
+        assert ctx.lookup(toks) == (0, 0)
+        # Source: vLLM NHD, 40 blocks, every other block, descending.
+        src = vllm(40)
+        src_blocks = [39 - 2 * i for i in range(20)]
+        src.fill(k, v, src_blocks, N_TOK)
+        job = ctx.store(src.layout, toks, np.array(src_blocks, dtype=np.int64))
+        assert job.kind == "store" and job.layers == 30
+        assert job.wait("reusable", timeout=60)
+        assert job.wait("done", timeout=60)
+        info = job.info()
+        assert info == {
+            "kind": "store", "reusable": True, "done": True, "layers_done": info["layers_done"], "layers": 30,
+            "chunks_ok": 5, "chunks_failed": 0, "chunks_skipped": 0, "failed_blocks": 0,
+        }, (info, job.errors())
+        assert job.errors() == [] and job.failed_blocks() == []
+        assert job.wait_layer(29, timeout=0), "a store's layer wait is its done"
+        job.close()
+        job.close()
+
+        assert ctx.lookup(toks) == (320, 0)
+        assert ctx.lookup(list(toks) + [7] * 100)[0] == 320  # longer prompt, same prefix
+        changed = toks.copy()
+        changed[130] ^= 1
+        assert ctx.lookup(changed)[0] == 128
+        assert ctx.lookup(toks[:300])[0] == 256  # only whole chunks
+
+        # Storing again writes nothing.
+        with ctx.store(src.layout, toks.tolist(), src_blocks) as again:
+            assert again.wait(timeout=30)
+            assert again.info()["chunks_skipped"] == 5 and again.info()["chunks_ok"] == 0
+
+        # Into vLLM HND, FlashInfer and a TensorRT-LLM pool, each with its own block order.
+        targets = [
+            ("vllm-hnd", vllm(20, hnd=True), [(i * 7 + 3) % 20 for i in range(20)][::-1]),
+            ("flashinfer", flashinfer(24), [23 - i for i in range(20)]),
+            ("trtllm", trtllm(21), [(i * 5) % 21 for i in range(1, 21)]),
+        ]
+        for name, dst, blocks in targets:
+            assert len(set(blocks)) == 20
+            job = ctx.load(dst.layout, toks, blocks)
+            assert job.kind == "load"
+            assert all(job.wait_layer(l, timeout=60) for l in range(30)), name
+            assert job.wait(timeout=60)
+            info = job.info()
+            assert info == {
+                "kind": "load", "reusable": True, "done": True, "layers_done": 30, "layers": 30,
+                "chunks_ok": 5, "chunks_failed": 0, "chunks_skipped": 0, "failed_blocks": 0,
+            }, (name, info, job.errors())
+            assert job.failed_blocks() == [] and job.errors() == []
+            got_k, got_v = dst.read(blocks, 0, N_TOK)
+            assert_same(got_k, dk, f"{name}: keys differ from the codec's decoded output")
+            assert_same(got_v, dv, f"{name}: values differ from the codec's decoded output")
+            unused = set(range(dst.layout.num_blocks)) - set(blocks)
+            for b in unused:  # nothing written outside the blocks given
+                assert all(not any(x) for x in dst.block_bytes(b)), (name, b)
+            job.close()
+
+        s = ctx.stats()
+        assert s["namespace"] == {
+            "model": "smollm2-python-test", "kv_dtype": "f16", "tp_world_size": 1, "tp_rank": 0,
+            "block_size": BS, "chunk_tokens": CHUNK, "level": "default",
+        }
+        c = s["counters"]
+        assert (c["stores"], c["store_chunks_written"], c["store_chunks_skipped"], c["store_chunks_failed"]) == (2, 5, 5, 0)
+        assert (c["loads"], c["load_chunks_ok"], c["load_chunks_failed"], c["load_blocks_failed"]) == (3, 15, 0, 0)
+        assert c["lookups"] == 5 and c["lookup_tokens_hit"] == 320 * 2 + 128 + 256
+        assert c["store_bytes_raw"] == 320 * 30 * 2 * 3 * 64 * 2
+        assert c["load_bytes_decoded"] == 3 * c["store_bytes_raw"]
+        assert 3.0 < s["throughput"]["compression_ratio"] < 10, s["throughput"]
+        assert c["store_bytes_encoded"] < c["store_bytes_raw"] / 3
+        assert [t["name"] for t in s["tiers"]] == ["memory"] and s["tiers"][0]["entries"] == 5
+        assert s["leases_active"] == 0 and s["queued"] == {"io": 0, "cpu": 0}
+
+
+def test_torch_like_tensors_give_the_same_layout():
+    """Duck-typed tensors (data_ptr, stride in elements, element_size, shape,
+    dtype): the strides come from the tensor, as for numpy."""
+
+    class FakeTensor:
+        def __init__(self, a):
+            self.a = a
+            self.shape = a.shape
+            self.dtype = "torch.float16"
+
+        def data_ptr(self):
+            return self.a.__array_interface__["data"][0]
+
+        def element_size(self):
+            return self.a.itemsize
+
+        def stride(self):
+            return tuple(s // self.a.itemsize for s in self.a.strides)
+
+    arrs = [np.zeros((2, 8, 3, BS, 64), np.float16).transpose(0, 1, 3, 2, 4) for _ in range(4)]
+    a = cachegen.Layout.from_tensors(arrs, AXES_VLLM)
+    b = cachegen.Layout.from_tensors([FakeTensor(x) for x in arrs], AXES_VLLM)
+    fields = ("kind", "dtype", "layers", "num_blocks", "block_size", "heads", "head_dim", "layer_base",
+              "stride_block", "stride_kv", "stride_token", "stride_head", "stride_layer", "memory")
+    assert [getattr(a, f) for f in fields] == [getattr(b, f) for f in fields]
+    assert (a.stride_kv, a.stride_block, a.stride_token, a.stride_head) == (8 * 3 * BS * 64 * 2, 3 * BS * 64 * 2, 128, BS * 64 * 2)
+    # A pool is one tensor with a layer axis.
+    pool = np.zeros((8, 4, 2, 3, BS, 64), np.float16)
+    p = cachegen.Layout.from_tensors(pool, AXES_TRTLLM)
+    assert p.layers == 4 and p.stride_layer == 2 * 3 * BS * 64 * 2 and len(set(p.layer_base)) == 1
+    # MLA: one latent stream, no kv and no head axis.
+    mla = cachegen.Layout.from_tensors([np.zeros((8, BS, 576), np.float16)] * 1, ("block", "token", "dim"), kind="latent")
+    assert (mla.kind, mla.heads, mla.head_dim, mla.stride_kv) == ("latent", 1, 576, 0)
+    for lay in (a, b, p, mla):
+        lay.close()
+        lay.close()
+
+
+def test_layout_keeps_its_arrays_alive(kv, decoded):
+    k, v, toks = kv
+    dk, dv = decoded
+    with cachegen.Context(config()) as ctx:
+        src = vllm(20)
+        src.fill(k, v, list(range(20)), N_TOK)
+        layout = src.layout
+        del src  # the layout alone holds the arrays now
+        gc.collect()
+        with ctx.store(layout, toks, list(range(20))) as job:
+            assert job.wait(timeout=60) and job.info()["chunks_ok"] == 5
+        dst = vllm(20)
+        job = ctx.load(dst.layout, toks, list(range(20)))
+        canon = dst.canon
+        del dst  # the job holds the destination
+        gc.collect()
+        assert job.wait(timeout=60) and job.failed_blocks() == []
+        got_k = np.stack([c[0].reshape(-1, 3, 64) for c in canon])
+        assert_same(got_k, dk, "keys")
+
+
+def test_salt_separates(kv, decoded):
+    k, v, toks = kv
+    with cachegen.Context(config()) as ctx:
+        assert store_all(ctx, k, v, toks, salt=b"tenant-a\x00lora-1")["chunks_ok"] == 5
+        assert ctx.lookup(toks)[0] == 0
+        assert ctx.lookup(toks, salt=b"tenant-b")[0] == 0
+        assert ctx.lookup(toks, salt=b"tenant-a")[0] == 0
+        assert ctx.lookup(toks, salt=b"tenant-a\x00lora-1")[0] == 320
+        dst = vllm(20)
+        with ctx.load(dst.layout, toks, range(20), salt=b"tenant-b") as job:
+            assert job.wait(timeout=30)
+            assert job.failed_blocks() == list(range(20)) and job.info()["chunks_failed"] == 5
+        with ctx.load(dst.layout, toks, range(20), salt="tenant-a\x00lora-1") as job:
+            assert job.wait(timeout=30) and job.failed_blocks() == []
+        assert_same(dst.read(list(range(20)), 0, N_TOK)[1], decoded[1], "values")
+
+
+def test_partial_load_with_first_token(kv, decoded):
+    k, v, toks = kv
+    dk, dv = decoded
+    with cachegen.Context(config()) as ctx:
+        store_all(ctx, k, v, toks, n=256, num_blocks=16)
+        assert ctx.lookup(toks)[0] == 256
+        dst = vllm(16)
+        blocks = list(range(15, -1, -1))
+        # The engine has the first 48 tokens (3 blocks): a marker there must survive.
+        for view in dst.canon:
+            view[:, blocks[:3]] = np.frombuffer(b"\x55\x55", np.float16)[0]
+        marker = dst.read(blocks, 0, 48)
+        with ctx.load(dst.layout, toks[:256], blocks, first_token=48) as job:
+            assert all(job.wait_layer(l, timeout=60) for l in range(30))
+            assert job.wait(timeout=60)
+            info = job.info()
+            assert (info["chunks_ok"], info["chunks_failed"], info["failed_blocks"]) == (4, 0, 0)
+        got = dst.read(blocks, 0, 48)
+        assert_same(got[0], marker[0], "marker keys overwritten")
+        assert_same(got[1], marker[1], "marker values overwritten")
+        got_k, got_v = dst.read(blocks, 48, 256)
+        assert_same(got_k, dk[:, 48:256], "keys")
+        assert_same(got_v, dv[:, 48:256], "values")
+        # first_token must be block aligned.
+        with pytest.raises(cachegen.CacheGenError) as e:
+            ctx.load(dst.layout, toks[:256], blocks, first_token=40)
+        assert e.value.code == cachegen.CG_ERR_INVALID_ARGUMENT and "first_token" in e.value.message
+
+
+def test_leases(kv):
+    k, v, toks = kv
+    with cachegen.Context(config()) as ctx:
+        store_all(ctx, k, v, toks, n=128, num_blocks=8)
+        matched, lease = ctx.lookup(toks, lease_ms=60_000)
+        assert matched == 128 and lease != 0
+        assert ctx.stats()["leases_active"] == 1
+        ctx.release_lease(lease)
+        ctx.release_lease(lease)  # ended already: not an error
+        ctx.release_lease(0)
+        assert ctx.stats()["leases_active"] == 0
+        assert ctx.lookup(toks[64:], lease_ms=1000) == (0, 0), "no lease when nothing is found"
+        matched, lease = ctx.lookup(toks, lease_ms=60_000)
+        dst = vllm(8)
+        with ctx.load(dst.layout, toks[:matched], range(8), lease_id=lease) as job:
+            assert job.wait(timeout=60) and job.failed_blocks() == []
+        assert ctx.stats()["leases_active"] == 0, "the load consumed the lease"
+        assert ctx.stats()["counters"]["leases_granted"] == 2
+        with pytest.raises(cachegen.CacheGenError) as e:
+            ctx.lookup(toks, lease_ms=2**32)
+        assert e.value.code == cachegen.CG_ERR_INVALID_ARGUMENT
+
+
+def test_load_of_tokens_never_stored_fails_those_blocks(kv, decoded):
+    k, v, toks = kv
+    dk, dv = decoded
+    with cachegen.Context(config()) as ctx:
+        store_all(ctx, k, v, toks, n=192, num_blocks=12)
+        dst = vllm(20)
+        blocks = list(range(20))
+        with ctx.load(dst.layout, toks, blocks) as job:
+            assert all(job.wait_layer(l, timeout=60) for l in range(30))
+            assert job.wait(timeout=60)
+            info = job.info()
+            assert (info["chunks_ok"], info["chunks_failed"], info["failed_blocks"], info["layers_done"]) == (3, 2, 8, 30)
+            assert job.failed_blocks() == list(range(12, 20))
+            errs = job.errors()
+            assert len(errs) == 2 and all(errs), errs
+        got_k, got_v = dst.read(blocks, 0, 192)
+        assert_same(got_k, dk[:, :192], "keys")
+        assert_same(got_v, dv[:, :192], "values")
+        c = ctx.stats()["counters"]
+        assert (c["load_chunks_ok"], c["load_chunks_failed"], c["load_blocks_failed"]) == (3, 2, 8)
+
+
+def files_under(d):
+    return {p for p in Path(d).rglob("*") if p.is_file()}
+
+
+def test_corrupt_disk_file_fails_its_blocks_only(kv, decoded, tmp_path):
+    k, v, toks = kv
+    dk, dv = decoded
+    cfg = config(tiers={"disk": {"path": str(tmp_path / "disk"), "bytes": 100_000_000}})
+    src = vllm(20)
+    src.fill(k, v, list(range(20)), N_TOK)
+    with cachegen.Context(cfg) as ctx:
+        with ctx.store(src.layout, toks[:128], range(20)) as job:
+            assert job.wait(timeout=60) and job.info()["chunks_ok"] == 2
+        before = files_under(tmp_path / "disk")
+        with ctx.store(src.layout, toks, range(20)) as job:
+            assert job.wait(timeout=60)
+            assert (job.info()["chunks_ok"], job.info()["chunks_skipped"]) == (3, 2)
+        # Storing chunks 2..4 added three files; the one for chunk 2 is found by
+        # storing 192 tokens in a scratch directory with the same keys.
+    with cachegen.Context(config(tiers={"disk": {"path": str(tmp_path / "probe"), "bytes": 100_000_000}})) as probe:
+        with probe.store(src.layout, toks[:192], range(20)) as job:
+            assert job.wait(timeout=60)
+    chunk2 = {p.relative_to(tmp_path / "probe") for p in files_under(tmp_path / "probe")}
+    chunk2 -= {p.relative_to(tmp_path / "disk") for p in before}
+    assert len(chunk2) == 1, chunk2
+    path = tmp_path / "disk" / chunk2.pop()
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0x10
+    path.write_bytes(bytes(raw))
+
+    with cachegen.Context(cfg) as ctx:  # a new context finds the files again
+        assert ctx.lookup(toks)[0] == 320
+        dst = vllm(20)
+        blocks = [19 - i for i in range(20)]
+        with ctx.load(dst.layout, toks, blocks) as job:
+            assert job.wait(timeout=60)
+            assert job.failed_blocks() == sorted(blocks[8:12]), job.errors()
+            info = job.info()
+            assert (info["chunks_ok"], info["chunks_failed"]) == (4, 1)
+            assert len(job.errors()) == 1
+        for c in (0, 1, 3, 4):
+            s, e = c * CHUNK, (c + 1) * CHUNK
+            got_k, got_v = dst.read(blocks, s, e)
+            assert_same(got_k, dk[:, s:e], f"chunk {c} keys")
+            assert_same(got_v, dv[:, s:e], f"chunk {c} values")
+        assert ctx.lookup(toks)[0] == 128, "the corrupt entry is dropped"
+
+
+def test_error_codes_and_messages(kv):
+    k, v, toks = kv
+    E = cachegen.CacheGenError
+    cases = [
+        ('{"namespace": {"model": "m"', cachegen.CG_ERR_CONFIG),
+        ({"namespace": {"model": "m"}, "chunk_tokenz": 64}, cachegen.CG_ERR_CONFIG),
+        ({"namespace": {"model": "m", "kv_dtype": "fp8"}}, cachegen.CG_ERR_CONFIG),
+        ({"namespace": {"model": "m"}, "chunk_tokens": 60}, cachegen.CG_ERR_CONFIG),
+        ({"namespace": {"model": ""}}, cachegen.CG_ERR_CONFIG),
+    ]
+    for cfg, code in cases:
+        with pytest.raises(E) as e:
+            cachegen.Context(cfg)
+        assert e.value.code == code and e.value.message, (cfg, e.value)
+    with pytest.raises(E) as e:
+        cachegen.Context({"namespace": {"model": "m"}, "chunk_tokenz": 64})
+    assert "chunk_tokenz" in e.value.message
+
+    base = [0x1000_0000, 0x2000_0000]  # never touched: a layout is only validated
+
+    def layout(**kw):
+        args = dict(kind="kv", dtype="f16", layers=2, num_blocks=8, block_size=BS, heads=3, head_dim=64,
+                    layer_base=base, stride_block=BS * 3 * 64 * 2, stride_kv=8 * BS * 3 * 64 * 2,
+                    stride_token=3 * 64 * 2, stride_head=64 * 2)
+        args.update(kw)
+        return cachegen.Layout(**args)
+
+    layout().close()
+    for kw in [dict(stride_token=64), dict(stride_head=2), dict(stride_kv=0), dict(num_blocks=0),
+               dict(kind="latent"), dict(layer_base=[base[0], base[0]]), dict(layer_base=base[:1])]:
+        with pytest.raises(E) as e:
+            layout(**kw)
+        assert e.value.code == cachegen.CG_ERR_LAYOUT and e.value.message, kw
+    with pytest.raises(E) as e:
+        layout(memory="cuda")
+    assert e.value.code == cachegen.CG_ERR_UNSUPPORTED
+    with pytest.raises(E) as e:
+        layout(dtype="fp8")
+    assert e.value.code == cachegen.CG_ERR_INVALID_ARGUMENT
+    with pytest.raises(E) as e:  # head_dim not contiguous
+        cachegen.Layout.from_tensors([np.zeros((2, 8, BS, 64, 3), np.float16).transpose(0, 1, 2, 4, 3)], AXES_VLLM)
+    assert e.value.code == cachegen.CG_ERR_LAYOUT
+    with pytest.raises(E) as e:
+        cachegen.Layout.from_tensors([np.zeros((2, 8, BS, 3, 64), np.float16)], ("kv", "block", "token", "heads", "dim"))
+    assert e.value.code == cachegen.CG_ERR_LAYOUT and "heads" in e.value.message
+    with pytest.raises(E):
+        cachegen.Layout.from_tensors([np.zeros((2, 8, BS, 3, 64), np.int16)], AXES_VLLM)
+
+    with cachegen.Context(config()) as ctx:
+        # A layout whose dtype differs from the namespace's.
+        f32 = vllm(20, layers=30, dtype=np.float32)
+        with pytest.raises(E) as e:
+            ctx.store(f32.layout, toks, range(20))
+        assert e.value.code == cachegen.CG_ERR_INVALID_ARGUMENT and "dtype" in e.value.message
+        with pytest.raises(E):
+            ctx.load(f32.layout, toks, range(20))
+        src = vllm(20)
+        for blocks, code in [
+            (range(19), cachegen.CG_ERR_INVALID_ARGUMENT),  # too few blocks for 320 tokens
+            ([], cachegen.CG_ERR_INVALID_ARGUMENT),
+            (list(range(19)) + [20], cachegen.CG_ERR_LAYOUT),  # out of range
+            (list(range(19)) + [0], cachegen.CG_ERR_LAYOUT),  # twice
+        ]:
+            for call in (lambda: ctx.store(src.layout, toks, blocks), lambda: ctx.load(src.layout, toks, blocks)):
+                with pytest.raises(E) as e:
+                    call()
+                assert e.value.code == code and e.value.message, (list(blocks), e.value)
+        for bad_tokens in ([-1], [2**32], np.zeros((2, 2), np.uint32), ["a"], [1.5]):
+            with pytest.raises(E) as e:
+                ctx.lookup(bad_tokens)
+            assert e.value.code == cachegen.CG_ERR_INVALID_ARGUMENT
+        assert ctx.lookup([]) == (0, 0)
+        # Read-only memory can be stored from, never loaded into.
+        ro = [np.zeros((2, 20, BS, 3, 64), np.float16) for _ in range(30)]
+        for a in ro:
+            a.flags.writeable = False
+        ro_layout = cachegen.Layout.from_tensors(ro, AXES_VLLM)
+        with pytest.raises(E):
+            ctx.load(ro_layout, toks, range(20))
+        with ctx.store(ro_layout, toks, range(20)) as job:
+            assert job.wait(timeout=60)
+            with pytest.raises(E) as e:
+                job.wait_layer(30)
+            assert e.value.code == cachegen.CG_ERR_INVALID_ARGUMENT
+            with pytest.raises(E):
+                job.wait("durable")
+        src.layout.close()
+        with pytest.raises(E):
+            ctx.store(src.layout, toks, range(20))
+    with pytest.raises(E):  # a closed context
+        ctx.lookup(toks)
+    ctx.close()
+
+
+def test_string_buffers_are_retried_with_the_size_asked(kv, monkeypatch):
+    k, v, toks = kv
+    monkeypatch.setattr(cachegen, "_INITIAL_BUFFER", 1)
+    with cachegen.Context(config()) as ctx:
+        s = ctx.stats()
+        assert s["namespace"]["chunk_tokens"] == CHUNK
+        dst = vllm(20)
+        with ctx.load(dst.layout, toks, range(20)) as job:
+            assert job.wait(timeout=30)
+            errs = job.errors()
+            assert len(errs) == 5 and all(len(e) > 10 for e in errs), errs
+
+
+def test_closed_redis_port_fails_every_block_without_hanging(kv):
+    k, v, toks = kv
+    cfg = config(tiers={"redis": {"url": "redis://127.0.0.1:1", "timeout_ms": 200}}, load_timeout_ms=5000)
+    t0 = time.monotonic()
+    with cachegen.Context(cfg) as ctx:
+        src = vllm(20)
+        src.fill(k, v, list(range(20)), N_TOK)
+        assert ctx.lookup(toks) == (0, 0)
+        with ctx.store(src.layout, toks, range(20)) as job:
+            assert job.wait(timeout=30)
+            info = job.info()
+            assert (info["chunks_ok"], info["chunks_failed"]) == (0, 5) and job.errors()
+        dst = vllm(20)
+        with ctx.load(dst.layout, toks, range(20)) as job:
+            assert job.wait(timeout=30), "the load must end"
+            assert all(job.wait_layer(l, timeout=0) for l in range(30))
+            assert job.failed_blocks() == list(range(20))
+            assert job.info()["chunks_failed"] == 5 and job.errors()
+        s = ctx.stats()
+        assert [t["name"] for t in s["tiers"]] == ["redis"]
+    assert time.monotonic() - t0 < 20
+
+
+class StalledRedis:
+    """A TCP server that answers redis-rs' connection handshake (the pipeline
+    of two `CLIENT SETINFO`, whose replies are ignored) and then never answers
+    again: a hung Redis. With `handshake=False` it never answers at all."""
+
+    def __init__(self, handshake=True):
+        self.handshake = handshake
+        self.stop = threading.Event()
+        self.srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.srv.bind(("127.0.0.1", 0))
+        self.srv.listen(64)
+        self.srv.settimeout(0.1)
+        self.port = self.srv.getsockname()[1]
+        self.conns = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.srv.accept()
+            except OSError:
+                continue
+            self.conns.append(conn)
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn):
+        conn.settimeout(0.1)
+        answered = not self.handshake
+        while not self.stop.is_set():
+            try:
+                data = conn.recv(65536)
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            if not data:
+                return
+            if not answered:
+                conn.sendall(b"+OK\r\n+OK\r\n")
+                answered = True
+
+    def close(self):
+        self.stop.set()
+        self.srv.close()
+        for c in self.conns:
+            c.close()
+
+
+@pytest.fixture
+def stalled_redis():
+    srv = StalledRedis()
+    yield srv.port
+    srv.close()
+
+
+def test_wait_timeouts_return_false_then_the_load_fails(kv, stalled_redis):
+    k, v, toks = kv
+    cfg = config(tiers={"redis": {"url": f"redis://127.0.0.1:{stalled_redis}", "timeout_ms": 300}}, load_timeout_ms=1500)
+    with cachegen.Context(cfg) as ctx:
+        t0 = time.monotonic()
+        assert ctx.lookup(toks) == (0, 0)  # EXISTS times out: nothing found
+        assert time.monotonic() - t0 < 2
+        dst = vllm(20)
+        t0 = time.monotonic()
+        with ctx.load(dst.layout, toks, range(20)) as job:
+            assert job.wait(timeout=0) is False
+            assert job.wait(timeout=0.05) is False
+            assert job.wait("reusable", timeout=0.01) is False
+            assert job.wait_layer(0, timeout=0.01) is False
+            info = job.info()
+            assert not info["done"] and info["layers_done"] == 0
+            assert job.wait(timeout=30)
+            waited = time.monotonic() - t0
+            assert 0.25 < waited < 10, waited
+            assert job.failed_blocks() == list(range(20))
+            assert job.info()["chunks_failed"] == 5 and len(job.errors()) == 5
+        # Cancelling a load ends it at once, its blocks failed.
+        job = ctx.load(dst.layout, toks, range(20))
+        assert job.wait(timeout=0.05) is False
+        t0 = time.monotonic()
+        job.cancel()
+        assert job.wait(timeout=5) and time.monotonic() - t0 < 1.0
+        assert job.failed_blocks() == list(range(20))
+        job.close()
+        with pytest.raises(cachegen.CacheGenError):
+            job.info()
+        t0 = time.monotonic()
+    assert time.monotonic() - t0 < 5, "closing the context waited too long for the stalled fetches"
+
+
+SILENT_REDIS_SCRIPT = """
+import sys, socket, numpy as np
+sys.path.insert(0, sys.argv[1])
+import cachegen
+srv = socket.socket(); srv.bind(("127.0.0.1", 0)); srv.listen(64)  # accepts, never answers
+cfg = {"namespace": {"model": "m", "block_size": 16}, "chunk_tokens": 64, "load_timeout_ms": 500, "io_threads": 1,
+       "tiers": {"redis": {"url": "redis://127.0.0.1:%d" % srv.getsockname()[1], "timeout_ms": 200}}}
+arrs = [np.zeros((2, 4, 16, 1, 8), np.float16)]
+layout = cachegen.Layout.from_tensors(arrs, ("kv", "block", "token", "head", "dim"))
+ctx = cachegen.Context(cfg)
+job = ctx.load(layout, list(range(64)), range(4))
+print("load done:", job.wait(timeout=5), job.failed_blocks(), flush=True)
+job.close()
+ctx.close()
+print("context closed", flush=True)
+ctx = cachegen.Context(cfg)
+print("lookup:", ctx.lookup(list(range(64))), flush=True)
+"""
+
+
+@pytest.mark.xfail(reason="libcachegen bug: redis-rs connect() reads the replies to its CLIENT SETINFO handshake "
+                   "with no read timeout (src/store/redis.rs TimedConnection::open sets the timeouts only "
+                   "afterwards), so a Redis that accepts connections but never answers blocks the io threads, "
+                   "cg_context_free and cg_lookup forever", strict=False)
+def test_a_silent_redis_does_not_hang_the_context(tmp_path):
+    out = tmp_path / "out.txt"
+    with open(out, "w") as f:
+        p = subprocess.Popen([sys.executable, "-c", SILENT_REDIS_SCRIPT, str(REPO / "integrations/python")],
+                             stdout=f, stderr=subprocess.STDOUT)
+        try:
+            rc = p.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+            pytest.fail(f"hung after: {out.read_text()!r}")
+    assert rc == 0 and "lookup: (0, 0)" in out.read_text(), out.read_text()
+
+
+def test_missing_library_is_a_clear_error(tmp_path):
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1]); import cachegen\n"
+        "try:\n    cachegen.version()\nexcept ImportError as e:\n"
+        "    assert isinstance(e, cachegen.CacheGenError) and e.code == cachegen.CG_ERR_LIBRARY\n"
+        "    print(e)\n"
+    )
+    missing = tmp_path / "nowhere" / "libcachegen.so"
+    env = dict(os.environ, CACHEGEN_LIBRARY=str(missing))
+    r = subprocess.run([sys.executable, "-c", code, str(REPO / "integrations/python")], env=env,
+                       capture_output=True, text=True, check=True)
+    assert str(missing) in r.stdout and "CACHEGEN_LIBRARY" in r.stdout, r.stdout
+    # And the variable is honoured when it names the library.
+    env["CACHEGEN_LIBRARY"] = str(REPO / "target/release/libcachegen.so")
+    r = subprocess.run([sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[1]); import cachegen; "
+                        "print(cachegen.library_path(), cachegen.version())", str(REPO / "integrations/python")],
+                       env=env, capture_output=True, text=True, check=True)
+    assert r.stdout.split() == [env["CACHEGEN_LIBRARY"], "0.1.0"]
