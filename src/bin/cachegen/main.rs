@@ -1,7 +1,9 @@
-//! `cachegen`: encode, decode, inspect and benchmark KV caches.
+//! `cachegen`: encode, decode, inspect and benchmark KV caches, and drive the
+//! connector core end to end.
 
 mod baselines;
 mod bench;
+mod connector_demo;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -37,6 +39,10 @@ enum Command {
     Inspect { input: PathBuf },
     /// Measure size, speed (and quality, with the model harness) against baselines.
     Bench(bench::BenchArgs),
+    /// Drive the connector core end to end on a KV file: store it through the
+    /// tiers from paged blocks, look it up and stream-load it from a fresh
+    /// context into another layout, and verify the bytes.
+    Connector(connector_demo::ConnectorArgs),
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, String> {
@@ -98,6 +104,7 @@ fn run(cli: Cli) -> Result<(), String> {
             Ok(())
         }
         Command::Bench(args) => bench::run(args),
+        Command::Connector(args) => connector_demo::run(args),
     }
 }
 
