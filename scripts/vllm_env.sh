@@ -56,6 +56,8 @@ for pkg in integrations/python integrations/vllm; do
         exit 1
     fi
 done
-"$VENV/bin/pip" install -q --no-deps --no-build-isolation -e integrations/python -e integrations/vllm
-"$VENV/bin/python" -c "import cachegen, cachegen_vllm.connector"
+where=$("$VENV/bin/python" -c 'import cachegen, cachegen_vllm; print(cachegen.__file__, cachegen_vllm.__file__)' 2>/dev/null || true)
+if [[ $where != "$ROOT/integrations/python/cachegen/__init__.py $ROOT/integrations/vllm/cachegen_vllm/__init__.py" ]]; then
+    "$VENV/bin/pip" install -q --no-deps --no-build-isolation -e integrations/python -e integrations/vllm
+fi
 echo "vllm_env: ready in $(( $(date +%s) - t0 )) s; venv $(du -sh "$VENV" | cut -f1)"
