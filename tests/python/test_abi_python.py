@@ -732,6 +732,53 @@ def test_wait_timeouts_return_false_then_the_load_fails(kv, stalled_redis):
     assert time.monotonic() - t0 < 5, "closing the context waited too long for the stalled fetches"
 
 
+def test_closing_from_another_thread_is_safe(kv, stalled_redis):
+    """close() waits for calls in progress on other threads; those that come
+    after it fail with CacheGenError, never on a freed handle."""
+    k, v, toks = kv
+    cfg = config(tiers={"redis": {"url": f"redis://127.0.0.1:{stalled_redis}", "timeout_ms": 300}}, load_timeout_ms=60_000)
+    ctx = cachegen.Context(cfg)
+    dst = vllm(20)
+    job = ctx.load(dst.layout, toks, range(20))
+    outcome = []
+
+    def waiter():
+        try:
+            outcome.append(job.wait())  # no limit: until the job is closed under it
+        except cachegen.CacheGenError as e:
+            outcome.append(e.code)
+
+    t = threading.Thread(target=waiter)
+    t.start()
+    time.sleep(0.3)
+    t0 = time.monotonic()
+    job.close()  # cancels the load and waits for it; the waiter is released
+    t.join(timeout=5)
+    assert not t.is_alive() and time.monotonic() - t0 < 2
+    assert outcome in ([True], [cachegen.CG_ERR_INVALID_ARGUMENT]), outcome
+
+    # Lookups racing with close.
+    errors = []
+
+    def looker():
+        for _ in range(200):
+            try:
+                ctx.lookup(toks[:10])
+            except cachegen.CacheGenError as e:
+                errors.append(e.code)
+                return
+
+    threads = [threading.Thread(target=looker) for _ in range(4)]
+    for th in threads:
+        th.start()
+    ctx.close()
+    for th in threads:
+        th.join(timeout=10)
+    assert not any(th.is_alive() for th in threads)
+    assert set(errors) <= {cachegen.CG_ERR_INVALID_ARGUMENT}
+    assert ctx.closed
+
+
 SILENT_REDIS_SCRIPT = """
 import sys, socket, numpy as np
 sys.path.insert(0, sys.argv[1])

@@ -43,6 +43,8 @@ import math
 import os
 import sys
 import threading
+import time
+from contextlib import contextmanager
 from ctypes import POINTER, byref, c_char, c_char_p, c_int32, c_int64, c_size_t, c_uint32, c_uint64, c_void_p
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
@@ -384,6 +386,51 @@ def _read_string(lib: ctypes.CDLL, fn, handle: int) -> str:
     raise CacheGenError(CG_ERR_INTERNAL, "the library kept asking for a larger buffer")
 
 
+class _Handle:
+    """A C handle that several threads may use: each call holds it (``use``),
+    and ``close`` waits for the calls in progress before freeing it, so a
+    handle is never freed under a running call. Waits are made in slices of
+    at most ``_WAIT_SLICE_MS``, so closing never waits long for them."""
+
+    __slots__ = ("ptr", "_free", "_what", "_cv", "_users", "_closing")
+
+    def __init__(self, ptr: int, free, what: str):
+        self.ptr: Optional[int] = ptr
+        self._free = free
+        self._what = what
+        self._cv = threading.Condition(threading.Lock())
+        self._users = 0
+        self._closing = False
+
+    @contextmanager
+    def use(self):
+        with self._cv:
+            if self.ptr is None or self._closing:
+                raise _invalid(f"the {self._what} is closed")
+            self._users += 1
+        try:
+            yield self.ptr
+        finally:
+            with self._cv:
+                self._users -= 1
+                if self._users == 0:
+                    self._cv.notify_all()
+
+    @property
+    def closed(self) -> bool:
+        return self.ptr is None or self._closing
+
+    def close(self) -> None:
+        with self._cv:
+            if self.ptr is None or self._closing:
+                return
+            self._closing = True
+            while self._users:
+                self._cv.wait()
+            ptr, self.ptr = self.ptr, None
+        self._free(ptr)
+
+
 # ---------------------------------------------------------------------------
 # Layout
 
@@ -470,7 +517,7 @@ class Layout:
         memory: str = "host",
         keepalive: Any = None,
     ):
-        self._handle: Optional[int] = None
+        self._h: Optional[_Handle] = None
         lib = _library()
         self._lib = lib
         if str(kind).lower() not in _KINDS:
@@ -519,7 +566,7 @@ class Layout:
         )
         out = c_void_p()
         _check(lib, lib.cg_layout_new(byref(desc), byref(out)))
-        self._handle = out.value
+        self._h = _Handle(out.value, lib.cg_layout_free, "layout")
 
     @classmethod
     def from_tensors(cls, tensors: Any, axes: Sequence[str], kind: str = "kv") -> "Layout":
@@ -615,20 +662,20 @@ class Layout:
         layout.writable = all(info["writable"] for info in infos)
         return layout
 
-    def _ptr(self) -> int:
-        if self._handle is None:
+    def _use(self):
+        if self._h is None:
             raise _invalid("the layout is closed")
-        return self._handle
+        return self._h.use()
 
     @property
     def closed(self) -> bool:
-        return self._handle is None
+        return self._h is None or self._h.closed
 
     def close(self) -> None:
-        """Releases the handle (jobs using the layout keep their own reference)."""
-        handle, self._handle = self._handle, None
-        if handle is not None:
-            self._lib.cg_layout_free(handle)
+        """Releases the handle (jobs using the layout keep their own reference
+        to it and to the arrays). Idempotent."""
+        if self._h is not None:
+            self._h.close()
         self.keepalive = None
 
     def __enter__(self) -> "Layout":
@@ -668,7 +715,7 @@ class Job:
 
     def __init__(self, lib: ctypes.CDLL, handle: int, context: "Context", keepalive: Any):
         self._lib = lib
-        self._handle: Optional[int] = handle
+        self._h = _Handle(handle, lib.cg_job_free, "job")
         self._context = context
         self._keepalive = keepalive
         info = self.info()
@@ -677,19 +724,17 @@ class Job:
         #: Layers of the layout (the range of :meth:`wait_layer`).
         self.layers: int = info["layers"]
 
-    def _ptr(self) -> int:
-        if self._handle is None:
-            raise _invalid("the job is closed")
-        return self._handle
-
     def _wait(self, fn, arg: int, timeout: Optional[float]) -> bool:
         ms = _timeout_ms(timeout)
-        h = self._ptr()
-        if ms is not None:
-            return _check(self._lib, fn(h, arg, ms)) == CG_OK
-        while True:  # no limit: in slices, so that KeyboardInterrupt gets through
-            if _check(self._lib, fn(h, arg, _WAIT_SLICE_MS)) == CG_OK:
-                return True
+        deadline = None if ms is None else time.monotonic() + ms / 1000.0
+        # In slices, so that KeyboardInterrupt gets through and close() never waits long.
+        while True:
+            left = _WAIT_SLICE_MS if deadline is None else min(_WAIT_SLICE_MS, max(0, math.ceil((deadline - time.monotonic()) * 1000.0)))
+            with self._h.use() as h:
+                if _check(self._lib, fn(h, arg, left)) == CG_OK:
+                    return True
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
 
     def wait(self, stage: str = "done", timeout: Optional[float] = None) -> bool:
         """Waits until ``stage`` (``"done"`` or ``"reusable"``) is reached: True,
@@ -711,7 +756,8 @@ class Job:
         """A snapshot: kind ("store"/"load"), reusable, done, layers_done,
         layers, chunks_ok, chunks_failed, chunks_skipped, failed_blocks (count)."""
         i = _JobInfo()
-        _check(self._lib, self._lib.cg_job_info(self._ptr(), byref(i)))
+        with self._h.use() as h:
+            _check(self._lib, self._lib.cg_job_info(h, byref(i)))
         return {
             "kind": {CG_JOB_STORE: "store", CG_JOB_LOAD: "load"}.get(i.kind, str(i.kind)),
             "reusable": bool(i.reusable),
@@ -730,37 +776,39 @@ class Job:
 
     def failed_blocks(self) -> List[int]:
         """Block ids of failed chunks (sorted, distinct; final once done)."""
-        h = self._ptr()
-        count = c_size_t(0)
-        _check(self._lib, self._lib.cg_job_failed_blocks(h, None, 0, byref(count)))
-        while True:
-            cap = count.value
-            if cap == 0:
-                return []
-            buf = (c_uint32 * cap)()
-            _check(self._lib, self._lib.cg_job_failed_blocks(h, buf, cap, byref(count)))
-            if count.value <= cap:  # (the list only grows, until done)
-                return list(buf[: count.value])
+        with self._h.use() as h:
+            count = c_size_t(0)
+            _check(self._lib, self._lib.cg_job_failed_blocks(h, None, 0, byref(count)))
+            while True:
+                cap = count.value
+                if cap == 0:
+                    return []
+                buf = (c_uint32 * cap)()
+                _check(self._lib, self._lib.cg_job_failed_blocks(h, buf, cap, byref(count)))
+                if count.value <= cap:  # (the list only grows, until done)
+                    return list(buf[: count.value])
 
     def errors(self) -> List[str]:
         """The first few failure reasons, one per failed chunk."""
-        text = _read_string(self._lib, self._lib.cg_job_errors, self._ptr())
+        with self._h.use() as h:
+            text = _read_string(self._lib, self._lib.cg_job_errors, h)
         return text.split("\n") if text else []
 
     def cancel(self) -> None:
         """Asks the job to stop (a load fails the chunks not yet written);
         returns at once: wait for done afterwards."""
-        _check(self._lib, self._lib.cg_job_cancel(self._ptr()))
+        with self._h.use() as h:
+            _check(self._lib, self._lib.cg_job_cancel(h))
 
     @property
     def closed(self) -> bool:
-        return self._handle is None
+        return self._h.closed
 
     def close(self) -> None:
-        """Releases the job; see the class documentation (may block)."""
-        handle, self._handle = self._handle, None
-        if handle is not None:
-            self._lib.cg_job_free(handle)
+        """Releases the job; see the class documentation (may block). Idempotent."""
+        h = getattr(self, "_h", None)
+        if h is not None:
+            h.close()
         self._keepalive = None
         self._context = None
 
@@ -797,12 +845,12 @@ class Context:
                    "redis": {"url": "redis://host:6379", "timeout_ms": 500}},
          "io_threads": 4, "decode_threads": 0, "load_timeout_ms": 30000}
 
-    Methods may be called from several threads at once; :meth:`close` must not
-    race with them.
+    Methods may be called from several threads at once, :meth:`close`
+    included: it waits for the calls in progress (never a freed handle).
     """
 
     def __init__(self, config: Union[Dict[str, Any], str, bytes]):
-        self._handle: Optional[int] = None
+        self._h: Optional[_Handle] = None
         if isinstance(config, dict):
             text = json.dumps(config).encode("utf-8")
         elif isinstance(config, str):
@@ -817,12 +865,12 @@ class Context:
         self._lib = lib
         out = c_void_p()
         _check(lib, lib.cg_context_new(text, byref(out)))
-        self._handle = out.value
+        self._h = _Handle(out.value, lib.cg_context_free, "context")
 
-    def _ptr(self) -> int:
-        if self._handle is None:
+    def _use(self):
+        if self._h is None:
             raise _invalid("the context is closed")
-        return self._handle
+        return self._h.use()
 
     def lookup(self, tokens: Any, salt: Union[bytes, str] = b"", lease_ms: int = 0) -> Tuple[int, int]:
         """``(matched_tokens, lease_id)``: how many leading tokens can be loaded
@@ -833,14 +881,16 @@ class Context:
         s = _salt(salt)
         lease_ms = _int_in(lease_ms, 0, _U32_MAX, "lease_ms")
         matched, lease = c_uint64(0), c_uint64(0)
-        _check(self._lib, self._lib.cg_lookup(
-            self._ptr(), _u32_ptr(t), t.size, s or None, len(s), lease_ms, byref(matched), byref(lease)))
+        with self._use() as h:
+            _check(self._lib, self._lib.cg_lookup(
+                h, _u32_ptr(t), t.size, s or None, len(s), lease_ms, byref(matched), byref(lease)))
         return int(matched.value), int(lease.value)
 
     def release_lease(self, lease_id: int) -> None:
         """Ends a lease early (an ended lease, or 0, is not an error)."""
         lease_id = _int_in(lease_id, 0, _U64_MAX, "lease_id")
-        _check(self._lib, self._lib.cg_lease_release(self._ptr(), lease_id))
+        with self._use() as h:
+            _check(self._lib, self._lib.cg_lease_release(h, lease_id))
 
     def store(self, layout: Layout, tokens: Any, block_ids: Any, salt: Union[bytes, str] = b"") -> Job:
         """Starts storing every full chunk of ``tokens`` not stored yet, reading
@@ -852,8 +902,9 @@ class Context:
         b = _u32_array(block_ids, "block_ids")
         s = _salt(salt)
         out = c_void_p()
-        _check(self._lib, self._lib.cg_store(
-            self._ptr(), layout._ptr(), _u32_ptr(t), t.size, _u32_ptr(b), b.size, s or None, len(s), byref(out)))
+        with self._use() as h, layout._use() as lh:
+            _check(self._lib, self._lib.cg_store(
+                h, lh, _u32_ptr(t), t.size, _u32_ptr(b), b.size, s or None, len(s), byref(out)))
         return Job(self._lib, out.value, self, (layout, layout.keepalive))
 
     def load(
@@ -882,25 +933,27 @@ class Context:
         first_token = _int_in(first_token, 0, 2**63 - 1, "first_token")
         lease_id = _int_in(lease_id, 0, _U64_MAX, "lease_id")
         out = c_void_p()
-        _check(self._lib, self._lib.cg_load(
-            self._ptr(), layout._ptr(), _u32_ptr(t), t.size, _u32_ptr(b), b.size, first_token,
-            s or None, len(s), lease_id, byref(out)))
+        with self._use() as h, layout._use() as lh:
+            _check(self._lib, self._lib.cg_load(
+                h, lh, _u32_ptr(t), t.size, _u32_ptr(b), b.size, first_token,
+                s or None, len(s), lease_id, byref(out)))
         return Job(self._lib, out.value, self, (layout, layout.keepalive))
 
     def stats(self) -> Dict[str, Any]:
         """Statistics: namespace, counters, throughput, tiers, leases_active, queued."""
-        return json.loads(_read_string(self._lib, self._lib.cg_stats_json, self._ptr()))
+        with self._use() as h:
+            return json.loads(_read_string(self._lib, self._lib.cg_stats_json, h))
 
     @property
     def closed(self) -> bool:
-        return self._handle is None
+        return self._h is None or self._h.closed
 
     def close(self) -> None:
-        """Releases the context, waiting for the jobs already started (their
-        Job objects stay valid). Idempotent."""
-        handle, self._handle = self._handle, None
-        if handle is not None:
-            self._lib.cg_context_free(handle)
+        """Releases the context, waiting for calls in progress on other
+        threads and for the jobs already started (their Job objects stay
+        valid). Idempotent."""
+        if self._h is not None:
+            self._h.close()
 
     def __enter__(self) -> "Context":
         return self
@@ -915,4 +968,4 @@ class Context:
             pass
 
     def __repr__(self) -> str:
-        return "Context(closed)" if self.closed else f"Context(handle=0x{self._handle:x})"
+        return "Context(closed)" if self.closed else f"Context(handle=0x{self._h.ptr:x})"
