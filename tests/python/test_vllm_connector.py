@@ -177,12 +177,13 @@ class Engine:
     connector) and the WORKER-role connector over CPU KV tensors in vLLM's
     layout, stepped as the V1 engine core steps them (in one process)."""
 
-    def __init__(self, model_dir: Path, extra: dict, layout: str = "NHD", prefix_caching: bool = True):
+    def __init__(self, model_dir: Path, extra: dict, layout: str = "NHD", prefix_caching: bool = True,
+                 num_blocks: int = NUM_BLOCKS):
         self.vc = make_config(model_dir, extra, prefix_caching)
-        self.vc.cache_config.num_gpu_blocks = NUM_BLOCKS
+        self.vc.cache_config.num_gpu_blocks = num_blocks
         spec = FullAttentionSpec(block_size=BLOCK, num_kv_heads=KV_HEADS, head_size=HEAD_DIM, dtype=torch.float16)
         self.kvc = KVCacheConfig(
-            num_blocks=NUM_BLOCKS, kv_cache_tensors=[], kv_cache_groups=[KVCacheGroupSpec(list(LAYER_NAMES), spec)],
+            num_blocks=num_blocks, kv_cache_tensors=[], kv_cache_groups=[KVCacheGroupSpec(list(LAYER_NAMES), spec)],
         )
         with set_current_vllm_config(self.vc):
             self.scheduler = Scheduler(
@@ -198,11 +199,11 @@ class Engine:
         assert type(self.worker).__name__ == "CacheGenConnector" and self.worker.role == KVConnectorRole.WORKER
         assert type(self.scheduler.connector).__name__ == "CacheGenConnector"
         # vLLM's flash-attn shape; HND permutes the strides, not the shape.
-        shape = (2, NUM_BLOCKS, BLOCK, KV_HEADS, HEAD_DIM)
+        shape = (2, num_blocks, BLOCK, KV_HEADS, HEAD_DIM)
         self.kv = {}
         for name in LAYER_NAMES:
             if layout == "HND":
-                t = torch.zeros(2, NUM_BLOCKS, KV_HEADS, BLOCK, HEAD_DIM, dtype=torch.float16).permute(0, 1, 3, 2, 4)
+                t = torch.zeros(2, num_blocks, KV_HEADS, BLOCK, HEAD_DIM, dtype=torch.float16).permute(0, 1, 3, 2, 4)
             else:
                 t = torch.zeros(shape, dtype=torch.float16)
             assert tuple(t.shape) == shape
@@ -554,3 +555,35 @@ def test_connector_class_capabilities():
     assert CacheGenConnector.requires_piecewise_for_cudagraph({"layerwise": False}) is False
     m = CacheGenConnectorMetadata(requests=[ReqMeta(req_id="r", token_ids=[1, 2], block_ids=[3], salt=b"s", load_tokens=32)])
     assert pickle.loads(pickle.dumps(m)) == m
+
+
+def test_preempted_request_reloads_its_prefix(model_dir, distributed, tmp_path):
+    """A request preempted for lack of blocks (vLLM frees them) is resumed
+    into new blocks: the connector reloads its stored chunks into them."""
+    rng = np.random.default_rng(4)
+    e = Engine(model_dir, lib_config(tmp_path / "tier"), prefix_caching=False, num_blocks=11)
+    prompts = {r: [int(t) for t in rng.integers(2, VOCAB - 2, 64)] for r in ("R1", "R2")}
+    for r, p in prompts.items():
+        e.add(r, p, max_tokens=20)
+    resumed = None
+    for _ in range(40):
+        if not e.scheduler.has_requests():
+            break
+        so, kv_out = e.step()
+        assert not kv_out.invalid_block_ids
+        if "R2" in getattr(so.scheduled_cached_reqs, "resumed_req_ids", ()):
+            # The prompt's two stored chunks reload; the generated tokens are recomputed.
+            [meta] = [m for m in so.kv_connector_metadata.requests if m.req_id == "R2"]
+            assert (meta.load_tokens, meta.first_token) == (64, 0)
+            # (update_from_output has appended this step's sampled token)
+            assert so.num_scheduled_tokens["R2"] == e.scheduler.requests["R2"].num_tokens - 1 - 64
+            blocks = e.block_ids("R2")
+            for li, name in enumerate(LAYER_NAMES):
+                for pos in range(64):
+                    got = read_token(e.kv[name], blocks[pos // BLOCK], pos % BLOCK).astype(np.float32)
+                    assert np.abs(got - true_kv(li, pos, prompts["R2"][pos])).max() < 0.5
+            resumed = blocks
+    assert resumed is not None, "R2 was never preempted and resumed"
+    assert not e.scheduler.has_requests()
+    assert e.worker.stats()["counters"]["load_chunks_ok"] == 2
+    e.close()
