@@ -836,7 +836,7 @@ class Job:
 class Context:
     """A context (``cg_context``): configuration, storage tiers and worker
     threads. ``config`` is the JSON configuration as a dict (serialised with
-    ``json.dumps``) or a string; see ``src/connector/config.rs``::
+    ``json.dumps``; ``pathlib.Path`` values become strings) or a string; see ``src/connector/config.rs``::
 
         {"namespace": {"model": "...", "kv_dtype": "f16", "tp_world_size": 1,
                        "tp_rank": 0, "block_size": 16},
@@ -852,7 +852,7 @@ class Context:
     def __init__(self, config: Union[Dict[str, Any], str, bytes]):
         self._h: Optional[_Handle] = None
         if isinstance(config, dict):
-            text = json.dumps(config).encode("utf-8")
+            text = json.dumps(config, default=os.fspath).encode("utf-8")  # Path values become strings
         elif isinstance(config, str):
             text = config.encode("utf-8")
         elif isinstance(config, (bytes, bytearray)):
