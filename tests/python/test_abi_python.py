@@ -579,22 +579,21 @@ def test_error_codes_and_messages(kv):
         f32 = vllm(20, layers=30, dtype=np.float32)
         with pytest.raises(E) as e:
             ctx.store(f32.layout, toks, range(20))
-        # The header documents CG_ERR_LAYOUT for "does not match the context"; the library says -1.
-        assert e.value.code in (cachegen.CG_ERR_INVALID_ARGUMENT, cachegen.CG_ERR_LAYOUT) and "dtype" in e.value.message
+        assert e.value.code == cachegen.CG_ERR_INVALID_ARGUMENT and "dtype" in e.value.message  # docs/ABI.md
         with pytest.raises(E):
             ctx.load(f32.layout, toks, range(20))
         src = vllm(20)
         for blocks, code in [
             (range(19), cachegen.CG_ERR_INVALID_ARGUMENT),  # too few blocks for 320 tokens
             ([], cachegen.CG_ERR_INVALID_ARGUMENT),
-            (list(range(19)) + [20], None),  # out of range
+            (list(range(19)) + [20], cachegen.CG_ERR_LAYOUT),  # out of range
             (list(range(19)) + [0], None),  # twice
         ]:
             for call in (lambda: ctx.store(src.layout, toks, blocks), lambda: ctx.load(src.layout, toks, blocks)):
                 with pytest.raises(E) as e:
                     call()
-                # A bad block id is CG_ERR_LAYOUT today; the header's wording ("an out-of-range
-                # value") would make it CG_ERR_INVALID_ARGUMENT: either is accepted.
+                # A block used twice: docs/ABI.md says CG_ERR_INVALID_ARGUMENT, the library
+                # returns CG_ERR_LAYOUT (LayoutError::DuplicateBlock); either is accepted.
                 ok = (code,) if code is not None else (cachegen.CG_ERR_INVALID_ARGUMENT, cachegen.CG_ERR_LAYOUT)
                 assert e.value.code in ok and e.value.message, (list(blocks), e.value)
         for bad_tokens in ([-1], [2**32], np.zeros((2, 2), np.uint32), ["a"], [1.5]):
