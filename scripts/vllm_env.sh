@@ -32,13 +32,17 @@ else
     rm -rf "$VENV"
     "$PY" -m venv "$VENV"
     # pip's HTTP cache does not keep these downloads here, so keep a wheelhouse
-    # instead: `pip download` skips files already in it, and the install then
-    # reads only from it. --no-deps for vllm and torch: their full dependency
+    # instead, filled once per pinned set (.complete), which the install then
+    # reads alone (no index access). --no-deps for vllm and torch: their full dependency
     # sets bring ~3.5 GB more (triton, flashinfer, cutlass-dsl, ...) that
     # nothing here uses.
     mkdir -p "$WHEELS"
-    "$VENV/bin/pip" download -q -d "$WHEELS" --no-deps "vllm==$VLLM_VERSION" "torch==$TORCH_VERSION"
-    "$VENV/bin/pip" download -q -d "$WHEELS" -r "$REQ" "torch==$TORCH_VERSION"
+    if [[ $(cat "$WHEELS/.complete" 2>/dev/null) != "$want" ]]; then
+        "$VENV/bin/pip" download -q -d "$WHEELS" --no-deps "vllm==$VLLM_VERSION" "torch==$TORCH_VERSION"
+        "$VENV/bin/pip" download -q -d "$WHEELS" -r "$REQ" "torch==$TORCH_VERSION"
+        echo "$want" > "$WHEELS/.complete"
+        echo "vllm_env: wheelhouse filled in $(( $(date +%s) - t0 )) s ($(du -sh "$WHEELS" | cut -f1))"
+    fi
     "$VENV/bin/pip" install -q --no-index --find-links "$WHEELS" --no-deps "vllm==$VLLM_VERSION" "torch==$TORCH_VERSION"
     "$VENV/bin/pip" install -q --no-index --find-links "$WHEELS" -r "$REQ" 2>&1 \
         | grep -v "which is not installed\|^ERROR: pip's dependency resolver\|requires .*, but you have" || true

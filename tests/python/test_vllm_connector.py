@@ -456,21 +456,41 @@ def test_failed_load_is_recomputed(model_dir, distributed, tmp_path):
     blocks = e2.block_ids("B")
     assert kv_out.invalid_block_ids == {blocks[2], blocks[3]}
     assert req.num_computed_tokens == 32  # rewound to the first failed block
-    so, kv_out = e2.step()
-    assert so.num_scheduled_tokens["B"] == len(prompt_b) - 32  # recomputed from there
-    assert not kv_out.invalid_block_ids
-    # The blocks that did load hold the right data; the recomputed ones are exact.
+    # The chunks that did load hold the right data.
     for li, name in enumerate(LAYER_NAMES):
         for pos in list(range(0, 32)) + list(range(64, 96)):
             got = read_token(e2.kv[name], blocks[pos // BLOCK], pos % BLOCK).astype(np.float32)
             assert np.abs(got - true_kv(li, pos, prompt_b[pos])).max() < 0.5
-        for pos in range(32, 64):
+    c = e2.worker.stats()["counters"]
+    assert c["load_chunks_failed"] == 1 and c["load_chunks_ok"] == 2, c
+    # The step's store was cut before the failed block: nothing written from garbage.
+    assert c["store_chunks_written"] == 0, c
+
+    so, kv_out = e2.step()
+    assert so.num_scheduled_tokens["B"] == len(prompt_b) - 32  # recomputed from there
+    assert not kv_out.invalid_block_ids
+    for li, name in enumerate(LAYER_NAMES):
+        for pos in range(32, len(prompt_b)):
             np.testing.assert_array_equal(read_token(e2.kv[name], blocks[pos // BLOCK], pos % BLOCK),
                                           true_kv(li, pos, prompt_b[pos]))
-    c = e2.worker.stats()["counters"]
-    assert c["load_chunks_failed"] == 1, c
     e2.run_until_done()
+    # Once recomputed, the chunk is stored again (the others exist) ...
+    c = wait_store_durable(e2.worker.stats, 1)
+    assert c["store_chunks_written"] == 1, c
+    ns = connector_namespace(e2)
     e2.close()
+    # ... with the right data.
+    ref_kv = [torch.zeros(2, NUM_BLOCKS, BLOCK, KV_HEADS, HEAD_DIM, dtype=torch.float16) for _ in LAYER_NAMES]
+    with cachegen.Context(dict(extra, namespace=dict(ns))) as ref:
+        assert ref.lookup(prompt_b[:96])[0] == 96
+        layout = cachegen.Layout.from_tensors(ref_kv, ("kv", "block", "token", "head", "dim"))
+        job = ref.load(layout, prompt_b[:96], list(range(6)))
+        assert job.wait(timeout=30) and job.failed_blocks() == []
+        job.close()
+    for li in range(LAYERS):
+        for pos in range(96):
+            got = ref_kv[li][:, pos // BLOCK, pos % BLOCK].numpy().astype(np.float32)
+            assert np.abs(got - true_kv(li, pos, prompt_b[pos])).max() < 0.5
 
 
 def test_full_prompt_hit_leaves_a_token(model_dir, distributed, tmp_path):

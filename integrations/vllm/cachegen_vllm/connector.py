@@ -461,7 +461,9 @@ class CacheGenConnector(KVConnectorBase_V1):
             end = first + int(num_external_tokens)
             load_tokens = end - end % chunk  # the library loads whole chunks only
             block_ids = _group0(blocks)
-            unloadable = block_ids[max(load_tokens, first) // bs : end // bs]
+            # Blocks vLLM now counts as computed that no whole chunk covers
+            # (only if vLLM trimmed the hit we reported): reported failed.
+            unloadable = block_ids[max(load_tokens, first) // bs : -(-end // bs)]
             meta = ReqMeta(
                 req_id=req_id,
                 token_ids=state.tokens[:load_tokens],
@@ -550,7 +552,18 @@ class CacheGenConnector(KVConnectorBase_V1):
         return False, None
 
     def update_connector_output(self, connector_output) -> None:
-        return None
+        """Blocks that failed to load are recomputed by vLLM; the chunks from
+        the first of them on were not stored (see wait_for_save), so plan to
+        store them again once recomputed."""
+        invalid = getattr(connector_output, "invalid_block_ids", None)
+        if not invalid:
+            return
+        bs, chunk = self._settings.block_size, self._settings.chunk_tokens
+        for state in self._reqs.values():
+            for i, b in enumerate(state.block_ids[: -(-state.saved_tokens // bs)]):
+                if b in invalid:
+                    state.saved_tokens = min(state.saved_tokens, i * bs // chunk * chunk)
+                    break
 
     # ============================================================ worker side
 
@@ -664,12 +677,25 @@ class CacheGenConnector(KVConnectorBase_V1):
         if not self.has_connector_metadata() or self._disabled is not None or self._layout is None:
             return
         meta = self._get_connector_metadata()
+        # A block whose load failed this step holds garbage, and so may every
+        # token computed after it (attention read it): store only the chunks
+        # before the first failed block. vLLM recomputes the rest, and the
+        # scheduler side plans their store again (update_connector_output).
+        self._finish_loads()
+        bs, chunk = self._settings.block_size, self._settings.chunk_tokens
         started = []
         for req in getattr(meta, "requests", []):
             if not req.save:
                 continue
+            n = req.save_tokens
+            if self._failed_blocks:
+                bad = [i for i, b in enumerate(req.block_ids[: -(-n // bs)]) if b in self._failed_blocks]
+                if bad:
+                    n = min(n, bad[0] * bs // chunk * chunk)
+            if n <= 0:
+                continue
             try:
-                job = self._ctx.store(self._layout, req.token_ids[: req.save_tokens], req.block_ids, salt=req.salt)
+                job = self._ctx.store(self._layout, req.token_ids[:n], req.block_ids, salt=req.salt)
                 started.append((req.req_id, job))
             except Exception as e:
                 logger.error("CacheGenConnector: store of %s could not start: %s", req.req_id, e)
@@ -706,9 +732,9 @@ class CacheGenConnector(KVConnectorBase_V1):
         self._reap_stores()
         return None, None  # nothing is asynchronous across steps
 
-    def get_block_ids_with_load_errors(self) -> set:
-        failed = self._failed_blocks
-        self._failed_blocks = set()
+    def _finish_loads(self) -> None:
+        """Waits for this step's loads, moves their failed blocks to
+        ``_failed_blocks`` and frees the jobs."""
         for req, job in self._load_jobs:
             self._wait(job, req, stage="done")
             try:
@@ -716,16 +742,20 @@ class CacheGenConnector(KVConnectorBase_V1):
                 if blocks:
                     logger.warning("CacheGenConnector: load of %s: %d blocks failed (%s); vLLM will recompute them",
                                    req.req_id, len(blocks), "; ".join(job.errors()))
-                failed.update(int(b) for b in blocks)
+                self._failed_blocks.update(int(b) for b in blocks)
             except Exception:
                 logger.exception("CacheGenConnector: reading the failures of %s failed; recomputing all its blocks", req.req_id)
                 bs = self._settings.block_size
-                failed.update(req.block_ids[req.first_token // bs : req.load_tokens // bs])
+                self._failed_blocks.update(req.block_ids[req.first_token // bs : req.load_tokens // bs])
             try:
                 job.close()
             except Exception:
                 logger.exception("CacheGenConnector: closing a load job failed")
         self._load_jobs = []
+
+    def get_block_ids_with_load_errors(self) -> set:
+        self._finish_loads()
+        failed, self._failed_blocks = self._failed_blocks, set()
         return failed
 
     def handle_preemptions(self, kv_connector_metadata) -> None:
