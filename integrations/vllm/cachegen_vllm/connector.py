@@ -379,7 +379,8 @@ class CacheGenConnector(KVConnectorBase_V1):
         self._layout = None
         self._layer_index: dict = {}
         self._load_jobs: list = []  # (ReqMeta, Job)
-        self._failed_blocks: set = set()
+        self._failed_blocks: set = set()  # to report (get_block_ids_with_load_errors)
+        self._step_failed: set = set()  # failed during this step (bind .. next bind), for wait_for_save
         self._store_jobs: list = []  # (req_id, Job) past REUSABLE, finishing in the background
 
     # ------------------------------------------------------------------ helpers
@@ -617,6 +618,10 @@ class CacheGenConnector(KVConnectorBase_V1):
             return ("block", "token", "dim"), "latent"  # MLA
         return None, None
 
+    def bind_connector_metadata(self, connector_metadata) -> None:
+        super().bind_connector_metadata(connector_metadata)
+        self._step_failed = set()
+
     def start_load_kv(self, forward_context, **kwargs: Any) -> None:
         if not self.has_connector_metadata():
             return
@@ -626,11 +631,13 @@ class CacheGenConnector(KVConnectorBase_V1):
             if not req.load:
                 continue
             self._failed_blocks.update(req.unloadable_blocks)
+            self._step_failed.update(req.unloadable_blocks)
             if req.load_tokens <= req.first_token:
                 continue
             wanted = req.block_ids[req.first_token // bs : req.load_tokens // bs]
             if self._disabled is not None or self._layout is None:
                 self._failed_blocks.update(wanted)
+                self._step_failed.update(wanted)
                 continue
             lease = req.lease_id if (self._shared is not None and req.lease_owner == self._shared.token) else 0
             try:
@@ -643,6 +650,7 @@ class CacheGenConnector(KVConnectorBase_V1):
                 logger.error("CacheGenConnector: load of %s could not start (%s); %d blocks will be recomputed",
                              req.req_id, e, len(wanted))
                 self._failed_blocks.update(wanted)
+                self._step_failed.update(wanted)
         if not self._settings.layerwise:
             for req, job in self._load_jobs:
                 self._wait(job, req, stage="done")
@@ -688,8 +696,8 @@ class CacheGenConnector(KVConnectorBase_V1):
             if not req.save:
                 continue
             n = req.save_tokens
-            if self._failed_blocks:
-                bad = [i for i, b in enumerate(req.block_ids[: -(-n // bs)]) if b in self._failed_blocks]
+            if self._step_failed:
+                bad = [i for i, b in enumerate(req.block_ids[: -(-n // bs)]) if b in self._step_failed]
                 if bad:
                     n = min(n, bad[0] * bs // chunk * chunk)
             if n <= 0:
@@ -742,11 +750,13 @@ class CacheGenConnector(KVConnectorBase_V1):
                 if blocks:
                     logger.warning("CacheGenConnector: load of %s: %d blocks failed (%s); vLLM will recompute them",
                                    req.req_id, len(blocks), "; ".join(job.errors()))
-                self._failed_blocks.update(int(b) for b in blocks)
+                blocks = [int(b) for b in blocks]
             except Exception:
                 logger.exception("CacheGenConnector: reading the failures of %s failed; recomputing all its blocks", req.req_id)
                 bs = self._settings.block_size
-                self._failed_blocks.update(req.block_ids[req.first_token // bs : req.load_tokens // bs])
+                blocks = req.block_ids[req.first_token // bs : req.load_tokens // bs]
+            self._failed_blocks.update(blocks)
+            self._step_failed.update(blocks)
             try:
                 job.close()
             except Exception:
