@@ -305,6 +305,8 @@ pub struct GpuDecoder {
     f_decode: cudarc::driver::sys::CUfunction,
     f_exact: cudarc::driver::sys::CUfunction,
     state: Mutex<State>,
+    smem_extra: u32,
+    max_warps: u32,
     /// Target bytes of containers per batch (copy/decode overlap granularity).
     pub batch_bytes: usize,
 }
@@ -318,7 +320,15 @@ impl GpuDecoder {
     pub fn new(gpu: &Gpu) -> Result<GpuDecoder, GpuError> {
         gpu.bind()?;
         let (maj, min) = gpu.compute_capability();
-        let (cubin, _log) = nvrtc::compile(DECODE_CU, "decode.cu", maj, min)?;
+        // Development knobs: CACHEGEN_CUDA_SRC (a kernel source file to use
+        // instead of the embedded one, with the same interface) and
+        // CACHEGEN_NVRTC_OPTS (extra NVRTC options, space separated).
+        let src = match std::env::var("CACHEGEN_CUDA_SRC") {
+            Ok(p) => std::fs::read_to_string(&p).map_err(|e| GpuError::Compile(format!("CACHEGEN_CUDA_SRC={p}: {e}")))?,
+            Err(_) => DECODE_CU.to_string(),
+        };
+        let extra: Vec<String> = std::env::var("CACHEGEN_NVRTC_OPTS").map(|o| o.split_whitespace().map(String::from).collect()).unwrap_or_default();
+        let (cubin, _log) = nvrtc::compile(&src, "decode.cu", maj, min, &extra)?;
         let module = Module::load(&cubin)?;
         let f_decode = module.function("cg_decode")?;
         let f_exact = module.function("cg_exact")?;
@@ -335,7 +345,17 @@ impl GpuDecoder {
             end: Event::new(true)?,
             resident: 0,
         };
-        Ok(GpuDecoder { gpu: gpu.clone(), _module: module, f_decode, f_exact, state: Mutex::new(state), batch_bytes: 48 << 20 })
+        let knob = |name: &str, default: u32| std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default);
+        Ok(GpuDecoder {
+            gpu: gpu.clone(),
+            _module: module,
+            f_decode,
+            f_exact,
+            state: Mutex::new(state),
+            smem_extra: knob("CACHEGEN_SMEM_EXTRA", 0),
+            max_warps: knob("CACHEGEN_MAX_WARPS", 8).max(1),
+            batch_bytes: 48 << 20,
+        })
     }
 
     /// The device.
@@ -346,8 +366,13 @@ impl GpuDecoder {
     /// Warps per block of the decode kernel for tables of `prob_bits`
     /// (each warp holds 32 lookup tables of 2^prob_bits u32 in shared memory).
     fn warps_per_block(&self, prob_bits: u32) -> u32 {
-        let per_warp = 128usize << prob_bits;
-        ((self.gpu.inner.smem_optin as usize / per_warp) as u32).clamp(1, 8)
+        ((self.gpu.inner.smem_optin as usize / self.smem_per_warp(prob_bits) as usize) as u32).clamp(1, self.max_warps)
+    }
+
+    /// Shared memory per warp: the lookups, plus `smem_extra` bytes a kernel
+    /// variant may use (CACHEGEN_SMEM_EXTRA, with a matching -DSMEM_EXTRA).
+    fn smem_per_warp(&self, prob_bits: u32) -> u32 {
+        (128u32 << prob_bits) + self.smem_extra
     }
 
     /// Validate `chunks` on the host and lay them out in pinned memory
@@ -646,7 +671,7 @@ impl GpuDecoder {
             let mut d = desc;
             let mut p_errors = errors;
             let w = self.warps_per_block(max_pb);
-            let smem = w * (128u32 << max_pb);
+            let smem = w * self.smem_per_warp(max_pb);
             let mut params: [*mut c_void; 9] = [
                 &mut p_region as *mut _ as *mut c_void,
                 &mut p_chunks as *mut _ as *mut c_void,
@@ -675,7 +700,9 @@ impl GpuDecoder {
         if upload {
             st.resident = staged.id;
         }
-        let gpu_ms = st.end.since(&st.start)?;
+        // Event timing can be unavailable (a driver without the entry point
+        // cudarc binds); the decode itself does not depend on it.
+        let gpu_ms = st.end.since(&st.start).unwrap_or(f32::NAN);
         let mut errs = vec![0u8; 4 * nchunks];
         st.errors.as_ref().unwrap().read(0, &mut errs)?;
         if let Some((chunk, bits)) = errs.chunks_exact(4).map(|b| u32::from_le_bytes(b.try_into().unwrap())).enumerate().find(|&(_, b)| b != 0) {
@@ -692,12 +719,14 @@ impl GpuDecoder {
         }
         self.gpu.bind()?;
         let st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let t = std::time::Instant::now();
         st.start.record(&st.own)?;
         // SAFETY: both ranges are inside live allocations.
         unsafe { driver::copy_dtod(dst.ptr(), src.ptr(), n, &st.own)? };
         st.end.record(&st.own)?;
         st.end.sync()?;
-        st.end.since(&st.start)
+        let wall = t.elapsed().as_secs_f32() * 1e3;
+        Ok(st.end.since(&st.start).unwrap_or(wall))
     }
 
     /// Host-to-device copy of `src` (pinned) on the decoder's own stream, timed with events.
@@ -707,11 +736,13 @@ impl GpuDecoder {
         }
         self.gpu.bind()?;
         let st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let t = std::time::Instant::now();
         st.start.record(&st.own)?;
         // SAFETY: dst holds src.len() bytes; src is pinned and outlives the wait below.
         unsafe { driver::copy_htod(dst.ptr(), src.as_slice(), &st.own)? };
         st.end.record(&st.own)?;
         st.end.sync()?;
-        st.end.since(&st.start)
+        let wall = t.elapsed().as_secs_f32() * 1e3;
+        Ok(st.end.since(&st.start).unwrap_or(wall))
     }
 }

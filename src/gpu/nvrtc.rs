@@ -125,7 +125,7 @@ pub fn version() -> Result<(i32, i32), GpuError> {
 
 /// Compile `src` to a cubin for `sm_{major}{minor}`. Returns the cubin and
 /// the compiler log.
-pub fn compile(src: &str, name: &str, major: i32, minor: i32) -> Result<(Vec<u8>, String), GpuError> {
+pub fn compile(src: &str, name: &str, major: i32, minor: i32, extra: &[String]) -> Result<(Vec<u8>, String), GpuError> {
     let api = Api::load()?;
     let csrc = CString::new(src).map_err(|_| GpuError::Compile("source contains NUL".into()))?;
     let cname = CString::new(name).unwrap();
@@ -137,7 +137,8 @@ pub fn compile(src: &str, name: &str, major: i32, minor: i32) -> Result<(Vec<u8>
     }
     let opts: Vec<CString> = [format!("--gpu-architecture=sm_{major}{minor}"), "--std=c++17".into(), "-default-device".into(), "-lineinfo".into()]
         .into_iter()
-        .map(|s| CString::new(s).unwrap())
+        .chain(extra.iter().cloned())
+        .filter_map(|s| CString::new(s).ok())
         .collect();
     let ptrs: Vec<*const c_char> = opts.iter().map(|s| s.as_ptr()).collect();
     // SAFETY: prog was created; options are valid C strings.

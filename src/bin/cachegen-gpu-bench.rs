@@ -1,0 +1,286 @@
+//! GPU decode benchmark (issue 5): a Llama-3-8B-shaped KV cache (32 layers,
+//! 8 KV heads, head_dim 128) built by tiling the real SmolLM2 fixture (30
+//! layers x 3 heads x 64 dims x 320 tokens; layer, head, dim and token
+//! indices wrap around), cut into 256-token chunks and encoded on the CPU at
+//! the default level, then decoded on the GPU into vLLM FlashAttention NHD
+//! paged blocks (block size 16, shuffled block ids).
+//!
+//! Since 5 x 256 = 4 x 320 tokens, the tiled cache repeats every 5 chunks:
+//! only 5 distinct chunks are encoded and their bytes reused, but every chunk
+//! is staged, copied and decoded separately.
+//!
+//! Measured, per cache size: host staging (validation + layout in pinned
+//! memory); the fused decode kernels alone (data already on the device);
+//! end to end from pinned host memory (H2D of the compressed bytes overlapped
+//! with decoding); a device-to-device copy of the output size and a pinned
+//! H2D of the staged bytes, in the same run; and the CPU decoder. The 8K
+//! result is compared byte for byte with CPU decode + scatter.
+//!
+//! Usage: cachegen-gpu-bench [--fixture PATH] [--tokens 8192,32768] [--repeat N] [--out FILE.json]
+
+use std::time::Instant;
+
+use cachegen::codec::{self, encode, Dtype, EncodeOptions, KvKind, KvShape, KvTensors, Level};
+use cachegen::gpu::{Gpu, GpuDecoder, GpuError};
+use cachegen::layout::KvLayout;
+use serde_json::json;
+
+const LAYERS: usize = 32;
+const HEADS: usize = 8;
+const HEAD_DIM: usize = 128;
+const CHUNK: usize = 256;
+const BLOCK: usize = 16;
+
+fn tile(src: &KvTensors, t0: usize, tokens: usize) -> KvTensors {
+    let s = src.shape;
+    let e = src.dtype.size();
+    let c = HEADS * HEAD_DIM;
+    let mut tensors = Vec::with_capacity(LAYERS * 2);
+    for l in 0..LAYERS {
+        for st in 0..2 {
+            let from = &src.tensors[(l % s.layers) * 2 + st];
+            let mut out = vec![0u8; tokens * c * e];
+            for t in 0..tokens {
+                let ts = (t0 + t) % s.tokens;
+                for h in 0..HEADS {
+                    for d in 0..HEAD_DIM {
+                        let cs = (h % s.heads) * s.head_dim + d % s.head_dim;
+                        let si = (ts * s.channels() + cs) * e;
+                        let di = (t * c + h * HEAD_DIM + d) * e;
+                        out[di..di + e].copy_from_slice(&from[si..si + e]);
+                    }
+                }
+            }
+            tensors.push(out);
+        }
+    }
+    KvTensors { shape: KvShape { kind: KvKind::KeyValue, layers: LAYERS, tokens, heads: HEADS, head_dim: HEAD_DIM }, dtype: src.dtype, tensors }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+fn shuffled(n: usize, seed: u64) -> Vec<u32> {
+    let mut s = seed | 1;
+    let mut v: Vec<u32> = (0..n as u32).collect();
+    for i in (1..n).rev() {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        v.swap(i, (s % (i as u64 + 1)) as usize);
+    }
+    v
+}
+
+fn main() {
+    if let Err(e) = run() {
+        eprintln!("error: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn run() -> Result<(), Box<dyn std::error::Error>> {
+    let args: Vec<String> = std::env::args().collect();
+    let arg = |name: &str| args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned();
+    let fixture = arg("--fixture").unwrap_or_else(|| "fixtures/smollm2-kernel-doc-320.safetensors".into());
+    let sizes: Vec<usize> = arg("--tokens").unwrap_or_else(|| "8192,32768".into()).split(',').map(|s| s.parse().unwrap()).collect();
+    let repeat: usize = arg("--repeat").map(|s| s.parse().unwrap()).unwrap_or(10);
+    let out = arg("--out");
+
+    let gpu = match Gpu::open(0) {
+        Ok(g) => g,
+        Err(GpuError::NoGpu(r)) => {
+            println!("SKIPPED: no GPU ({r})");
+            return Ok(());
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let t = Instant::now();
+    let dec = GpuDecoder::new(&gpu)?;
+    let compile_ms = t.elapsed().as_secs_f64() * 1e3;
+    let (maj, min) = gpu.compute_capability();
+    println!("device: {} (sm_{maj}{min}, {} SMs); kernels compiled in {compile_ms:.0} ms (NVRTC {:?})", gpu.name(), gpu.multiprocessors(), cachegen::gpu::nvrtc::version()?);
+
+    let src = cachegen::interchange::from_safetensors(&std::fs::read(&fixture)?)?.kv;
+    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    // The 5 distinct chunks of the tiled cache.
+    let t = Instant::now();
+    let distinct: Vec<Vec<u8>> = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..5).map(|i| {
+            let src = &src;
+            s.spawn(move || encode(&tile(src, i * CHUNK, CHUNK), &EncodeOptions::level(Level::Default)).unwrap())
+        }).collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let encode_s = t.elapsed().as_secs_f64();
+    let chunk_syms = (LAYERS * 2 * CHUNK * HEADS * HEAD_DIM) as f64;
+    let ratio = chunk_syms * 2.0 * 5.0 / distinct.iter().map(|b| b.len()).sum::<usize>() as f64;
+    println!("encoded 5 distinct {CHUNK}-token chunks in {encode_s:.2} s; {:.2} MB each on average, {ratio:.2}x vs f16", distinct.iter().map(|b| b.len()).sum::<usize>() as f64 / 5e6);
+
+    // CPU decoder reference: one chunk on one thread, and all threads.
+    let t = Instant::now();
+    let reps = 3;
+    for i in 0..reps {
+        std::hint::black_box(codec::decode(&distinct[i % 5], None)?);
+    }
+    let cpu_1t = t.elapsed().as_secs_f64() / reps as f64;
+    let t = Instant::now();
+    let njobs = threads * 2;
+    std::thread::scope(|s| {
+        for i in 0..threads {
+            let distinct = &distinct;
+            s.spawn(move || {
+                for j in (i..njobs).step_by(threads) {
+                    std::hint::black_box(codec::decode(&distinct[j % 5], None).unwrap());
+                }
+            });
+        }
+    });
+    let cpu_all = t.elapsed().as_secs_f64() / njobs as f64;
+    println!(
+        "CPU decode: {:.3} Gsym/s on 1 thread, {:.3} Gsym/s on {threads} threads",
+        chunk_syms / cpu_1t / 1e9,
+        chunk_syms / cpu_all / 1e9
+    );
+
+    let mut results = Vec::new();
+    for &tokens in &sizes {
+        let nchunks = tokens / CHUNK;
+        let streams: Vec<&[u8]> = (0..nchunks).map(|c| distinct[c % 5].as_slice()).collect();
+        let num_blocks = tokens / BLOCK;
+        let per_layer = 2 * num_blocks * BLOCK * HEADS * HEAD_DIM * 2;
+        let arena = gpu.alloc(per_layer * LAYERS)?;
+        let layout = KvLayout::vllm_flash_attn((0..LAYERS).map(|l| arena.ptr() as usize + l * per_layer).collect(), num_blocks, BLOCK, HEADS, HEAD_DIM, Dtype::F16, false)?;
+        let perm = shuffled(num_blocks, tokens as u64);
+        let ids: Vec<&[u32]> = perm.chunks(CHUNK / BLOCK).collect();
+
+        let mut stage_ms = Vec::new();
+        let mut staged = None;
+        for _ in 0..3 {
+            let t = Instant::now();
+            staged = Some(dec.stage(&streams)?);
+            stage_ms.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+        let staged = staged.unwrap();
+        let syms = staged.symbols() as f64;
+        let out_bytes = staged.output_bytes() as f64;
+
+        // End to end from pinned memory (first call allocates; not timed).
+        // SAFETY: the arena holds the whole layout; nothing else uses it.
+        unsafe { dec.decode_staged(&staged, &layout, &ids, None)? };
+        let (mut e2e_wall, mut e2e_gpu) = (Vec::new(), Vec::new());
+        for _ in 0..repeat {
+            let t = Instant::now();
+            // SAFETY: as above.
+            let tm = unsafe { dec.decode_staged(&staged, &layout, &ids, None)? };
+            e2e_wall.push(t.elapsed().as_secs_f64() * 1e3);
+            e2e_gpu.push(tm.gpu_ms as f64);
+        }
+        // Kernels alone.
+        let mut kern = Vec::new();
+        for _ in 0..repeat {
+            // SAFETY: as above.
+            let t = Instant::now();
+            let tm = unsafe { dec.decode_resident(&staged, &layout, &ids, None)? };
+            let wall = t.elapsed().as_secs_f64() * 1e3;
+            kern.push(if tm.gpu_ms.is_nan() { wall } else { tm.gpu_ms as f64 });
+        }
+        // References in the same run: D2D copy of the output size, pinned H2D of the staged bytes.
+        let copy_dst = gpu.alloc(out_bytes as usize)?;
+        let mut d2d = Vec::new();
+        for _ in 0..repeat {
+            d2d.push(dec.timed_copy(&copy_dst, &arena, out_bytes as usize)? as f64);
+        }
+        drop(copy_dst);
+        let pinned = gpu.alloc_pinned(staged.staged_bytes())?;
+        let h2d_dst = gpu.alloc(staged.staged_bytes())?;
+        let mut h2d = Vec::new();
+        for _ in 0..repeat {
+            h2d.push(dec.timed_upload(&h2d_dst, &pinned)? as f64);
+        }
+        drop((pinned, h2d_dst));
+
+        // Correctness at scale (8K only: the CPU reference takes a while).
+        let mut verified = serde_json::Value::Null;
+        if tokens <= 8192 {
+            let host_layout = KvLayout { layer_base: (0..LAYERS).map(|l| l * per_layer).collect(), ..layout.clone() };
+            let mut want = vec![0u8; per_layer * LAYERS];
+            arena.read(0, &mut want)?; // untouched bytes: whatever the GPU left there
+            for (c, s) in streams.iter().enumerate() {
+                host_layout.scatter(&mut want, ids[c], &codec::decode(s, None)?)?;
+            }
+            let mut got = vec![0u8; per_layer * LAYERS];
+            arena.read(0, &mut got)?;
+            let same = got == want;
+            println!("{tokens} tokens: GPU output {} CPU decode + scatter", if same { "identical to" } else { "DIFFERS from" });
+            verified = json!(same);
+        }
+
+        let k = median(kern.clone());
+        let e = median(e2e_wall.clone());
+        let r = json!({
+            "tokens": tokens,
+            "chunks": nchunks,
+            "symbols": syms,
+            "compressed_bytes": staged.compressed_bytes(),
+            "staged_bytes": staged.staged_bytes(),
+            "output_bytes": out_bytes,
+            "stage_host_ms_median": median(stage_ms.clone()),
+            "kernel_ms_median": k,
+            "kernel_ms_all": kern,
+            "kernel_gsym_s": syms / k / 1e6,
+            "kernel_output_gb_s": out_bytes / k / 1e6,
+            "e2e_wall_ms_median": e,
+            "e2e_wall_ms_all": e2e_wall,
+            "e2e_gpu_ms_median": median(e2e_gpu.clone()),
+            "d2d_copy_ms_median": median(d2d.clone()),
+            "d2d_copy_gb_s_read_plus_write": 2.0 * out_bytes / median(d2d.clone()) / 1e6,
+            "h2d_pinned_ms_median": median(h2d.clone()),
+            "h2d_pinned_gb_s": staged.staged_bytes() as f64 / median(h2d.clone()) / 1e6,
+            "cpu_decode_ms_1_thread_estimate": cpu_1t * 1e3 * nchunks as f64,
+            "cpu_decode_ms_all_threads_estimate": cpu_all * 1e3 * nchunks as f64,
+            "verified_against_cpu": verified,
+        });
+        println!(
+            "{tokens} tokens ({nchunks} chunks, {:.1} MB compressed, {:.2} GB out): kernels {k:.2} ms = {:.1} Gsym/s, {:.0} GB/s out; \
+             end to end from pinned {e:.2} ms (GPU events {:.2} ms); D2D copy of the output {:.2} ms ({:.0} GB/s r+w); \
+             pinned H2D {:.2} ms ({:.1} GB/s); host staging {:.0} ms; CPU decode {:.0} ms on {threads} threads",
+            staged.compressed_bytes() as f64 / 1e6,
+            out_bytes / 1e9,
+            syms / k / 1e6,
+            out_bytes / k / 1e6,
+            median(e2e_gpu),
+            median(d2d.clone()),
+            2.0 * out_bytes / median(d2d) / 1e6,
+            median(h2d.clone()),
+            staged.staged_bytes() as f64 / median(h2d) / 1e6,
+            median(stage_ms),
+            cpu_all * 1e3 * nchunks as f64,
+        );
+        results.push(r);
+    }
+    let doc = json!({
+        "device": gpu.name(),
+        "compute_capability": format!("{maj}.{min}"),
+        "multiprocessors": gpu.multiprocessors(),
+        "kernel_compile_ms": compile_ms,
+        "fixture": fixture,
+        "shape": {"layers": LAYERS, "kv_heads": HEADS, "head_dim": HEAD_DIM, "chunk_tokens": CHUNK, "block_size": BLOCK, "dtype": "f16", "layout": "vLLM flash-attn NHD"},
+        "level": "default",
+        "compression_ratio_vs_f16": ratio,
+        "cpu_threads": threads,
+        "cpu_decode_gsym_s_1_thread": chunk_syms / cpu_1t / 1e9,
+        "cpu_decode_gsym_s_all_threads": chunk_syms / cpu_all / 1e9,
+        "results": results,
+    });
+    let text = serde_json::to_string_pretty(&doc)?;
+    if let Some(p) = out {
+        std::fs::write(&p, &text)?;
+        println!("wrote {p}");
+    } else {
+        println!("{text}");
+    }
+    Ok(())
+}
