@@ -650,3 +650,92 @@ def test_other_backend_layouts_round_trip(model_dir, distributed, tmp_path, shap
         assert 0 <= err < 0.5, (n, err)
         assert t[dst].abs().sum() > 0
     worker.shutdown()
+
+
+@pytest.fixture
+def redis_url(tmp_path):
+    """A private redis-server on a free loopback port (scripts/redis.sh installs it)."""
+    import shutil
+    import subprocess
+    import time
+
+    exe = shutil.which("redis-server")
+    assert exe, "redis-server is not installed (scripts/redis.sh installs it)"
+    port = _free_port()
+    proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                             "--dir", str(tmp_path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 10
+        while time.time() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                time.sleep(0.05)
+        else:
+            raise AssertionError("redis-server did not start")
+        yield f"redis://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def test_tensor_parallel_ranks_share_through_redis(model_dir, distributed, tmp_path, redis_url, monkeypatch):
+    """TP=2 as vLLM's multiproc executor runs it, in one process: a
+    scheduler-role connector and one worker-role connector per rank; rank 1's
+    context is its own (as in a separate process), and the only tier is Redis.
+    A prefix counts as matched only once every rank stored its shard; each
+    rank then loads its own shard."""
+    import cachegen_vllm.connector as mod
+    from cachegen_vllm.connector import CacheGenConnectorMetadata, ReqMeta
+
+    extra = {"tiers": {"redis": {"url": redis_url, "timeout_ms": 2000}}, "chunk_tokens": CHUNK, "io_threads": 2,
+             "decode_threads": 2, "load_timeout_ms": 10_000}
+    vc = make_config(model_dir, extra)
+    vc.parallel_config.tensor_parallel_size = 2  # the connector reads only this
+    spec = FullAttentionSpec(block_size=BLOCK, num_kv_heads=KV_HEADS, head_size=HEAD_DIM, dtype=torch.float16)
+    kvc = KVCacheConfig(num_blocks=NUM_BLOCKS, kv_cache_tensors=[], kv_cache_groups=[KVCacheGroupSpec(list(LAYER_NAMES), spec)])
+    gen = torch.Generator().manual_seed(6)
+    workers, kv = [], []
+    with set_current_vllm_config(vc):
+        sched = KVConnectorFactory.create_connector(config=vc, role=KVConnectorRole.SCHEDULER, kv_cache_config=kvc)
+        for rank in range(2):
+            monkeypatch.setattr(mod, "_tp_rank", lambda rank=rank: rank)
+            w = KVConnectorFactory.create_connector(config=vc, role=KVConnectorRole.WORKER, kv_cache_config=kvc)
+            assert w._settings.lib_config["namespace"]["tp_rank"] == rank
+            t = {n: torch.randn(2, NUM_BLOCKS, BLOCK, KV_HEADS, HEAD_DIM, generator=gen).to(torch.float16) for n in LAYER_NAMES}
+            w.register_kv_caches(t)
+            workers.append(w)
+            kv.append(t)
+    assert sched._shared is not workers[1]._shared
+    tokens = [int(x) for x in np.random.default_rng(6).integers(2, VOCAB - 2, 70)]
+    req = Request("T", tokens, SamplingParams(max_tokens=1), pooling_params=None)
+    src, dst = [4, 8, 15, 16], [40, 41, 42, 43]
+
+    def run(w, meta):
+        w.bind_connector_metadata(CacheGenConnectorMetadata(requests=[meta]))
+        w.start_load_kv(None)
+        for n in LAYER_NAMES:
+            w.wait_for_layer_load(n)
+        w.wait_for_save()
+        failed = w.get_block_ids_with_load_errors()
+        w.clear_connector_metadata()
+        return failed
+
+    assert sched.get_num_new_matched_tokens(req, 0) == (0, False)
+    run(workers[0], ReqMeta(req_id="T", token_ids=tokens[:64], block_ids=src, save_tokens=64))
+    wait_store_durable(workers[0].stats, 2)
+    assert sched.get_num_new_matched_tokens(req, 0) == (0, False)  # rank 1's shards are missing
+    run(workers[1], ReqMeta(req_id="T", token_ids=tokens[:64], block_ids=src, save_tokens=64))
+    wait_store_durable(workers[1].stats, 2)
+    assert sched.get_num_new_matched_tokens(req, 0) == (64, False)
+    for rank, w in enumerate(workers):
+        assert run(w, ReqMeta(req_id="T", token_ids=tokens[:64], block_ids=dst, load_tokens=64)) == set()
+        for n in LAYER_NAMES:
+            t = kv[rank][n].float()
+            assert (t[:, dst] - t[:, src]).abs().max().item() < 0.5
+    other = [kv[1 - r][LAYER_NAMES[0]].float()[:, src] for r in range(2)]
+    assert (other[0] - other[1]).abs().max().item() > 1  # the ranks' shards differ
+    for w in workers:
+        w.shutdown()
+    sched.shutdown()
