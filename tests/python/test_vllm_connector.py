@@ -586,11 +586,15 @@ def test_preempted_request_reloads_its_prefix(model_dir, distributed, tmp_path):
     for r, p in prompts.items():
         e.add(r, p, max_tokens=20)
     resumed = None
-    for _ in range(40):
+    for step in range(40):
         if not e.scheduler.has_requests():
             break
         so, kv_out = e.step()
         assert not kv_out.invalid_block_ids
+        if step == 0:
+            # Entries become visible to lookups once written (durable), in the
+            # background; don't let the test race that.
+            wait_store_durable(e.worker.stats, 4)
         if "R2" in getattr(so.scheduled_cached_reqs, "resumed_req_ids", ()):
             # The prompt's two stored chunks reload; the generated tokens are recomputed.
             [meta] = [m for m in so.kv_connector_metadata.requests if m.req_id == "R2"]
