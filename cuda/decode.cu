@@ -14,6 +14,23 @@ typedef unsigned long long u64;
 typedef long long i64;
 
 #define LANES 32
+template <int K> struct IC { static constexpr int value = K; };
+#ifndef FAST
+#define FAST 1
+#endif
+#ifndef STORE
+#define STORE 1
+#endif
+#ifndef HWCVT
+#define HWCVT 1
+#endif
+// Bytes of shared memory per warp after its lookups (the host adds the same
+// amount: CACHEGEN_SMEM_EXTRA); the word ring below needs 256.
+#ifndef SMEM_EXTRA
+#define SMEM_EXTRA 256
+#endif
+#define RING_UNITS (SMEM_EXTRA / 4)   // u32 units in the word ring (64)
+#define RING_GROUP 16                 // units per refill (32 words)
 #define FULL 0xffffffffu
 #define RANS_L 65536u
 
@@ -106,6 +123,17 @@ __device__ __forceinline__ u32 dequant_bits(u32 sym, float step, float base, u32
     u32 x = __float_as_uint(v);
     if (v != v) x = 0xFFC00000u;
     if (esize == 4) return x;
+#if HWCVT
+    // cvt.rn is IEEE round-to-nearest-even with subnormals and overflow to
+    // infinity, as the `half` crate; only NaNs differ (canonical NaN), so
+    // they take the integer path.
+    if (v == v) {
+        unsigned short h;
+        if (is_bf16) asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(v));
+        else asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(v));
+        return h;
+    }
+#endif
     return is_bf16 ? f32_to_bf16_bits(x) : f32_to_f16_bits(x);
 }
 
@@ -206,7 +234,9 @@ extern "C" __global__ void cg_decode(
     const u32 warp = threadIdx.x >> 5;
     const u32 si = blockIdx.x * (blockDim.x >> 5) + warp;
     if (si >= nsegs) return;
-    u32* lut = smem + ((size_t)warp * LANES << max_prob_bits) + lane;
+    u32* wbase_smem = smem + (size_t)warp * ((LANES << max_prob_bits) + RING_UNITS);
+    u32* lut = wbase_smem + lane;
+    u32* ring = wbase_smem + (LANES << max_prob_bits);   // RING_UNITS u32: the segment's words, streamed in
 
     const Seg sg = segs[si];
     const Chunk ch = chunks[sg.chunk];
@@ -228,13 +258,31 @@ extern "C" __global__ void cg_decode(
     const u16* words = seg16 + 2 * L;
     const u32 nwords = sg.nwords;
 
-    // Word window: w0 holds words wbase..wbase+31 (one per lane), w1 the next
-    // 32; w2 and w3 are loads in flight for the two windows after that.
-    u32 wbase = 0;
-    u32 w0 = lane < nwords ? __ldg(words + lane) : 0u;
-    u32 w1 = 32 + lane < nwords ? __ldg(words + 32 + lane) : 0u;
-    u32 w2 = 64 + lane < nwords ? __ldg(words + 64 + lane) : 0u;
-    u32 w3 = 96 + lane < nwords ? __ldg(words + 96 + lane) : 0u;
+    // Words stream through a ring in shared memory, copied with cp.async
+    // (no register waits on the loads) in groups of 32 words, 4 groups deep:
+    // a group is requested about 64 words (8 rounds at 4 bits/symbol)
+    // before it is read. Copies are 4-byte units from the 4-byte aligned
+    // address at or below the words; `sh` is the words' offset in u16 from it.
+    const u64 waddr = (u64)words;
+    const u32 sh = (u32)(waddr & 2u) >> 1;
+    const u32* units = (const u32*)(waddr - 2 * sh);
+    const u64 wend = waddr + 2ull * nwords;          // first byte past the words
+    const u16* ring16 = (const u16*)ring;
+    u32 gnext = 0;
+    auto refill = [&]() {
+        if (lane < RING_GROUP) {
+            const u32 u = gnext * RING_GROUP + lane;
+            if ((u64)(units + u) < wend) {
+                const unsigned dst = (unsigned)__cvta_generic_to_shared(ring + (u & (RING_UNITS - 1)));
+                asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" :: "r"(dst), "l"(units + u));
+            }
+        }
+        asm volatile("cp.async.commit_group;");
+        gnext++;
+    };
+    refill(); refill(); refill(); refill();
+    asm volatile("cp.async.wait_group 2;");
+    __syncwarp();
     u32 pos = 0;
     const u32 lt_mask = (1u << lane) - 1u;
 
@@ -243,6 +291,7 @@ extern "C" __global__ void cg_decode(
     u8* layer_ptr = (u8*)(((const u64*)dest.layer_base)[layer]) + (i64)layer * dest.stride_layer + (i64)stream * dest.stride_kv;
     const u32* block_ids = (const u32*)dest.block_ids + ((const u32*)dest.block_first)[ch.index];
     const u32 esize = ch.dtype_size;
+    const u32 nblk = (ch.tokens + dest.block_size - 1) / dest.block_size;
     const u32 raw = pl.group == 0;
     const u8* scales = base + ch.scales_off;
     const u32 nsym = raw ? 256u : 2u * pl.max + 1u;
@@ -250,15 +299,24 @@ extern "C" __global__ void cg_decode(
 
     float step = 0.f, sbase = 0.f;
     if (!raw && pl.group == 4) group_coef(scales, pl, 0, step, sbase);
+    const bool fast = !raw && pl.group == 4;
 
     for (u32 g = g0; g < g1; g++) {
         const u32 active = min(32u, C - 32u * g);
         const u32 c = 32u * g + lane;
         const bool on = lane < active;
         __syncwarp();
+#if BUILD_ONCE
+        if (on && g == g0) {
+#else
         if (on) {
+#endif
             const u32 ti = raw && pl.shared ? 0u : c;
             ok &= build_lut(base + tab_off[ch.tab_first + sg.plane * C + ti], lut, prob_bits, nsym);
+        }
+        if (g + 1 < g1 && c + 32u < C) {
+            const u8* nt = base + tab_off[ch.tab_first + sg.plane * C + (raw && pl.shared ? 0u : c + 32u)];
+            asm volatile("prefetch.global.L2 [%0];" :: "l"(nt));
         }
         __syncwarp();
         const u32 h = on ? c / ch.head_dim : 0u;
@@ -266,7 +324,65 @@ extern "C" __global__ void cg_decode(
         const i64 coff = (i64)h * dest.stride_head + (i64)d * esize + (raw ? (i64)pl.byte_shift : 0);
         if (!raw && pl.group == 3 && on) group_coef(scales, pl, c, step, sbase);
         u32 bi = t0 / dest.block_size, slot = t0 - bi * dest.block_size;
+        // Block ids of 32 blocks from bw, one per lane (read with a shuffle).
+        u32 bw = bi;
+        u32 bwin = __ldg(block_ids + min(bi + lane, nblk - 1));
+        if (FAST && fast) {
+            // Hot path: quantized plane with one scale for the tensor. No
+            // branches per round but the rare refill and block change; lanes
+            // beyond `active` run the arithmetic but keep their state.
+            auto rounds = [&](auto tag) {
+                constexpr int K = decltype(tag)::value;   // 0 f16, 1 bf16, 2 f32
+                const u32 blk0 = __shfl_sync(FULL, bwin, 0);
+                u8* tokp = layer_ptr + (i64)blk0 * dest.stride_block + (i64)slot * dest.stride_token;
+                for (u32 t = t0; t < t1; t++) {
+                    const u32 e = lut[(x & mask) * LANES];
+                    const u32 xn = ((e >> 8) & 0x7FFu) * (x >> prob_bits) + (e >> 19);
+                    const bool need = on && xn < RANS_L;
+                    x = on ? xn : x;
+                    const u32 bal = __ballot_sync(FULL, need);
+                    if (need) x = (x << 16) | ring16[(sh + pos + __popc(bal & lt_mask)) & (2 * RING_UNITS - 1)];
+                    pos += __popc(bal);
+                    if (((sh + pos) >> 5) + 3 >= gnext) {
+                        refill();
+                        asm volatile("cp.async.wait_group 2;");
+                        __syncwarp();
+                    }
+                    const float v = __fadd_rn(__fmul_rn((float)(e & 0xFFu), step), sbase);
+                    if (STORE && on) {
+                        if (K == 2) {
+                            *(u32*)(tokp + coff) = v == v ? __float_as_uint(v) : 0xFFC00000u;
+                        } else {
+                            unsigned short hb;
+                            if (K == 1) asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(hb) : "f"(v));
+                            else asm("cvt.rn.f16.f32 %0, %1;" : "=h"(hb) : "f"(v));
+                            *(u16*)(tokp + coff) = v == v ? hb : (K == 1 ? 0xFFC0u : 0xFE00u);
+                        }
+                    }
+                    tokp += dest.stride_token;
+                    if (++slot == dest.block_size) {
+                        slot = 0;
+                        bi++;
+                        if (bi - bw >= 32u) {
+                            bw = bi;
+                            bwin = __ldg(block_ids + min(bi + lane, nblk - 1));
+                        }
+                        const u32 blk = __shfl_sync(FULL, bwin, bi - bw);
+                        tokp = layer_ptr + (i64)blk * dest.stride_block;
+                    }
+                }
+            };
+            if (esize == 4) rounds(IC<2>());
+            else if (ch.is_bf16) rounds(IC<1>());
+            else rounds(IC<0>());
+            continue;
+        }
         for (u32 t = t0; t < t1; t++) {
+            if (bi - bw >= 32u) {
+                bw = bi;
+                bwin = __ldg(block_ids + min(bi + lane, nblk - 1));
+            }
+            const u32 blk = __shfl_sync(FULL, bwin, bi - bw);
             u32 sym = 0;
             bool need = false;
             if (on) {
@@ -276,19 +392,16 @@ extern "C" __global__ void cg_decode(
                 need = x < RANS_L;
             }
             const u32 bal = __ballot_sync(FULL, need);
-            const u32 idx = pos - wbase + __popc(bal & lt_mask);
-            const u32 a = __shfl_sync(FULL, w0, idx & 31u);
-            const u32 b = __shfl_sync(FULL, w1, idx & 31u);
-            if (need) x = (x << 16) | (idx < 32u ? a : b);
+            if (need) x = (x << 16) | ring16[(sh + pos + __popc(bal & lt_mask)) & (2 * RING_UNITS - 1)];
             pos += __popc(bal);
-            if (pos - wbase >= 32u) {
-                wbase += 32u;
-                w0 = w1; w1 = w2; w2 = w3;
-                const u32 wi = wbase + 96u + lane;
-                w3 = wi < nwords ? __ldg(words + wi) : 0u;
+            // The oldest group is consumed: refill its slot 4 groups ahead.
+            if (((sh + pos) >> 5) + 3 >= gnext) {
+                refill();
+                asm volatile("cp.async.wait_group 2;");
+                __syncwarp();
             }
-            if (on) {
-                u8* p = layer_ptr + (i64)block_ids[bi] * dest.stride_block + (i64)slot * dest.stride_token + coff;
+            if (on && STORE) {
+                u8* p = layer_ptr + (i64)blk * dest.stride_block + (i64)slot * dest.stride_token + coff;
                 if (raw) {
                     *p = (u8)sym;
                 } else {
@@ -305,7 +418,9 @@ extern "C" __global__ void cg_decode(
     if (pos != nwords) err |= ERR_WORDS;
     if (lane < L && x != RANS_L) err |= ERR_STATE;
     err = __reduce_or_sync(FULL, err);
+#if !NO_ERRORS
     if (lane == 0 && err) atomicOr(errors + ch.index, err);
+#endif
 }
 
 // Exact tokens (FORMAT.md 6.3): copy the stored rows over the decoded ones.

@@ -352,7 +352,8 @@ impl GpuDecoder {
             f_decode,
             f_exact,
             state: Mutex::new(state),
-            smem_extra: knob("CACHEGEN_SMEM_EXTRA", 0),
+            // 256 bytes per warp for the word ring (SMEM_EXTRA in decode.cu).
+            smem_extra: knob("CACHEGEN_SMEM_EXTRA", 256),
             max_warps: knob("CACHEGEN_MAX_WARPS", 8).max(1),
             batch_bytes: 48 << 20,
         })
@@ -369,8 +370,9 @@ impl GpuDecoder {
         ((self.gpu.inner.smem_optin as usize / self.smem_per_warp(prob_bits) as usize) as u32).clamp(1, self.max_warps)
     }
 
-    /// Shared memory per warp: the lookups, plus `smem_extra` bytes a kernel
-    /// variant may use (CACHEGEN_SMEM_EXTRA, with a matching -DSMEM_EXTRA).
+    /// Shared memory per warp: the lookups, plus `smem_extra` bytes (the
+    /// kernel's word ring; CACHEGEN_SMEM_EXTRA overrides it for kernel
+    /// variants built with a matching -DSMEM_EXTRA).
     fn smem_per_warp(&self, prob_bits: u32) -> u32 {
         (128u32 << prob_bits) + self.smem_extra
     }
