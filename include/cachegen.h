@@ -22,7 +22,8 @@
 // The configuration JSON is malformed or names an invalid setting.
 #define CG_ERR_CONFIG -2
 
-// The layout description is invalid or does not match the context.
+// The layout description is invalid (zero dimension, aliasing strides,
+// address overflow) or a block id is out of its range.
 #define CG_ERR_LAYOUT -3
 
 // A storage tier could not be opened or used.
@@ -68,10 +69,10 @@
 // or reported failed; the destination memory is no longer touched.
 #define CG_STAGE_DONE 2
 
-// `cg_job_info.kind`
+// `cg_job_progress.kind`
 #define CG_JOB_STORE 1
 
-// `cg_job_info.kind`
+// `cg_job_progress.kind`
 #define CG_JOB_LOAD 2
 
 // A context: configuration, storage tiers and worker threads.
@@ -110,8 +111,8 @@ typedef struct cg_layout_desc {
   int64_t stride_layer;
 } cg_layout_desc;
 
-// A snapshot of a job (`cg_job_info`).
-typedef struct cg_job_info {
+// A snapshot of a job's progress, filled by `cg_job_info`.
+typedef struct cg_job_progress {
   // `CG_JOB_STORE` or `CG_JOB_LOAD`.
   uint32_t kind;
   // 1 once `CG_STAGE_REUSABLE` is reached.
@@ -127,7 +128,7 @@ typedef struct cg_job_info {
   uint64_t chunks_skipped;
   // Number of distinct failed blocks (see `cg_job_failed_blocks`).
   uint64_t failed_blocks;
-} cg_job_info;
+} cg_job_progress;
 
 #ifdef __cplusplus
 extern "C" {
@@ -215,7 +216,7 @@ int32_t cg_load(const struct cg_context *ctx,
 // `CG_PENDING` when `timeout_ms` passed first (0: poll; negative: no limit).
 // Reaching DONE does not mean every chunk succeeded: see `cg_job_info`.
 int32_t cg_job_wait(const struct cg_job *job,
-                    uint32_t stage_,
+                    uint32_t stage,
                     int64_t timeout_ms);
 
 // Waits until layer `layer` of a load is complete (written, or its chunk
@@ -227,7 +228,7 @@ int32_t cg_job_wait_layer(const struct cg_job *job,
 
 // Fills `*info` with the job's progress.
 int32_t cg_job_info(const struct cg_job *job,
-                    struct cg_job_info *info);
+                    struct cg_job_progress *info);
 
 // Copies up to `cap` failed block ids (sorted, distinct) into `out` and the
 // total number into `*count`. `out` may be null when `cap` is 0. The list is

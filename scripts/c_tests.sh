@@ -12,11 +12,6 @@
 # Needs gcc, g++, pkg-config, python3 (installed with apt-get when missing) and
 # cargo. Builds the release library first (cargo build --release; a no-op when
 # it is up to date; CACHEGEN_SKIP_BUILD=1 skips it). Exits non-zero on any failure.
-#
-# While include/cachegen.h has the cg_job_info typedef/function clash (see
-# integrations/c/cachegen_compat.h) step 1 fails; steps 2-4 still run, through
-# the compat shim. CACHEGEN_ALLOW_HEADER_CLASH=1 reports that clash without
-# failing the script (for CI until the header is fixed).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO="$PWD"
@@ -102,17 +97,8 @@ else
     echo "C++17: FAILED"
     head -n 8 "$WORK/header_cpp.log"
 fi
-COMPAT=(-I"$REPO/integrations/c")
 if [ "$HEADER_OK" = 0 ]; then
-    if grep -q "cg_job_info" "$WORK"/header_*.log; then
-        echo "=> the cg_job_info typedef/function clash; the tests below use integrations/c/cachegen_compat.h with -DCACHEGEN_JOB_INFO_CLASH"
-        COMPAT+=(-DCACHEGEN_JOB_INFO_CLASH)
-        if [ "${CACHEGEN_ALLOW_HEADER_CLASH:-0}" != 1 ]; then
-            FAILED+=("include/cachegen.h does not compile (cg_job_info is both a typedef and a function)")
-        fi
-    else
-        FAILED+=("include/cachegen.h does not compile")
-    fi
+    FAILED+=("include/cachegen.h does not compile")
 fi
 
 # --------------------------------------------------------- the programs
@@ -143,7 +129,7 @@ run() {  # NAME COMMAND...: runs it, records a failure
 build_and_run() {  # NAME COMPILER FLAGS_ARRAY_NAME SOURCE OUTPUT ARGS...
     local name="$1" cc="$2" flags="$3[@]" src="$4" out="$5"
     shift 5
-    if "$cc" "${!flags}" "${COMPAT[@]}" "$src" -o "$out" "${PC[@]}"; then
+    if "$cc" "${!flags}" "$src" -o "$out" "${PC[@]}"; then
         run "$name" "$out" "$@"
     else
         step "$name"
@@ -161,16 +147,12 @@ build_and_run "integrations/c/example.c (README recipe)" gcc PLAIN integrations/
 
 # The CMake package files (only where cmake is installed; it is not required).
 cmake_example() {
-    local defs="" f
-    for f in "${COMPAT[@]}"; do case "$f" in -D*) defs="${f#-D}" ;; esac; done
     mkdir -p "$WORK/cmake"
     cat >"$WORK/cmake/CMakeLists.txt" <<CMAKE
 cmake_minimum_required(VERSION 3.16)
 project(cachegen_example C)
 find_package(cachegen 0.1 REQUIRED)
 add_executable(example "$REPO/integrations/c/example.c")
-target_compile_definitions(example PRIVATE $defs)
-target_include_directories(example PRIVATE "$REPO/integrations/c")
 target_link_libraries(example PRIVATE cachegen::cachegen)
 CMAKE
     if cmake -S "$WORK/cmake" -B "$WORK/cmake/build" -Dcachegen_DIR="$REPO/target/cmake/cachegen" >"$WORK/cmake/configure.log" 2>&1 &&

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, exactly as CI runs it (.ci/run calls this script).
 # Installs what it needs: the Python model harness (.venv, model and text
-# under .cache/), pytest, and cargo-fuzz for the fuzz smoke run.
+# under .cache/), pytest, the Python binding, redis-server (the tests start
+# their own servers), a C toolchain, and cargo-fuzz for the fuzz smoke run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 step() { printf '\n== %s\n' "$*"; }
@@ -9,6 +10,10 @@ step() { printf '\n== %s\n' "$*"; }
 step "model harness: venv, SmolLM2 (sha256-pinned) and kernel docs"
 scripts/model/setup_env.sh
 .venv/bin/pip install -q pytest==8.3.4
+.venv/bin/pip install -q -e integrations/python
+
+step "redis-server for the Redis tier and connector tests"
+scripts/redis.sh
 
 step "build"
 cargo build --release
@@ -37,5 +42,8 @@ step "harness self-checks (model output: self, f16/bf16 rounding, noise)"
 step "Rust tests"
 cargo test --release
 
-step "CLI end to end on the real fixture, judged by the model"
-.venv/bin/python -m pytest -q tests/python
+step "C/C++ ABI tests (ASan, LSan, UBSan)"
+CACHEGEN_SKIP_BUILD=1 scripts/c_tests.sh
+
+step "Python: the ctypes binding, and the CLI end to end judged by the model"
+.venv/bin/python -m pytest -q tests/python --ignore=tests/python/test_vllm_connector.py

@@ -31,3 +31,24 @@ fn header_is_current() {
         assert!(generated.contains(&format!("{f}(")), "{f} missing from the header");
     }
 }
+
+/// The committed header compiles as C11 and C++17 with warnings as errors
+/// (cbindgen's output can be valid Rust and still clash in C: a typedef and a
+/// function of one name, say).
+#[test]
+fn header_compiles_as_c_and_cpp() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let dir = tempfile::tempdir().unwrap();
+    let src = "#include <cachegen.h>\nint main(void) { cg_job_progress p; (void)p; return cg_version() == 0; }\n";
+    for (compiler, std, file) in [("cc", "-std=c11", "t.c"), ("c++", "-std=c++17", "t.cpp")] {
+        let path = dir.path().join(file);
+        std::fs::write(&path, src).unwrap();
+        let out = std::process::Command::new(compiler)
+            .args([std, "-fsyntax-only", "-Wall", "-Wextra", "-Werror", "-pedantic"])
+            .arg(format!("-I{}", root.join("include").display()))
+            .arg(&path)
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {compiler} (install gcc and g++): {e}"));
+        assert!(out.status.success(), "{compiler}: include/cachegen.h does not compile:\n{}", String::from_utf8_lossy(&out.stderr));
+    }
+}

@@ -8,7 +8,7 @@
  *
  * Build and run: see README.md in this directory.
  */
-#include "cachegen_compat.h" /* <cachegen.h>, plus a workaround; see that file */
+#include <cachegen.h>
 
 #include <inttypes.h>
 #include <stdint.h>
@@ -114,7 +114,7 @@ int main(void) {
                 k += HEADS * head_bytes;
             }
     ok(cg_job_wait(job, CG_STAGE_DONE, 30000), "cg_job_wait(DONE)");
-    cg_job_info_t info;
+    cg_job_progress info;
     ok(cg_job_info(job, &info), "cg_job_info");
     printf("store: %" PRIu64 " chunks written, %" PRIu64 " failed (the 4 tokens after the last full chunk are not stored)\n",
            info.chunks_ok, info.chunks_failed);

@@ -251,7 +251,7 @@ impl Context {
             return Err(LayoutError::BlockOutOfRange { id: b, num_blocks: layout.num_blocks }.into());
         }
         if let Some(w) = seen.windows(2).find(|w| w[0] == w[1]) {
-            return Err(LayoutError::DuplicateBlock(w[0]).into());
+            return Err(ConnectorError::InvalidArgument(format!("block id {} is used twice", w[0])));
         }
         Ok(())
     }

@@ -33,7 +33,8 @@ pub const CG_PENDING: i32 = 1;
 pub const CG_ERR_INVALID_ARGUMENT: i32 = -1;
 /// The configuration JSON is malformed or names an invalid setting.
 pub const CG_ERR_CONFIG: i32 = -2;
-/// The layout description is invalid or does not match the context.
+/// The layout description is invalid (zero dimension, aliasing strides,
+/// address overflow) or a block id is out of its range.
 pub const CG_ERR_LAYOUT: i32 = -3;
 /// A storage tier could not be opened or used.
 pub const CG_ERR_STORAGE: i32 = -4;
@@ -69,9 +70,9 @@ pub const CG_STAGE_REUSABLE: u32 = 1;
 /// or reported failed; the destination memory is no longer touched.
 pub const CG_STAGE_DONE: u32 = 2;
 
-/// `cg_job_info.kind`
+/// `cg_job_progress.kind`
 pub const CG_JOB_STORE: u32 = 1;
-/// `cg_job_info.kind`
+/// `cg_job_progress.kind`
 pub const CG_JOB_LOAD: u32 = 2;
 
 /// A context: configuration, storage tiers and worker threads.
@@ -117,10 +118,10 @@ pub struct cg_layout_desc {
     pub stride_layer: i64,
 }
 
-/// A snapshot of a job (`cg_job_info`).
+/// A snapshot of a job's progress, filled by `cg_job_info`.
 #[repr(C)]
 #[derive(Default)]
-pub struct cg_job_info {
+pub struct cg_job_progress {
     /// `CG_JOB_STORE` or `CG_JOB_LOAD`.
     pub kind: u32,
     /// 1 once `CG_STAGE_REUSABLE` is reached.
@@ -284,6 +285,9 @@ pub unsafe extern "C" fn cg_layout_new(desc: *const cg_layout_desc, out: *mut *m
             Err(code) => return code,
         };
         let mut layer_base = Vec::with_capacity(bases.len());
+        if let Some(l) = bases.iter().position(|&b| b == 0) {
+            return fail(CG_ERR_INVALID_ARGUMENT, format!("layer_base[{l}] is a null pointer"));
+        }
         for &b in bases {
             match usize::try_from(b) {
                 Ok(b) => layer_base.push(b),
@@ -456,7 +460,7 @@ pub unsafe extern "C" fn cg_load(
     })
 }
 
-fn stage(s: u32) -> Option<Stage> {
+fn parse_stage(s: u32) -> Option<Stage> {
     match s {
         CG_STAGE_REUSABLE => Some(Stage::Reusable),
         CG_STAGE_DONE => Some(Stage::Done),
@@ -468,11 +472,11 @@ fn stage(s: u32) -> Option<Stage> {
 /// `CG_PENDING` when `timeout_ms` passed first (0: poll; negative: no limit).
 /// Reaching DONE does not mean every chunk succeeded: see `cg_job_info`.
 #[no_mangle]
-pub unsafe extern "C" fn cg_job_wait(job: *const cg_job, stage_: u32, timeout_ms: i64) -> i32 {
+pub unsafe extern "C" fn cg_job_wait(job: *const cg_job, stage: u32, timeout_ms: i64) -> i32 {
     guard(|| {
         let job = arg!(job, "job");
-        let Some(st) = stage(stage_) else {
-            return fail(CG_ERR_INVALID_ARGUMENT, format!("stage {stage_} is not a CG_STAGE_*"));
+        let Some(st) = parse_stage(stage) else {
+            return fail(CG_ERR_INVALID_ARGUMENT, format!("stage {stage} is not a CG_STAGE_*"));
         };
         if job.inner.wait(st, timeout(timeout_ms)) {
             CG_OK
@@ -502,12 +506,12 @@ pub unsafe extern "C" fn cg_job_wait_layer(job: *const cg_job, layer: u32, timeo
 
 /// Fills `*info` with the job's progress.
 #[no_mangle]
-pub unsafe extern "C" fn cg_job_info(job: *const cg_job, info: *mut cg_job_info) -> i32 {
+pub unsafe extern "C" fn cg_job_info(job: *const cg_job, info: *mut cg_job_progress) -> i32 {
     guard(|| {
         let job = arg!(job, "job");
         let info = out!(info, "info");
         let p = job.inner.progress();
-        *info = cg_job_info {
+        *info = cg_job_progress {
             kind: match job.inner.kind {
                 JobKind::Store => CG_JOB_STORE,
                 JobKind::Load => CG_JOB_LOAD,

@@ -8,8 +8,7 @@
 //
 //   abi_test_cpp FIXTURE WORK_DIR     (as tests/c/abi_test.c)
 
-// <cachegen.h> through the shim for the cg_job_info clash (see that file).
-#include "cachegen_compat.h"
+#include <cachegen.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -76,8 +75,8 @@ class job {
         if (rc == CG_PENDING) throw error(rc, "cg_job_wait_layer: timed out");
         check(rc, "cg_job_wait_layer");
     }
-    cg_job_info_t info() const {
-        cg_job_info_t i{};
+    cg_job_progress info() const {
+        cg_job_progress i{};
         check(cg_job_info(p_.get(), &i), "cg_job_info");
         return i;
     }
@@ -294,7 +293,7 @@ int main(int argc, char **argv) try {
         cg::job st = cg::store(ctx, src_layout, tokens, src_blocks);
         st.wait(CG_STAGE_REUSABLE);
         st.wait(CG_STAGE_DONE);
-        cg_job_info_t i = st.info();
+        cg_job_progress i = st.info();
         EXPECT(i.kind == CG_JOB_STORE && i.done == 1 && i.chunks_ok == TOKENS / CHUNK && i.chunks_failed == 0);
     }  // layout and job freed here
     std::cout << "stored " << TOKENS << " tokens from " << src.name << "\n";
@@ -313,7 +312,7 @@ int main(int argc, char **argv) try {
         cg::job ld = cg::load(ctx, l, tokens, blocks);
         for (uint32_t layer = 0; layer < LAYERS; layer++) ld.wait_layer(layer);
         ld.wait(CG_STAGE_DONE);
-        cg_job_info_t i = ld.info();
+        cg_job_progress i = ld.info();
         EXPECT(i.kind == CG_JOB_LOAD && i.layers_done == LAYERS && i.chunks_ok == TOKENS / CHUNK && i.chunks_failed == 0);
         EXPECT(ld.failed_blocks().empty());
         loaded.push_back(gather(dst, blocks));
