@@ -46,4 +46,8 @@ step "C/C++ ABI tests (ASan, LSan, UBSan)"
 CACHEGEN_SKIP_BUILD=1 scripts/c_tests.sh
 
 step "Python: the ctypes binding, and the CLI end to end judged by the model"
-.venv/bin/python -m pytest -q tests/python --ignore=tests/python/test_vllm_connector.py
+.venv/bin/python -m pytest -q tests/python --ignore-glob='*/test_vllm_*'
+
+step "vLLM connector through vLLM 0.33.0's factory, scheduler and worker hooks (CPU)"
+scripts/vllm_env.sh
+.cache/vllm-venv/bin/python -m pytest -q tests/python/test_vllm_connector.py

@@ -492,3 +492,22 @@ fn disk_concurrent_puts_and_gets_keep_budget() {
         }
     }
 }
+
+#[test]
+fn disk_entries_written_by_another_instance_are_found() {
+    // Two processes sharing a cache directory: B opened before A wrote.
+    let d = TempDir::new("shared");
+    let a = DiskTier::open(d.path(), 1 << 20).unwrap();
+    let b = DiskTier::open(d.path(), 1 << 20).unwrap();
+    a.put(&key(1), &value_for(&key(1), 300)).unwrap();
+    assert!(!b.contains(&key(2)).unwrap());
+    assert!(b.contains(&key(1)).unwrap());
+    assert_eq!(b.get(&key(1)).unwrap(), Some(value_for(&key(1), 300)));
+    a.put(&key(3), &value_for(&key(3), 50)).unwrap();
+    assert_eq!(b.get(&key(3)).unwrap(), Some(value_for(&key(3), 50)));
+    assert_eq!(b.stats().entries, 2);
+    // Removed by A: B reads it as absent and forgets it.
+    a.remove(&key(3)).unwrap();
+    assert_eq!(b.get(&key(3)).unwrap(), None);
+    assert!(!b.contains(&key(3)).unwrap());
+}

@@ -15,8 +15,11 @@
 //! either the whole file or none. `open` deletes `.tmp-*` leftovers of a crash
 //! and rebuilds the LRU index from the files, oldest modification time first.
 //!
-//! One `DiskTier` per directory at a time: `open` deletes temp files, which
-//! would break a writer in another live instance on the same directory.
+//! Several processes may share a directory: an entry another process wrote
+//! after `open` is found (and indexed) on the first `get` or `contains` that
+//! asks for it. Each process evicts by its own index, so their budgets are
+//! not shared, and `open` deletes temp files, which fails (harmlessly: the
+//! put reports an I/O error) a write in flight in another process.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
@@ -119,6 +122,25 @@ impl DiskTier {
 
     fn lock(&self) -> MutexGuard<'_, Lru<u64>> {
         self.index.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Indexes `key`'s file if another process wrote it after `open` (a
+    /// shared directory); returns whether the key is indexed now. Costs one
+    /// `stat` per miss. The index may go over budget by adopted entries
+    /// until the next put evicts.
+    fn adopt(&self, key: &Key) -> bool {
+        let mut index = self.lock();
+        if index.peek(key).is_some() {
+            return true;
+        }
+        match fs::metadata(self.path_of(key)) {
+            Ok(m) if m.is_file() && m.len() >= DISK_OVERHEAD => {
+                let gen = self.next_gen.fetch_add(1, Relaxed);
+                index.insert(*key, m.len(), gen);
+                true
+            }
+            _ => false,
+        }
     }
 
     /// Deletes the file of an evicted entry. A failure leaves an untracked file
@@ -229,6 +251,7 @@ impl Tier for DiskTier {
     }
 
     fn get(&self, key: &Key) -> Result<Option<Vec<u8>>, StoreError> {
+        self.adopt(key);
         let Some(gen) = self.lock().touch(key).map(|s| s.value) else {
             self.counters.misses.fetch_add(1, Relaxed);
             return Ok(None);
@@ -325,7 +348,7 @@ impl Tier for DiskTier {
     }
 
     fn contains(&self, key: &Key) -> Result<bool, StoreError> {
-        Ok(self.lock().peek(key).is_some())
+        Ok(self.adopt(key))
     }
 
     fn remove(&self, key: &Key) -> Result<(), StoreError> {
