@@ -511,3 +511,35 @@ fn disk_entries_written_by_another_instance_are_found() {
     assert_eq!(b.get(&key(3)).unwrap(), None);
     assert!(!b.contains(&key(3)).unwrap());
 }
+
+#[test]
+fn tier_stack_fetches_fastest_intact_copy_and_promotes() {
+    use cachegen::store::TierStack;
+    let d = TempDir::new("stack");
+    let mem = Arc::new(MemoryTier::new(1 << 20));
+    let disk = Arc::new(DiskTier::open(d.path(), 1 << 20).unwrap());
+    let stack = TierStack::new(vec![mem.clone() as Arc<dyn Tier>, disk.clone() as Arc<dyn Tier>]);
+    let (k, v) = (key(7), value_for(&key(7), 500));
+    disk.put(&k, &v).unwrap();
+    assert!(!mem.contains(&k).unwrap());
+    assert!(stack.contains(&k));
+    let f = stack.fetch(&k).unwrap().unwrap();
+    assert_eq!((f.value, f.tier), (v.clone(), 1));
+    // Promoted: the next fetch is served by memory.
+    assert!(mem.contains(&k).unwrap());
+    assert_eq!(stack.fetch(&k).unwrap().unwrap().tier, 0);
+    // Write-through reaches every tier.
+    let (k2, v2) = (key(8), value_for(&key(8), 300));
+    assert_eq!(stack.put_all(&k2, &v2).0, 2);
+    assert_eq!(disk.get(&k2).unwrap(), Some(v2.clone()));
+    // A corrupt copy in a tier is skipped (and removed); an intact one elsewhere is returned.
+    mem.remove(&k2).unwrap();
+    let mut bytes = fs::read(disk.path_of(&k2)).unwrap();
+    bytes[30] ^= 1;
+    fs::write(disk.path_of(&k2), bytes).unwrap();
+    mem.put(&k2, &v2).unwrap();
+    assert_eq!(stack.fetch(&k2).unwrap().unwrap().tier, 0);
+    mem.remove(&k2).unwrap();
+    assert!(matches!(stack.fetch(&k2), Err(StoreError::Corrupt(_))));
+    assert!(stack.fetch(&k2).unwrap().is_none(), "the corrupt entry was removed");
+}
