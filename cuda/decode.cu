@@ -152,7 +152,12 @@ __device__ __forceinline__ void group_coef(const u8* scales, const Plane& pl, u3
     }
 }
 
-__constant__ u32 WEIGHT_OF_CODE[16] = {0, 2, 3, 4, 6, 8, 11, 16, 23, 32, 45, 64, 91, 128, 181, 256};
+// WEIGHT_OF_CODE (table.rs) without a memory lookup (a constant-bank load
+// with a different index per lane is serialised): odd codes are powers of
+// two, even codes come from a packed byte table.
+__device__ __forceinline__ u32 weight_of_code(u32 q) {
+    return (q & 1u) ? (1u << ((q + 1u) >> 1)) : (u32)((0xB55B2D170B060300ull >> (4u * q)) & 0xFFu);
+}
 
 __device__ __forceinline__ u32 code_at(const u8* tab, u32 j) {
     u32 b = ld8(tab + 2 + (j >> 1));
@@ -165,25 +170,30 @@ __device__ __forceinline__ u32 code_at(const u8* tab, u32 j) {
 // non-zero (index, frequency) pairs live at the top of the lane's slots while
 // it runs, where the expansion (which fills slots from the bottom) never
 // overtakes them. Returns false for an invalid table.
-__device__ bool build_lut(const u8* tab, u32* lut, u32 prob_bits, u32 nsym) {
+__device__ __noinline__ bool build_lut(const u8* tab, u32* lut, u32 prob_bits, u32 nsym) {
     const u32 M = 1u << prob_bits;
     const u32 lo = ld8(tab), n = ld8(tab + 1) + 1;
     if (lo + n > nsym) return false;
     if ((n & 1) && (ld8(tab + 2 + (n >> 1)) & 15u)) return false;
     u32 sum = 0, nz = 0;
     for (u32 j = 0; j < n; j++) {
-        u32 w = WEIGHT_OF_CODE[code_at(tab, j)];
+        u32 w = weight_of_code(code_at(tab, j));
         sum += w;
         nz += w > 0;
     }
     if (nz == 0 || nz > M / 2) return false;
     // Pairs at slots M - nz .. M: (j | f << 16).
     const u32 top = M - nz;
+    const float rs = 1.0f / (float)sum;
     u32 assigned = 0, k = 0, fmax = 0, kmax = 0;
     for (u32 j = 0; j < n; j++) {
-        u32 w = WEIGHT_OF_CODE[code_at(tab, j)];
+        u32 w = weight_of_code(code_at(tab, j));
         if (w == 0) continue;
-        u32 f = (w * M) / sum;
+        // floor(w * M / sum) through a float reciprocal, corrected to exact.
+        const u32 wm = w * M;
+        u32 f = (u32)((float)wm * rs);
+        if (f * sum > wm) f--;
+        else if ((f + 1) * sum <= wm) f++;
         if (f < 1) f = 1;
         assigned += f;
         if (f > fmax) { fmax = f; kmax = k; }
