@@ -338,7 +338,7 @@ fn corrupt_containers_are_rejected() {
     assert!(codec::decode(&bad, None).is_err(), "the CPU decoder must reject it too");
     let e = expect_err(dec, &[good.clone(), bad], Dtype::F16, false);
     assert!(matches!(e, GpuError::CorruptOnDevice { chunk: 1, .. } | GpuError::Codec { chunk: 1, .. }), "{e}");
-    // A wrong dtype for the layout, and duplicate blocks: rejected before launch.
+    // A layout of another dtype: rejected before launch.
     let e = expect_err(dec, &[good.clone()], Dtype::Bf16, true);
     assert!(matches!(e, GpuError::Invalid(_)), "{e}");
 }
