@@ -541,6 +541,10 @@ def test_store_then_load_through_the_executor(trt, model_dir, tmp_path, monkeypa
     assert e2.worker.load_failures == []
     c = e2.worker.stats()["counters"]
     assert c["load_chunks_ok"] == 3 and c.get("load_chunks_failed", 0) == 0, c
+    # A step that builds no new metadata leaves the old one bound: not acted on twice.
+    e2.worker.start_load_kv(Stream())
+    e2.worker.wait_for_save(Stream())
+    assert e2.worker.stats()["counters"]["load_chunks_ok"] == 3
     ref = reference_load(config, ns, prompt_b[:96], blocks)
     for block in blocks:
         np.testing.assert_array_equal(e2.pool[block], ref[block])  # bytes equal an independent load
@@ -694,6 +698,7 @@ def test_cuda_pool_disables_the_connector(trt, model_dir, tmp_path, monkeypatch)
 @pytest.mark.parametrize("kwargs, reason", [
     ({"pipeline_parallel_size": 2}, "pipeline parallelism"),
     ({"max_beam_width": 4}, "beam width"),
+    ({"attn_backend": "VANILLA"}, "VANILLA"),
 ])
 def test_unsupported_configurations_disable(trt, model_dir, tmp_path, monkeypatch, kwargs, reason):
     e = Executor(trt, model_dir, lib_config(tmp_path / "tier"), monkeypatch, **kwargs)

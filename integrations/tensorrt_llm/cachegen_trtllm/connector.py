@@ -132,6 +132,7 @@ class ReqMeta:
 class CacheGenTrtllmMetadata:
     requests: list = field(default_factory=list)  # ReqMeta
     finished: list = field(default_factory=list)  # ids of requests that finished since the last step
+    step: int = 0  # the scheduler's step number: metadata left bound is never acted on twice
 
 
 # ---------------------------------------------------------------------------
@@ -179,7 +180,7 @@ class _Settings:
         unknown = sorted(set(cfg) - set(_LIB_KEYS) - set(_SHIM_KEYS))
         if unknown:
             logger.warning("cachegen_trtllm: ignoring unknown configuration keys %s", unknown)
-        self.block_size = int(_get(llm_args, "kv_cache_config", "tokens_per_block", default=0) or cfg.get("tokens_per_block", 0) or 32)
+        self.block_size = int(_get(llm_args, "kv_cache_config", "tokens_per_block", default=0) or 32)
         self.layerwise = bool(cfg.get("layerwise", True))
         self.lease_ms = int(cfg.get("lease_ms", 30_000))
         self.load_enabled = bool(cfg.get("load", True))
@@ -215,9 +216,11 @@ class _Settings:
         self.head_dim = cfg.get("head_dim") or hf.get("head_dim")
         if not self.head_dim and hf.get("hidden_size") and hf.get("num_attention_heads"):
             self.head_dim = int(hf["hidden_size"]) // int(hf["num_attention_heads"])
+        backend = str(_get(llm_args, "attn_backend", default="TRTLLM") or "TRTLLM").upper()
+        if backend == "VANILLA":  # tokens_per_block becomes max_num_tokens there
+            self.disabled_reason = "attn_backend VANILLA is not supported"
         layout = cfg.get("kv_layout")
         if not layout:
-            backend = str(_get(llm_args, "attn_backend", default="TRTLLM") or "TRTLLM").upper()
             layout = "HND" if backend == "TRTLLM" else "NHD"
         self.kv_layout = str(layout).upper()
         if self.kv_layout not in ("HND", "NHD"):
@@ -384,6 +387,7 @@ class CacheGenConnectorScheduler(_Base, KvCacheConnectorScheduler):
         self._reqs: dict = {}
         self._pending_loads: dict = {}
         self._finished: list = []
+        self._step = 0
 
     def _is_disabled(self) -> bool:
         if self._disabled is not None or self._shared is None:
@@ -465,7 +469,8 @@ class CacheGenConnectorScheduler(_Base, KvCacheConnectorScheduler):
                 self._plan_saves(scheduler_output, metas)
         except Exception:
             logger.exception("cachegen_trtllm: planning stores failed; nothing stored this step")
-        return CacheGenTrtllmMetadata(requests=list(metas.values()), finished=finished)
+        self._step += 1
+        return CacheGenTrtllmMetadata(requests=list(metas.values()), finished=finished, step=self._step)
 
     def _plan_saves(self, so, metas: dict) -> None:
         bs, chunk = self._settings.block_size, self._settings.chunk_tokens
@@ -526,6 +531,8 @@ class CacheGenConnectorWorker(_Base, KvCacheConnectorWorker):
         self._step_failed: dict = {}  # req_id -> first failed token, this step
         self._poisoned: dict = {}  # req_id -> first token whose KV may be garbage
         self.load_failures: list = []  # {"request_id", "blocks", "errors"}: no channel to TRT-LLM for them
+        self._loaded_step = 0  # the last metadata step whose loads / stores were started
+        self._saved_step = 0
 
     def _disable(self, reason: str) -> None:
         if self._disabled is None:
@@ -599,10 +606,17 @@ class CacheGenConnectorWorker(_Base, KvCacheConnectorWorker):
 
     # -- loads
 
+    def _fresh(self, meta, last: int) -> bool:
+        """Whether ``meta`` is a new step's (TensorRT-LLM leaves the previous
+        metadata bound when a step builds none)."""
+        step = int(getattr(meta, "step", 0) or 0)
+        return meta is not None and (step == 0 or step > last)
+
     def start_load_kv(self, stream=None) -> None:
         meta = self._metadata
-        if meta is None:
+        if not self._fresh(meta, self._loaded_step):
             return
+        self._loaded_step = int(getattr(meta, "step", 0) or 0)
         bs = self._settings.block_size if self._settings else 1
         for req in getattr(meta, "requests", []):
             if not req.load:
@@ -691,9 +705,12 @@ class CacheGenConnectorWorker(_Base, KvCacheConnectorWorker):
         meta = self._metadata
         self._finish_loads()
         self._step_failed = {}
+        if not self._fresh(meta, self._saved_step):
+            return
+        self._saved_step = int(getattr(meta, "step", 0) or 0)
         for req_id in getattr(meta, "finished", None) or []:
             self._poisoned.pop(int(req_id), None)
-        if meta is None or self._disabled is not None or self._layout is None:
+        if self._disabled is not None or self._layout is None:
             return
         chunk = self._settings.chunk_tokens
         started = []
