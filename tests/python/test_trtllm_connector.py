@@ -246,10 +246,6 @@ class LlmRequest:
     def context_remaining_length(self) -> int:
         return self.prompt_len - self.context_current_position
 
-    @property
-    def is_first_context_chunk(self) -> bool:
-        return self.context_current_position == 0 or self.py_num_connector_matched_tokens is None
-
 
 class Stream:
     """Stands in for torch.cuda.Stream (a host pool needs no ordering)."""

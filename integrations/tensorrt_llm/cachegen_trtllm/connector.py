@@ -396,7 +396,6 @@ class CacheGenConnectorScheduler(_Base, KvCacheConnectorScheduler):
 
     def get_num_new_matched_tokens(self, request, num_computed_tokens: int):
         try:
-            req_id = int(request.request_id)
             if self._is_disabled() or not self._settings.load_enabled:
                 return 0, False
             state = self._state(request)
