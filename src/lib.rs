@@ -25,3 +25,4 @@ pub mod layout;
 pub mod pipeline;
 pub mod profile;
 pub mod store;
+pub mod streaming;

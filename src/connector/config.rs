@@ -10,9 +10,18 @@
 //!   "tiers": {"memory": {"bytes": 1073741824},
 //!             "disk": {"path": "/var/cache/cachegen", "bytes": 10737418240},
 //!             "redis": {"url": "redis://127.0.0.1:6379", "timeout_ms": 500}},
-//!   "io_threads": 4, "decode_threads": 0, "load_timeout_ms": 30000
+//!   "io_threads": 4, "decode_threads": 0, "load_timeout_ms": 30000,
+//!   "levels": ["compact", "default", "high"],
+//!   "adaptive": {"ttft_slo_ms": 1000, "prefill_tokens_per_s": 30000}
 //! }
 //! ```
+//!
+//! `levels` stores every chunk at each of these levels (keys of one
+//! namespace per level); `adaptive` makes loads pick a level per chunk (or
+//! leave it for the engine to recompute) from the measured bandwidth so that
+//! time-to-first-token meets the SLO (see [`crate::streaming`]). A tier may
+//! carry `"link": {"gbps": ..., "latency_ms": ...}` to emulate a network
+//! link in front of it.
 //!
 //! Only `namespace.model` is required. Unknown fields are errors (a typo must
 //! not silently fall back to a default). Tiers are tried fastest first
@@ -41,6 +50,41 @@ pub struct Config {
     pub decode_threads: usize,
     /// A load's chunks not fetched by then are reported failed.
     pub load_timeout: Duration,
+    /// Levels every chunk is stored at, lowest first (always holds `level`).
+    pub levels: Vec<Level>,
+    /// Bandwidth-adaptive loads (per-chunk level choice and recompute).
+    pub adaptive: Option<AdaptiveConfig>,
+}
+
+/// `"adaptive"`: the loader's time-to-first-token target.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdaptiveConfig {
+    /// Time-to-first-token target of a load (load, then recompute of the
+    /// chunks left to the engine), from the load call.
+    pub ttft_slo_ms: f64,
+    /// The engine's prefill rate: what recomputing a chunk costs.
+    pub prefill_tokens_per_s: f64,
+    /// Bandwidth assumed before anything was measured (Gbit/s).
+    #[serde(default = "default_initial_gbps")]
+    pub initial_gbps: f64,
+    /// Once a chunk is left for recompute, leave every later chunk too
+    /// (engines such as vLLM recompute from the first failed block on).
+    #[serde(default)]
+    pub recompute_suffix: bool,
+}
+
+fn default_initial_gbps() -> f64 {
+    1.0
+}
+
+/// `"link"` on a tier: an emulated network link (see [`crate::streaming::link`]).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LinkConfig {
+    pub gbps: f64,
+    #[serde(default)]
+    pub latency_ms: f64,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -70,6 +114,8 @@ pub struct TiersConfig {
 #[serde(deny_unknown_fields)]
 pub struct MemoryConfig {
     pub bytes: u64,
+    #[serde(default)]
+    pub link: Option<LinkConfig>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -77,6 +123,8 @@ pub struct MemoryConfig {
 pub struct DiskConfig {
     pub path: PathBuf,
     pub bytes: u64,
+    #[serde(default)]
+    pub link: Option<LinkConfig>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -90,6 +138,8 @@ pub struct RedisConfig {
     pub ttl_s: Option<u64>,
     #[serde(default = "default_prefix")]
     pub key_prefix: String,
+    #[serde(default)]
+    pub link: Option<LinkConfig>,
 }
 
 #[derive(Deserialize)]
@@ -98,8 +148,12 @@ struct RawConfig {
     namespace: NamespaceConfig,
     #[serde(default = "default_chunk")]
     chunk_tokens: usize,
-    #[serde(default = "default_level")]
-    level: serde_json::Value,
+    #[serde(default)]
+    level: Option<serde_json::Value>,
+    #[serde(default)]
+    levels: Option<Vec<serde_json::Value>>,
+    #[serde(default)]
+    adaptive: Option<AdaptiveConfig>,
     #[serde(default)]
     profile: Option<PathBuf>,
     #[serde(default)]
@@ -124,8 +178,13 @@ fn default_block() -> u32 {
 fn default_chunk() -> usize {
     256
 }
-fn default_level() -> serde_json::Value {
-    serde_json::Value::String("default".into())
+fn parse_level(v: &serde_json::Value) -> Result<Level, String> {
+    match v {
+        serde_json::Value::String(s) => Level::parse(s),
+        serde_json::Value::Number(n) => Level::parse(&n.to_string()),
+        other => return Err(format!("must be a name or number, not {other}")),
+    }
+    .map_err(|e| e.to_string())
 }
 fn default_io() -> usize {
     4
@@ -174,11 +233,46 @@ impl Config {
             ));
         }
         let level = match &raw.level {
-            serde_json::Value::String(s) => Level::parse(s),
-            serde_json::Value::Number(n) => Level::parse(&n.to_string()),
-            other => return Err(format!("config: level must be a name or number, not {other}")),
+            Some(v) => Some(parse_level(v).map_err(|e| format!("config: level: {e}"))?),
+            None => None,
+        };
+        let (level, levels) = match &raw.levels {
+            None => {
+                let l = level.unwrap_or(Level::Default);
+                (l, vec![l])
+            }
+            Some(list) => {
+                let mut levels = Vec::new();
+                for v in list {
+                    levels.push(parse_level(v).map_err(|e| format!("config: levels: {e}"))?);
+                }
+                levels.sort_by_key(|l| l.number());
+                levels.dedup();
+                if levels.is_empty() {
+                    return Err("config: levels must name at least one level".into());
+                }
+                let l = match level {
+                    Some(l) if !levels.contains(&l) => {
+                        return Err(format!("config: level {} is not one of levels", l.name()));
+                    }
+                    Some(l) => l,
+                    // The fixed level non-adaptive loads use: default if stored, else the highest.
+                    None => *levels.iter().find(|&&l| l == Level::Default).unwrap_or(levels.last().expect("not empty")),
+                };
+                (l, levels)
+            }
+        };
+        if let Some(a) = &raw.adaptive {
+            if !(a.ttft_slo_ms > 0.0 && a.ttft_slo_ms.is_finite()) {
+                return Err("config: adaptive.ttft_slo_ms must be positive".into());
+            }
+            if !(a.prefill_tokens_per_s > 0.0 && a.prefill_tokens_per_s.is_finite()) {
+                return Err("config: adaptive.prefill_tokens_per_s must be positive".into());
+            }
+            if !(a.initial_gbps > 0.0 && a.initial_gbps.is_finite()) {
+                return Err("config: adaptive.initial_gbps must be positive".into());
+            }
         }
-        .map_err(|e| format!("config: level: {e}"))?;
         let profile = match &raw.profile {
             None => None,
             Some(p) => {
@@ -186,7 +280,12 @@ impl Config {
                 Some(crate::profile::Profile::from_json(&text).map_err(|e| format!("config: profile {}: {e}", p.display()))?)
             }
         };
-        let tiers = raw.tiers.unwrap_or(TiersConfig { memory: Some(MemoryConfig { bytes: 1 << 30 }), disk: None, redis: None });
+        let tiers = raw.tiers.unwrap_or(TiersConfig { memory: Some(MemoryConfig { bytes: 1 << 30, link: None }), disk: None, redis: None });
+        for link in [tiers.memory.as_ref().and_then(|t| t.link.as_ref()), tiers.disk.as_ref().and_then(|t| t.link.as_ref()), tiers.redis.as_ref().and_then(|t| t.link.as_ref())].into_iter().flatten() {
+            if !(link.gbps > 0.0 && link.gbps.is_finite()) || !(link.latency_ms >= 0.0 && link.latency_ms.is_finite()) {
+                return Err("config: a tier's link needs gbps > 0 and latency_ms >= 0".into());
+            }
+        }
         if tiers.memory.is_none() && tiers.disk.is_none() && tiers.redis.is_none() {
             return Err("config: tiers must name at least one of memory, disk, redis".into());
         }
@@ -210,6 +309,8 @@ impl Config {
             io_threads: raw.io_threads,
             decode_threads,
             load_timeout: Duration::from_millis(raw.load_timeout_ms),
+            levels,
+            adaptive: raw.adaptive,
         })
     }
 
@@ -221,13 +322,18 @@ impl Config {
     /// The namespace that keys are derived from (the dtype by its canonical
     /// name, so `half` and `f16` share entries).
     pub fn key_namespace(&self) -> Namespace {
+        self.level_namespace(self.level)
+    }
+
+    /// The key namespace of chunks stored at `level`.
+    pub fn level_namespace(&self, level: Level) -> Namespace {
         Namespace {
             model: self.namespace.model.clone(),
             kv_dtype: self.dtype().name().into(),
             tp_world_size: self.namespace.tp_world_size,
             block_size: self.namespace.block_size,
             chunk_tokens: self.chunk_tokens as u32,
-            level: self.level.number(),
+            level: level.number(),
         }
     }
 }

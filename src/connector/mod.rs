@@ -23,11 +23,13 @@ use parking_lot::Mutex;
 
 pub use config::Config;
 
-use crate::codec::{DecodeLimits, Dtype};
+use crate::codec::{DecodeLimits, Dtype, Level};
 use crate::keys::{chunk_chain, shard_key, Namespace};
 use crate::layout::{KvLayout, LayoutError};
-use crate::pipeline::{Job, LoadChunk, LoadSpec, Pipeline, StatsSnapshot, StoreChunk, StoreSpec};
+use crate::pipeline::{Job, LoadChunk, LoadSpec, Pipeline, StatsSnapshot, StoreChunk, StoreSpec, StreamPlan};
 use crate::store::{DiskTier, Key, MemoryTier, RedisOptions, RedisTier, StoreError, Tier, TierStack};
+use crate::streaming::adaptive::Planner;
+use crate::streaming::{Estimator, Link, ShapedTier, StreamStats};
 
 /// What a context call can fail with. Every error is detected before any
 /// work is queued; failures of individual chunks are reported by the job.
@@ -99,6 +101,18 @@ pub struct Context {
     tiers: TierStack,
     pipeline: Pipeline,
     leases: Arc<Mutex<Leases>>,
+    /// One key namespace per stored level, lowest level first.
+    level_ns: Vec<(Level, Namespace)>,
+    sstats: Arc<StreamStats>,
+    estimator: Arc<Estimator>,
+}
+
+/// `tier` behind an emulated link, if the config gives it one.
+fn with_link(tier: Arc<dyn Tier>, link: Option<&config::LinkConfig>) -> Arc<dyn Tier> {
+    match link {
+        None => tier,
+        Some(l) => Arc::new(ShapedTier::new(tier, Link::gbps(l.gbps, Duration::from_secs_f64(l.latency_ms / 1e3)))),
+    }
 }
 
 fn init_tracing() {
@@ -122,10 +136,10 @@ impl Context {
         init_tracing();
         let mut tiers: Vec<Arc<dyn Tier>> = Vec::new();
         if let Some(m) = &config.tiers.memory {
-            tiers.push(Arc::new(MemoryTier::new(m.bytes)));
+            tiers.push(with_link(Arc::new(MemoryTier::new(m.bytes)), m.link.as_ref()));
         }
         if let Some(d) = &config.tiers.disk {
-            tiers.push(Arc::new(DiskTier::open(&d.path, d.bytes)?));
+            tiers.push(with_link(Arc::new(DiskTier::open(&d.path, d.bytes)?), d.link.as_ref()));
         }
         if let Some(r) = &config.tiers.redis {
             let opts = RedisOptions {
@@ -133,11 +147,15 @@ impl Context {
                 key_prefix: r.key_prefix.clone(),
                 ttl: r.ttl_s.map(Duration::from_secs),
             };
-            tiers.push(Arc::new(RedisTier::open(&r.url, opts)?));
+            tiers.push(with_link(Arc::new(RedisTier::open(&r.url, opts)?), r.link.as_ref()));
         }
         let pipeline = Pipeline::new(config.io_threads, config.decode_threads).map_err(|e| ConnectorError::Threads(e.to_string()))?;
         tracing::info!(model = %config.namespace.model, tiers = tiers.len(), level = config.level.name(), "context created");
+        let initial = config.adaptive.as_ref().map_or(1.0, |a| a.initial_gbps) * 1e9 / 8.0;
         Ok(Context {
+            level_ns: config.levels.iter().map(|&l| (l, config.level_namespace(l))).collect(),
+            sstats: Arc::new(StreamStats::default()),
+            estimator: Arc::new(Estimator::new(initial)),
             ns: config.key_namespace(),
             dtype: config.dtype(),
             tiers: TierStack::new(tiers),
@@ -149,6 +167,24 @@ impl Context {
 
     pub fn config(&self) -> &Config {
         &self.config
+    }
+
+    /// What loads have learned about the links and the decoder.
+    pub fn estimator(&self) -> &Arc<Estimator> {
+        &self.estimator
+    }
+
+    /// Whether chunks are stored at more than one level.
+    fn multi_level(&self) -> bool {
+        self.level_ns.len() > 1
+    }
+
+    /// Per chunk of `tokens`: the chain hash in each level's namespace,
+    /// lowest level first.
+    fn level_chains(&self, salt: &[u8], tokens: &[u32]) -> Vec<Vec<(Level, [u8; 16])>> {
+        let per: Vec<(Level, Vec<[u8; 16]>)> = self.level_ns.iter().map(|(l, ns)| (*l, chunk_chain(ns, salt, tokens))).collect();
+        let n = per.first().map_or(0, |p| p.1.len());
+        (0..n).map(|c| per.iter().map(|(l, ch)| (*l, ch[c])).collect()).collect()
     }
 
     pub fn chunk_tokens(&self) -> usize {
@@ -187,14 +223,44 @@ impl Context {
     pub fn lookup(&self, tokens: &[u32], salt: &[u8], lease: Option<Duration>) -> LookupResult {
         let t0 = Instant::now();
         let _span = tracing::debug_span!("cachegen.lookup", tokens = tokens.len()).entered();
-        let chain = chunk_chain(&self.ns, salt, tokens);
         let world = self.config.namespace.tp_world_size;
         let mut found = 0;
-        for h in &chain {
-            if !(0..world).all(|r| self.tiers.contains(&shard_key(h, r))) {
-                break;
+        // Per chunk found: this rank's keys present (the ones a lease pins).
+        let mut present: Vec<Vec<Key>> = Vec::new();
+        if self.multi_level() {
+            // A chunk counts when every rank has it at some level.
+            for levels in self.level_chains(salt, tokens) {
+                let mut mine = Vec::new();
+                let all = (0..world).all(|r| {
+                    let mut any = false;
+                    for (_, h) in &levels {
+                        let k = shard_key(h, r);
+                        if self.tiers.contains(&k) {
+                            any = true;
+                            if r == self.rank() {
+                                mine.push(k);
+                            } else {
+                                break;
+                            }
+                        }
+                    }
+                    any
+                });
+                if !all {
+                    break;
+                }
+                present.push(mine);
+                found += 1;
             }
-            found += 1;
+        } else {
+            let chain = chunk_chain(&self.ns, salt, tokens);
+            for h in &chain {
+                if !(0..world).all(|r| self.tiers.contains(&shard_key(h, r))) {
+                    break;
+                }
+                present.push(vec![shard_key(h, self.rank())]);
+                found += 1;
+            }
         }
         let stats = self.pipeline.stats();
         crate::pipeline::Stats::add(&stats.lookups, 1);
@@ -203,7 +269,7 @@ impl Context {
         let mut lease_id = 0;
         if let (Some(ttl), true) = (lease, found > 0) {
             let until = Instant::now() + ttl;
-            let keys: Vec<Key> = chain[..found].iter().map(|h| shard_key(h, self.rank())).collect();
+            let keys: Vec<Key> = present.into_iter().flatten().collect();
             let mut leases = self.leases.lock();
             leases.expire(Instant::now(), &self.tiers);
             for k in &keys {
@@ -266,6 +332,9 @@ impl Context {
     pub unsafe fn store(&self, layout: Arc<KvLayout>, tokens: &[u32], block_ids: &[u32], salt: &[u8]) -> Result<Arc<Job>, ConnectorError> {
         self.check_layout(&layout)?;
         let _span = tracing::debug_span!("cachegen.store", tokens = tokens.len()).entered();
+        if self.multi_level() {
+            return self.store_levels(layout, tokens, block_ids, salt);
+        }
         let chunk = self.chunk_tokens();
         let chain = chunk_chain(&self.ns, salt, tokens);
         let mut chunks = Vec::new();
@@ -297,6 +366,42 @@ impl Context {
         }))
     }
 
+    /// The multi-level store: every chunk at every configured level.
+    unsafe fn store_levels(&self, layout: Arc<KvLayout>, tokens: &[u32], block_ids: &[u32], salt: &[u8]) -> Result<Arc<Job>, ConnectorError> {
+        let chunk = self.chunk_tokens();
+        let mut chunks = Vec::new();
+        let mut skipped = 0;
+        let mut used = Vec::new();
+        for (c, levels) in self.level_chains(salt, tokens).into_iter().enumerate() {
+            let blocks = self.blocks_for(block_ids, c * chunk, (c + 1) * chunk)?;
+            used.extend_from_slice(&blocks);
+            let keys: Vec<(Level, Key)> =
+                levels.iter().map(|(l, h)| (*l, shard_key(h, self.rank()))).filter(|(_, k)| !self.tiers.contains(k)).collect();
+            if keys.is_empty() {
+                skipped += 1;
+            } else {
+                chunks.push(crate::streaming::store::LevelChunk { keys, blocks });
+            }
+        }
+        Self::check_blocks(&layout, &used)?;
+        let multipliers = match &self.config.profile {
+            Some(p) => Some(p.multipliers(&layout.chunk_shape(chunk)).map_err(ConnectorError::Config)?),
+            None => None,
+        };
+        Ok(crate::streaming::store::store_levels(
+            &self.pipeline,
+            crate::streaming::store::LevelStoreSpec {
+                layout,
+                chunk_tokens: chunk,
+                chunks,
+                skipped,
+                tiers: self.tiers.clone(),
+                multipliers,
+                sstats: Arc::clone(&self.sstats),
+            },
+        ))
+    }
+
     /// Starts loading the full chunks of `tokens` into `block_ids`, skipping
     /// the first `first_token` tokens (already in the engine; a multiple of
     /// the block size). Chunks that cannot be loaded are reported by the job
@@ -324,7 +429,10 @@ impl Context {
         }
         let chunk = self.chunk_tokens();
         let chain = chunk_chain(&self.ns, salt, tokens);
+        let streamed = self.multi_level() || self.config.adaptive.is_some();
+        let level_chains = if streamed { self.level_chains(salt, tokens) } else { Vec::new() };
         let mut chunks = Vec::new();
+        let mut level_keys = Vec::new();
         let mut used = Vec::new();
         for (c, h) in chain.iter().enumerate() {
             let (start, end) = (c * chunk, (c + 1) * chunk);
@@ -335,6 +443,9 @@ impl Context {
             let blocks = self.blocks_for(block_ids, start + skip, end)?;
             used.extend_from_slice(&blocks);
             chunks.push(LoadChunk { key: shard_key(h, self.rank()), skip_tokens: skip, blocks });
+            if streamed {
+                level_keys.push(level_chains[c].iter().map(|(l, h)| (*l, shard_key(h, self.rank()))).collect::<Vec<_>>());
+            }
         }
         Self::check_blocks(&layout, &used)?;
         let on_fetched: Option<Box<dyn FnOnce() + Send>> = if lease != 0 {
@@ -348,7 +459,7 @@ impl Context {
         } else {
             None
         };
-        Ok(self.pipeline.load(LoadSpec {
+        let spec = LoadSpec {
             layout,
             chunk_tokens: chunk,
             chunks,
@@ -356,7 +467,28 @@ impl Context {
             tiers: self.tiers.clone(),
             limits: DecodeLimits::default(),
             on_fetched,
-        }))
+        };
+        if !streamed {
+            return Ok(self.pipeline.load(spec));
+        }
+        let planner = self.config.adaptive.as_ref().map(|a| Planner {
+            slo_s: a.ttft_slo_ms / 1e3,
+            prefill_tokens_per_s: a.prefill_tokens_per_s,
+            chunk_tokens: chunk,
+            levels: self.config.levels.clone(),
+            recompute_suffix: a.recompute_suffix,
+        });
+        Ok(self.pipeline.load_streamed(
+            spec,
+            StreamPlan {
+                keys: level_keys,
+                planner,
+                prefer: self.config.level,
+                estimator: Arc::clone(&self.estimator),
+                stats: Arc::clone(&self.sstats),
+                decode_threads: self.config.decode_threads,
+            },
+        ))
     }
 
     pub fn counters(&self) -> StatsSnapshot {
@@ -396,6 +528,7 @@ impl Context {
                 "compression_ratio": if c.store_bytes_encoded == 0 { 0.0 } else { c.store_bytes_raw as f64 / c.store_bytes_encoded as f64 },
             },
             "tiers": tiers,
+            "streaming": self.sstats.json(&self.config.levels),
             "leases_active": self.active_leases(),
             "queued": {"io": io_q, "cpu": cpu_q},
         })

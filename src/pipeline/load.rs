@@ -8,10 +8,12 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::Sender;
 use parking_lot::Mutex;
 
-use super::{guarded, Expire, Job, JobKind, Pipeline, Stats, Task};
-use crate::codec::{Container, DecodeLimits};
+use super::{guarded, Deadline, Expire, Job, JobKind, Pipeline, Stats, Task};
+use crate::codec::{Container, DecodeLimits, Level};
 use crate::layout::KvLayout;
 use crate::store::{key_hex, Key, TierStack};
+use crate::streaming::adaptive::{PlanInput, Planner};
+use crate::streaming::{register, ChunkDecision, Choice, Estimator, StreamStats};
 
 /// One chunk to load.
 #[derive(Clone, Debug)]
@@ -37,6 +39,32 @@ pub struct LoadSpec {
     /// Runs once, when every chunk has been fetched or has failed (the
     /// caller ends its lease here).
     pub on_fetched: Option<Box<dyn FnOnce() + Send>>,
+}
+
+/// How a load chooses among the levels a chunk is stored at (see
+/// [`crate::streaming`]).
+pub struct StreamPlan {
+    /// Per chunk (as in `LoadSpec::chunks`): its key at each stored level,
+    /// lowest level first. `LoadChunk::key` is ignored.
+    pub keys: Vec<Vec<(Level, Key)>>,
+    /// The SLO policy: chunks are streamed in order and each gets the level
+    /// the planner picks (or is left for recompute). `None`: every chunk is
+    /// fetched at once at `prefer`, falling back to the other levels stored
+    /// (lower first) when it is missing.
+    pub planner: Option<Planner>,
+    pub prefer: Level,
+    pub estimator: Arc<Estimator>,
+    pub stats: Arc<StreamStats>,
+    /// Threads decoding in parallel (for the decode-rate estimate).
+    pub decode_threads: usize,
+}
+
+struct StreamRun {
+    plan: StreamPlan,
+    decisions: Arc<Mutex<Vec<ChunkDecision>>>,
+    deadlines: Option<Sender<Deadline>>,
+    /// Raw bytes of one chunk.
+    raw_bytes: u64,
 }
 
 /// A verified container that owns its bytes.
@@ -81,6 +109,10 @@ struct LoadState {
     in_flight: usize,
     on_fetched: Option<Box<dyn FnOnce() + Send>>,
     finished: bool,
+    /// Streamed loads: chunks left for recompute so far, whether one was,
+    /// and the moment past which the chunk being fetched is given up.
+    recomputed: usize,
+    give_up: Option<Instant>,
 }
 
 struct LoadRun {
@@ -94,6 +126,7 @@ struct LoadRun {
     cpu: Sender<Task>,
     stats: Arc<Stats>,
     st: Mutex<LoadState>,
+    stream: Option<StreamRun>,
 }
 
 thread_local! {
@@ -105,10 +138,34 @@ impl Pipeline {
     /// used by the engine, until the job is done (or each layer, once that
     /// layer is complete).
     pub fn load(&self, spec: LoadSpec) -> Arc<Job> {
+        self.load_with(spec, None)
+    }
+
+    /// Starts a load whose chunks are stored at several levels: with a
+    /// planner, chunks are streamed in order and each one's level (or
+    /// recompute) is chosen to meet the SLO; without, each chunk is fetched
+    /// at the preferred level, falling back to the others. Decisions are
+    /// available from [`Job::chunk_decisions`].
+    pub fn load_streamed(&self, spec: LoadSpec, plan: StreamPlan) -> Arc<Job> {
+        self.load_with(spec, Some(plan))
+    }
+
+    fn load_with(&self, spec: LoadSpec, plan: Option<StreamPlan>) -> Arc<Job> {
         let layers = spec.layout.layers;
         let job = Arc::new(Job::new(self.job_id(), JobKind::Load, layers));
         Stats::add(&self.stats.loads, 1);
         let n = spec.chunks.len();
+        let raw_bytes = spec.layout.chunk_shape(spec.chunk_tokens).elems() as u64 * spec.layout.dtype.size() as u64;
+        let stream = plan.map(|plan| {
+            assert_eq!(plan.keys.len(), n, "one key set per chunk");
+            if plan.planner.is_some() {
+                StreamStats::add(&plan.stats.adaptive_loads, 1);
+            }
+            StreamRun { plan, decisions: Arc::new(Mutex::new(Vec::new())), deadlines: self.deadlines.clone(), raw_bytes }
+        });
+        if let Some(s) = &stream {
+            register(&job, Arc::clone(&s.decisions));
+        }
         let run = Arc::new(LoadRun {
             job: Arc::clone(&job),
             layout: spec.layout,
@@ -128,7 +185,10 @@ impl Pipeline {
                 in_flight: 0,
                 on_fetched: spec.on_fetched,
                 finished: false,
+                recomputed: 0,
+                give_up: None,
             }),
+            stream,
         });
         tracing::debug!(job = job.id, chunks = n, layers, "load submitted");
         let weak: Weak<dyn Expire> = Arc::downgrade(&run) as Weak<dyn Expire>;
@@ -142,9 +202,14 @@ impl Pipeline {
             return job;
         }
         self.watch(job.started + run.timeout, weak);
-        for c in 0..n {
+        if run.stream.as_ref().is_some_and(|s| s.plan.planner.is_some()) {
             let run = Arc::clone(&run);
-            self.io.submit(Box::new(move || run.fetch(c)));
+            self.io.submit(Box::new(move || run.stream_chunks()));
+        } else {
+            for c in 0..n {
+                let run = Arc::clone(&run);
+                self.io.submit(Box::new(move || run.fetch(c)));
+            }
         }
         job
     }
@@ -156,11 +221,62 @@ impl LoadRun {
             return;
         }
         let t0 = Instant::now();
-        let key = self.chunks[c].key;
-        let result = guarded(|| {
+        let candidates: Vec<(Option<Level>, Key)> = match &self.stream {
+            None => vec![(None, self.chunks[c].key)],
+            Some(s) => {
+                let keys = &s.plan.keys[c];
+                let mut order: Vec<(Option<Level>, Key)> = Vec::new();
+                let prefer = s.plan.prefer;
+                order.extend(keys.iter().filter(|(l, _)| *l == prefer).map(|(l, k)| (Some(*l), *k)));
+                order.extend(keys.iter().rev().filter(|(l, _)| l.number() < prefer.number()).map(|(l, k)| (Some(*l), *k)));
+                order.extend(keys.iter().filter(|(l, _)| l.number() > prefer.number()).map(|(l, k)| (Some(*l), *k)));
+                order
+            }
+        };
+        let result = self.fetch_one(c, &candidates);
+        Stats::add(&self.stats.fetch_ns, t0.elapsed().as_nanos() as u64);
+        if let Some(s) = &self.stream {
+            let outcome = match &result {
+                Ok((_, _, Some(l), _)) => Choice::Level(*l),
+                _ => Choice::Recompute,
+            };
+            let (bytes, secs) = match &result {
+                Ok((_, b, _, _)) => (*b as u64, t0.elapsed().as_secs_f64()),
+                _ => (0, 0.0),
+            };
+            s.decisions.lock().push(ChunkDecision {
+                chunk: c,
+                planned: Choice::Level(s.plan.prefer),
+                outcome,
+                est_bytes_per_s: 0.0,
+                budget_s: 0.0,
+                bytes,
+                fetch_s: secs,
+            });
+        }
+        self.resolve(c, result.map(|(p, b, l, _)| (p, b, l)));
+    }
+
+    /// Fetches chunk `c` from the first of `candidates` (level, key) that a
+    /// tier holds, verifies it; returns it with its size, level and tier.
+    #[allow(clippy::type_complexity)]
+    fn fetch_one(&self, c: usize, candidates: &[(Option<Level>, Key)]) -> Result<(ParsedChunk, usize, Option<Level>, usize), String> {
+        let mut missing = Vec::new();
+        for &(level, key) in candidates {
+            match self.fetch_key(c, key)? {
+                Some((p, bytes, tier)) => return Ok((p, bytes, level, tier)),
+                None => missing.push(key_hex(&key)),
+            }
+        }
+        Err(format!("chunk {}: not in any tier", missing.join(", ")))
+    }
+
+    /// Fetches and verifies one key (`None`: no tier has it).
+    fn fetch_key(&self, c: usize, key: Key) -> Result<Option<(ParsedChunk, usize, usize)>, String> {
+        guarded(|| {
             let fetched = self.tiers.fetch(&key).map_err(|e| format!("chunk {}: {e}", key_hex(&key)))?;
             let Some(f) = fetched else {
-                return Err(format!("chunk {}: not in any tier", key_hex(&key)));
+                return Ok(None);
             };
             let bytes = f.value.len();
             let parsed = ParsedChunk::parse(f.value, self.limits).map_err(|e| format!("chunk {}: {e}", key_hex(&key)))?;
@@ -177,22 +293,156 @@ impl LoadRun {
                 ));
             }
             tracing::trace!(job = self.job.id, chunk = c, tier = f.tier, bytes, "fetched");
-            Ok((parsed, bytes))
-        });
-        Stats::add(&self.stats.fetch_ns, t0.elapsed().as_nanos() as u64);
-        self.resolve(c, result);
+            Ok(Some((parsed, bytes, f.tier)))
+        })
+    }
+
+    /// Streams the chunks in order, each at the level the planner picks for
+    /// the time left (or left for recompute), learning the bandwidth as it
+    /// goes. Runs on one io thread; a fetch that is still running at its
+    /// give-up point is abandoned by the watchdog (see `expire`).
+    fn stream_chunks(self: &Arc<Self>) {
+        let s = self.stream.as_ref().expect("streamed load");
+        let planner = s.plan.planner.as_ref().expect("adaptive load");
+        let est = &s.plan.estimator;
+        let n = self.chunks.len();
+        let mut tier: Option<usize> = None;
+        let levels = &planner.levels;
+        for c in 0..n {
+            let (recomputed, after_recompute) = {
+                let st = self.st.lock();
+                if self.job.is_cancelled() || !matches!(st.slots[c], Slot::Fetching) {
+                    // Abandoned at a give-up point or expired: every later
+                    // chunk was failed with it.
+                    return;
+                }
+                (st.recomputed, st.recomputed > 0)
+            };
+            let elapsed = self.job.started.elapsed().as_secs_f64();
+            let keys = &s.plan.keys[c];
+            let inp = PlanInput {
+                elapsed_s: elapsed,
+                chunks_left: n - c,
+                recomputed,
+                bytes_per_s: est.bandwidth(tier),
+                latency_s: 0.0,
+                sizes: levels.iter().map(|&l| est.size(l, s.raw_bytes)).collect(),
+                raw_bytes: s.raw_bytes as f64,
+                decode_bytes_per_s: est.decode_rate(),
+                after_recompute,
+            };
+            let give_up_s = planner.give_up_s(recomputed, n - c);
+            let mut plan = planner.plan(&inp);
+            if elapsed >= give_up_s {
+                plan.choice = Choice::Recompute;
+            }
+            tracing::debug!(
+                job = self.job.id,
+                chunk = c,
+                choice = plan.choice.name(),
+                est_gbps = inp.bytes_per_s * 8e-9,
+                budget_ms = plan.budget_s * 1e3,
+                expected_ms = plan.expected_s * 1e3,
+                elapsed_ms = elapsed * 1e3,
+                "stream decision"
+            );
+            let mut decision = ChunkDecision {
+                chunk: c,
+                planned: plan.choice,
+                outcome: Choice::Recompute,
+                est_bytes_per_s: inp.bytes_per_s,
+                budget_s: plan.budget_s,
+                bytes: 0,
+                fetch_s: 0.0,
+            };
+            let level = match plan.choice {
+                Choice::Recompute => {
+                    s.decisions.lock().push(decision);
+                    self.recompute(c, "left for the engine to recompute: no level fits the time-to-first-token SLO".into(), false);
+                    continue;
+                }
+                Choice::Level(l) => l,
+            };
+            // The chosen level, then cheaper ones if it is missing.
+            let candidates: Vec<(Option<Level>, Key)> =
+                keys.iter().rev().filter(|(l, _)| l.number() <= level.number()).map(|(l, k)| (Some(*l), *k)).collect();
+            let give_up = self.job.started + Duration::from_secs_f64(give_up_s.max(0.0));
+            {
+                let mut st = self.st.lock();
+                st.give_up = Some(give_up);
+            }
+            if let Some(tx) = &s.deadlines {
+                let weak: Weak<dyn Expire> = Arc::downgrade(self) as Weak<dyn Expire>;
+                let _ = tx.send(Deadline(give_up, weak));
+            }
+            let t0 = Instant::now();
+            let result = self.fetch_one(c, &candidates);
+            let secs = t0.elapsed().as_secs_f64();
+            Stats::add(&self.stats.fetch_ns, t0.elapsed().as_nanos() as u64);
+            self.st.lock().give_up = None;
+            match result {
+                Ok((parsed, bytes, lvl, t)) => {
+                    est.observe_fetch(t, bytes as u64, secs);
+                    if let Some(l) = lvl {
+                        est.observe_size(l, bytes as u64, s.raw_bytes);
+                        decision.outcome = Choice::Level(l);
+                    }
+                    tier = Some(t);
+                    decision.bytes = bytes as u64;
+                    decision.fetch_s = secs;
+                    let late = !matches!(self.st.lock().slots[c], Slot::Fetching);
+                    if late {
+                        decision.outcome = Choice::Recompute;
+                    }
+                    s.decisions.lock().push(decision);
+                    self.resolve(c, Ok((parsed, bytes, lvl)));
+                }
+                Err(why) => {
+                    decision.fetch_s = secs;
+                    s.decisions.lock().push(decision);
+                    // A missing or corrupt chunk is recomputed like a planned one.
+                    self.recompute(c, why, false);
+                }
+            }
+        }
+    }
+
+    /// Leaves chunk `c` (still being fetched or not started) for the engine.
+    fn recompute(self: &Arc<Self>, c: usize, why: String, abandoned: bool) {
+        let s = self.stream.as_ref().expect("streamed load");
+        let mut st = self.st.lock();
+        if !matches!(st.slots[c], Slot::Fetching) {
+            return;
+        }
+        st.unresolved -= 1;
+        st.recomputed += 1;
+        StreamStats::add(&s.plan.stats.recomputed_chunks, 1);
+        if abandoned {
+            StreamStats::add(&s.plan.stats.abandoned_fetches, 1);
+        }
+        tracing::debug!(job = self.job.id, chunk = c, reason = %why, "chunk left for recompute");
+        self.fail_chunk(&mut st, c, why);
+        let hook = if st.unresolved == 0 { st.on_fetched.take() } else { None };
+        self.finish_if_idle(&mut st);
+        drop(st);
+        if let Some(f) = hook {
+            f();
+        }
     }
 
     /// Records the outcome of chunk `c`'s fetch (ignored if it already
     /// failed, e.g. by timeout).
-    fn resolve(self: &Arc<Self>, c: usize, result: Result<(ParsedChunk, usize), String>) {
+    fn resolve(self: &Arc<Self>, c: usize, result: Result<(ParsedChunk, usize, Option<Level>), String>) {
         let mut st = self.st.lock();
         if !matches!(st.slots[c], Slot::Fetching) {
             return;
         }
         st.unresolved -= 1;
         match result {
-            Ok((parsed, bytes)) => {
+            Ok((parsed, bytes, level)) => {
+                if let (Some(s), Some(l)) = (&self.stream, level) {
+                    StreamStats::add(&s.plan.stats.loaded_chunks[l.number() as usize - 1], 1);
+                }
                 Stats::add(&self.stats.load_bytes_fetched, bytes as u64);
                 let layers = self.layout.layers;
                 st.slots[c] = Slot::Ready(Arc::new(parsed), layers);
@@ -284,6 +534,10 @@ impl LoadRun {
             guarded(|| self.write_layer(&parsed, l, c))
         };
         Stats::add(&self.stats.decode_ns, t0.elapsed().as_nanos() as u64);
+        if let (Some(s), Ok(bytes)) = (&self.stream, &result) {
+            // One layer of one chunk: scale to the whole chunk's raw bytes.
+            s.plan.estimator.observe_decode(*bytes as u64, t0.elapsed().as_secs_f64(), s.plan.decode_threads);
+        }
         let mut st = self.st.lock();
         st.in_flight -= 1;
         match result {
@@ -338,6 +592,37 @@ impl LoadRun {
 impl Expire for LoadRun {
     fn expire(&self) {
         let mut st = self.st.lock();
+        let now = Instant::now();
+        let timed_out = now >= self.job.started + self.timeout;
+        if !self.job.is_cancelled() && !timed_out {
+            // A streamed load's give-up point: the chunk being fetched and
+            // every later one are left for recompute, so that recomputing
+            // them still meets the SLO.
+            let Some(at) = st.give_up.filter(|&t| now >= t) else { return };
+            let s = self.stream.as_ref().expect("give-up points are set by streamed loads");
+            st.give_up = None;
+            let mut first = true;
+            for c in 0..st.slots.len() {
+                if matches!(st.slots[c], Slot::Fetching) {
+                    st.unresolved -= 1;
+                    st.recomputed += 1;
+                    StreamStats::add(&s.plan.stats.recomputed_chunks, 1);
+                    if first {
+                        StreamStats::add(&s.plan.stats.abandoned_fetches, 1);
+                        first = false;
+                    }
+                    let late = at.saturating_duration_since(self.job.started).as_millis();
+                    self.fail_chunk(&mut st, c, format!("chunk {c}: left for the engine to recompute: not fetched by {late} ms, the last moment recompute still meets the SLO"));
+                }
+            }
+            let hook = if st.unresolved == 0 { st.on_fetched.take() } else { None };
+            self.finish_if_idle(&mut st);
+            drop(st);
+            if let Some(f) = hook {
+                f();
+            }
+            return;
+        }
         let why = if self.job.is_cancelled() {
             "load cancelled".to_string()
         } else {

@@ -32,11 +32,11 @@ use std::time::Instant;
 use crossbeam_channel::{unbounded, Receiver, RecvTimeoutError, Sender};
 
 pub use job::{Job, JobKind, Progress, Stage};
-pub use load::{LoadChunk, LoadSpec};
+pub use load::{LoadChunk, LoadSpec, StreamPlan};
 pub use stats::{Stats, StatsSnapshot};
 pub use store::{StoreChunk, StoreSpec};
 
-type Task = Box<dyn FnOnce() + Send + 'static>;
+pub(crate) type Task = Box<dyn FnOnce() + Send + 'static>;
 
 /// A fixed set of named threads taking tasks from one channel.
 struct Pool {
@@ -161,7 +161,20 @@ impl Pipeline {
         (self.io.queued(), self.cpu.queued())
     }
 
-    fn job_id(&self) -> u64 {
+    pub(crate) fn cpu_tx(&self) -> Sender<Task> {
+        self.cpu.tx.clone().expect("pool is running")
+    }
+
+    pub(crate) fn io_tx(&self) -> Sender<Task> {
+        self.io.tx.clone().expect("pool is running")
+    }
+
+    /// Threads of the cpu pool.
+    pub fn cpu_threads(&self) -> usize {
+        self.cpu.threads.len()
+    }
+
+    pub(crate) fn job_id(&self) -> u64 {
         self.next_job.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
     }
 
@@ -183,7 +196,7 @@ impl Drop for Pipeline {
 }
 
 /// Runs `f`, turning a panic into an error message.
-fn guarded<T>(f: impl FnOnce() -> Result<T, String>) -> Result<T, String> {
+pub(crate) fn guarded<T>(f: impl FnOnce() -> Result<T, String>) -> Result<T, String> {
     match catch_unwind(AssertUnwindSafe(f)) {
         Ok(r) => r,
         Err(p) => {

@@ -1,0 +1,149 @@
+//! Adaptive KV streaming (CacheGen §3, built into stream-load):
+//! - chunks are stored at several quality levels ([`store`]);
+//! - a load measures the throughput each chunk was delivered at, estimates
+//!   what the remaining chunks will get, and picks per chunk the highest
+//!   level whose fetch and decode still fit the time-to-first-token SLO, or
+//!   leaves the chunk for the engine to recompute ([`adaptive`]);
+//! - [`link`] emulates a network link (token-bucket shaper, latency, trace
+//!   replay) in front of any tier, for tests and benchmarks.
+//!
+//! Chunks left for recompute come back as failed blocks (the engine's API
+//! for "compute these yourself"); they are never written.
+
+pub mod adaptive;
+pub mod link;
+pub(crate) mod store;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Weak};
+
+use parking_lot::Mutex;
+
+use crate::codec::Level;
+use crate::pipeline::Job;
+
+pub use adaptive::{Estimator, Planner};
+pub use link::{Link, Schedule, ShapedTier};
+
+/// What the loader did with one chunk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Choice {
+    /// Fetched at this level.
+    Level(Level),
+    /// Left for the engine to recompute (reported as failed blocks).
+    Recompute,
+}
+
+impl Choice {
+    pub fn name(self) -> &'static str {
+        match self {
+            Choice::Level(l) => l.name(),
+            Choice::Recompute => "recompute",
+        }
+    }
+
+    /// 1-4 for a level, 0 for recompute (what the C call reports).
+    pub fn code(self) -> u8 {
+        match self {
+            Choice::Level(l) => l.number(),
+            Choice::Recompute => 0,
+        }
+    }
+}
+
+/// One per-chunk decision of a load, in chunk order.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ChunkDecision {
+    /// Index of the chunk in the load.
+    pub chunk: usize,
+    /// What was planned before the fetch.
+    pub planned: Choice,
+    /// What happened: the level actually delivered, or recompute (planned,
+    /// or because the fetch failed or came too late).
+    pub outcome: Choice,
+    /// Bandwidth estimate the decision used (bytes/s).
+    pub est_bytes_per_s: f64,
+    /// Per-chunk time budget the decision used (s).
+    pub budget_s: f64,
+    /// Bytes fetched and how long the fetch took (0 when not fetched).
+    pub bytes: u64,
+    pub fetch_s: f64,
+}
+
+/// Counters of the streaming features of one context (reported by
+/// `stats_json` under `streaming`).
+#[derive(Default)]
+pub struct StreamStats {
+    /// Chunks written per level (index: level number - 1).
+    pub stored_chunks: [AtomicU64; 4],
+    /// Encoded bytes written per level.
+    pub stored_bytes: [AtomicU64; 4],
+    /// Raw bytes of the chunks stored (once per chunk, not per level).
+    pub stored_raw_bytes: AtomicU64,
+    /// Chunks loaded per level.
+    pub loaded_chunks: [AtomicU64; 4],
+    /// Chunks a load left for the engine to recompute (planned or too late).
+    pub recomputed_chunks: AtomicU64,
+    /// Of those, chunks whose fetch was given up at the SLO deadline.
+    pub abandoned_fetches: AtomicU64,
+    pub adaptive_loads: AtomicU64,
+}
+
+impl StreamStats {
+    pub fn json(&self, levels: &[Level]) -> serde_json::Value {
+        let g = |a: &AtomicU64| a.load(Relaxed);
+        let per = |arr: &[AtomicU64; 4]| -> serde_json::Map<String, serde_json::Value> {
+            Level::ALL.iter().map(|l| (l.name().to_string(), g(&arr[l.number() as usize - 1]).into())).collect()
+        };
+        let raw = g(&self.stored_raw_bytes);
+        let set_bytes: u64 = levels.iter().map(|l| g(&self.stored_bytes[l.number() as usize - 1])).sum();
+        serde_json::json!({
+            "levels": levels.iter().map(|l| l.name()).collect::<Vec<_>>(),
+            "stored_chunks": per(&self.stored_chunks),
+            "stored_bytes": per(&self.stored_bytes),
+            "stored_raw_bytes": raw,
+            "level_set_bytes": set_bytes,
+            "level_set_x_fp16": if set_bytes == 0 { 0.0 } else { raw as f64 / set_bytes as f64 },
+            "loaded_chunks": per(&self.loaded_chunks),
+            "recomputed_chunks": g(&self.recomputed_chunks),
+            "abandoned_fetches": g(&self.abandoned_fetches),
+            "adaptive_loads": g(&self.adaptive_loads),
+        })
+    }
+
+    pub(crate) fn add(a: &AtomicU64, v: u64) {
+        a.fetch_add(v, Relaxed);
+    }
+}
+
+type Decisions = Arc<Mutex<Vec<ChunkDecision>>>;
+
+/// Per-chunk decisions of live jobs, found from the job (weakly held, so a
+/// freed job's entry is dropped at the next registration).
+static REGISTRY: Mutex<Option<HashMap<usize, (Weak<Job>, Decisions)>>> = Mutex::new(None);
+
+pub(crate) fn register(job: &Arc<Job>, decisions: Decisions) {
+    let mut reg = REGISTRY.lock();
+    let map = reg.get_or_insert_with(HashMap::new);
+    map.retain(|_, (w, _)| w.strong_count() > 0);
+    map.insert(Arc::as_ptr(job) as usize, (Arc::downgrade(job), decisions));
+}
+
+impl Job {
+    /// The per-chunk decisions of a load that chose levels (multi-level or
+    /// adaptive), in chunk order, as far as they were made; empty for other
+    /// jobs.
+    pub fn chunk_decisions(&self) -> Vec<ChunkDecision> {
+        let reg = REGISTRY.lock();
+        let Some(map) = reg.as_ref() else { return Vec::new() };
+        match map.get(&(self as *const Job as usize)) {
+            Some((w, d)) if std::ptr::eq(w.as_ptr(), self) && w.strong_count() > 0 => {
+                let mut v = d.lock().clone();
+                v.sort_by_key(|d| d.chunk);
+                v
+            }
+            _ => Vec::new(),
+        }
+    }
+}
