@@ -164,13 +164,18 @@ __device__ __forceinline__ u32 code_at(const u8* tab, u32 j) {
     return (j & 1) ? (b & 15u) : (b >> 4);
 }
 
-// Build this lane's slot lookup (FORMAT.md 7.3 and 7.5) from its compact table
-// into lut[slot * 32] (the caller offsets `lut` by the lane, so lanes never
-// share a bank). The normalisation is table::normalize, step for step; the
-// non-zero (index, frequency) pairs live at the top of the lane's slots while
-// it runs, where the expansion (which fills slots from the bottom) never
-// overtakes them. Returns false for an invalid table.
-__device__ __noinline__ bool build_lut(const u8* tab, u32* lut, u32 prob_bits, u32 nsym) {
+// Build this lane's lookup (FORMAT.md 7.3 and 7.5) from its compact table.
+// Two parts, both lane-interleaved so that the 32 lanes never share a bank:
+// - `lutw[w * 32]` (the caller offsets by the lane): 2^prob_bits / 4 words,
+//   byte r of word w = index q of the symbol that owns slot 4w + r among
+//   the table's non-zero symbols (at most 256 of them);
+// - `symt[q * 32]`: per non-zero symbol `symbol | freq << 8 | cum << 19`.
+// The normalisation is table::normalize, step for step; its (index,
+// frequency) pairs live in `symt` while it runs. Returns false for an
+// invalid table, or one with more than `kmax` non-zero symbols (the host
+// sizes `symt` to the batch's largest table, so that never happens for a
+// table that passed the host checks).
+__device__ __noinline__ bool build_lut(const u8* tab, u32* lutw, u32* symt, u32 prob_bits, u32 nsym, u32 kmax) {
     const u32 M = 1u << prob_bits;
     const u32 lo = ld8(tab), n = ld8(tab + 1) + 1;
     if (lo + n > nsym) return false;
@@ -181,11 +186,9 @@ __device__ __noinline__ bool build_lut(const u8* tab, u32* lut, u32 prob_bits, u
         sum += w;
         nz += w > 0;
     }
-    if (nz == 0 || nz > M / 2) return false;
-    // Pairs at slots M - nz .. M: (j | f << 16).
-    const u32 top = M - nz;
+    if (nz == 0 || nz > M / 2 || nz > kmax) return false;
     const float rs = 1.0f / (float)sum;
-    u32 assigned = 0, k = 0, fmax = 0, kmax = 0;
+    u32 assigned = 0, k = 0, fmax = 0, kmx = 0;
     for (u32 j = 0; j < n; j++) {
         u32 w = weight_of_code(code_at(tab, j));
         if (w == 0) continue;
@@ -196,12 +199,12 @@ __device__ __noinline__ bool build_lut(const u8* tab, u32* lut, u32 prob_bits, u
         else if ((f + 1) * sum <= wm) f++;
         if (f < 1) f = 1;
         assigned += f;
-        if (f > fmax) { fmax = f; kmax = k; }
-        lut[(top + k) * LANES] = j | (f << 16);
+        if (f > fmax) { fmax = f; kmx = k; }
+        symt[k * LANES] = j | (f << 16);
         k++;
     }
     while (assigned != M) {
-        u32 e = lut[(top + kmax) * LANES];
+        u32 e = symt[kmx * LANES];
         u32 f = e >> 16;
         if (assigned < M) {
             f += M - assigned;
@@ -212,31 +215,45 @@ __device__ __noinline__ bool build_lut(const u8* tab, u32* lut, u32 prob_bits, u
             f -= take;
             assigned -= take;
         }
-        lut[(top + kmax) * LANES] = (e & 0xFFFFu) | (f << 16);
+        symt[kmx * LANES] = (e & 0xFFFFu) | (f << 16);
         if (assigned != M) {
-            fmax = 0; kmax = 0;
+            fmax = 0; kmx = 0;
             for (u32 q = 0; q < nz; q++) {
-                u32 fq = lut[(top + q) * LANES] >> 16;
-                if (fq > fmax) { fmax = fq; kmax = q; }
+                u32 fq = symt[q * LANES] >> 16;
+                if (fq > fmax) { fmax = fq; kmx = q; }
             }
         }
     }
-    u32 slot = 0;
+    u32 slot = 0, word = 0;
     for (u32 q = 0; q < nz; q++) {
-        u32 e = lut[(top + q) * LANES];
+        u32 e = symt[q * LANES];
         u32 sym = lo + (e & 0xFFFFu), f = e >> 16;
+        symt[q * LANES] = sym | (f << 8) | (slot << 19);
         for (u32 r = 0; r < f; r++) {
-            lut[slot * LANES] = sym | (f << 8) | (r << 19);
+            word |= q << ((slot & 3u) * 8u);
             slot++;
+            if ((slot & 3u) == 0) {
+                lutw[((slot >> 2) - 1u) * LANES] = word;
+                word = 0;
+            }
         }
     }
     return true;
 }
 
-// One warp per segment. Dynamic shared memory: warps_per_block * 32 << max_prob_bits u32.
+// Symbol entry (`symbol | freq << 8 | cum << 19`) of slot `s`.
+__device__ __forceinline__ u32 lookup(const u32* lutw, const u32* symt, u32 s) {
+    const u32 q = (lutw[(s >> 2) * LANES] >> ((s & 3u) * 8u)) & 0xFFu;
+    return symt[q * LANES];
+}
+
+// One warp per segment. `geo` = max_prob_bits | kmax << 8: the batch's
+// largest prob_bits and largest number of non-zero symbols in a table.
+// Dynamic shared memory per warp: 32 * (2^max_prob_bits / 4 + kmax) u32 of
+// lookups, then the word ring (RING_UNITS u32).
 extern "C" __global__ void cg_decode(
     const u8* __restrict__ region, const Chunk* __restrict__ chunks, const Plane* __restrict__ planes,
-    const Seg* __restrict__ segs, const u32* __restrict__ tab_off, u32 nsegs, u32 max_prob_bits,
+    const Seg* __restrict__ segs, const u32* __restrict__ tab_off, u32 nsegs, u32 geo,
     Dest dest, u32* __restrict__ errors)
 {
     extern __shared__ u32 smem[];
@@ -244,9 +261,12 @@ extern "C" __global__ void cg_decode(
     const u32 warp = threadIdx.x >> 5;
     const u32 si = blockIdx.x * (blockDim.x >> 5) + warp;
     if (si >= nsegs) return;
-    u32* wbase_smem = smem + (size_t)warp * ((LANES << max_prob_bits) + RING_UNITS);
-    u32* lut = wbase_smem + lane;
-    u32* ring = wbase_smem + (LANES << max_prob_bits);   // RING_UNITS u32: the segment's words, streamed in
+    const u32 max_prob_bits = geo & 0xFFu, kmax = geo >> 8;
+    const u32 lut_words = (LANES << max_prob_bits) >> 2;
+    u32* wbase_smem = smem + (size_t)warp * (lut_words + LANES * kmax + RING_UNITS);
+    u32* lutw = wbase_smem + lane;
+    u32* symt = wbase_smem + lut_words + lane;
+    u32* ring = wbase_smem + lut_words + LANES * kmax;   // RING_UNITS u32: the segment's words, streamed in
 
     const Seg sg = segs[si];
     const Chunk ch = chunks[sg.chunk];
@@ -322,7 +342,11 @@ extern "C" __global__ void cg_decode(
         if (on) {
 #endif
             const u32 ti = raw && pl.shared ? 0u : c;
-            ok &= build_lut(base + tab_off[ch.tab_first + sg.plane * C + ti], lut, prob_bits, nsym);
+            ok &= build_lut(base + tab_off[ch.tab_first + sg.plane * C + ti], lutw, symt, prob_bits, nsym, kmax);
+        } else {
+            // Idle lanes still look up (the hot path has no branch): slot 0
+            // must name a symbol entry inside the table.
+            lutw[0] = 0;
         }
         if (g + 1 < g1 && c + 32u < C) {
             const u8* nt = base + tab_off[ch.tab_first + sg.plane * C + (raw && pl.shared ? 0u : c + 32u)];
@@ -346,8 +370,9 @@ extern "C" __global__ void cg_decode(
                 const u32 blk0 = __shfl_sync(FULL, bwin, 0);
                 u8* tokp = layer_ptr + (i64)blk0 * dest.stride_block + (i64)slot * dest.stride_token;
                 for (u32 t = t0; t < t1; t++) {
-                    const u32 e = lut[(x & mask) * LANES];
-                    const u32 xn = ((e >> 8) & 0x7FFu) * (x >> prob_bits) + (e >> 19);
+                    const u32 xs = x & mask;
+                    const u32 e = lookup(lutw, symt, xs);
+                    const u32 xn = ((e >> 8) & 0x7FFu) * (x >> prob_bits) + xs - (e >> 19);
                     const bool need = on && xn < RANS_L;
                     x = on ? xn : x;
                     const u32 bal = __ballot_sync(FULL, need);
@@ -396,9 +421,10 @@ extern "C" __global__ void cg_decode(
             u32 sym = 0;
             bool need = false;
             if (on) {
-                const u32 e = lut[(x & mask) * LANES];
+                const u32 xs = x & mask;
+                const u32 e = lookup(lutw, symt, xs);
                 sym = e & 0xFFu;
-                x = ((e >> 8) & 0x7FFu) * (x >> prob_bits) + (e >> 19);
+                x = ((e >> 8) & 0x7FFu) * (x >> prob_bits) + xs - (e >> 19);
                 need = x < RANS_L;
             }
             const u32 bal = __ballot_sync(FULL, need);
@@ -435,20 +461,24 @@ extern "C" __global__ void cg_decode(
 
 // Exact tokens (FORMAT.md 6.3): copy the stored rows over the decoded ones.
 // Launched after cg_decode on the same stream. grid.y = chunk; one thread per
-// element of (tensor, exact token, channel).
-extern "C" __global__ void cg_exact(const u8* __restrict__ region, const Chunk* __restrict__ chunks, Dest dest)
+// element of (tensor, exact token, channel), for tensors t_lo..t_hi (the
+// host launches one layer at a time for per-layer events).
+extern "C" __global__ void cg_exact(const u8* __restrict__ region, const Chunk* __restrict__ chunks, Dest dest, u32 t_lo, u32 t_hi)
 {
     const Chunk ch = chunks[blockIdx.y];
     const u32 n = ch.exact_n;
     const u32 C = ch.channels;
-    const u64 work = (u64)ch.tensors * n * C;
+    const u32 th = min(t_hi, ch.tensors);
+    if (t_lo >= th) return;
+    const u64 work = (u64)(th - t_lo) * n * C;
     const u8* base = region + ch.bytes;
     const u32 esize = ch.dtype_size;
     const u32* block_ids = (const u32*)dest.block_ids + ((const u32*)dest.block_first)[ch.index];
     for (u64 w = (u64)blockIdx.x * blockDim.x + threadIdx.x; w < work; w += (u64)gridDim.x * blockDim.x) {
         const u32 c = (u32)(w % C);
-        const u64 ik = w / C;                       // tensor * n + k: the row's index in the rows part
-        const u32 k = (u32)(ik % n), i = (u32)(ik / n);
+        const u64 ikl = w / C;
+        const u32 k = (u32)(ikl % n), i = t_lo + (u32)(ikl / n);
+        const u64 ik = (u64)i * n + k;              // tensor * n + k: the row's index in the rows part
         const u32 t = ld32u(base + ch.exact_idx_off + 4 * k);
         const u32 layer = i / ch.streams, stream = i - layer * ch.streams;
         const u32 h = c / ch.head_dim, d = c - h * ch.head_dim;

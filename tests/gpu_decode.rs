@@ -354,3 +354,68 @@ fn streams_with_external_tables_are_refused_clearly() {
     let e = dec.stage(&[&s]).err().expect("external tables are not supported yet");
     assert!(matches!(e, GpuError::Unsupported(_)), "{e}");
 }
+
+#[test]
+fn layered_decode_completes_layer_events_in_order_with_each_layer_correct() {
+    let Some(dec) = decoder() else { return };
+    // 12 layers, 3 chunks (the last not a multiple of the block size), f16 and the lossless level.
+    for level in [Level::Default, Level::Lossless] {
+        let layers = 12;
+        let streams: Vec<Vec<u8>> = [256usize, 256, 77]
+            .iter()
+            .enumerate()
+            .map(|(i, &t)| {
+                let shape = KvShape { kind: KvKind::KeyValue, layers, tokens: t, heads: 4, head_dim: 64 };
+                encode(&synthetic(shape, Dtype::F16, 40 + i as u64), &EncodeOptions::level(level)).unwrap()
+            })
+            .collect();
+        let block_size = 16;
+        let per_chunk: Vec<usize> = [256usize, 256, 77].iter().map(|t| t.div_ceil(block_size)).collect();
+        let num_blocks = per_chunk.iter().sum::<usize>() + 5;
+        let (layout, size) = make_layout(Kind::FlashAttn(false), layers, num_blocks, block_size, 4, 64, Dtype::F16);
+        let per_layer = size / layers;
+        let mut rnd = xorshift(99);
+        let ids = block_ids(&mut rnd, num_blocks, &per_chunk);
+        let garbage: Vec<u8> = (0..size).map(|_| (rnd() * 256.0) as u8).collect();
+        let mut want = garbage.clone();
+        for (b, ids) in streams.iter().zip(&ids) {
+            layout.scatter(&mut want, ids, &codec::decode(b, None).unwrap()).unwrap();
+        }
+        let arena = dec.gpu().alloc(size).unwrap();
+        arena.write(0, &garbage).unwrap();
+        let mut dev_layout = layout.clone();
+        for b in &mut dev_layout.layer_base {
+            *b += arena.ptr() as usize;
+        }
+        let refs: Vec<&[u8]> = streams.iter().map(|b| b.as_slice()).collect();
+        let id_refs: Vec<&[u32]> = ids.iter().map(|v| v.as_slice()).collect();
+        let staged = dec.stage(&refs).unwrap();
+        // SAFETY: the arena holds the whole layout and nothing else uses it.
+        let events = unsafe { dec.decode_layered(&staged, &dev_layout, &id_refs, None) }.unwrap();
+        assert_eq!(events.len(), layers);
+        let handles = events.handles();
+        assert_eq!(handles.len(), layers);
+        assert!(handles.iter().all(|&h| h != 0));
+        let mut later_pending = 0;
+        for l in 0..layers {
+            events.synchronize(l).unwrap();
+            for e in 0..=l {
+                assert!(events.query(e).unwrap(), "{level:?}: layer {l} done but layer {e} is not");
+            }
+            if l + 1 < layers && !events.query(layers - 1).unwrap() {
+                later_pending += 1;
+            }
+            let mut got = vec![0u8; per_layer];
+            arena.read(l * per_layer, &mut got).unwrap();
+            assert!(got == want[l * per_layer..(l + 1) * per_layer], "{level:?}: layer {l} differs once its event completed");
+        }
+        events.finish().unwrap();
+        drop(events);
+        let mut got = vec![0u8; size];
+        arena.read(0, &mut got).unwrap();
+        assert!(got == want, "{level:?}: arena differs after the layered decode");
+        println!("{level:?}: {layers} layer events in order, each layer correct at its event (last layer still pending at {later_pending} of them)");
+        // The decoder is usable right after (it waits for the layered work first).
+        check(dec, Kind::FlashAttn(false), &streams, "after layered");
+    }
+}

@@ -13,7 +13,8 @@
 //! memory); the fused decode kernels alone (data already on the device);
 //! end to end from pinned host memory (H2D of the compressed bytes overlapped
 //! with decoding); a device-to-device copy of the output size and a pinned
-//! H2D of the staged bytes, in the same run; and the CPU decoder. The 8K
+//! H2D of the staged bytes, in the same run; the layered (stream-ordered)
+//! decode's first and last layer events; and the CPU decoder. The 8K
 //! result is compared byte for byte with CPU decode + scatter.
 //!
 //! Usage: cachegen-gpu-bench [--fixture PATH] [--tokens 8192,32768] [--repeat N] [--out FILE.json]
@@ -165,6 +166,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         }
         let staged = staged.unwrap();
         let syms = staged.symbols() as f64;
+        println!("{tokens} tokens: at most {} non-zero symbols in a table", staged.max_table_symbols());
         let out_bytes = staged.output_bytes() as f64;
 
         // End to end from pinned memory (first call allocates; not timed).
@@ -186,6 +188,18 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
             let tm = unsafe { dec.decode_resident(&staged, &layout, &ids, None)? };
             let wall = t.elapsed().as_secs_f64() * 1e3;
             kern.push(if tm.gpu_ms.is_nan() { wall } else { tm.gpu_ms as f64 });
+        }
+        // Layered (stream-ordered, one event per layer) from pinned memory:
+        // host wall clock until layer 0's event and until the last layer's.
+        let (mut lay_first, mut lay_last) = (Vec::new(), Vec::new());
+        for _ in 0..repeat {
+            let t = Instant::now();
+            // SAFETY: as above.
+            let ev = unsafe { dec.decode_layered(&staged, &layout, &ids, None)? };
+            ev.synchronize(0)?;
+            lay_first.push(t.elapsed().as_secs_f64() * 1e3);
+            ev.finish()?;
+            lay_last.push(t.elapsed().as_secs_f64() * 1e3);
         }
         // References in the same run: D2D copy of the output size, pinned H2D of the staged bytes.
         let copy_dst = gpu.alloc(out_bytes as usize)?;
@@ -228,6 +242,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
             "staged_bytes": staged.staged_bytes(),
             "output_bytes": out_bytes,
             "stage_host_ms_median": median(stage_ms.clone()),
+            "max_table_symbols": staged.max_table_symbols(),
             "kernel_ms_median": k,
             "kernel_ms_all": kern,
             "kernel_gsym_s": syms / k / 1e6,
@@ -235,6 +250,8 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
             "e2e_wall_ms_median": e,
             "e2e_wall_ms_all": e2e_wall,
             "e2e_gpu_ms_median": median(e2e_gpu.clone()),
+            "layered_first_layer_ms_median": median(lay_first.clone()),
+            "layered_all_layers_ms_median": median(lay_last.clone()),
             "d2d_copy_ms_median": median(d2d.clone()),
             "d2d_copy_gb_s_read_plus_write": 2.0 * out_bytes / median(d2d.clone()) / 1e6,
             "h2d_pinned_ms_median": median(h2d.clone()),
@@ -245,13 +262,15 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         });
         println!(
             "{tokens} tokens ({nchunks} chunks, {:.1} MB compressed, {:.2} GB out): kernels {k:.2} ms = {:.1} Gsym/s, {:.0} GB/s out; \
-             end to end from pinned {e:.2} ms (GPU events {:.2} ms); D2D copy of the output {:.2} ms ({:.0} GB/s r+w); \
+             end to end from pinned {e:.2} ms (GPU events {:.2} ms); layered: layer 0 ready at {:.2} ms, all at {:.2} ms; D2D copy of the output {:.2} ms ({:.0} GB/s r+w); \
              pinned H2D {:.2} ms ({:.1} GB/s); host staging {:.0} ms; CPU decode {:.0} ms on {threads} threads",
             staged.compressed_bytes() as f64 / 1e6,
             out_bytes / 1e9,
             syms / k / 1e6,
             out_bytes / k / 1e6,
             median(e2e_gpu),
+            median(lay_first),
+            median(lay_last),
             median(d2d.clone()),
             2.0 * out_bytes / median(d2d) / 1e6,
             median(h2d.clone()),

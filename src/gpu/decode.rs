@@ -18,7 +18,10 @@
 //!    and a small kernel that writes the exact (outlier) token rows, then
 //!    waits and checks the device-side error flags (items 35 and 36).
 //!
-//! [`GpuDecoder::decode_into`] does both. The output is bit-identical to
+//! [`GpuDecoder::decode_into`] does both. [`GpuDecoder::decode_layered`]
+//! is the stream-ordered variant for engines: it enqueues the decode layer by
+//! layer on the engine's stream and returns one CUDA event per layer
+//! ([`LayerEvents`]) without waiting. The output is bit-identical to
 //! `codec::decode` + `KvLayout::scatter` (tests/gpu_decode.rs).
 //!
 //! Not supported yet: streams that reference an external table set
@@ -120,6 +123,8 @@ struct Prep {
     shape: KvShape,
     dtype: Dtype,
     symbols: u64,
+    /// Most non-zero symbols in one of the chunk's tables (sizes the kernel's per-symbol lookup).
+    max_nz: u32,
 }
 
 fn codec_err(chunk: usize) -> impl Fn(CodecError) -> GpuError {
@@ -161,6 +166,7 @@ fn prepare(bytes: &[u8], index: usize) -> Result<Prep, GpuError> {
     let tb = &bytes[lay.tables.clone()];
     let mut tab = Vec::with_capacity(lay.planes.len() * channels);
     let mut pos = 0usize;
+    let mut max_nz = 1u32;
     for p in &lay.planes {
         let first = tab.len();
         for j in 0..p.tables(channels) {
@@ -168,6 +174,10 @@ fn prepare(bytes: &[u8], index: usize) -> Result<Prep, GpuError> {
             if j == 0 || p.tables(channels) == channels {
                 tab.push((lay.tables.start + pos) as u32);
             }
+            // Non-zero symbols: codes other than 0 (table::WEIGHT_OF_CODE).
+            let codes = tb.get(pos + 2..pos + 2 + n.div_ceil(2)).ok_or_else(|| err(CodecError::Corrupt("table section truncated")))?;
+            let nz: u32 = codes.iter().map(|&b| (b >> 4 != 0) as u32 + (b & 15 != 0) as u32).sum();
+            max_nz = max_nz.max(nz);
             pos += 2 + n.div_ceil(2);
         }
         // Shared tables: every channel uses the plane's one table.
@@ -222,7 +232,7 @@ fn prepare(bytes: &[u8], index: usize) -> Result<Prep, GpuError> {
         tensors: shape.tensors() as u32,
         pad: [0; 3],
     };
-    Ok(Prep { desc, planes, segs, tab, payload_start, shape, dtype: h.dtype, symbols })
+    Ok(Prep { desc, planes, segs, tab, payload_start, shape, dtype: h.dtype, symbols, max_nz: max_nz.min(256) })
 }
 
 /// A batch of chunks inside a [`Staged`] image: copied and decoded together.
@@ -237,8 +247,13 @@ struct Batch {
     nchunks: u32,
     nsegs: u32,
     max_prob_bits: u32,
+    /// Most non-zero symbols in a table of the batch.
+    kmax: u32,
     /// Largest (tensors x exact tokens x channels) of a chunk: 0 = no exact tokens.
     exact_work: u64,
+    /// The batch's segments are ordered by layer: those of layer `l` are
+    /// `layer_first[l]..layer_first[l + 1]`.
+    layer_first: Vec<u32>,
 }
 
 static NEXT_STAGED: AtomicU64 = AtomicU64::new(1);
@@ -271,6 +286,11 @@ impl Staged {
     pub fn symbols(&self) -> u64 {
         self.symbols
     }
+    /// Most non-zero symbols in one table of a batch (sets the kernel's
+    /// shared memory per warp: cuda/README.md).
+    pub fn max_table_symbols(&self) -> u32 {
+        self.batches.iter().map(|b| b.kmax).max().unwrap_or(0)
+    }
     /// Bytes written to the KV blocks (elements x element size).
     pub fn output_bytes(&self) -> u64 {
         self.shapes.iter().map(|(s, d)| (s.elems() * d.size()) as u64).sum()
@@ -295,6 +315,8 @@ struct State {
     start: Event,
     end: Event,
     resident: u64,
+    /// A layered decode may still run (`end` is recorded after it).
+    pending: bool,
 }
 
 /// Decodes containers on one GPU into paged KV blocks. Thread-safe; calls
@@ -344,6 +366,7 @@ impl GpuDecoder {
             start: Event::new(true)?,
             end: Event::new(true)?,
             resident: 0,
+            pending: false,
         };
         let knob = |name: &str, default: u32| std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default);
         Ok(GpuDecoder {
@@ -364,17 +387,32 @@ impl GpuDecoder {
         &self.gpu
     }
 
-    /// Warps per block of the decode kernel for tables of `prob_bits`
-    /// (each warp holds 32 lookup tables of 2^prob_bits u32 in shared memory).
-    fn warps_per_block(&self, prob_bits: u32) -> u32 {
-        ((self.gpu.inner.smem_optin as usize / self.smem_per_warp(prob_bits) as usize) as u32).clamp(1, self.max_warps)
+    /// Warps per block of the decode kernel for a warp's shared memory of
+    /// `per_warp` bytes: the most warps per SM that shared memory allows
+    /// (an SM holds the opt-in block maximum plus 1 KiB reserved per block).
+    fn warps_per_block(&self, per_warp: u32) -> u32 {
+        let optin = self.gpu.inner.smem_optin.max(0) as u32;
+        let sm = optin + 1024;
+        let mut best = (0u32, 1u32);
+        for w in 1..=self.max_warps {
+            if w * per_warp > optin {
+                break;
+            }
+            let resident = sm / (w * per_warp + 1024) * w;
+            if resident >= best.0 {
+                best = (resident, w);
+            }
+        }
+        best.1
     }
 
-    /// Shared memory per warp: the lookups, plus `smem_extra` bytes (the
-    /// kernel's word ring; CACHEGEN_SMEM_EXTRA overrides it for kernel
-    /// variants built with a matching -DSMEM_EXTRA).
-    fn smem_per_warp(&self, prob_bits: u32) -> u32 {
-        (128u32 << prob_bits) + self.smem_extra
+    /// Shared memory per warp for tables of `prob_bits` with at most `kmax`
+    /// non-zero symbols: 32 lanes x (2^prob_bits one-byte slot entries +
+    /// `kmax` u32 symbol entries), plus `smem_extra` bytes (the kernel's
+    /// word ring; CACHEGEN_SMEM_EXTRA overrides it for kernel variants
+    /// built with a matching -DSMEM_EXTRA).
+    fn smem_per_warp(&self, prob_bits: u32, kmax: u32) -> u32 {
+        (32u32 << prob_bits) + 128 * kmax + self.smem_extra
     }
 
     /// Validate `chunks` on the host and lay them out in pinned memory
@@ -420,6 +458,7 @@ impl GpuDecoder {
             let mut at = align(tab_off + n_tab * 4, 16);
             let (mut pf, mut tf) = (0u32, 0u32);
             let mut max_pb = 8;
+            let mut kmax = 1u32;
             let mut exact_work = 0u64;
             for (local, k) in (i..j).enumerate() {
                 // Place the container so that its payload starts 16-byte aligned
@@ -440,6 +479,7 @@ impl GpuDecoder {
                     s.chunk = local as u32;
                 }
                 max_pb = max_pb.max(p.desc.prob_bits);
+                kmax = kmax.max(p.max_nz);
                 exact_work = exact_work.max(p.desc.tensors as u64 * p.desc.exact_n as u64 * p.desc.channels as u64);
                 at = start + chunks[k].len();
             }
@@ -454,7 +494,9 @@ impl GpuDecoder {
                 nchunks: (j - i) as u32,
                 nsegs: n_segs as u32,
                 max_prob_bits: max_pb,
+                kmax,
                 exact_work,
+                layer_first: Vec::new(),
             });
             off += len;
             i = j;
@@ -464,14 +506,29 @@ impl GpuDecoder {
             let img = image.as_mut_slice();
             // Descriptors (small), then containers copied by all threads.
             let mut first = 0usize;
-            for b in &batches {
+            for b in &mut batches {
                 let ps = &preps[first..first + b.nchunks as usize];
                 let descs: Vec<ChunkDesc> = ps.iter().map(|p| p.desc).collect();
-                let put = |img: &mut [u8], at: usize, src: &[u8]| img[b.off + at..b.off + at + src.len()].copy_from_slice(src);
+                let boff = b.off;
+                let put = |img: &mut [u8], at: usize, src: &[u8]| img[boff + at..boff + at + src.len()].copy_from_slice(src);
                 put(img, b.chunks_off, as_bytes(&descs));
                 let planes: Vec<PlaneDesc> = ps.iter().flat_map(|p| p.planes.iter().copied()).collect();
                 put(img, b.planes_off, as_bytes(&planes));
-                let segs: Vec<SegDesc> = ps.iter().flat_map(|p| p.segs.iter().copied()).collect();
+                // Segments by layer (stable: by chunk, plane and position within a layer),
+                // so that one layer of the batch is one contiguous range.
+                let layer_of = |p: &Prep, s: &SegDesc| s.plane / p.desc.planes_per_tensor / p.desc.streams;
+                let layers = ps.iter().map(|p| p.shape.layers).max().unwrap_or(1);
+                let mut segs: Vec<(u32, SegDesc)> = ps.iter().flat_map(|p| p.segs.iter().map(move |s| (layer_of(p, s), *s))).collect();
+                segs.sort_by_key(|&(l, _)| l);
+                let mut layer_first = vec![0u32; layers + 1];
+                for &(l, _) in &segs {
+                    layer_first[l as usize + 1] += 1;
+                }
+                for l in 0..layers {
+                    layer_first[l + 1] += layer_first[l];
+                }
+                b.layer_first = layer_first;
+                let segs: Vec<SegDesc> = segs.into_iter().map(|(_, s)| s).collect();
                 put(img, b.segs_off, as_bytes(&segs));
                 let tab: Vec<u32> = ps.iter().flat_map(|p| p.tab.iter().copied()).collect();
                 put(img, b.tab_off, as_bytes(&tab));
@@ -587,10 +644,58 @@ impl GpuDecoder {
     }
 
     unsafe fn run(&self, staged: &Staged, layout: &KvLayout, block_ids: &[&[u32]], stream: Option<u64>, upload: bool) -> Result<Timings, GpuError> {
+        // SAFETY: forwarded.
+        unsafe { self.launch(staged, layout, block_ids, stream, upload, false) }.map(|(t, _)| t)
+    }
+
+    /// Stream-ordered decode, layer by layer: the call copies `staged` and
+    /// enqueues the decode of layer 0 of every chunk, then layer 1, and so on,
+    /// on `stream` (a raw `CUstream` of this device's primary context, or the
+    /// decoder's own stream), records one CUDA event after each layer and
+    /// returns without waiting. An engine makes its compute stream wait for
+    /// layer `l` with `cuStreamWaitEvent(stream, events.raw(l), 0)` (what
+    /// vLLM's `wait_for_layer_load(l)` needs); [`LayerEvents::synchronize`]
+    /// waits on the host. The device-side checks (FORMAT.md 2.2 items 35 and
+    /// 36) are read by [`LayerEvents::finish`]; until then a corrupt stream
+    /// goes undetected (the host checks of [`GpuDecoder::stage`] have run).
+    ///
+    /// The events borrow the decoder and `staged` (whose pinned bytes are
+    /// being copied); dropping them waits for the whole decode. The
+    /// decoder's next call also waits for it first.
+    ///
+    /// # Safety
+    /// As for [`GpuDecoder::decode_into`], for as long as the work runs.
+    pub unsafe fn decode_layered<'a>(&'a self, staged: &'a Staged, layout: &KvLayout, block_ids: &[&[u32]], stream: Option<u64>) -> Result<LayerEvents<'a>, GpuError> {
+        // SAFETY: forwarded.
+        let (_, ev) = unsafe { self.launch(staged, layout, block_ids, stream, true, true) }?;
+        let (events, errors) = ev.expect("layered launch returns its events");
+        Ok(LayerEvents { events, errors, nchunks: staged.chunks(), gpu: self.gpu.clone(), _borrow: std::marker::PhantomData })
+    }
+
+    /// Wait for a layered decode still running (it may use the region and destination buffers).
+    fn settle(&self, st: &mut State) -> Result<(), GpuError> {
+        if st.pending {
+            st.end.sync()?;
+            st.pending = false;
+        }
+        Ok(())
+    }
+
+    #[allow(clippy::type_complexity)]
+    unsafe fn launch(
+        &self,
+        staged: &Staged,
+        layout: &KvLayout,
+        block_ids: &[&[u32]],
+        stream: Option<u64>,
+        upload: bool,
+        layered: bool,
+    ) -> Result<(Timings, Option<(Vec<Event>, DeviceBuffer)>), GpuError> {
         let (dest_data, first_at, ids_at) = self.destination(staged, layout, block_ids)?;
         self.gpu.bind()?;
         let mut guard = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let st = &mut *guard;
+        self.settle(st)?;
         if !upload && st.resident != staged.id {
             return Err(GpuError::Invalid("decode_resident: this staged set is not on the device".into()));
         }
@@ -614,6 +719,15 @@ impl GpuDecoder {
         while st.batch_events.len() < staged.batches.len() {
             st.batch_events.push(Event::new(false)?);
         }
+        // A layered call's error flags outlive the call: they get their own buffer.
+        let own_errors = if layered { Some(self.gpu.alloc(4 * nchunks)?) } else { None };
+        let layers = staged.shapes.first().map(|s| s.0.layers).unwrap_or(1);
+        let mut layer_events = Vec::new();
+        if layered {
+            for _ in 0..layers {
+                layer_events.push(Event::new(false)?);
+            }
+        }
         let borrowed;
         let compute: &Stream = match stream {
             Some(s) => {
@@ -624,7 +738,7 @@ impl GpuDecoder {
         };
         let region = st.region.as_ref().unwrap().ptr();
         let dest = st.dest.as_ref().unwrap().ptr();
-        let errors = st.errors.as_ref().unwrap().ptr();
+        let errors = own_errors.as_ref().unwrap_or_else(|| st.errors.as_ref().unwrap()).ptr();
         {
             let host = st.dest_host.as_mut().unwrap().as_mut_slice();
             host[..dest_data.len()].copy_from_slice(&dest_data);
@@ -651,51 +765,84 @@ impl GpuDecoder {
         if upload {
             // The copy stream must not overwrite the region while an earlier
             // call's kernels (on another stream) might still read it: they
-            // have all completed, since every call waits for its work.
+            // have all completed, since every call waits for its work (a
+            // layered call's, through `settle` above).
             st.resident = 0;
         }
-        for (bi, b) in staged.batches.iter().enumerate() {
+        // Decode segments `lo..hi` of batch `b` and its exact rows of tensors `t_lo..t_hi`.
+        let launch_range = |b: &Batch, lo: u32, hi: u32, t_lo: u32, t_hi: u32, exact_work: u64| -> Result<(), GpuError> {
             let base = region + b.off as u64;
+            let mut p_region = base;
+            let mut p_chunks = base + b.chunks_off as u64;
+            let mut p_planes = base + b.planes_off as u64;
+            let mut p_segs = base + b.segs_off as u64 + lo as u64 * std::mem::size_of::<SegDesc>() as u64;
+            let mut p_tab = base + b.tab_off as u64;
+            let mut nsegs = hi - lo;
+            let mut geo = b.max_prob_bits | b.kmax << 8;
+            let mut d = desc;
+            let mut p_errors = errors;
+            let per_warp = self.smem_per_warp(b.max_prob_bits, b.kmax);
+            let w = self.warps_per_block(per_warp);
+            let smem = w * per_warp;
+            if nsegs > 0 {
+                let mut params: [*mut c_void; 9] = [
+                    &mut p_region as *mut _ as *mut c_void,
+                    &mut p_chunks as *mut _ as *mut c_void,
+                    &mut p_planes as *mut _ as *mut c_void,
+                    &mut p_segs as *mut _ as *mut c_void,
+                    &mut p_tab as *mut _ as *mut c_void,
+                    &mut nsegs as *mut _ as *mut c_void,
+                    &mut geo as *mut _ as *mut c_void,
+                    &mut d as *mut _ as *mut c_void,
+                    &mut p_errors as *mut _ as *mut c_void,
+                ];
+                // SAFETY: the parameters match cg_decode's signature; the descriptors
+                // in the region address only the region, and the destination is the
+                // caller's promise.
+                unsafe { driver::launch(self.f_decode, (nsegs.div_ceil(w), 1, 1), (32 * w, 1, 1), smem, compute, &mut params)? };
+            }
+            if exact_work > 0 {
+                let (mut t_lo, mut t_hi) = (t_lo, t_hi);
+                let mut params: [*mut c_void; 5] = [
+                    &mut p_region as *mut _ as *mut c_void,
+                    &mut p_chunks as *mut _ as *mut c_void,
+                    &mut d as *mut _ as *mut c_void,
+                    &mut t_lo as *mut _ as *mut c_void,
+                    &mut t_hi as *mut _ as *mut c_void,
+                ];
+                let gx = (exact_work.div_ceil(256)).clamp(1, 4096) as u32;
+                // SAFETY: as above, for cg_exact.
+                unsafe { driver::launch(self.f_exact, (gx, b.nchunks, 1), (256, 1, 1), 0, compute, &mut params)? };
+            }
+            Ok(())
+        };
+        for (bi, b) in staged.batches.iter().enumerate() {
             if upload {
+                let base = region + b.off as u64;
                 // SAFETY: the image range is inside the region allocation; the
-                // pinned image outlives the call (we wait before returning).
+                // pinned image outlives the work (we wait before returning, or
+                // the layered call's events borrow it).
                 unsafe { driver::copy_htod(base, &staged.image.as_slice()[b.off..b.off + b.len], &st.copy)? };
                 st.batch_events[bi].record(&st.copy)?;
                 compute.wait(&st.batch_events[bi])?;
             }
-            let mut p_region = base;
-            let mut p_chunks = base + b.chunks_off as u64;
-            let mut p_planes = base + b.planes_off as u64;
-            let mut p_segs = base + b.segs_off as u64;
-            let mut p_tab = base + b.tab_off as u64;
-            let mut nsegs = b.nsegs;
-            let mut max_pb = b.max_prob_bits;
-            let mut d = desc;
-            let mut p_errors = errors;
-            let w = self.warps_per_block(max_pb);
-            let smem = w * self.smem_per_warp(max_pb);
-            let mut params: [*mut c_void; 9] = [
-                &mut p_region as *mut _ as *mut c_void,
-                &mut p_chunks as *mut _ as *mut c_void,
-                &mut p_planes as *mut _ as *mut c_void,
-                &mut p_segs as *mut _ as *mut c_void,
-                &mut p_tab as *mut _ as *mut c_void,
-                &mut nsegs as *mut _ as *mut c_void,
-                &mut max_pb as *mut _ as *mut c_void,
-                &mut d as *mut _ as *mut c_void,
-                &mut p_errors as *mut _ as *mut c_void,
-            ];
-            // SAFETY: the parameters match cg_decode's signature; the descriptors
-            // in the region address only the region, and the destination is the
-            // caller's promise.
-            unsafe { driver::launch(self.f_decode, (nsegs.div_ceil(w), 1, 1), (32 * w, 1, 1), smem, compute, &mut params)? };
-            if b.exact_work > 0 {
-                let mut params: [*mut c_void; 3] =
-                    [&mut p_region as *mut _ as *mut c_void, &mut p_chunks as *mut _ as *mut c_void, &mut d as *mut _ as *mut c_void];
-                let gx = (b.exact_work.div_ceil(256)).min(4096) as u32;
-                // SAFETY: as above, for cg_exact.
-                unsafe { driver::launch(self.f_exact, (gx, b.nchunks, 1), (256, 1, 1), 0, compute, &mut params)? };
+            if !layered {
+                launch_range(b, 0, b.nsegs, 0, u32::MAX, b.exact_work)?;
             }
+        }
+        if layered {
+            let streams = staged.shapes.first().map(|s| s.0.kind.streams()).unwrap_or(1) as u32;
+            for (l, ev) in layer_events.iter().enumerate() {
+                for b in &staged.batches {
+                    let (lo, hi) = (b.layer_first[l], b.layer_first[l + 1]);
+                    let t_lo = l as u32 * streams;
+                    launch_range(b, lo, hi, t_lo, t_lo + streams, b.exact_work.div_ceil(layers as u64))?;
+                }
+                ev.record(compute)?;
+            }
+            st.end.record(compute)?;
+            st.pending = true;
+            return Ok((Timings { gpu_ms: f32::NAN }, Some((layer_events, own_errors.unwrap()))));
         }
         st.end.record(compute)?;
         st.end.sync()?;
@@ -707,10 +854,8 @@ impl GpuDecoder {
         let gpu_ms = st.end.since(&st.start).unwrap_or(f32::NAN);
         let mut errs = vec![0u8; 4 * nchunks];
         st.errors.as_ref().unwrap().read(0, &mut errs)?;
-        if let Some((chunk, bits)) = errs.chunks_exact(4).map(|b| u32::from_le_bytes(b.try_into().unwrap())).enumerate().find(|&(_, b)| b != 0) {
-            return Err(GpuError::CorruptOnDevice { chunk, bits });
-        }
-        Ok(Timings { gpu_ms })
+        check_errors(&errs)?;
+        Ok((Timings { gpu_ms }, None))
     }
 
     /// Device-to-device copy of `n` bytes on the decoder's own stream,
@@ -720,7 +865,8 @@ impl GpuDecoder {
             return Err(GpuError::Invalid("copy larger than its buffers".into()));
         }
         self.gpu.bind()?;
-        let st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        self.settle(&mut st)?;
         let t = std::time::Instant::now();
         st.start.record(&st.own)?;
         // SAFETY: both ranges are inside live allocations.
@@ -737,7 +883,8 @@ impl GpuDecoder {
             return Err(GpuError::Invalid("copy larger than its buffers".into()));
         }
         self.gpu.bind()?;
-        let st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        self.settle(&mut st)?;
         let t = std::time::Instant::now();
         st.start.record(&st.own)?;
         // SAFETY: dst holds src.len() bytes; src is pinned and outlives the wait below.
@@ -746,5 +893,78 @@ impl GpuDecoder {
         st.end.sync()?;
         let wall = t.elapsed().as_secs_f32() * 1e3;
         Ok(st.end.since(&st.start).unwrap_or(wall))
+    }
+}
+
+fn check_errors(errs: &[u8]) -> Result<(), GpuError> {
+    if let Some((chunk, bits)) = errs.chunks_exact(4).map(|b| u32::from_le_bytes(b.try_into().unwrap())).enumerate().find(|&(_, b)| b != 0) {
+        return Err(GpuError::CorruptOnDevice { chunk, bits });
+    }
+    Ok(())
+}
+
+/// One CUDA event per layer of a stream-ordered decode
+/// ([`GpuDecoder::decode_layered`]): event `l` completes when every chunk's
+/// layer `l` (and all layers before it) is in the blocks. Owns the events
+/// (destroyed on drop) and the call's device error flags. Dropping it waits
+/// for the whole decode.
+pub struct LayerEvents<'a> {
+    events: Vec<Event>,
+    errors: DeviceBuffer,
+    nchunks: usize,
+    gpu: Gpu,
+    _borrow: std::marker::PhantomData<&'a Staged>,
+}
+
+impl LayerEvents<'_> {
+    /// Number of layers (events).
+    pub fn len(&self) -> usize {
+        self.events.len()
+    }
+    /// True when there are no layers.
+    pub fn is_empty(&self) -> bool {
+        self.events.is_empty()
+    }
+    /// The raw `CUevent` of layer `l`, for `cuStreamWaitEvent` on an
+    /// engine's stream. Valid while `self` lives.
+    pub fn raw(&self, l: usize) -> u64 {
+        self.events[l].raw()
+    }
+    /// The raw `CUevent` of every layer, in layer order.
+    pub fn handles(&self) -> Vec<u64> {
+        self.events.iter().map(|e| e.raw()).collect()
+    }
+    /// True once layer `l` is decoded (`cuEventQuery`, does not block).
+    pub fn query(&self, l: usize) -> Result<bool, GpuError> {
+        self.gpu.bind()?;
+        self.events[l].query()
+    }
+    /// Block the host until layer `l` is decoded (`cuEventSynchronize`).
+    pub fn synchronize(&self, l: usize) -> Result<(), GpuError> {
+        self.gpu.bind()?;
+        self.events[l].sync()
+    }
+    /// Wait for every layer, then read the device-side checks of the call:
+    /// `GpuError::CorruptOnDevice` names the first corrupt chunk (its blocks
+    /// must then be discarded).
+    pub fn finish(&self) -> Result<(), GpuError> {
+        self.gpu.bind()?;
+        if let Some(e) = self.events.last() {
+            e.sync()?;
+        }
+        let mut errs = vec![0u8; 4 * self.nchunks];
+        self.errors.read(0, &mut errs)?;
+        check_errors(&errs)
+    }
+}
+
+impl Drop for LayerEvents<'_> {
+    fn drop(&mut self) {
+        // The decode reads the borrowed staged bytes and writes the error flags freed here.
+        if self.gpu.bind().is_ok() {
+            if let Some(e) = self.events.last() {
+                let _ = e.sync();
+            }
+        }
     }
 }

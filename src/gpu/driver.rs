@@ -232,6 +232,15 @@ impl Event {
         // SAFETY: valid events.
         call("cuEventElapsedTime", || unsafe { result::event::elapsed(start.raw, self.raw) })
     }
+    /// True when the work before the event's last record has completed (`cuEventQuery`).
+    pub fn query(&self) -> Result<bool, GpuError> {
+        // SAFETY: valid event.
+        call("cuEventQuery", || match unsafe { result::event::query(self.raw) } {
+            Ok(()) => Ok(true),
+            Err(e) if e.0 == sys::cudaError_enum::CUDA_ERROR_NOT_READY => Ok(false),
+            Err(e) => Err(e),
+        })
+    }
     /// The raw `CUevent`, for an engine to wait on.
     pub fn raw(&self) -> u64 {
         self.raw as usize as u64

@@ -28,7 +28,7 @@ pub mod nvrtc;
 
 use std::sync::Arc;
 
-pub use decode::{GpuDecoder, Staged, Timings};
+pub use decode::{GpuDecoder, LayerEvents, Staged, Timings};
 pub use driver::{DeviceBuffer, Event, PinnedBuffer};
 
 use driver::Context;
