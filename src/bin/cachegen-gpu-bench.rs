@@ -201,6 +201,28 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
             ev.finish()?;
             lay_last.push(t.elapsed().as_secs_f64() * 1e3);
         }
+        // The same with the whole cache staged as one batch (a second decoder
+        // with unbounded batches): each layer's launch then covers every chunk.
+        let (mut lay1_first, mut lay1_last) = (Vec::new(), Vec::new());
+        {
+            let mut dec1 = GpuDecoder::new(&gpu)?;
+            dec1.batch_bytes = usize::MAX;
+            let staged1 = dec1.stage(&streams)?;
+            for _ in 0..repeat {
+                let t = Instant::now();
+                // SAFETY: as above.
+                let ev = unsafe { dec1.decode_layered(&staged1, &layout, &ids, None)? };
+                ev.synchronize(0)?;
+                lay1_first.push(t.elapsed().as_secs_f64() * 1e3);
+                ev.finish()?;
+                lay1_last.push(t.elapsed().as_secs_f64() * 1e3);
+            }
+        }
+        println!(
+            "{tokens} tokens: layered, one batch: layer 0 ready at {:.2} ms, all at {:.2} ms",
+            median(lay1_first.clone()),
+            median(lay1_last.clone())
+        );
         // References in the same run: D2D copy of the output size, pinned H2D of the staged bytes.
         let copy_dst = gpu.alloc(out_bytes as usize)?;
         let mut d2d = Vec::new();
@@ -252,6 +274,8 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
             "e2e_gpu_ms_median": median(e2e_gpu.clone()),
             "layered_first_layer_ms_median": median(lay_first.clone()),
             "layered_all_layers_ms_median": median(lay_last.clone()),
+            "layered_one_batch_first_layer_ms_median": median(lay1_first.clone()),
+            "layered_one_batch_all_layers_ms_median": median(lay1_last.clone()),
             "d2d_copy_ms_median": median(d2d.clone()),
             "d2d_copy_gb_s_read_plus_write": 2.0 * out_bytes / median(d2d.clone()) / 1e6,
             "h2d_pinned_ms_median": median(h2d.clone()),
