@@ -332,10 +332,9 @@ impl LoadRun {
                 after_recompute,
             };
             let give_up_s = planner.give_up_s(recomputed, n - c);
-            let mut plan = planner.plan(&inp);
-            if elapsed >= give_up_s {
-                plan.choice = Choice::Recompute;
-            }
+            // Past the give-up point recomputing the rest misses the SLO
+            // anyway: the planner's cheapest choice is all that is left.
+            let plan = planner.plan(&inp);
             tracing::debug!(
                 job = self.job.id,
                 chunk = c,
@@ -367,11 +366,10 @@ impl LoadRun {
             let candidates: Vec<(Option<Level>, Key)> =
                 keys.iter().rev().filter(|(l, _)| l.number() <= level.number()).map(|(l, k)| (Some(*l), *k)).collect();
             let give_up = self.job.started + Duration::from_secs_f64(give_up_s.max(0.0));
-            {
-                let mut st = self.st.lock();
-                st.give_up = Some(give_up);
+            if give_up_s > elapsed {
+                self.st.lock().give_up = Some(give_up);
             }
-            if let Some(tx) = &s.deadlines {
+            if let (Some(tx), true) = (&s.deadlines, give_up_s > elapsed) {
                 let weak: Weak<dyn Expire> = Arc::downgrade(self) as Weak<dyn Expire>;
                 let _ = tx.send(Deadline(give_up, weak));
             }
