@@ -1,0 +1,317 @@
+//! Adaptive streaming benchmark (issue 6): time-to-first-token of a
+//! Llama-3-8B-shaped KV cache (32 layers, 8 KV heads, head_dim 128, f16)
+//! built by tiling the real SmolLM2 fixture (30 layers x 3 heads x 64 dims x
+//! 320 tokens; indices wrap around), in 256-token chunks, over links of
+//! 0.1-100 Gbps and over per-chunk bandwidth traces.
+//!
+//! Measured here: the stored size of each chunk at every level (the real
+//! encoder on the tiled cache; 5 distinct chunks, since 5 x 256 = 4 x 320)
+//! and the CPU decode time per chunk. Modelled: transfer time (bytes /
+//! bandwidth + latency per request), GPU decode time (from the H100
+//! measurement in docs/BENCHMARKS.md, 102 Gsym/s, fetch and decode
+//! pipelined) and recompute time (the H100 prefill anchors of
+//! ../shared/notes/performance-anchors.md). The adaptive loader is
+//! simulated with the library's own planner and estimator
+//! (`cachegen::streaming::adaptive`), chunk by chunk, including its give-up
+//! rule.
+//!
+//! Usage: cachegen-stream-bench [--fixture PATH] [--traces N] [--json FILE]
+
+use std::time::Instant;
+
+use cachegen::codec::{self, encode, EncodeOptions, KvKind, KvShape, KvTensors, Level};
+use cachegen::streaming::adaptive::{PlanInput, Planner};
+use cachegen::streaming::{Choice, Estimator};
+
+const LAYERS: usize = 32;
+const HEADS: usize = 8;
+const HEAD_DIM: usize = 128;
+const CHUNK: usize = 256;
+const LEVELS: [Level; 3] = [Level::Compact, Level::Default, Level::High];
+/// GPU decode rate (symbols/s), H100, fused kernels (docs/BENCHMARKS.md).
+const GPU_SYM_PER_S: f64 = 102.4e9;
+/// Latency per chunk request (s).
+const LATENCY: f64 = 0.0002;
+
+fn tile(src: &KvTensors, t0: usize, tokens: usize) -> KvTensors {
+    let s = src.shape;
+    let e = src.dtype.size();
+    let c = HEADS * HEAD_DIM;
+    let mut tensors = Vec::with_capacity(LAYERS * 2);
+    for l in 0..LAYERS {
+        for st in 0..2 {
+            let from = &src.tensors[(l % s.layers) * 2 + st];
+            let mut out = vec![0u8; tokens * c * e];
+            for t in 0..tokens {
+                let ts = (t0 + t) % s.tokens;
+                for h in 0..HEADS {
+                    for d in 0..HEAD_DIM {
+                        let cs = (h % s.heads) * s.head_dim + d % s.head_dim;
+                        let si = (ts * s.channels() + cs) * e;
+                        let di = (t * c + h * HEAD_DIM + d) * e;
+                        out[di..di + e].copy_from_slice(&from[si..si + e]);
+                    }
+                }
+            }
+            tensors.push(out);
+        }
+    }
+    KvTensors { shape: KvShape { kind: KvKind::KeyValue, layers: LAYERS, tokens, heads: HEADS, head_dim: HEAD_DIM }, dtype: src.dtype, tensors }
+}
+
+/// Prefill (recompute) time of `tokens` on an H100 for Llama-3-8B: the
+/// measured anchors (8K 223 ms, 16K 513 ms, 32K 1.25 s), linear between
+/// them, 36.8K tokens/s below 8K.
+fn prefill_s(tokens: usize) -> f64 {
+    let pts = [(0.0, 0.0), (8192.0, 0.223), (16384.0, 0.513), (32768.0, 1.25)];
+    let t = tokens as f64;
+    if t <= 8192.0 {
+        return t / 36_800.0;
+    }
+    for w in pts.windows(2) {
+        if t <= w[1].0 {
+            return w[0].1 + (t - w[0].0) / (w[1].0 - w[0].0) * (w[1].1 - w[0].1);
+        }
+    }
+    t / 26_200.0
+}
+
+/// One chunk's cost data.
+struct Sizes {
+    /// Stored bytes per level (LEVELS order), per distinct chunk.
+    level_bytes: Vec<[f64; 3]>,
+    raw: f64,
+    int8: f64,
+    syms: f64,
+}
+
+/// Two-stage pipeline (fetch, then decode) over chunks: returns the time
+/// the last chunk is decoded.
+fn pipeline(fetch: &[f64], decode: &[f64]) -> f64 {
+    let (mut f, mut d) = (0.0f64, 0.0f64);
+    for (a, b) in fetch.iter().zip(decode) {
+        f += a;
+        d = d.max(f) + b;
+    }
+    d
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Knowledge {
+    /// The loader's estimator (EWMA of delivered throughput).
+    Estimated,
+    /// Knows each chunk's bandwidth when deciding it (CacheGen's oracle).
+    Oracle,
+}
+
+/// Simulates the adaptive loader over per-chunk bandwidths `bw` (bytes/s);
+/// returns (TTFT, chunks per level, recomputed).
+fn adaptive(sz: &Sizes, n: usize, bw: &[f64], slo: f64, rate: f64, know: Knowledge, est: &Estimator) -> (f64, [usize; 3], usize) {
+    let planner = Planner { slo_s: slo, prefill_tokens_per_s: rate, chunk_tokens: CHUNK, levels: LEVELS.to_vec(), recompute_suffix: false };
+    let dec = sz.syms / GPU_SYM_PER_S;
+    let (mut t, mut dec_done) = (0.0f64, 0.0f64);
+    let mut counts = [0usize; 3];
+    let mut recomputed = 0usize;
+    let mut c = 0;
+    while c < n {
+        let sizes: Vec<f64> = match know {
+            Knowledge::Oracle => sz.level_bytes[c % sz.level_bytes.len()].to_vec(),
+            Knowledge::Estimated => LEVELS.iter().map(|&l| est.size(l, sz.raw as u64)).collect(),
+        };
+        let inp = PlanInput {
+            elapsed_s: t,
+            chunks_left: n - c,
+            recomputed,
+            bytes_per_s: if know == Knowledge::Oracle { bw[c] } else { est.bandwidth(Some(0)) },
+            latency_s: if know == Knowledge::Oracle { LATENCY } else { 0.0 },
+            sizes,
+            raw_bytes: sz.raw,
+            decode_bytes_per_s: Some(sz.raw / dec),
+            after_recompute: recomputed > 0,
+        };
+        let give_up = planner.give_up_s(recomputed, n - c);
+        let choice = planner.plan(&inp).choice;
+        match choice {
+            Choice::Recompute => recomputed += 1,
+            Choice::Level(l) => {
+                let li = LEVELS.iter().position(|&x| x == l).unwrap();
+                let bytes = sz.level_bytes[c % sz.level_bytes.len()][li];
+                let f = LATENCY + bytes / bw[c];
+                if know == Knowledge::Estimated && give_up > t && t + f > give_up {
+                    // The loader abandons the fetch at its give-up point:
+                    // this chunk and every later one are recomputed.
+                    t = give_up;
+                    recomputed += n - c;
+                    break;
+                }
+                t += f;
+                est.observe_fetch(0, bytes as u64, f);
+                est.observe_size(l, bytes as u64, sz.raw as u64);
+                dec_done = dec_done.max(t) + dec;
+                counts[li] += 1;
+            }
+        }
+        c += 1;
+    }
+    let load = t.max(dec_done);
+    (load + recomputed as f64 * CHUNK as f64 / rate, counts, recomputed)
+}
+
+/// Knows every chunk's bandwidth in advance: violates only when even the
+/// cheapest choice for every chunk misses the SLO.
+fn oracle_min(sz: &Sizes, n: usize, bw: &[f64], rate: f64) -> f64 {
+    let dec = sz.syms / GPU_SYM_PER_S;
+    let mut total = 0.0;
+    for c in 0..n {
+        let fetch = LATENCY + sz.level_bytes[c % sz.level_bytes.len()][0] / bw[c];
+        total += fetch.max(dec).min(CHUNK as f64 / rate);
+    }
+    total + dec
+}
+
+fn fixed(sz: &Sizes, n: usize, bw: &[f64], li: usize) -> f64 {
+    let dec = sz.syms / GPU_SYM_PER_S;
+    let fetch: Vec<f64> = (0..n).map(|c| LATENCY + sz.level_bytes[c % sz.level_bytes.len()][li] / bw[c]).collect();
+    pipeline(&fetch, &vec![dec; n])
+}
+
+struct Lcg(u64);
+impl Lcg {
+    fn next(&mut self) -> f64 {
+        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (self.0 >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+fn gbps(g: f64) -> f64 {
+    g * 1e9 / 8.0
+}
+
+fn main() {
+    let mut fixture = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/smollm2-kernel-doc-320.safetensors").to_string();
+    let mut traces = 1000usize;
+    let mut json_out: Option<String> = None;
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--fixture" => fixture = args.next().expect("--fixture PATH"),
+            "--traces" => traces = args.next().and_then(|v| v.parse().ok()).expect("--traces N"),
+            "--json" => json_out = args.next(),
+            _ => {
+                eprintln!("usage: cachegen-stream-bench [--fixture PATH] [--traces N] [--json FILE]");
+                std::process::exit(2);
+            }
+        }
+    }
+    let src = cachegen::interchange::from_safetensors(&std::fs::read(&fixture).expect("fixture")).expect("fixture").kv;
+    // Measured: sizes of the 5 distinct chunks at each level, CPU decode.
+    let mut level_bytes = Vec::new();
+    let mut cpu_decode = [0.0f64; 3];
+    let mut raw = 0.0;
+    let mut syms = 0.0;
+    for k in 0..5 {
+        let chunk = tile(&src, k * CHUNK, CHUNK);
+        raw = chunk.tensors.iter().map(|t| t.len()).sum::<usize>() as f64;
+        syms = chunk.shape.elems() as f64;
+        let mut row = [0.0; 3];
+        for (i, &l) in LEVELS.iter().enumerate() {
+            let bytes = encode(&chunk, &EncodeOptions::level(l)).expect("encode");
+            row[i] = bytes.len() as f64;
+            if k == 0 {
+                let t0 = Instant::now();
+                let out = codec::decode(&bytes, None).expect("decode");
+                cpu_decode[i] = t0.elapsed().as_secs_f64();
+                drop(out);
+            }
+        }
+        eprintln!("chunk {k}: {:?}", row);
+        level_bytes.push(row);
+    }
+    // int8 with one fp16 scale per (layer, K/V, token).
+    let int8 = syms + (LAYERS * 2 * CHUNK * 2) as f64;
+    let sz = Sizes { level_bytes, raw, int8, syms };
+    let mean = |li: usize| sz.level_bytes.iter().map(|r| r[li]).sum::<f64>() / sz.level_bytes.len() as f64;
+    println!("## Chunk sizes (measured, 256 tokens, {:.1} MB fp16)\n", raw / 1e6);
+    println!("| level | MB per chunk | x fp16 | CPU decode, 1 thread (measured) |");
+    println!("|---|---|---|---|");
+    for (i, l) in LEVELS.iter().enumerate() {
+        println!("| {} | {:.3} | {:.2} | {:.0} ms ({:.3} Gsym/s) |", l.name(), mean(i) / 1e6, raw / mean(i), cpu_decode[i] * 1e3, syms / cpu_decode[i] / 1e9);
+    }
+    println!("| int8 (modelled size) | {:.3} | {:.2} | - |", int8 / 1e6, raw / int8);
+    println!("| three-level set | {:.3} | {:.2} | - |\n", (mean(0) + mean(1) + mean(2)) / 1e6, raw / (mean(0) + mean(1) + mean(2)));
+
+    // TTFT vs bandwidth.
+    let contexts = [1024usize, 4096, 8192, 16384, 32768];
+    let bws = [0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0];
+    let mut rows_json = Vec::new();
+    println!("## TTFT vs bandwidth (modelled; SLO of adaptive = half the recompute time)\n");
+    for &ctx in &contexts {
+        let n = ctx / CHUNK;
+        let rate = ctx as f64 / prefill_s(ctx);
+        let slo = prefill_s(ctx) / 2.0;
+        println!("### {} tokens ({} chunks): recompute {:.0} ms, adaptive SLO {:.0} ms\n", ctx, n, prefill_s(ctx) * 1e3, slo * 1e3);
+        println!("| Gbps | raw fp16 | int8 | default | adaptive | adaptive levels c/d/h/recompute | recompute | fp16 / adaptive |");
+        println!("|---|---|---|---|---|---|---|---|");
+        for &g in &bws {
+            let b = gbps(g);
+            let bw = vec![b; n];
+            let t_raw = LATENCY + raw * n as f64 / b;
+            let dec8 = syms / GPU_SYM_PER_S;
+            let t_int8 = pipeline(&vec![LATENCY + sz.int8 / b; n], &vec![dec8; n]);
+            let t_def = fixed(&sz, n, &bw, 1);
+            let (t_ad, counts, rec) = adaptive(&sz, n, &bw, slo, rate, Knowledge::Estimated, &Estimator::new(b));
+            let t_rec = prefill_s(ctx);
+            println!(
+                "| {g} | {:.0} ms | {:.0} ms | {:.0} ms | **{:.0} ms** | {}/{}/{}/{} | {:.0} ms | {:.1}x |",
+                t_raw * 1e3, t_int8 * 1e3, t_def * 1e3, t_ad * 1e3, counts[0], counts[1], counts[2], rec, t_rec * 1e3, t_raw / t_ad
+            );
+            rows_json.push(serde_json::json!({"tokens": ctx, "gbps": g, "raw_s": t_raw, "int8_s": t_int8, "default_s": t_def, "adaptive_s": t_ad,
+                "adaptive_levels": counts, "adaptive_recomputed": rec, "recompute_s": t_rec, "slo_s": slo}));
+        }
+        println!();
+    }
+
+    // Traces: per-chunk bandwidth uniform in 0.1-10 Gbps.
+    println!("## SLO violations on traces (modelled): per-chunk bandwidth uniform in 0.1-10 Gbps, {traces} traces\n");
+    println!("| tokens | SLO | adaptive | fixed default | oracle (knows each chunk's bw when choosing) | oracle (knows all: unavoidable) | adaptive / oracle | adaptive / default | adaptive mean levels c/d/h/recompute |");
+    println!("|---|---|---|---|---|---|---|---|---|");
+    let mut trace_json = Vec::new();
+    for &ctx in &[4096usize, 8192, 32768] {
+        let n = ctx / CHUNK;
+        let rate = ctx as f64 / prefill_s(ctx);
+        for frac in [0.5, 1.0] {
+            let slo = prefill_s(ctx) * frac;
+            let mut rng = Lcg(42 + ctx as u64);
+            let (mut va, mut vd, mut vo, mut vm) = (0usize, 0usize, 0usize, 0usize);
+            let mut lv = [0usize; 4];
+            let warm = Estimator::new(gbps(1.0));
+            for _ in 0..traces {
+                let bw: Vec<f64> = (0..n).map(|_| gbps(0.1 + 9.9 * rng.next())).collect();
+                let (ta, counts, rec) = adaptive(&sz, n, &bw, slo, rate, Knowledge::Estimated, &warm);
+                let (to, _, _) = adaptive(&sz, n, &bw, slo, rate, Knowledge::Oracle, &Estimator::new(gbps(1.0)));
+                let td = fixed(&sz, n, &bw, 1);
+                let tm = oracle_min(&sz, n, &bw, rate);
+                va += (ta > slo) as usize;
+                vd += (td > slo) as usize;
+                vo += (to > slo) as usize;
+                vm += (tm > slo) as usize;
+                for i in 0..3 {
+                    lv[i] += counts[i];
+                }
+                lv[3] += rec;
+            }
+            let pct = |v: usize| 100.0 * v as f64 / traces as f64;
+            let ratio = |a: usize, b: usize| if b == 0 { if a == 0 { "-".to_string() } else { "inf".into() } } else { format!("{:.2}", a as f64 / b as f64) };
+            println!(
+                "| {ctx} | {:.0} ms | {:.1}% | {:.1}% | {:.1}% | {:.1}% | {} | {} | {:.1}/{:.1}/{:.1}/{:.1} |",
+                slo * 1e3, pct(va), pct(vd), pct(vo), pct(vm), ratio(va, vo), ratio(va, vd),
+                lv[0] as f64 / traces as f64, lv[1] as f64 / traces as f64, lv[2] as f64 / traces as f64, lv[3] as f64 / traces as f64
+            );
+            trace_json.push(serde_json::json!({"tokens": ctx, "slo_s": slo, "adaptive": pct(va), "default": pct(vd), "oracle": pct(vo), "oracle_all": pct(vm)}));
+        }
+    }
+    if let Some(p) = json_out {
+        let j = serde_json::json!({"sizes": sz.level_bytes, "raw": raw, "int8": int8, "cpu_decode_s": cpu_decode, "ttft": rows_json, "traces": trace_json});
+        std::fs::write(p, j.to_string()).expect("write json");
+    }
+}
