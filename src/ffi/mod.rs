@@ -209,6 +209,29 @@ unsafe fn slice<'a, T>(ptr: *const T, len: usize, name: &str) -> Result<&'a [T],
     Ok(unsafe { std::slice::from_raw_parts(ptr, len) })
 }
 
+/// The token, block id and salt arrays of a store or load request.
+unsafe fn request<'a>(
+    tokens: *const u32,
+    n_tokens: usize,
+    block_ids: *const u32,
+    n_blocks: usize,
+    salt: *const u8,
+    salt_len: usize,
+) -> Result<(&'a [u32], &'a [u32], &'a [u8]), i32> {
+    unsafe { Ok((slice(tokens, n_tokens, "tokens")?, slice(block_ids, n_blocks, "block_ids")?, slice(salt, salt_len, "salt")?)) }
+}
+
+/// Hands a started job to the caller through `out`, or reports the error.
+fn job_out(out: &mut *mut cg_job, started: Result<Arc<Job>, ConnectorError>) -> i32 {
+    match started {
+        Ok(job) => {
+            *out = Box::into_raw(Box::new(cg_job { inner: job }));
+            CG_OK
+        }
+        Err(e) => connector_error(e),
+    }
+}
+
 fn timeout(ms: i64) -> Option<Duration> {
     (ms >= 0).then(|| Duration::from_millis(ms as u64))
 }
@@ -399,21 +422,13 @@ pub unsafe extern "C" fn cg_store(
         *out = std::ptr::null_mut();
         let ctx = arg!(ctx, "ctx");
         let layout = arg!(layout, "layout");
-        let (tokens, blocks, salt) = match unsafe {
-            (slice(tokens, n_tokens, "tokens"), slice(block_ids, n_blocks, "block_ids"), slice(salt, salt_len, "salt"))
-        } {
-            (Ok(t), Ok(b), Ok(s)) => (t, b, s),
-            (Err(c), _, _) | (_, Err(c), _) | (_, _, Err(c)) => return c,
+        let (tokens, blocks, salt) = match unsafe { request(tokens, n_tokens, block_ids, n_blocks, salt, salt_len) } {
+            Ok(r) => r,
+            Err(code) => return code,
         };
         // SAFETY: the caller's contract (docs/ABI.md): the layout's memory is
         // valid host memory, unchanged until the job is reusable.
-        match unsafe { ctx.inner.store(Arc::clone(&layout.inner), tokens, blocks, salt) } {
-            Ok(job) => {
-                *out = Box::into_raw(Box::new(cg_job { inner: job }));
-                CG_OK
-            }
-            Err(e) => connector_error(e),
-        }
+        job_out(out, unsafe { ctx.inner.store(Arc::clone(&layout.inner), tokens, blocks, salt) })
     })
 }
 
@@ -442,21 +457,13 @@ pub unsafe extern "C" fn cg_load(
         *out = std::ptr::null_mut();
         let ctx = arg!(ctx, "ctx");
         let layout = arg!(layout, "layout");
-        let (tokens, blocks, salt) = match unsafe {
-            (slice(tokens, n_tokens, "tokens"), slice(block_ids, n_blocks, "block_ids"), slice(salt, salt_len, "salt"))
-        } {
-            (Ok(t), Ok(b), Ok(s)) => (t, b, s),
-            (Err(c), _, _) | (_, Err(c), _) | (_, _, Err(c)) => return c,
+        let (tokens, blocks, salt) = match unsafe { request(tokens, n_tokens, block_ids, n_blocks, salt, salt_len) } {
+            Ok(r) => r,
+            Err(code) => return code,
         };
         // SAFETY: the caller's contract (docs/ABI.md): the destination blocks
         // are valid host memory, untouched by the engine until the job is done.
-        match unsafe { ctx.inner.load(Arc::clone(&layout.inner), tokens, blocks, first_token, salt, lease_id) } {
-            Ok(job) => {
-                *out = Box::into_raw(Box::new(cg_job { inner: job }));
-                CG_OK
-            }
-            Err(e) => connector_error(e),
-        }
+        job_out(out, unsafe { ctx.inner.load(Arc::clone(&layout.inner), tokens, blocks, first_token, salt, lease_id) })
     })
 }
 
