@@ -34,6 +34,10 @@ template <int K> struct IC { static constexpr int value = K; };
 #define FULL 0xffffffffu
 #define RANS_L 65536u
 
+// A block id that means "do not write": tokens the engine already holds
+// (a load that starts inside a chunk) map to it.
+#define SKIP_BLOCK 0xFFFFFFFFu
+
 // Error bits, OR-ed per chunk into `errors[chunk]`.
 #define ERR_WORDS 1u   // a segment read more or fewer words than it holds (FORMAT.md 2.2 item 35)
 #define ERR_STATE 2u   // a lane did not end in state 2^16 (item 36)
@@ -369,6 +373,7 @@ extern "C" __global__ void cg_decode(
                 constexpr int K = decltype(tag)::value;   // 0 f16, 1 bf16, 2 f32
                 const u32 blk0 = __shfl_sync(FULL, bwin, 0);
                 u8* tokp = layer_ptr + (i64)blk0 * dest.stride_block + (i64)slot * dest.stride_token;
+                bool wr = blk0 != SKIP_BLOCK;
                 for (u32 t = t0; t < t1; t++) {
                     const u32 xs = x & mask;
                     const u32 e = lookup(lutw, symt, xs);
@@ -384,7 +389,7 @@ extern "C" __global__ void cg_decode(
                         __syncwarp();
                     }
                     const float v = __fadd_rn(__fmul_rn((float)(e & 0xFFu), step), sbase);
-                    if (STORE && on) {
+                    if (STORE && on && wr) {
                         if (K == 2) {
                             *(u32*)(tokp + coff) = v == v ? __float_as_uint(v) : 0xFFC00000u;
                         } else {
@@ -404,6 +409,7 @@ extern "C" __global__ void cg_decode(
                         }
                         const u32 blk = __shfl_sync(FULL, bwin, bi - bw);
                         tokp = layer_ptr + (i64)blk * dest.stride_block;
+                        wr = blk != SKIP_BLOCK;
                     }
                 }
             };
@@ -436,7 +442,7 @@ extern "C" __global__ void cg_decode(
                 asm volatile("cp.async.wait_group 2;");
                 __syncwarp();
             }
-            if (on && STORE) {
+            if (on && STORE && blk != SKIP_BLOCK) {
                 u8* p = layer_ptr + (i64)blk * dest.stride_block + (i64)slot * dest.stride_token + coff;
                 if (raw) {
                     *p = (u8)sym;
@@ -483,8 +489,10 @@ extern "C" __global__ void cg_exact(const u8* __restrict__ region, const Chunk* 
         const u32 layer = i / ch.streams, stream = i - layer * ch.streams;
         const u32 h = c / ch.head_dim, d = c - h * ch.head_dim;
         const u32 bi = t / dest.block_size, slot = t - bi * dest.block_size;
+        const u32 blk = block_ids[bi];
+        if (blk == SKIP_BLOCK) continue;
         u8* p = (u8*)(((const u64*)dest.layer_base)[layer]) + (i64)layer * dest.stride_layer + (i64)stream * dest.stride_kv
-              + (i64)block_ids[bi] * dest.stride_block + (i64)slot * dest.stride_token + (i64)h * dest.stride_head + (i64)d * esize;
+              + (i64)blk * dest.stride_block + (i64)slot * dest.stride_token + (i64)h * dest.stride_head + (i64)d * esize;
         const u8* src = base + ch.exact_rows_off + (ik * C + c) * esize;
         if (esize == 4) *(u32*)p = ld32u(src); else *(u16*)p = (u16)ld16u(src);
     }

@@ -39,6 +39,10 @@ use crate::layout::KvLayout;
 use super::driver::{self, DeviceBuffer, Event, Module, PinnedBuffer, Stream};
 use super::{nvrtc, Gpu, GpuError};
 
+/// A block id that means "do not write" (SKIP_BLOCK in cuda/decode.cu): a
+/// chunk's leading tokens that the engine already holds map to it.
+pub const SKIP_BLOCK: u32 = u32::MAX;
+
 /// The kernel source, compiled at run time (cuda/README.md).
 pub const DECODE_CU: &str = include_str!("../../cuda/decode.cu");
 
@@ -628,10 +632,10 @@ impl GpuDecoder {
             if ids.len() < used {
                 return Err(GpuError::Invalid(format!("chunk {i}: {} tokens do not fit {} blocks of {}", shape.tokens, ids.len(), layout.block_size)));
             }
-            if let Some(&id) = ids.iter().find(|&&id| id as usize >= layout.num_blocks) {
+            if let Some(&id) = ids.iter().find(|&&id| id != SKIP_BLOCK && id as usize >= layout.num_blocks) {
                 return Err(GpuError::Invalid(format!("chunk {i}: block id {id} out of range ({} blocks)", layout.num_blocks)));
             }
-            let mut u = ids[..used].to_vec();
+            let mut u: Vec<u32> = ids[..used].iter().copied().filter(|&id| id != SKIP_BLOCK).collect();
             u.sort_unstable();
             if let Some(w) = u.windows(2).find(|w| w[0] == w[1]) {
                 return Err(GpuError::Invalid(format!("chunk {i}: block id {} appears twice", w[0])));
@@ -645,7 +649,7 @@ impl GpuDecoder {
 
     unsafe fn run(&self, staged: &Staged, layout: &KvLayout, block_ids: &[&[u32]], stream: Option<u64>, upload: bool) -> Result<Timings, GpuError> {
         // SAFETY: forwarded.
-        unsafe { self.launch(staged, layout, block_ids, stream, upload, false) }.map(|(t, _)| t)
+        unsafe { self.launch(staged, layout, block_ids, stream, upload, false, None) }.map(|(t, _)| t)
     }
 
     /// Stream-ordered decode, layer by layer: the call copies `staged` and
@@ -673,9 +677,40 @@ impl GpuDecoder {
     /// As for [`GpuDecoder::decode_into`], for as long as the work runs.
     pub unsafe fn decode_layered<'a>(&'a self, staged: &'a Staged, layout: &KvLayout, block_ids: &[&[u32]], stream: Option<u64>) -> Result<LayerEvents<'a>, GpuError> {
         // SAFETY: forwarded.
-        let (_, ev) = unsafe { self.launch(staged, layout, block_ids, stream, true, true) }?;
+        let (_, ev) = unsafe { self.launch(staged, layout, block_ids, stream, true, true, None) }?;
         let (events, errors) = ev.expect("layered launch returns its events");
-        Ok(LayerEvents { events, errors, nchunks: staged.chunks(), gpu: self.gpu.clone(), _borrow: std::marker::PhantomData })
+        Ok(LayerEvents { events, errors, nchunks: staged.chunks(), gpu: self.gpu.clone(), _keep: None, _borrow: std::marker::PhantomData })
+    }
+
+    /// [`GpuDecoder::decode_layered`] on the decoder's own stream, for a
+    /// caller that cannot hold borrows across threads (the connector's
+    /// pipeline): the events own `staged` and a reference to the decoder.
+    /// When `after` (a raw `CUevent`, e.g. recorded on the engine's stream
+    /// when the load was asked for) is given, the decode waits for it on the
+    /// device before writing any block.
+    ///
+    /// # Safety
+    /// As for [`GpuDecoder::decode_into`], for as long as the work runs;
+    /// `after` must be a live event of this device's primary context.
+    pub unsafe fn decode_layered_owned(
+        self: &std::sync::Arc<Self>,
+        staged: Staged,
+        layout: &KvLayout,
+        block_ids: &[&[u32]],
+        after: Option<u64>,
+    ) -> Result<LayerEvents<'static>, GpuError> {
+        // SAFETY: forwarded.
+        let (_, ev) = unsafe { self.launch(&staged, layout, block_ids, None, true, true, after) }?;
+        let (events, errors) = ev.expect("layered launch returns its events");
+        let nchunks = staged.chunks();
+        Ok(LayerEvents {
+            events,
+            errors,
+            nchunks,
+            gpu: self.gpu.clone(),
+            _keep: Some(Box::new((std::sync::Arc::clone(self), staged))),
+            _borrow: std::marker::PhantomData,
+        })
     }
 
     /// Wait for a layered decode still running (it may use the region and destination buffers).
@@ -696,6 +731,7 @@ impl GpuDecoder {
         stream: Option<u64>,
         upload: bool,
         layered: bool,
+        after: Option<u64>,
     ) -> Result<(Timings, Option<(Vec<Event>, DeviceBuffer)>), GpuError> {
         let (dest_data, first_at, ids_at) = self.destination(staged, layout, block_ids)?;
         self.gpu.bind()?;
@@ -750,6 +786,9 @@ impl GpuDecoder {
             host[..dest_data.len()].copy_from_slice(&dest_data);
         }
         let dest_host = &st.dest_host.as_ref().unwrap().as_slice()[..dest_data.len()];
+        if let Some(ev) = after {
+            compute.wait_raw(ev)?;
+        }
         st.start.record(compute)?;
         // SAFETY: all device ranges below were allocated above with these sizes.
         unsafe {
@@ -919,6 +958,8 @@ pub struct LayerEvents<'a> {
     errors: DeviceBuffer,
     nchunks: usize,
     gpu: Gpu,
+    /// What an owned decode keeps alive until it is done (the decoder and the staged bytes).
+    _keep: Option<Box<dyn std::any::Any + Send + Sync>>,
     _borrow: std::marker::PhantomData<&'a Staged>,
 }
 
@@ -949,6 +990,24 @@ impl LayerEvents<'_> {
     pub fn synchronize(&self, l: usize) -> Result<(), GpuError> {
         self.gpu.bind()?;
         self.events[l].sync()
+    }
+    /// Make the engine's `stream` (a raw `CUstream` of this device's primary
+    /// context; 0 is the legacy default stream) wait on the device for layer
+    /// `l`, without blocking the host.
+    pub fn wait_on(&self, l: usize, stream: u64) -> Result<(), GpuError> {
+        self.gpu.bind()?;
+        Stream::borrowed(stream).wait(&self.events[l])
+    }
+    /// Wait for every layer, then the device-side error bits of each chunk
+    /// (0: it decoded cleanly; FORMAT.md 2.2 items 35 and 36 otherwise).
+    pub fn chunk_errors(&self) -> Result<Vec<u32>, GpuError> {
+        self.gpu.bind()?;
+        if let Some(e) = self.events.last() {
+            e.sync()?;
+        }
+        let mut errs = vec![0u8; 4 * self.nchunks];
+        self.errors.read(0, &mut errs)?;
+        Ok(errs.chunks_exact(4).map(|b| u32::from_le_bytes(b.try_into().unwrap())).collect())
     }
     /// Wait for every layer, then read the device-side checks of the call:
     /// `GpuError::CorruptOnDevice` names the first corrupt chunk (its blocks

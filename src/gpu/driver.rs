@@ -194,6 +194,13 @@ impl Stream {
         // SAFETY: valid stream and event.
         call("cuStreamWaitEvent", || unsafe { result::stream::wait_event(self.raw, e.raw, sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT) })
     }
+    /// Make this stream wait for a raw `CUevent` (an engine's).
+    pub fn wait_raw(&self, e: u64) -> Result<(), GpuError> {
+        // SAFETY: the caller passes a live event of this context.
+        call("cuStreamWaitEvent", || unsafe {
+            result::stream::wait_event(self.raw, e as usize as sys::CUevent, sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT)
+        })
+    }
 }
 
 impl Drop for Stream {
@@ -218,6 +225,11 @@ impl Event {
     pub(crate) fn new(timing: bool) -> Result<Event, GpuError> {
         let flags = if timing { sys::CUevent_flags::CU_EVENT_DEFAULT } else { sys::CUevent_flags::CU_EVENT_DISABLE_TIMING };
         Ok(Event { raw: call("cuEventCreate", || result::event::create(flags))? })
+    }
+    /// Record on a raw `CUstream` (an engine's).
+    pub(crate) fn record_raw(&self, s: u64) -> Result<(), GpuError> {
+        // SAFETY: the caller passes a live stream of this context (0: the legacy default stream).
+        call("cuEventRecord", || unsafe { result::event::record(self.raw, s as usize as sys::CUstream) })
     }
     pub(crate) fn record(&self, s: &Stream) -> Result<(), GpuError> {
         // SAFETY: valid event and stream.
@@ -332,4 +344,35 @@ pub(crate) fn set_max_dynamic_smem(f: sys::CUfunction, bytes: i32) -> Result<(),
     call("cuFuncSetAttribute", || unsafe {
         result::function::set_function_attribute(f, sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, bytes)
     })
+}
+
+/// Asynchronous device-to-host copy.
+///
+/// # Safety
+/// `src` must be valid device memory for `dst.len()` bytes; `dst` must stay
+/// alive and untouched until the copy completes (pinned for true asynchrony).
+pub(crate) unsafe fn copy_dtoh(dst: &mut [u8], src: u64, s: &Stream) -> Result<(), GpuError> {
+    call("cuMemcpyDtoHAsync", || unsafe { result::memcpy_dtoh_async(dst, src, s.raw) })
+}
+
+/// The ordinal of the device that owns `ptr`, or `None` when the driver
+/// does not know the address as device memory (a host pointer, say).
+pub(crate) fn pointer_device(ptr: u64) -> Result<Option<usize>, GpuError> {
+    call("cuInit", result::init)?;
+    let mut ordinal: i32 = -1;
+    // SAFETY: the attribute writes one int into `ordinal`; any address may be asked about.
+    let r = call("cuPointerGetAttribute", || {
+        let code = unsafe {
+            sys::cuPointerGetAttribute(
+                &mut ordinal as *mut i32 as *mut c_void,
+                sys::CUpointer_attribute::CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL,
+                ptr as sys::CUdeviceptr,
+            )
+        };
+        Ok(code)
+    })?;
+    match r {
+        sys::cudaError_enum::CUDA_SUCCESS if ordinal >= 0 => Ok(Some(ordinal as usize)),
+        _ => Ok(None),
+    }
 }

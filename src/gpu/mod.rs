@@ -20,15 +20,19 @@
 //!   dequantization and the scatter; no dense intermediate tensor. The result
 //!   is bit-identical to [`crate::codec::decode`] followed by
 //!   [`crate::layout::KvLayout::scatter`].
+//! - [`GpuGather`]: the way back for stores: paged device blocks to dense
+//!   host tensors (one kernel, one copy), for the host encoder.
 //! - [`DeviceBuffer`], [`PinnedBuffer`], [`Event`]: small owned wrappers.
 
 mod decode;
 mod driver;
+mod gather;
 pub mod nvrtc;
 
 use std::sync::Arc;
 
-pub use decode::{GpuDecoder, LayerEvents, Staged, Timings};
+pub use decode::{GpuDecoder, LayerEvents, Staged, Timings, SKIP_BLOCK};
+pub use gather::GpuGather;
 pub use driver::{DeviceBuffer, Event, PinnedBuffer};
 
 use driver::Context;
@@ -86,6 +90,38 @@ pub(crate) struct GpuInner {
     pub cc: (i32, i32),
     pub sms: i32,
     pub smem_optin: i32,
+}
+
+/// The ordinal of the device that owns the device address `ptr`; `None` when
+/// the driver does not know it as device memory (a host pointer, say).
+/// `Err(NoGpu)` without a driver.
+pub fn pointer_device(ptr: u64) -> Result<Option<usize>, GpuError> {
+    probe_driver().map_err(GpuError::NoGpu)?;
+    driver::pointer_device(ptr)
+}
+
+/// The device that owns every one of `addresses` (an engine's layer bases):
+/// `Invalid` when one is not device memory or they span devices.
+pub fn device_of(addresses: &[u64]) -> Result<usize, GpuError> {
+    let mut device = None;
+    for (i, &a) in addresses.iter().enumerate() {
+        match pointer_device(a)? {
+            None => return Err(GpuError::Invalid(format!("address {i} ({a:#x}) is not CUDA device memory"))),
+            Some(d) if device.is_some_and(|x| x != d) => return Err(GpuError::Invalid(format!("address {i} is on device {d}, address 0 on another"))),
+            Some(d) => device = Some(d),
+        }
+    }
+    device.ok_or_else(|| GpuError::Invalid("no addresses".into()))
+}
+
+/// An event recorded now on an engine's raw `CUstream` (0: the legacy
+/// default stream), so that later work can be ordered after what the engine
+/// has enqueued so far.
+pub fn record_on(gpu: &Gpu, stream: u64) -> Result<Event, GpuError> {
+    gpu.bind()?;
+    let e = Event::new(false)?;
+    e.record_raw(stream)?;
+    Ok(e)
 }
 
 /// One CUDA device with a retained primary context.
