@@ -35,7 +35,7 @@
 // An output buffer is too small; the size needed was written.
 #define CG_ERR_BUFFER_TOO_SMALL -6
 
-// Something not supported by this build (e.g. device memory in a layout).
+// Something this build does not handle (e.g. a multi-level store from GPU memory).
 #define CG_ERR_UNSUPPORTED -7
 
 // A bug in libcachegen (a caught panic). The handle stays usable.
@@ -59,7 +59,9 @@
 // `cg_layout_desc.memory`: `layer_base` are host pointers.
 #define CG_MEMORY_HOST 0
 
-// `cg_layout_desc.memory`: `layer_base` are CUDA device pointers.
+// `cg_layout_desc.memory`: `layer_base` are CUDA device pointers (all on one
+// device; `cg_layout_new` asks the driver which, and fails with
+// `CG_ERR_NO_GPU` where there is none).
 #define CG_MEMORY_CUDA 1
 
 // Store: the source blocks were read and may be overwritten. Load: as DONE.
@@ -212,6 +214,39 @@ int32_t cg_load(const struct cg_context *ctx,
                 uint64_t lease_id,
                 struct cg_job **out);
 
+// `cg_store` for a layout in GPU memory (`CG_MEMORY_CUDA`): the gather
+// from the blocks is ordered after the work enqueued so far on the engine's
+// CUDA stream `cuda_stream` (a `CUstream`/`cudaStream_t` of the layout's
+// device, as an integer; 0 is the legacy default stream). For a host
+// layout the stream is ignored.
+int32_t cg_store_on_stream(const struct cg_context *ctx,
+                           const struct cg_layout *layout,
+                           const uint32_t *tokens,
+                           size_t n_tokens,
+                           const uint32_t *block_ids,
+                           size_t n_blocks,
+                           const uint8_t *salt,
+                           size_t salt_len,
+                           uint64_t cuda_stream,
+                           struct cg_job **out);
+
+// `cg_load` for a layout in GPU memory (`CG_MEMORY_CUDA`): the decode runs
+// on the GPU after the work enqueued so far on `cuda_stream` (as for
+// `cg_store_on_stream`); make the engine's stream wait for each layer with
+// `cg_job_wait_layer_on_stream`. For a host layout the stream is ignored.
+int32_t cg_load_on_stream(const struct cg_context *ctx,
+                          const struct cg_layout *layout,
+                          const uint32_t *tokens,
+                          size_t n_tokens,
+                          const uint32_t *block_ids,
+                          size_t n_blocks,
+                          size_t first_token,
+                          const uint8_t *salt,
+                          size_t salt_len,
+                          uint64_t lease_id,
+                          uint64_t cuda_stream,
+                          struct cg_job **out);
+
 // Waits until the job reaches `stage` (`CG_STAGE_*`): `CG_OK` when reached,
 // `CG_PENDING` when `timeout_ms` passed first (0: poll; negative: no limit).
 // Reaching DONE does not mean every chunk succeeded: see `cg_job_info`.
@@ -225,6 +260,17 @@ int32_t cg_job_wait(const struct cg_job *job,
 int32_t cg_job_wait_layer(const struct cg_job *job,
                           uint32_t layer,
                           int64_t timeout_ms);
+
+// For a load into GPU memory: waits on the host until layer `layer`'s
+// decode is enqueued (every chunk fetched: `CG_PENDING` if `timeout_ms`
+// passes first; negative: no limit), then makes the engine's CUDA stream
+// `cuda_stream` wait for the layer on the device and returns `CG_OK`
+// without waiting for the GPU. What a per-layer wait in an engine's
+// forward pass needs. For a host load, the same as `cg_job_wait_layer`.
+int32_t cg_job_wait_layer_on_stream(const struct cg_job *job,
+                                    uint32_t layer,
+                                    uint64_t cuda_stream,
+                                    int64_t timeout_ms);
 
 // Fills `*info` with the job's progress.
 int32_t cg_job_info(const struct cg_job *job,

@@ -71,10 +71,23 @@ pub enum LayoutError {
     Mismatch(String),
 }
 
+/// Which address space a layout's `layer_base` entries are in.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Memory {
+    /// Host pointers (or arena offsets for the safe operations).
+    #[default]
+    Host,
+    /// Device addresses on CUDA device `device`: only the GPU path
+    /// (`crate::gpu`) touches them; the host operations here refuse.
+    Cuda { device: usize },
+}
+
 /// An engine's paged KV memory, described once: geometry plus byte strides.
 /// See the module documentation for the address formula.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct KvLayout {
+    /// Where `layer_base` points: host memory unless set otherwise.
+    pub memory: Memory,
     /// `KeyValue` (two streams, K then V) or `Latent` (MLA: one stream, one head).
     pub kind: KvKind,
     pub dtype: Dtype,
@@ -246,6 +259,7 @@ impl KvLayout {
         [stride_block, stride_kv, stride_token, stride_head]: [isize; 4],
     ) -> Result<KvLayout, LayoutError> {
         let l = KvLayout {
+            memory: Memory::Host,
             kind,
             dtype,
             layers: base.len(),
@@ -277,6 +291,7 @@ impl KvLayout {
         [stride_block, stride_kv, stride_token, stride_head, stride_layer]: [isize; 5],
     ) -> Result<KvLayout, LayoutError> {
         let l = KvLayout {
+            memory: Memory::Host,
             kind,
             dtype,
             layers,
@@ -293,6 +308,14 @@ impl KvLayout {
         };
         l.validate()?;
         Ok(l)
+    }
+
+    /// The raw host operations must never dereference device addresses.
+    fn check_host(&self) -> Result<(), LayoutError> {
+        match self.memory {
+            Memory::Host => Ok(()),
+            Memory::Cuda { device } => Err(LayoutError::Invalid(format!("the layout is in the memory of CUDA device {device}; host copies cannot reach it"))),
+        }
     }
 
     /// Streams per layer: 2 (K, V) or 1 (latent).
@@ -574,6 +597,7 @@ impl KvLayout {
     /// layer's lowest address) must be valid for reads for the duration of the
     /// call, and must not be written concurrently.
     pub unsafe fn gather_raw(&self, block_ids: &[u32], tokens: usize) -> Result<KvTensors, LayoutError> {
+        self.check_host()?;
         self.check_request(block_ids, tokens, false)?;
         let mut chunk = self.empty_chunk(tokens);
         self.for_each_run(block_ids, tokens, |ti, co, addr, len| {
@@ -593,6 +617,7 @@ impl KvLayout {
     /// the call, not accessed by anything else meanwhile, and must not overlap
     /// `chunk`'s buffers.
     pub unsafe fn scatter_raw(&self, block_ids: &[u32], chunk: &KvTensors) -> Result<(), LayoutError> {
+        self.check_host()?;
         self.check_chunk(chunk)?;
         self.check_request(block_ids, chunk.shape.tokens, true)?;
         self.for_each_run(block_ids, chunk.shape.tokens, |ti, co, addr, len| {
@@ -617,6 +642,7 @@ impl KvLayout {
     /// # Safety
     /// As for [`KvLayout::scatter_raw`], for the bytes of layer `layer`.
     pub unsafe fn scatter_layer_raw(&self, layer: usize, block_ids: &[u32], tokens: usize, streams: &[&[u8]]) -> Result<(), LayoutError> {
+        self.check_host()?;
         self.check_request(block_ids, tokens, true)?;
         if layer >= self.layers {
             return Err(LayoutError::Mismatch(format!("layer {layer} of a {}-layer layout", self.layers)));

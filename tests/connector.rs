@@ -190,6 +190,7 @@ fn a_stalled_tier_ends_in_failed_blocks_within_the_timeout() {
         (0..2).map(|c| LoadChunk { key: [c as u8; 16], skip_tokens: 0, blocks: (c * 4..c * 4 + 4).collect() }).collect();
     let t0 = Instant::now();
     let job = pipeline.load(LoadSpec {
+        device: None,
         layout: Arc::clone(&dst.layout),
         chunk_tokens: CHUNK,
         chunks,
@@ -216,6 +217,7 @@ fn cancelling_a_load_fails_what_is_not_written() {
     let dst = Engine::vllm(&kv, 8, false);
     let pipeline = Pipeline::new(1, 1).unwrap();
     let job = pipeline.load(LoadSpec {
+        device: None,
         layout: Arc::clone(&dst.layout),
         chunk_tokens: CHUNK,
         chunks: vec![LoadChunk { key: [1; 16], skip_tokens: 0, blocks: (0..4).collect() }],

@@ -25,8 +25,9 @@ pub use config::Config;
 
 use crate::codec::{DecodeLimits, Dtype, Level};
 use crate::keys::{chunk_chain, shard_key, Namespace};
-use crate::layout::{KvLayout, LayoutError};
-use crate::pipeline::{Job, LoadChunk, LoadSpec, Pipeline, StatsSnapshot, StoreChunk, StoreSpec, StreamPlan};
+use crate::gpu::GpuError;
+use crate::layout::{KvLayout, LayoutError, Memory};
+use crate::pipeline::{DeviceSide, DeviceTarget, Job, LoadChunk, LoadSpec, Pipeline, StatsSnapshot, StoreChunk, StoreSpec, StreamPlan};
 use crate::store::{DiskTier, Key, MemoryTier, RedisOptions, RedisTier, StoreError, Tier, TierStack};
 use crate::streaming::adaptive::Planner;
 use crate::streaming::{Estimator, Link, ShapedTier, StreamStats};
@@ -45,6 +46,12 @@ pub enum ConnectorError {
     Store(#[from] StoreError),
     #[error("cannot start worker threads: {0}")]
     Threads(String),
+    /// The layout is in GPU memory and the GPU path cannot run here.
+    #[error("{0}")]
+    NoGpu(String),
+    /// A combination this build does not handle.
+    #[error("not supported: {0}")]
+    Unsupported(String),
 }
 
 /// What `lookup` found.
@@ -105,6 +112,8 @@ pub struct Context {
     level_ns: Vec<(Level, Namespace)>,
     sstats: Arc<StreamStats>,
     estimator: Arc<Estimator>,
+    /// GPU kernels per CUDA device, opened at the first job on that device.
+    devices: Mutex<HashMap<usize, Arc<DeviceSide>>>,
 }
 
 /// `tier` behind an emulated link, if the config gives it one.
@@ -161,6 +170,7 @@ impl Context {
             tiers: TierStack::new(tiers),
             pipeline,
             leases: Arc::new(Mutex::new(Leases::default())),
+            devices: Mutex::new(HashMap::new()),
             config,
         })
     }
@@ -213,6 +223,34 @@ impl Context {
             )));
         }
         Ok(())
+    }
+
+    /// The GPU side for a job on `layout` (none for host memory), ordered
+    /// after the work the engine enqueued on `stream` so far, if given.
+    fn device_target(&self, layout: &KvLayout, stream: Option<u64>) -> Result<Option<DeviceTarget>, ConnectorError> {
+        let Memory::Cuda { device } = layout.memory else {
+            return Ok(None);
+        };
+        let side = {
+            let mut devs = self.devices.lock();
+            match devs.get(&device) {
+                Some(s) => Arc::clone(s),
+                None => {
+                    let s = DeviceSide::open(device).map_err(|e| match e {
+                        GpuError::NoGpu(m) => ConnectorError::NoGpu(format!("no GPU: {m}")),
+                        e => ConnectorError::NoGpu(format!("GPU device {device} cannot be used: {e}")),
+                    })?;
+                    tracing::info!(device, name = s.gpu.name(), "GPU path ready");
+                    devs.insert(device, Arc::clone(&s));
+                    s
+                }
+            }
+        };
+        let after = match stream {
+            Some(st) => Some(side.mark(st).map_err(|e| ConnectorError::InvalidArgument(format!("cannot record an event on the given CUDA stream: {e}")))?),
+            None => None,
+        };
+        Ok(Some(DeviceTarget { side, after }))
     }
 
     /// Leading tokens of `tokens` that can be loaded: whole chunks, each
@@ -326,13 +364,28 @@ impl Context {
     /// reading it from `block_ids` (token `i` in `block_ids[i / block_size]`).
     ///
     /// # Safety
-    /// `layout`'s `layer_base` entries are host pointers; all of its memory
-    /// must stay valid, and the blocks used unchanged, until the job is
-    /// reusable.
+    /// `layout`'s `layer_base` entries are host pointers (or device addresses
+    /// for a `Memory::Cuda` layout); all of its memory must stay valid, and
+    /// the blocks used unchanged, until the job is reusable.
     pub unsafe fn store(&self, layout: Arc<KvLayout>, tokens: &[u32], block_ids: &[u32], salt: &[u8]) -> Result<Arc<Job>, ConnectorError> {
+        // SAFETY: forwarded.
+        unsafe { self.store_on(layout, tokens, block_ids, salt, None) }
+    }
+
+    /// [`Context::store`]; for a layout in GPU memory, the gather is ordered
+    /// after the work enqueued so far on the engine's CUDA `stream` (a raw
+    /// `CUstream`; 0 is the legacy default stream).
+    ///
+    /// # Safety
+    /// As for [`Context::store`]; `stream` must be a live stream of the
+    /// layout's device (its primary context).
+    pub unsafe fn store_on(&self, layout: Arc<KvLayout>, tokens: &[u32], block_ids: &[u32], salt: &[u8], stream: Option<u64>) -> Result<Arc<Job>, ConnectorError> {
         self.check_layout(&layout)?;
         let _span = tracing::debug_span!("cachegen.store", tokens = tokens.len()).entered();
         if self.multi_level() {
+            if layout.memory != Memory::Host {
+                return Err(ConnectorError::Unsupported("multi-level stores (levels) from GPU memory; store from host memory or configure one level".into()));
+            }
             return self.store_levels(layout, tokens, block_ids, salt);
         }
         let chunk = self.chunk_tokens();
@@ -355,7 +408,9 @@ impl Context {
             Some(p) => Some(p.multipliers(&layout.chunk_shape(chunk)).map_err(ConnectorError::Config)?),
             None => None,
         };
+        let device = if chunks.is_empty() { None } else { self.device_target(&layout, stream)? };
         Ok(self.pipeline.store(StoreSpec {
+            device,
             layout,
             chunk_tokens: chunk,
             chunks,
@@ -409,9 +464,10 @@ impl Context {
     /// chunk has been fetched.
     ///
     /// # Safety
-    /// `layout`'s `layer_base` entries are host pointers; the destination
-    /// blocks must stay valid and unused by anything else until the job is
-    /// done (a layer's blocks: until that layer is complete).
+    /// `layout`'s `layer_base` entries are host pointers (or device addresses
+    /// for a `Memory::Cuda` layout); the destination blocks must stay valid
+    /// and unused by anything else until the job is done (a layer's blocks:
+    /// until that layer is complete).
     pub unsafe fn load(
         &self,
         layout: Arc<KvLayout>,
@@ -420,6 +476,29 @@ impl Context {
         first_token: usize,
         salt: &[u8],
         lease: u64,
+    ) -> Result<Arc<Job>, ConnectorError> {
+        // SAFETY: forwarded.
+        unsafe { self.load_on(layout, tokens, block_ids, first_token, salt, lease, None) }
+    }
+
+    /// [`Context::load`]; for a layout in GPU memory the decode runs on the
+    /// GPU, ordered after the work enqueued so far on the engine's CUDA
+    /// `stream`, and [`Job::wait_layer_on_stream`] makes the engine's stream
+    /// wait for each layer.
+    ///
+    /// # Safety
+    /// As for [`Context::load`]; `stream` must be a live stream of the
+    /// layout's device (its primary context).
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn load_on(
+        &self,
+        layout: Arc<KvLayout>,
+        tokens: &[u32],
+        block_ids: &[u32],
+        first_token: usize,
+        salt: &[u8],
+        lease: u64,
+        stream: Option<u64>,
     ) -> Result<Arc<Job>, ConnectorError> {
         self.check_layout(&layout)?;
         let _span = tracing::debug_span!("cachegen.load", tokens = tokens.len(), first_token).entered();
@@ -459,7 +538,9 @@ impl Context {
         } else {
             None
         };
+        let device = if chunks.is_empty() { None } else { self.device_target(&layout, stream)? };
         let spec = LoadSpec {
+            device,
             layout,
             chunk_tokens: chunk,
             chunks,

@@ -22,7 +22,8 @@ use std::time::Duration;
 
 use crate::codec::{Dtype, KvKind};
 use crate::connector::{ConnectorError, Context};
-use crate::layout::KvLayout;
+use crate::gpu::GpuError;
+use crate::layout::{KvLayout, Memory};
 use crate::pipeline::{Job, JobKind, Stage};
 
 /// Success.
@@ -42,7 +43,7 @@ pub const CG_ERR_STORAGE: i32 = -4;
 pub const CG_ERR_NO_GPU: i32 = -5;
 /// An output buffer is too small; the size needed was written.
 pub const CG_ERR_BUFFER_TOO_SMALL: i32 = -6;
-/// Something not supported by this build (e.g. device memory in a layout).
+/// Something this build does not handle (e.g. a multi-level store from GPU memory).
 pub const CG_ERR_UNSUPPORTED: i32 = -7;
 /// A bug in libcachegen (a caught panic). The handle stays usable.
 pub const CG_ERR_INTERNAL: i32 = -100;
@@ -61,7 +62,9 @@ pub const CG_KIND_LATENT: u32 = 1;
 
 /// `cg_layout_desc.memory`: `layer_base` are host pointers.
 pub const CG_MEMORY_HOST: u32 = 0;
-/// `cg_layout_desc.memory`: `layer_base` are CUDA device pointers.
+/// `cg_layout_desc.memory`: `layer_base` are CUDA device pointers (all on one
+/// device; `cg_layout_new` asks the driver which, and fails with
+/// `CG_ERR_NO_GPU` where there is none).
 pub const CG_MEMORY_CUDA: u32 = 1;
 
 /// Store: the source blocks were read and may be overwritten. Load: as DONE.
@@ -162,6 +165,8 @@ fn connector_error(e: ConnectorError) -> i32 {
         ConnectorError::Layout(_) => CG_ERR_LAYOUT,
         ConnectorError::Store(_) => CG_ERR_STORAGE,
         ConnectorError::Threads(_) => CG_ERR_INTERNAL,
+        ConnectorError::NoGpu(_) => CG_ERR_NO_GPU,
+        ConnectorError::Unsupported(_) => CG_ERR_UNSUPPORTED,
     };
     fail(code, e.to_string())
 }
@@ -298,10 +303,8 @@ pub unsafe extern "C" fn cg_layout_new(desc: *const cg_layout_desc, out: *mut *m
         let Some(dtype) = u8::try_from(d.dtype).ok().and_then(Dtype::from_code) else {
             return fail(CG_ERR_INVALID_ARGUMENT, format!("dtype {} is not a CG_DTYPE_*", d.dtype));
         };
-        match d.memory {
-            CG_MEMORY_HOST => {}
-            CG_MEMORY_CUDA => return fail(CG_ERR_UNSUPPORTED, "device-memory layouts are not supported by the host path; see docs/ABI.md"),
-            m => return fail(CG_ERR_INVALID_ARGUMENT, format!("memory {m} is not a CG_MEMORY_*")),
+        if d.memory != CG_MEMORY_HOST && d.memory != CG_MEMORY_CUDA {
+            return fail(CG_ERR_INVALID_ARGUMENT, format!("memory {} is not a CG_MEMORY_*", d.memory));
         }
         let bases = match unsafe { slice(d.layer_base, d.layers as usize, "layer_base") } {
             Ok(b) => b,
@@ -317,11 +320,21 @@ pub unsafe extern "C" fn cg_layout_new(desc: *const cg_layout_desc, out: *mut *m
                 Err(_) => return fail(CG_ERR_LAYOUT, "a layer_base address does not fit this platform"),
             }
         }
+        let memory = if d.memory == CG_MEMORY_CUDA {
+            match crate::gpu::device_of(bases) {
+                Ok(device) => Memory::Cuda { device },
+                Err(e @ GpuError::NoGpu(_)) => return fail(CG_ERR_NO_GPU, format!("CG_MEMORY_CUDA layout: {e}")),
+                Err(e) => return fail(CG_ERR_INVALID_ARGUMENT, format!("CG_MEMORY_CUDA layout: {e}")),
+            }
+        } else {
+            Memory::Host
+        };
         let strides = [d.stride_block, d.stride_kv, d.stride_token, d.stride_head, d.stride_layer].map(isize::try_from);
         let [Ok(stride_block), Ok(stride_kv), Ok(stride_token), Ok(stride_head), Ok(stride_layer)] = strides else {
             return fail(CG_ERR_LAYOUT, "a stride does not fit this platform");
         };
         let layout = KvLayout {
+            memory,
             kind,
             dtype,
             layers: d.layers as usize,
@@ -467,6 +480,75 @@ pub unsafe extern "C" fn cg_load(
     })
 }
 
+/// `cg_store` for a layout in GPU memory (`CG_MEMORY_CUDA`): the gather
+/// from the blocks is ordered after the work enqueued so far on the engine's
+/// CUDA stream `cuda_stream` (a `CUstream`/`cudaStream_t` of the layout's
+/// device, as an integer; 0 is the legacy default stream). For a host
+/// layout the stream is ignored.
+#[no_mangle]
+pub unsafe extern "C" fn cg_store_on_stream(
+    ctx: *const cg_context,
+    layout: *const cg_layout,
+    tokens: *const u32,
+    n_tokens: usize,
+    block_ids: *const u32,
+    n_blocks: usize,
+    salt: *const u8,
+    salt_len: usize,
+    cuda_stream: u64,
+    out: *mut *mut cg_job,
+) -> i32 {
+    guard(|| {
+        let out = out!(out, "out");
+        *out = std::ptr::null_mut();
+        let ctx = arg!(ctx, "ctx");
+        let layout = arg!(layout, "layout");
+        let (tokens, blocks, salt) = match unsafe { request(tokens, n_tokens, block_ids, n_blocks, salt, salt_len) } {
+            Ok(r) => r,
+            Err(code) => return code,
+        };
+        let stream = (layout.inner.memory != Memory::Host).then_some(cuda_stream);
+        // SAFETY: the caller's contract (docs/ABI.md), as for cg_store; the
+        // stream is a live stream of the layout's device.
+        job_out(out, unsafe { ctx.inner.store_on(Arc::clone(&layout.inner), tokens, blocks, salt, stream) })
+    })
+}
+
+/// `cg_load` for a layout in GPU memory (`CG_MEMORY_CUDA`): the decode runs
+/// on the GPU after the work enqueued so far on `cuda_stream` (as for
+/// `cg_store_on_stream`); make the engine's stream wait for each layer with
+/// `cg_job_wait_layer_on_stream`. For a host layout the stream is ignored.
+#[no_mangle]
+pub unsafe extern "C" fn cg_load_on_stream(
+    ctx: *const cg_context,
+    layout: *const cg_layout,
+    tokens: *const u32,
+    n_tokens: usize,
+    block_ids: *const u32,
+    n_blocks: usize,
+    first_token: usize,
+    salt: *const u8,
+    salt_len: usize,
+    lease_id: u64,
+    cuda_stream: u64,
+    out: *mut *mut cg_job,
+) -> i32 {
+    guard(|| {
+        let out = out!(out, "out");
+        *out = std::ptr::null_mut();
+        let ctx = arg!(ctx, "ctx");
+        let layout = arg!(layout, "layout");
+        let (tokens, blocks, salt) = match unsafe { request(tokens, n_tokens, block_ids, n_blocks, salt, salt_len) } {
+            Ok(r) => r,
+            Err(code) => return code,
+        };
+        let stream = (layout.inner.memory != Memory::Host).then_some(cuda_stream);
+        // SAFETY: the caller's contract (docs/ABI.md), as for cg_load; the
+        // stream is a live stream of the layout's device.
+        job_out(out, unsafe { ctx.inner.load_on(Arc::clone(&layout.inner), tokens, blocks, first_token, salt, lease_id, stream) })
+    })
+}
+
 fn parse_stage(s: u32) -> Option<Stage> {
     match s {
         CG_STAGE_REUSABLE => Some(Stage::Reusable),
@@ -507,6 +589,27 @@ pub unsafe extern "C" fn cg_job_wait_layer(job: *const cg_job, layer: u32, timeo
             CG_OK
         } else {
             CG_PENDING
+        }
+    })
+}
+
+/// For a load into GPU memory: waits on the host until layer `layer`'s
+/// decode is enqueued (every chunk fetched: `CG_PENDING` if `timeout_ms`
+/// passes first; negative: no limit), then makes the engine's CUDA stream
+/// `cuda_stream` wait for the layer on the device and returns `CG_OK`
+/// without waiting for the GPU. What a per-layer wait in an engine's
+/// forward pass needs. For a host load, the same as `cg_job_wait_layer`.
+#[no_mangle]
+pub unsafe extern "C" fn cg_job_wait_layer_on_stream(job: *const cg_job, layer: u32, cuda_stream: u64, timeout_ms: i64) -> i32 {
+    guard(|| {
+        let job = arg!(job, "job");
+        if layer as usize >= job.inner.layers {
+            return fail(CG_ERR_INVALID_ARGUMENT, format!("layer {layer} of a {}-layer job", job.inner.layers));
+        }
+        match job.inner.wait_layer_on_stream(layer as usize, cuda_stream, timeout(timeout_ms)) {
+            Ok(true) => CG_OK,
+            Ok(false) => CG_PENDING,
+            Err(e) => fail(CG_ERR_INVALID_ARGUMENT, format!("cannot make the stream wait: {e}")),
         }
     })
 }

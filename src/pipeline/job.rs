@@ -2,10 +2,12 @@
 //! blocks. Waiters block on a condition variable; every change notifies.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Weak;
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
+
+use crate::gpu::LayerEvents;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum JobKind {
@@ -41,6 +43,9 @@ pub struct Progress {
     pub failed_blocks: Vec<u32>,
     /// The first few failure reasons.
     pub errors: Vec<String>,
+    /// Loads into GPU memory: the decode of every fetched chunk is enqueued
+    /// and its per-layer events exist (until the job is done).
+    pub device_enqueued: bool,
 }
 
 const MAX_ERRORS: usize = 8;
@@ -57,6 +62,9 @@ pub struct Job {
     pub(crate) canceller: Mutex<Option<Weak<dyn super::Expire>>>,
     /// Set when the job started, for its duration in stats and traces.
     pub started: Instant,
+    /// Loads into GPU memory: one CUDA event per layer, from when the decode
+    /// is enqueued until the job is done.
+    pub(crate) layer_events: Mutex<Option<Arc<LayerEvents<'static>>>>,
 }
 
 impl Job {
@@ -70,6 +78,7 @@ impl Job {
             cancelled: AtomicBool::new(false),
             canceller: Mutex::new(None),
             started: Instant::now(),
+            layer_events: Mutex::new(None),
         }
     }
 
@@ -123,9 +132,49 @@ impl Job {
     /// Waits until layer `layer` is complete (loads; for a store, until it is
     /// done). Returns whether it was reached.
     pub fn wait_layer(&self, layer: usize, timeout: Option<Duration>) -> bool {
+        let deadline = timeout.map(|t| Instant::now() + t);
         match self.kind {
-            JobKind::Load => self.wait_for(timeout, |p| p.done || p.layers_done > layer),
+            JobKind::Load => {
+                if !self.wait_for(timeout, |p| p.done || p.layers_done > layer || p.device_enqueued) {
+                    return false;
+                }
+                // A GPU load: the layer is done when its event is.
+                let Some(ev) = self.layer_events.lock().clone() else { return true };
+                loop {
+                    match ev.query(layer) {
+                        Ok(true) | Err(_) => return true,
+                        Ok(false) => {}
+                    }
+                    if self.progress.lock().done {
+                        return true;
+                    }
+                    if deadline.is_some_and(|d| Instant::now() >= d) {
+                        return false;
+                    }
+                    std::thread::sleep(Duration::from_micros(50));
+                }
+            }
             JobKind::Store => self.wait(Stage::Done, timeout),
+        }
+    }
+
+    /// For a load into GPU memory: waits on the host until layer `layer`'s
+    /// decode is enqueued (every chunk fetched) or the job is done, then
+    /// makes the engine's CUDA `stream` wait for the layer on the device,
+    /// without blocking the host further. For a host load, the same as
+    /// [`Job::wait_layer`]. `Ok(false)`: `timeout` passed first.
+    pub fn wait_layer_on_stream(&self, layer: usize, stream: u64, timeout: Option<Duration>) -> Result<bool, String> {
+        if self.kind != JobKind::Load {
+            return Ok(self.wait(Stage::Done, timeout));
+        }
+        if !self.wait_for(timeout, |p| p.done || p.layers_done > layer || p.device_enqueued) {
+            return Ok(false);
+        }
+        let ev = self.layer_events.lock().clone();
+        match ev {
+            // Done (the events are gone only once the device work is), or a host load.
+            None => Ok(self.wait_layer(layer, timeout)),
+            Some(ev) => ev.wait_on(layer, stream).map(|_| true).map_err(|e| e.to_string()),
         }
     }
 

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::Sender;
 use parking_lot::Mutex;
 
-use super::{guarded, Deadline, Expire, Job, JobKind, Pipeline, Stats, Task};
+use super::{guarded, Deadline, DeviceTarget, Expire, Job, JobKind, Pipeline, Stats, Task};
 use crate::codec::{Container, DecodeLimits, Level};
 use crate::layout::KvLayout;
 use crate::store::{key_hex, Key, TierStack};
@@ -39,6 +39,8 @@ pub struct LoadSpec {
     /// Runs once, when every chunk has been fetched or has failed (the
     /// caller ends its lease here).
     pub on_fetched: Option<Box<dyn FnOnce() + Send>>,
+    /// Set when `layout` is in GPU memory: decode there, not on the host.
+    pub device: Option<DeviceTarget>,
 }
 
 /// How a load chooses among the levels a chunk is stored at (see
@@ -89,12 +91,18 @@ impl ParsedChunk {
     fn container(&self) -> &Container<'_> {
         &self.container
     }
+
+    fn bytes(&self) -> &[u8] {
+        &self._bytes
+    }
 }
 
 enum Slot {
     Fetching,
     Ready(Arc<ParsedChunk>, usize),
     Failed,
+    /// GPU loads: decoded on the device (its bytes released).
+    Decoded,
 }
 
 struct LoadState {
@@ -113,6 +121,8 @@ struct LoadState {
     /// and the moment past which the chunk being fetched is given up.
     recomputed: usize,
     give_up: Option<Instant>,
+    /// GPU loads: the device decode was started (or found nothing to do).
+    device_launched: bool,
 }
 
 struct LoadRun {
@@ -127,6 +137,9 @@ struct LoadRun {
     stats: Arc<Stats>,
     st: Mutex<LoadState>,
     stream: Option<StreamRun>,
+    device: Option<DeviceTarget>,
+    /// This run, for tasks started from `&self` contexts.
+    me: Weak<LoadRun>,
 }
 
 thread_local! {
@@ -166,7 +179,9 @@ impl Pipeline {
         if let Some(s) = &stream {
             register(&job, Arc::clone(&s.decisions));
         }
-        let run = Arc::new(LoadRun {
+        let run = Arc::new_cyclic(|me| LoadRun {
+            me: me.clone(),
+            device: spec.device,
             job: Arc::clone(&job),
             layout: spec.layout,
             chunk_tokens: spec.chunk_tokens,
@@ -187,6 +202,7 @@ impl Pipeline {
                 finished: false,
                 recomputed: 0,
                 give_up: None,
+                device_launched: false,
             }),
             stream,
         });
@@ -444,10 +460,13 @@ impl LoadRun {
                 Stats::add(&self.stats.load_bytes_fetched, bytes as u64);
                 let layers = self.layout.layers;
                 st.slots[c] = Slot::Ready(Arc::new(parsed), layers);
-                for l in 0..layers {
+                // GPU loads decode every chunk at once when all are fetched
+                // (finish_if_idle starts it).
+                let host_layers = if self.device.is_some() { 0 } else { layers };
+                for l in 0..host_layers {
                     st.ready.insert((l, c));
                 }
-                for _ in 0..layers {
+                for _ in 0..host_layers {
                     let run = Arc::clone(self);
                     let _ = self.cpu.send(Box::new(move || run.decode_step()));
                 }
@@ -466,7 +485,7 @@ impl LoadRun {
     /// written no longer wait for it.
     fn fail_chunk(&self, st: &mut LoadState, c: usize, why: String) {
         let pending: Vec<usize> = match &st.slots[c] {
-            Slot::Failed => return,
+            Slot::Failed | Slot::Decoded => return,
             Slot::Fetching => (0..self.layout.layers).collect(),
             Slot::Ready(..) => st.ready.iter().filter(|&&(_, cc)| cc == c).map(|&(l, _)| l).collect(),
         };
@@ -498,6 +517,20 @@ impl LoadRun {
         if st.finished || st.unresolved != 0 || st.in_flight != 0 || !st.ready.is_empty() {
             return;
         }
+        if self.device.is_some() && !st.device_launched {
+            st.device_launched = true;
+            let any = st.slots.iter().any(|s| matches!(s, Slot::Ready(..)));
+            if let (true, Some(me)) = (any && !self.job.is_cancelled(), self.me.upgrade()) {
+                st.in_flight += 1;
+                let _ = self.cpu.send(Box::new(move || me.device_decode()));
+                return;
+            }
+            // Nothing fetched (or cancelled): chunks still ready fail below.
+            let ready: Vec<usize> = (0..st.slots.len()).filter(|&c| matches!(st.slots[c], Slot::Ready(..))).collect();
+            for c in ready {
+                self.fail_chunk(st, c, "load cancelled".into());
+            }
+        }
         st.finished = true;
         let elapsed = self.job.started.elapsed();
         let p = self.job.update(|p| {
@@ -513,6 +546,77 @@ impl LoadRun {
             ms = elapsed.as_secs_f64() * 1e3,
             "load done"
         );
+    }
+
+    /// GPU loads: stage every fetched chunk, enqueue the decode layer by
+    /// layer (the job's layer events become waitable), then wait for the
+    /// device and check each chunk's error bits. A chunk the device found
+    /// corrupt has its blocks reported failed (they were written and must
+    /// not be used).
+    fn device_decode(self: Arc<Self>) {
+        let dev = self.device.as_ref().expect("device loads only");
+        let t0 = Instant::now();
+        let bs = self.layout.block_size;
+        let fetched: Vec<(usize, Arc<ParsedChunk>)> = {
+            let st = self.st.lock();
+            (0..st.slots.len())
+                .filter_map(|c| match &st.slots[c] {
+                    Slot::Ready(p, _) => Some((c, Arc::clone(p))),
+                    _ => None,
+                })
+                .collect()
+        };
+        // Blocks per chunk from its first token: the ones the engine already
+        // holds are "skip" blocks the kernel never writes.
+        let ids: Vec<Vec<u32>> = fetched
+            .iter()
+            .map(|(c, _)| {
+                let ch = &self.chunks[*c];
+                let mut v = vec![crate::gpu::SKIP_BLOCK; ch.skip_tokens / bs];
+                v.extend_from_slice(&ch.blocks);
+                v
+            })
+            .collect();
+        let result = guarded(|| {
+            let bytes: Vec<&[u8]> = fetched.iter().map(|(_, p)| p.bytes()).collect();
+            let staged = dev.side.decoder.stage(&bytes).map_err(|e| format!("GPU staging: {e}"))?;
+            let id_refs: Vec<&[u32]> = ids.iter().map(|v| v.as_slice()).collect();
+            let after = dev.after.as_ref().map(|e| e.raw());
+            // SAFETY: the context checked that the layout's memory is on this
+            // device; the engine keeps the destination blocks valid and unused
+            // until the job is done (docs/ABI.md).
+            let events = unsafe { dev.side.decoder.decode_layered_owned(staged, &self.layout, &id_refs, after) }.map_err(|e| format!("GPU decode: {e}"))?;
+            let events = Arc::new(events);
+            *self.job.layer_events.lock() = Some(Arc::clone(&events));
+            self.job.update(|p| p.device_enqueued = true);
+            events.chunk_errors().map_err(|e| format!("GPU decode: {e}"))
+        });
+        Stats::add(&self.stats.decode_ns, t0.elapsed().as_nanos() as u64);
+        let mut st = self.st.lock();
+        st.in_flight -= 1;
+        match result {
+            Ok(bits) => {
+                for ((c, _), b) in fetched.iter().zip(bits) {
+                    if b != 0 {
+                        self.fail_chunk(&mut st, *c, format!("chunk {c}: corrupt stream detected on the GPU (error bits {b:#x}); its blocks were written and must be recomputed"));
+                    } else {
+                        Stats::add(&self.stats.load_bytes_decoded, (self.layout.chunk_shape(self.chunk_tokens).elems() * self.layout.dtype.size()) as u64);
+                        Stats::add(&self.stats.load_chunks_ok, 1);
+                        self.job.update(|p| p.chunks_ok += 1);
+                        st.slots[*c] = Slot::Decoded;
+                    }
+                }
+            }
+            Err(why) => {
+                for (c, _) in &fetched {
+                    self.fail_chunk(&mut st, *c, why.clone());
+                }
+            }
+        }
+        self.finish_if_idle(&mut st);
+        drop(st);
+        // The device work is over: waits need no events any more.
+        *self.job.layer_events.lock() = None;
     }
 
     /// Decodes and scatters the lowest ready (layer, chunk).

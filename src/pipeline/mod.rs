@@ -15,9 +15,17 @@
 //! A store runs gather (cpu; then the engine may reuse its blocks) → encode
 //! (cpu) → write to every tier (io; then the job is durable).
 //!
+//! Destinations in GPU memory take another route after the fetch: once every
+//! chunk is fetched, one cpu task stages the verified containers and
+//! enqueues the fused GPU decode layer by layer (`crate::gpu`), records one
+//! CUDA event per layer (engines wait on them from their own stream), then
+//! waits for the device checks. Stores from GPU memory gather on the device
+//! and encode on the host.
+//!
 //! A watchdog thread enforces load deadlines: at the deadline every chunk not
 //! yet fetched is failed, so a stalled tier cannot hold a load beyond it.
 
+mod device;
 mod job;
 mod load;
 mod stats;
@@ -31,6 +39,7 @@ use std::time::Instant;
 
 use crossbeam_channel::{unbounded, Receiver, RecvTimeoutError, Sender};
 
+pub use device::{DeviceSide, DeviceTarget};
 pub use job::{Job, JobKind, Progress, Stage};
 pub use load::{LoadChunk, LoadSpec, StreamPlan};
 pub use stats::{Stats, StatsSnapshot};

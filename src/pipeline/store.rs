@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use parking_lot::Mutex;
 
-use super::{guarded, Job, JobKind, Pipeline, Stats};
+use super::{guarded, DeviceTarget, Job, JobKind, Pipeline, Stats};
 use crate::codec::{encode, EncodeOptions, KvTensors, Level};
 use crate::layout::KvLayout;
 use crate::store::{Key, TierStack};
@@ -30,6 +30,8 @@ pub struct StoreSpec {
     pub level: Level,
     /// Per-tensor step multipliers (the model's profile), if any.
     pub multipliers: Option<Vec<f32>>,
+    /// Set when `layout` is in GPU memory: gather there, encode here.
+    pub device: Option<DeviceTarget>,
 }
 
 struct StoreRun {
@@ -62,18 +64,31 @@ impl Pipeline {
         let io = self.io.tx.clone().expect("pool is running");
         self.cpu.submit(Box::new(move || {
             let t0 = Instant::now();
-            let gathered: Vec<Result<KvTensors, String>> = run
-                .spec
-                .chunks
-                .iter()
-                .map(|c| {
-                    guarded(|| {
-                        // SAFETY: the engine keeps the source blocks valid and
-                        // unchanged until this job is reusable (set below).
-                        unsafe { run.spec.layout.gather_raw(&c.blocks, run.spec.chunk_tokens) }.map_err(|e| e.to_string())
+            let gathered: Vec<Result<KvTensors, String>> = match &run.spec.device {
+                Some(dev) => {
+                    let blocks: Vec<&[u32]> = run.spec.chunks.iter().map(|c| c.blocks.as_slice()).collect();
+                    let after = dev.after.as_ref().map(|e| e.raw());
+                    // SAFETY: the context checked that the layout's memory is on
+                    // this device; the engine keeps the blocks unchanged until
+                    // this job is reusable (set below).
+                    match guarded(|| unsafe { dev.side.gather.gather(&run.spec.layout, &blocks, run.spec.chunk_tokens, after) }.map_err(|e| format!("GPU gather: {e}"))) {
+                        Ok(v) => v.into_iter().map(Ok).collect(),
+                        Err(why) => run.spec.chunks.iter().map(|_| Err(why.clone())).collect(),
+                    }
+                }
+                None => run
+                    .spec
+                    .chunks
+                    .iter()
+                    .map(|c| {
+                        guarded(|| {
+                            // SAFETY: the engine keeps the source blocks valid and
+                            // unchanged until this job is reusable (set below).
+                            unsafe { run.spec.layout.gather_raw(&c.blocks, run.spec.chunk_tokens) }.map_err(|e| e.to_string())
+                        })
                     })
-                })
-                .collect();
+                    .collect(),
+            };
             Stats::add(&run.stats.gather_ns, t0.elapsed().as_nanos() as u64);
             run.job.update(|p| p.reusable = true);
             for (i, g) in gathered.into_iter().enumerate() {

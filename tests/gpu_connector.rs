@@ -1,0 +1,246 @@
+//! The connector with the engine's KV cache in GPU memory (issue 5): loads
+//! decode on the GPU into paged device blocks, per-layer waits are enqueued
+//! on the engine's stream, stores gather from device blocks. Each result is
+//! compared byte for byte with the host path on the same request.
+//!
+//! Without a GPU the device tests print `SKIPPED: no GPU (<reason>)` and
+//! pass; the tests of what happens without a GPU run everywhere.
+
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use cachegen::connector::{ConnectorError, Context};
+use cachegen::ffi;
+use cachegen::gpu::{DeviceBuffer, Gpu, GpuError, GpuGather};
+use cachegen::layout::{KvLayout, Memory};
+use cachegen::pipeline::Stage;
+
+#[path = "common/engine.rs"]
+mod engine;
+use engine::*;
+
+static GPU: OnceLock<Result<Gpu, String>> = OnceLock::new();
+
+/// The GPU, or `None` after printing why the test is skipped.
+fn gpu() -> Option<&'static Gpu> {
+    let g = GPU.get_or_init(|| match Gpu::open(0) {
+        Ok(g) => {
+            eprintln!("GPU: {} (sm_{}{})", g.name(), g.compute_capability().0, g.compute_capability().1);
+            Ok(g)
+        }
+        Err(GpuError::NoGpu(reason)) => Err(reason),
+        Err(e) => panic!("GPU present but unusable: {e}"),
+    });
+    match g {
+        Ok(g) => Some(g),
+        Err(reason) => {
+            println!("SKIPPED: no GPU ({reason})");
+            None
+        }
+    }
+}
+
+fn config(extra: &str) -> String {
+    format!(r#"{{"namespace": {{"model": "smollm2-test", "kv_dtype": "f16", "block_size": {BS}}}, "chunk_tokens": {CHUNK}, "decode_threads": 2 {extra}}}"#)
+}
+
+/// A host engine's paged cache mirrored in device memory: same geometry,
+/// same byte offsets, one device buffer per host buffer.
+struct DeviceEngine {
+    bufs: Vec<DeviceBuffer>,
+    layout: Arc<KvLayout>,
+}
+
+impl DeviceEngine {
+    fn mirror(gpu: &Gpu, host: &Engine) -> DeviceEngine {
+        let bufs: Vec<DeviceBuffer> = host
+            .bufs
+            .iter()
+            .map(|b| {
+                let d = gpu.alloc(b.len()).unwrap();
+                d.write(0, b).unwrap();
+                d
+            })
+            .collect();
+        // Each layer base keeps its offset within its host buffer.
+        let rebase = |a: usize| -> usize {
+            let (i, b) = host.bufs.iter().enumerate().find(|(_, b)| (b.as_ptr() as usize..b.as_ptr() as usize + b.len()).contains(&a)).unwrap();
+            bufs[i].ptr() as usize + (a - b.as_ptr() as usize)
+        };
+        let layout = KvLayout { memory: Memory::Cuda { device: 0 }, layer_base: host.layout.layer_base.iter().map(|&a| rebase(a)).collect(), ..(*host.layout).clone() };
+        DeviceEngine { bufs, layout: Arc::new(layout) }
+    }
+
+    /// Every byte of the device buffers (synchronous copies on the legacy
+    /// default stream).
+    fn download(&self) -> Vec<Vec<u8>> {
+        self.bufs
+            .iter()
+            .map(|d| {
+                let mut v = vec![0u8; d.len()];
+                d.read(0, &mut v).unwrap();
+                v
+            })
+            .collect()
+    }
+}
+
+/// A context holding the 5 chunks of the fixture's 320 tokens, stored from host memory.
+fn stored_context(toks: &[u32]) -> Context {
+    let kv = fixture();
+    let ctx = Context::from_json(&config("")).unwrap();
+    let mut src = Engine::vllm(&kv, 20, false);
+    let blocks: Vec<u32> = (0..20).collect();
+    src.fill(&kv, &blocks, toks.len());
+    let job = unsafe { ctx.store(Arc::clone(&src.layout), toks, &blocks, b"") }.unwrap();
+    assert!(job.wait(Stage::Done, Some(Duration::from_secs(60))));
+    assert_eq!(job.progress().chunks_ok, toks.len() / CHUNK);
+    ctx
+}
+
+#[test]
+fn gpu_load_equals_host_load_with_per_layer_stream_waits() {
+    let Some(gpu) = gpu() else { return };
+    let kv = fixture();
+    let toks = tokens(320, 1);
+    let ctx = stored_context(&toks);
+    let mut dst_blocks: Vec<u32> = (0..20).map(|i| (i * 7 + 3) % 24).collect();
+    dst_blocks.reverse();
+    for hnd in [false, true] {
+        // The host path's result, with untouched blocks holding a marker.
+        let mut host = Engine::vllm(&kv, 24, hnd);
+        for b in &mut host.bufs {
+            b.fill(0x3c);
+        }
+        let dev = DeviceEngine::mirror(gpu, &host);
+        let job = unsafe { ctx.load(Arc::clone(&host.layout), &toks, &dst_blocks, 0, b"", 0) }.unwrap();
+        assert!(job.wait(Stage::Done, Some(Duration::from_secs(60))));
+        assert_eq!(job.progress().chunks_ok, 5, "{:?}", job.progress().errors);
+
+        let job = unsafe { ctx.load_on(Arc::clone(&dev.layout), &toks, &dst_blocks, 0, b"", 0, Some(0)) }.unwrap();
+        // The legacy default stream waits for every layer on the device; the
+        // synchronous copies below run on it, after the decode.
+        for l in 0..kv.shape.layers {
+            assert_eq!(job.wait_layer_on_stream(l, 0, Some(Duration::from_secs(60))), Ok(true));
+        }
+        let got = dev.download();
+        assert!(job.wait(Stage::Done, Some(Duration::from_secs(60))));
+        let p = job.progress();
+        assert_eq!((p.chunks_ok, p.chunks_failed), (5, 0), "{:?}", p.errors);
+        assert!(got == host.bufs, "GPU load (hnd={hnd}) differs from the host load");
+        // After the job, waits return at once.
+        assert!(job.wait_layer(kv.shape.layers - 1, Some(Duration::from_secs(1))));
+    }
+}
+
+#[test]
+fn gpu_load_leaves_the_engines_blocks_alone_and_reports_missing_chunks() {
+    let Some(gpu) = gpu() else { return };
+    let kv = fixture();
+    let toks = tokens(320, 2);
+    // Only the first 3 chunks are stored; the load asks for 5 and starts at
+    // token 48 (the engine holds 3 blocks).
+    let ctx = stored_context(&toks[..192]);
+    let blocks: Vec<u32> = (0..20).collect();
+    let mut host = Engine::vllm(&kv, 20, false);
+    for b in &mut host.bufs {
+        b.fill(0x55);
+    }
+    let dev = DeviceEngine::mirror(gpu, &host);
+    let job = unsafe { ctx.load(Arc::clone(&host.layout), &toks, &blocks, 48, b"", 0) }.unwrap();
+    assert!(job.wait(Stage::Done, Some(Duration::from_secs(60))));
+    let job_gpu = unsafe { ctx.load_on(Arc::clone(&dev.layout), &toks, &blocks, 48, b"", 0, None) }.unwrap();
+    for l in 0..kv.shape.layers {
+        assert!(job_gpu.wait_layer(l, Some(Duration::from_secs(60))));
+    }
+    assert!(job_gpu.wait(Stage::Done, Some(Duration::from_secs(60))));
+    let (p, q) = (job.progress(), job_gpu.progress());
+    assert_eq!((q.chunks_ok, q.chunks_failed), (3, 2), "{:?}", q.errors);
+    assert_eq!(q.failed_blocks, (12..20).collect::<Vec<u32>>());
+    assert_eq!(q.failed_blocks, p.failed_blocks);
+    assert!(dev.download() == host.bufs, "GPU partial load differs from the host's");
+    // The marker in the engine's first 3 blocks survived on both.
+    let marker = host.read(&blocks[..3], 48);
+    assert!(marker.tensors.iter().all(|t| t.iter().all(|&b| b == 0x55)));
+}
+
+#[test]
+fn gpu_store_gathers_what_the_host_store_gathers() {
+    let Some(gpu) = gpu() else { return };
+    let kv = fixture();
+    let toks = tokens(320, 3);
+    let src_blocks: Vec<u32> = (0..20).map(|i| 39 - 2 * i).collect();
+    for make in [|kv: &_| Engine::vllm(kv, 40, false), |kv: &_| Engine::vllm(kv, 40, true), |kv: &_| Engine::trtllm(kv, 40)] {
+        let mut src = make(&kv);
+        src.fill(&kv, &src_blocks, 320);
+        let dev = DeviceEngine::mirror(gpu, &src);
+        // The gather kernel alone equals the host gather.
+        let gather = GpuGather::new(gpu).unwrap();
+        let refs: Vec<&[u32]> = src_blocks.chunks(CHUNK / BS).collect();
+        let got = unsafe { gather.gather(&dev.layout, &refs, CHUNK, None) }.unwrap();
+        for (c, g) in got.iter().enumerate() {
+            assert_eq!(*g, src.read(refs[c], CHUNK), "chunk {c} gathered on the GPU differs");
+        }
+        // A store from device memory, then a host load: the codec's output.
+        let ctx = Context::from_json(&config("")).unwrap();
+        let job = unsafe { ctx.store_on(Arc::clone(&dev.layout), &toks, &src_blocks, b"", Some(0)) }.unwrap();
+        assert!(job.wait(Stage::Done, Some(Duration::from_secs(60))));
+        assert_eq!(job.progress().chunks_ok, 5, "{:?}", job.progress().errors);
+        let mut dst = Engine::vllm(&kv, 20, false);
+        let dst_blocks: Vec<u32> = (0..20).collect();
+        let job = unsafe { ctx.load(Arc::clone(&dst.layout), &toks, &dst_blocks, 0, b"", 0) }.unwrap();
+        assert!(job.wait(Stage::Done, Some(Duration::from_secs(60))));
+        assert_eq!(dst.read(&dst_blocks, 320), expected(&kv, 5, cachegen::codec::Level::Default));
+        dst.bufs.clear();
+    }
+}
+
+#[test]
+fn device_layouts_without_a_gpu_or_with_host_pointers_are_refused() {
+    let kv = fixture();
+    let mut host = Engine::vllm(&kv, 20, false);
+    let toks = tokens(128, 4);
+    let blocks: Vec<u32> = (0..8).collect();
+    host.fill(&kv, &blocks, 128);
+    // A host buffer labelled as device memory.
+    let fake = Arc::new(KvLayout { memory: Memory::Cuda { device: 0 }, ..(*host.layout).clone() });
+    let ctx = Context::from_json(&config("")).unwrap();
+    match gpu() {
+        None => {
+            // No GPU here: every job on device memory is refused up front.
+            let e = unsafe { ctx.store(Arc::clone(&fake), &toks, &blocks, b"") }.err().expect("store refused");
+            assert!(matches!(e, ConnectorError::NoGpu(_)), "{e}");
+            let e = unsafe { ctx.load(Arc::clone(&fake), &toks, &blocks, 0, b"", 0) }.err();
+            // Nothing stored: the load has no chunks and needs no GPU.
+            assert!(e.is_none() || matches!(e, Some(ConnectorError::NoGpu(_))));
+        }
+        Some(_) => {}
+    }
+    // Through the C ABI: CG_ERR_NO_GPU without a GPU, CG_ERR_INVALID_ARGUMENT
+    // for host pointers on a GPU machine; never a layout handle.
+    let bases: Vec<u64> = host.layout.layer_base.iter().map(|&b| b as u64).collect();
+    let l = &host.layout;
+    let desc = ffi::cg_layout_desc {
+        kind: ffi::CG_KIND_KEY_VALUE,
+        dtype: ffi::CG_DTYPE_F16,
+        memory: ffi::CG_MEMORY_CUDA,
+        layers: l.layers as u32,
+        num_blocks: l.num_blocks as u32,
+        block_size: l.block_size as u32,
+        heads: l.heads as u32,
+        head_dim: l.head_dim as u32,
+        layer_base: bases.as_ptr(),
+        stride_block: l.stride_block as i64,
+        stride_kv: l.stride_kv as i64,
+        stride_token: l.stride_token as i64,
+        stride_head: l.stride_head as i64,
+        stride_layer: l.stride_layer as i64,
+    };
+    let mut out: *mut ffi::cg_layout = std::ptr::null_mut();
+    let rc = unsafe { ffi::cg_layout_new(&desc, &mut out) };
+    let msg = unsafe { std::ffi::CStr::from_ptr(ffi::cg_last_error_message()) }.to_string_lossy().into_owned();
+    let want = if gpu().is_some() { ffi::CG_ERR_INVALID_ARGUMENT } else { ffi::CG_ERR_NO_GPU };
+    assert_eq!(rc, want, "{msg}");
+    assert!(out.is_null());
+    assert!(msg.contains("CG_MEMORY_CUDA"), "{msg}");
+}
