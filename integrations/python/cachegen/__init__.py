@@ -203,6 +203,9 @@ _SIGNATURES = {
     "cg_load": ([c_void_p, c_void_p, _P_U32, c_size_t, _P_U32, c_size_t, c_size_t, c_char_p, c_size_t, c_uint64, _P_HANDLE], c_int32),
     "cg_job_wait": ([c_void_p, c_uint32, c_int64], c_int32),
     "cg_job_wait_layer": ([c_void_p, c_uint32, c_int64], c_int32),
+    "cg_store_on_stream": ([c_void_p, c_void_p, _P_U32, c_size_t, _P_U32, c_size_t, c_char_p, c_size_t, c_uint64, _P_HANDLE], c_int32),
+    "cg_load_on_stream": ([c_void_p, c_void_p, _P_U32, c_size_t, _P_U32, c_size_t, c_size_t, c_char_p, c_size_t, c_uint64, c_uint64, _P_HANDLE], c_int32),
+    "cg_job_wait_layer_on_stream": ([c_void_p, c_uint32, c_uint64, c_int64], c_int32),
     "cg_job_info": ([c_void_p, POINTER(_JobInfo)], c_int32),
     "cg_job_failed_blocks": ([c_void_p, _P_U32, c_size_t, POINTER(c_size_t)], c_int32),
     "cg_job_errors": ([c_void_p, POINTER(c_char), c_size_t, POINTER(c_size_t)], c_int32),
@@ -356,6 +359,19 @@ def _salt(salt: Any) -> bytes:
     if isinstance(salt, (bytes, bytearray, memoryview)):
         return bytes(salt)
     raise _invalid(f"salt must be bytes or str, not {type(salt).__name__}")
+
+
+def _stream_handle(stream: Any) -> int:
+    """A CUDA stream as the integer the C ABI takes: a ``torch.cuda.Stream``
+    (its ``cuda_stream``), a CuPy stream (``ptr``) or an int (0: the legacy
+    default stream)."""
+    for attr in ("cuda_stream", "ptr"):
+        if hasattr(stream, attr):
+            stream = getattr(stream, attr)
+            break
+    if isinstance(stream, bool) or not isinstance(stream, int):
+        raise _invalid(f"stream must be a CUDA stream object or an int, not {type(stream).__name__}")
+    return _int_in(stream, 0, _U64_MAX, "stream")
 
 
 def _timeout_ms(timeout: Optional[float]) -> Optional[int]:
@@ -752,6 +768,19 @@ class Job:
         layer = _int_in(layer, 0, _U32_MAX, "layer")
         return self._wait(self._lib.cg_job_wait_layer, layer, timeout)
 
+    def wait_layer_on_stream(self, layer: int, stream: Any, timeout: Optional[float] = None) -> bool:
+        """For a load into GPU memory: waits on the host until layer ``layer``'s
+        decode is enqueued (every chunk fetched), then makes the CUDA ``stream``
+        (e.g. ``torch.cuda.current_stream()``) wait for the layer on the device,
+        without waiting for the GPU. For a host load, as :meth:`wait_layer`.
+        True, or False if ``timeout`` seconds passed first."""
+        layer = _int_in(layer, 0, _U32_MAX, "layer")
+        sh = _stream_handle(stream)
+        ms = _timeout_ms(timeout)
+        with self._h.use() as h:
+            rc = _check(self._lib, self._lib.cg_job_wait_layer_on_stream(h, layer, sh, -1 if ms is None else ms))
+        return rc == CG_OK
+
     def info(self) -> Dict[str, Any]:
         """A snapshot: kind ("store"/"load"), reusable, done, layers_done,
         layers, chunks_ok, chunks_failed, chunks_skipped, failed_blocks (count)."""
@@ -892,10 +921,12 @@ class Context:
         with self._use() as h:
             _check(self._lib, self._lib.cg_lease_release(h, lease_id))
 
-    def store(self, layout: Layout, tokens: Any, block_ids: Any, salt: Union[bytes, str] = b"") -> Job:
+    def store(self, layout: Layout, tokens: Any, block_ids: Any, salt: Union[bytes, str] = b"", stream: Any = None) -> Job:
         """Starts storing every full chunk of ``tokens`` not stored yet, reading
         token ``i`` from block ``block_ids[i // block_size]`` of ``layout``.
-        The blocks must stay unchanged until the job is ``"reusable"``."""
+        The blocks must stay unchanged until the job is ``"reusable"``. For a
+        layout in GPU memory, ``stream`` (a CUDA stream or its handle) orders
+        the gather after the work already enqueued on it."""
         if not isinstance(layout, Layout):
             raise TypeError(f"layout must be a cachegen.Layout, not {type(layout).__name__}")
         t = _u32_array(tokens, "tokens")
@@ -903,8 +934,12 @@ class Context:
         s = _salt(salt)
         out = c_void_p()
         with self._use() as h, layout._use() as lh:
-            _check(self._lib, self._lib.cg_store(
-                h, lh, _u32_ptr(t), t.size, _u32_ptr(b), b.size, s or None, len(s), byref(out)))
+            if stream is None:
+                _check(self._lib, self._lib.cg_store(
+                    h, lh, _u32_ptr(t), t.size, _u32_ptr(b), b.size, s or None, len(s), byref(out)))
+            else:
+                _check(self._lib, self._lib.cg_store_on_stream(
+                    h, lh, _u32_ptr(t), t.size, _u32_ptr(b), b.size, s or None, len(s), _stream_handle(stream), byref(out)))
         return Job(self._lib, out.value, self, (layout, layout.keepalive))
 
     def load(
@@ -915,6 +950,7 @@ class Context:
         first_token: int = 0,
         salt: Union[bytes, str] = b"",
         lease_id: int = 0,
+        stream: Any = None,
     ) -> Job:
         """Starts loading the full chunks of ``tokens`` into ``block_ids`` of
         ``layout``, skipping the first ``first_token`` tokens (a multiple of the
@@ -922,7 +958,9 @@ class Context:
         be loaded are reported by :meth:`Job.failed_blocks`. ``lease_id`` (from
         :meth:`lookup`) ends once every chunk has been fetched. The blocks must
         not be used until the job is done (a layer's: until
-        :meth:`Job.wait_layer`)."""
+        :meth:`Job.wait_layer`). For a layout in GPU memory the decode runs on
+        the GPU after the work already enqueued on ``stream`` (if given); use
+        :meth:`Job.wait_layer_on_stream` to make the engine's stream wait."""
         if not isinstance(layout, Layout):
             raise TypeError(f"layout must be a cachegen.Layout, not {type(layout).__name__}")
         if not layout.writable:
@@ -934,9 +972,14 @@ class Context:
         lease_id = _int_in(lease_id, 0, _U64_MAX, "lease_id")
         out = c_void_p()
         with self._use() as h, layout._use() as lh:
-            _check(self._lib, self._lib.cg_load(
-                h, lh, _u32_ptr(t), t.size, _u32_ptr(b), b.size, first_token,
-                s or None, len(s), lease_id, byref(out)))
+            if stream is None:
+                _check(self._lib, self._lib.cg_load(
+                    h, lh, _u32_ptr(t), t.size, _u32_ptr(b), b.size, first_token,
+                    s or None, len(s), lease_id, byref(out)))
+            else:
+                _check(self._lib, self._lib.cg_load_on_stream(
+                    h, lh, _u32_ptr(t), t.size, _u32_ptr(b), b.size, first_token,
+                    s or None, len(s), lease_id, _stream_handle(stream), byref(out)))
         return Job(self._lib, out.value, self, (layout, layout.keepalive))
 
     def stats(self) -> Dict[str, Any]:

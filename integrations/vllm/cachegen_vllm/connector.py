@@ -27,11 +27,17 @@ Worker side (one instance per TP rank):
 
 * ``register_kv_caches``: describes vLLM's per-layer tensors to the library
   with ``cachegen.Layout.from_tensors`` (pointers and strides come from the
-  tensors, so NHD and HND need no special casing). CUDA tensors need the GPU
-  path of libcachegen: if the library refuses them the connector logs it and
-  disables itself (lookups return 0, loads report every block failed).
-* ``start_load_kv``: starts one ``Context.load`` per request.
-* ``wait_for_layer_load``: ``Job.wait_layer`` for that layer's index.
+  tensors, so NHD and HND need no special casing). CUDA tensors go through
+  libcachegen's GPU path (decode on the GPU straight into the blocks, gather
+  on the GPU for stores); if the library refuses them (no usable GPU) the
+  connector logs it and disables itself (lookups return 0, loads report
+  every block failed).
+* ``start_load_kv``: starts one ``Context.load`` per request (for CUDA
+  tensors ordered after the work already on the current CUDA stream).
+* ``wait_for_layer_load``: ``Job.wait_layer`` for that layer's index; for
+  CUDA tensors ``Job.wait_layer_on_stream``: the host waits only until the
+  layer's decode is enqueued, and the current CUDA stream waits for it on
+  the device (a CUDA event per layer).
 * ``save_kv_layer``: nothing. Stores are whole-request (all layers of a chunk
   are encoded together), so they start in ``wait_for_save``, after the last
   layer wrote its KV, which waits until the store job is ``REUSABLE`` (the
@@ -212,8 +218,10 @@ def _cuda_refusal() -> Optional[str]:
         ).close()
         return None
     except cachegen.CacheGenError as e:
-        if getattr(e, "code", None) == cachegen.CG_ERR_UNSUPPORTED:
-            return f"libcachegen does not take CUDA memory in this build ({e}); KV on the GPU needs its GPU path"
+        # On a GPU machine the fake address is refused as not device memory
+        # (CG_ERR_INVALID_ARGUMENT): the library takes CUDA layouts.
+        if getattr(e, "code", None) in (cachegen.CG_ERR_UNSUPPORTED, cachegen.CG_ERR_NO_GPU):
+            return f"libcachegen cannot use CUDA memory here ({e})"
         return None
     except Exception:
         return None
@@ -618,6 +626,14 @@ class CacheGenConnector(KVConnectorBase_V1):
             return ("block", "token", "dim"), "latent"  # MLA
         return None, None
 
+    def _stream(self):
+        """The current CUDA stream when the KV cache is on the GPU, else None."""
+        if self._layout is None or self._layout.memory != "cuda":
+            return None
+        import torch
+
+        return torch.cuda.current_stream()
+
     def bind_connector_metadata(self, connector_metadata) -> None:
         super().bind_connector_metadata(connector_metadata)
         self._step_failed = set()
@@ -643,7 +659,7 @@ class CacheGenConnector(KVConnectorBase_V1):
             try:
                 job = self._ctx.load(
                     self._layout, req.token_ids[: req.load_tokens], req.block_ids,
-                    first_token=req.first_token, salt=req.salt, lease_id=lease,
+                    first_token=req.first_token, salt=req.salt, lease_id=lease, stream=self._stream(),
                 )
                 self._load_jobs.append((req, job))
             except Exception as e:
@@ -660,7 +676,13 @@ class CacheGenConnector(KVConnectorBase_V1):
         unwritten blocks become failed blocks)."""
         timeout = self._settings.load_timeout_s + 5.0
         try:
-            ok = job.wait(stage, timeout=timeout) if layer is None else job.wait_layer(layer, timeout=timeout)
+            stream = self._stream()
+            if layer is None:
+                ok = job.wait(stage, timeout=timeout)
+            elif stream is not None:
+                ok = job.wait_layer_on_stream(layer, stream, timeout=timeout)
+            else:
+                ok = job.wait_layer(layer, timeout=timeout)
             if not ok:
                 logger.error("CacheGenConnector: load of %s timed out after %.1f s; cancelling", req.req_id, timeout)
                 job.cancel()
@@ -703,7 +725,7 @@ class CacheGenConnector(KVConnectorBase_V1):
             if n <= 0:
                 continue
             try:
-                job = self._ctx.store(self._layout, req.token_ids[:n], req.block_ids, salt=req.salt)
+                job = self._ctx.store(self._layout, req.token_ids[:n], req.block_ids, salt=req.salt, stream=self._stream())
                 started.append((req.req_id, job))
             except Exception as e:
                 logger.error("CacheGenConnector: store of %s could not start: %s", req.req_id, e)
