@@ -516,7 +516,16 @@ static void error_paths(const uint32_t *tokens) {
     CHECK_ERR(cg_layout_new(&d, &layout), CG_ERR_INVALID_ARGUMENT);
     d = e.desc;
     d.memory = CG_MEMORY_CUDA;
-    CHECK_ERR(cg_layout_new(&d, &layout), CG_ERR_UNSUPPORTED);
+    {
+        /* Host memory labelled as device memory: refused, as "no GPU" on a
+         * machine without one, as not device memory on a GPU machine. */
+        int32_t rc = cg_layout_new(&d, &layout);
+        checks++;
+        if ((rc != CG_ERR_NO_GPU && rc != CG_ERR_INVALID_ARGUMENT) || layout != NULL || cg_last_error_message()[0] == '\0') {
+            failures++;
+            fprintf(stderr, "FAIL %s:%d: CG_MEMORY_CUDA on host memory returned %d (%s)\n", __FILE__, __LINE__, rc, cg_last_error_message());
+        }
+    }
     d = e.desc;
     d.memory = 7;
     CHECK_ERR(cg_layout_new(&d, &layout), CG_ERR_INVALID_ARGUMENT);

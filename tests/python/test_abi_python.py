@@ -283,7 +283,8 @@ def test_torch_like_tensors_give_the_same_layout():
     # MLA: one latent stream, no kv and no head axis.
     mla = cachegen.Layout.from_tensors([np.zeros((8, BS, 576), np.float16)] * 1, ("block", "token", "dim"), kind="latent")
     assert (mla.kind, mla.heads, mla.head_dim, mla.stride_kv) == ("latent", 1, 576, 0)
-    # CUDA tensors become device-memory layouts (refused by a build without the GPU path).
+    # CUDA tensors become device-memory layouts (refused without a GPU, and
+    # here the addresses are host memory).
     class CudaTensor(FakeTensor):
         class device:
             type = "cuda"
@@ -293,7 +294,7 @@ def test_torch_like_tensors_give_the_same_layout():
         assert cuda.memory == "cuda"
         cuda.close()
     except cachegen.CacheGenError as e:
-        assert e.code in (cachegen.CG_ERR_UNSUPPORTED, cachegen.CG_ERR_NO_GPU), e
+        assert e.code in (cachegen.CG_ERR_INVALID_ARGUMENT, cachegen.CG_ERR_NO_GPU), e
     for lay in (a, b, p, mla):
         lay.close()
         lay.close()
@@ -559,9 +560,10 @@ def test_error_codes_and_messages(kv):
         with pytest.raises(E) as e:
             layout(**kw)
         assert e.value.code == cachegen.CG_ERR_LAYOUT and e.value.message, kw
-    with pytest.raises(E) as e:
+    with pytest.raises(E) as e:  # host memory labelled as device memory
         layout(memory="cuda")
-    assert e.value.code == cachegen.CG_ERR_UNSUPPORTED
+    assert e.value.code in (cachegen.CG_ERR_NO_GPU, cachegen.CG_ERR_INVALID_ARGUMENT), e.value
+    assert "CG_MEMORY_CUDA" in e.value.message
     with pytest.raises(E) as e:
         layout(dtype="fp8")
     assert e.value.code == cachegen.CG_ERR_INVALID_ARGUMENT

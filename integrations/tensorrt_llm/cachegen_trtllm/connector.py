@@ -30,11 +30,15 @@ Worker side (every rank):
   ``[num_blocks, num_layers, kv_factor, block_elems]`` is viewed as
   ``[blocks, layers, kv, heads, tokens, dim]`` (native TRTLLM attention, HND)
   or ``[blocks, layers, kv, tokens, heads, dim]`` (FlashInfer/Vanilla, NHD) and
-  described with ``cachegen.Layout.from_tensors``. If libcachegen refuses the
-  pool (today: CUDA memory, ``CG_ERR_UNSUPPORTED``) the connector disables
+  described with ``cachegen.Layout.from_tensors``. A pool in GPU memory goes
+  through libcachegen's GPU path (decode and gather on the GPU). If the
+  library refuses the pool (e.g. ``CG_ERR_NO_GPU``) the connector disables
   itself: lookups report 0, nothing is loaded or stored, nothing raises.
-* ``start_load_kv``: one ``Context.load`` per request; ``wait_for_layer_load
-  (layer_idx, stream)``: ``Job.wait_layer(layer_idx)``.
+* ``start_load_kv(stream)``: one ``Context.load`` per request, for a GPU pool
+  ordered after the work already on ``stream``; ``wait_for_layer_load
+  (layer_idx, stream)``: ``Job.wait_layer_on_stream`` for a GPU pool (the
+  host waits until the layer's decode is enqueued, ``stream`` waits for it
+  on the device), ``Job.wait_layer`` for a host pool.
 * ``wait_for_save``: waits for the step's loads, then starts the stores of
   full prompt chunks and waits until they are ``REUSABLE``.
 * ``get_finished``: ``([], [])``: nothing is asynchronous across steps.
@@ -611,6 +615,17 @@ class CacheGenConnectorWorker(_Base, KvCacheConnectorWorker):
         step = int(getattr(meta, "step", 0) or 0)
         return meta is not None and (step == 0 or step > last)
 
+    def _stream(self, stream):
+        """The stream to order GPU work on (the caller's, else torch's current
+        one) when the pool is in GPU memory; None for a host pool."""
+        if self._layout is None or self._layout.memory != "cuda":
+            return None
+        if stream is not None:
+            return stream
+        import torch
+
+        return torch.cuda.current_stream()
+
     def start_load_kv(self, stream=None) -> None:
         meta = self._metadata
         if not self._fresh(meta, self._loaded_step):
@@ -627,7 +642,8 @@ class CacheGenConnectorWorker(_Base, KvCacheConnectorWorker):
             lease = req.lease_id if (self._shared is not None and req.lease_owner == self._shared.token) else 0
             try:
                 job = self._ctx.load(self._layout, req.token_ids[: req.load_tokens], req.block_ids,
-                                     first_token=req.first_token, salt=req.salt, lease_id=lease)
+                                     first_token=req.first_token, salt=req.salt, lease_id=lease,
+                                     stream=self._stream(stream))
                 self._load_jobs.append((req, job))
             except Exception as e:
                 self._record_failure(req, req.block_ids[req.first_token // bs : req.load_tokens // bs],
@@ -636,11 +652,17 @@ class CacheGenConnectorWorker(_Base, KvCacheConnectorWorker):
             for req, job in self._load_jobs:
                 self._wait(job, req)
 
-    def _wait(self, job, req, layer: Optional[int] = None) -> None:
-        """Waits without raising; a job past the deadline is cancelled."""
+    def _wait(self, job, req, layer: Optional[int] = None, stream=None) -> None:
+        """Waits without raising; a job past the deadline is cancelled. With a
+        GPU pool and a ``stream``, a layer wait is enqueued on the stream."""
         timeout = self._settings.load_timeout_s + 5.0
         try:
-            ok = job.wait("done", timeout=timeout) if layer is None else job.wait_layer(layer, timeout=timeout)
+            if layer is None:
+                ok = job.wait("done", timeout=timeout)
+            elif stream is not None:
+                ok = job.wait_layer_on_stream(layer, stream, timeout=timeout)
+            else:
+                ok = job.wait_layer(layer, timeout=timeout)
             if not ok:
                 logger.error("cachegen_trtllm: load of request %s timed out after %.1f s; cancelling", req.req_id, timeout)
                 job.cancel()
@@ -649,14 +671,14 @@ class CacheGenConnectorWorker(_Base, KvCacheConnectorWorker):
             logger.exception("cachegen_trtllm: waiting for the load of request %s failed", req.req_id)
 
     def wait_for_layer_load(self, layer_idx: int, stream=None) -> None:
-        # Host pools: a host-blocking wait. (A CUDA pool would need the
-        # library's GPU path, which would order the wait on ``stream``.)
+        # Host pools: a host-blocking wait; GPU pools: ``stream`` waits on the device.
         if not self._load_jobs or not self._settings.layerwise or self._layout is None:
             return
         if not 0 <= int(layer_idx) < self._layout.layers:
             return
+        gpu_stream = self._stream(stream)
         for req, job in self._load_jobs:
-            self._wait(job, req, layer=int(layer_idx))
+            self._wait(job, req, layer=int(layer_idx), stream=gpu_stream)
 
     def _record_failure(self, req: ReqMeta, blocks: list, errors: list, first_bad_token: int) -> None:
         bad = min(first_bad_token, self._step_failed.get(req.req_id, first_bad_token))
