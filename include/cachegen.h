@@ -132,6 +132,28 @@ typedef struct cg_job_progress {
   uint64_t failed_blocks;
 } cg_job_progress;
 
+// What a load did with one chunk, filled by `cg_job_chunk_decisions` (loads
+// whose chunks are stored at several levels, or adaptive loads).
+typedef struct cg_chunk_decision {
+  // Index of the chunk in the load (0 = the first chunk loaded).
+  uint32_t chunk;
+  // Level planned before the fetch: 1 compact, 2 default, 3 high,
+  // 4 lossless, or 0 = left for the engine to recompute.
+  uint32_t planned;
+  // What happened, coded the same way: the level delivered, or 0 when the
+  // chunk was left for recompute (planned, missing, or fetched too late).
+  // Chunks with outcome 0 are among the job's failed blocks.
+  uint32_t outcome;
+  uint32_t reserved;
+  // The bandwidth estimate the decision used (bytes/s; 0 when none).
+  double est_bytes_per_s;
+  // The time budget the decision used for this chunk (s; 0 when none).
+  double budget_s;
+  // Bytes fetched, and how long the fetch took (s); 0 when not fetched.
+  uint64_t bytes;
+  double fetch_s;
+} cg_chunk_decision;
+
 #ifdef __cplusplus
 extern "C" {
 #endif // __cplusplus
@@ -283,6 +305,15 @@ int32_t cg_job_failed_blocks(const struct cg_job *job,
                              uint32_t *out,
                              size_t cap,
                              size_t *count);
+
+// Copies up to `cap` per-chunk decisions of a load (in chunk order, as far
+// as they are made; final once the job is done) into `out` and the total
+// number into `*count`. Jobs that choose no levels have none. `out` may be
+// null when `cap` is 0.
+int32_t cg_job_chunk_decisions(const struct cg_job *job,
+                               struct cg_chunk_decision *out,
+                               size_t cap,
+                               size_t *count);
 
 // Copies the job's failure reasons (one per line, the first few) as a
 // NUL-terminated string into `buf`; `*len` is the length needed without

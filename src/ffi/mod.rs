@@ -661,6 +661,62 @@ pub unsafe extern "C" fn cg_job_failed_blocks(job: *const cg_job, out: *mut u32,
     })
 }
 
+/// What a load did with one chunk, filled by `cg_job_chunk_decisions` (loads
+/// whose chunks are stored at several levels, or adaptive loads).
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+pub struct cg_chunk_decision {
+    /// Index of the chunk in the load (0 = the first chunk loaded).
+    pub chunk: u32,
+    /// Level planned before the fetch: 1 compact, 2 default, 3 high,
+    /// 4 lossless, or 0 = left for the engine to recompute.
+    pub planned: u32,
+    /// What happened, coded the same way: the level delivered, or 0 when the
+    /// chunk was left for recompute (planned, missing, or fetched too late).
+    /// Chunks with outcome 0 are among the job's failed blocks.
+    pub outcome: u32,
+    pub reserved: u32,
+    /// The bandwidth estimate the decision used (bytes/s; 0 when none).
+    pub est_bytes_per_s: f64,
+    /// The time budget the decision used for this chunk (s; 0 when none).
+    pub budget_s: f64,
+    /// Bytes fetched, and how long the fetch took (s); 0 when not fetched.
+    pub bytes: u64,
+    pub fetch_s: f64,
+}
+
+/// Copies up to `cap` per-chunk decisions of a load (in chunk order, as far
+/// as they are made; final once the job is done) into `out` and the total
+/// number into `*count`. Jobs that choose no levels have none. `out` may be
+/// null when `cap` is 0.
+#[no_mangle]
+pub unsafe extern "C" fn cg_job_chunk_decisions(job: *const cg_job, out: *mut cg_chunk_decision, cap: usize, count: *mut usize) -> i32 {
+    guard(|| {
+        let job = arg!(job, "job");
+        let count = out!(count, "count");
+        if cap > 0 && out.is_null() {
+            return fail(CG_ERR_INVALID_ARGUMENT, "out is null but cap > 0");
+        }
+        let d = job.inner.chunk_decisions();
+        *count = d.len();
+        for (i, x) in d.iter().take(cap).enumerate() {
+            let v = cg_chunk_decision {
+                chunk: x.chunk as u32,
+                planned: x.planned.code() as u32,
+                outcome: x.outcome.code() as u32,
+                reserved: 0,
+                est_bytes_per_s: x.est_bytes_per_s,
+                budget_s: x.budget_s,
+                bytes: x.bytes,
+                fetch_s: x.fetch_s,
+            };
+            // SAFETY: the caller provides `cap` writable elements at `out`.
+            unsafe { out.add(i).write(v) };
+        }
+        CG_OK
+    })
+}
+
 /// Copies the job's failure reasons (one per line, the first few) as a
 /// NUL-terminated string into `buf`; `*len` is the length needed without
 /// the NUL. `CG_ERR_BUFFER_TOO_SMALL` if `cap <= *len` (nothing copied).

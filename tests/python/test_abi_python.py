@@ -479,6 +479,37 @@ def test_load_of_tokens_never_stored_fails_those_blocks(kv, decoded):
         assert (c["load_chunks_ok"], c["load_chunks_failed"], c["load_blocks_failed"]) == (3, 2, 8)
 
 
+def test_chunk_decisions_of_a_multi_level_load(kv, decoded):
+    """cg_job_chunk_decisions: a load over chunks stored at two levels fetches
+    the configured level; a chunk never stored is left for recompute."""
+    k, v, toks = kv
+    extra = np.arange(64, dtype=np.uint32) + 7
+    longer = np.concatenate([toks, extra])
+    with cachegen.Context(config(levels=["compact", "default"], level="default")) as ctx:
+        store_all(ctx, k, v, toks)
+        dst = vllm(24)
+        blocks = list(range(24))
+        with ctx.load(dst.layout, longer, blocks) as job:
+            assert job.wait(timeout=60)
+            d = job.chunk_decisions()
+            assert [x["chunk"] for x in d] == list(range(6))
+            assert all(x["planned"] == "default" for x in d)
+            assert [x["outcome"] for x in d] == ["default"] * 5 + ["recompute"]
+            assert all(x["bytes"] > 0 for x in d[:5]) and d[5]["bytes"] == 0
+            assert job.failed_blocks() == list(range(20, 24))
+        got_k, got_v = dst.read(blocks, 0, N_TOK)
+        dk, dv = decoded
+        assert_same(got_k, dk, "keys")
+        assert_same(got_v, dv, "values")
+    # A single-level context makes no level decisions.
+    with cachegen.Context(config()) as ctx:
+        store_all(ctx, k, v, toks)
+        dst = vllm(20)
+        with ctx.load(dst.layout, toks, list(range(20))) as job:
+            assert job.wait(timeout=60)
+            assert job.chunk_decisions() == []
+
+
 def files_under(d):
     return {p for p in Path(d).rglob("*") if p.is_file()}
 

@@ -170,6 +170,22 @@ class _LayoutDesc(ctypes.Structure):
     ]
 
 
+class _ChunkDecision(ctypes.Structure):
+    _fields_ = [
+        ("chunk", c_uint32),
+        ("planned", c_uint32),
+        ("outcome", c_uint32),
+        ("reserved", c_uint32),
+        ("est_bytes_per_s", ctypes.c_double),
+        ("budget_s", ctypes.c_double),
+        ("bytes", c_uint64),
+        ("fetch_s", ctypes.c_double),
+    ]
+
+
+_CHOICES = {0: "recompute", 1: "compact", 2: "default", 3: "high", 4: "lossless"}
+
+
 class _JobInfo(ctypes.Structure):
     _fields_ = [
         ("kind", c_uint32),
@@ -209,6 +225,7 @@ _SIGNATURES = {
     "cg_job_info": ([c_void_p, POINTER(_JobInfo)], c_int32),
     "cg_job_failed_blocks": ([c_void_p, _P_U32, c_size_t, POINTER(c_size_t)], c_int32),
     "cg_job_errors": ([c_void_p, POINTER(c_char), c_size_t, POINTER(c_size_t)], c_int32),
+    "cg_job_chunk_decisions": ([c_void_p, POINTER(_ChunkDecision), c_size_t, POINTER(c_size_t)], c_int32),
     "cg_job_cancel": ([c_void_p], c_int32),
     "cg_job_free": ([c_void_p], None),
     "cg_stats_json": ([c_void_p, POINTER(c_char), c_size_t, POINTER(c_size_t)], c_int32),
@@ -822,6 +839,29 @@ class Job:
         with self._h.use() as h:
             text = _read_string(self._lib, self._lib.cg_job_errors, h)
         return text.split("\n") if text else []
+
+    def chunk_decisions(self) -> List[Dict[str, Any]]:
+        """Per-chunk decisions of a load that chooses levels (``levels`` or
+        ``adaptive`` in the config), in chunk order: ``chunk``, ``planned`` and
+        ``outcome`` (a level name or ``"recompute"``), ``est_gbps``,
+        ``budget_ms``, ``bytes``, ``fetch_ms``. Empty for other jobs."""
+        n = c_size_t(0)
+        with self._h.use() as h:
+            _check(self._lib, self._lib.cg_job_chunk_decisions(h, None, 0, byref(n)))
+            arr = (_ChunkDecision * max(1, n.value))()
+            _check(self._lib, self._lib.cg_job_chunk_decisions(h, arr, n.value, byref(n)))
+        return [
+            {
+                "chunk": int(d.chunk),
+                "planned": _CHOICES.get(int(d.planned), str(d.planned)),
+                "outcome": _CHOICES.get(int(d.outcome), str(d.outcome)),
+                "est_gbps": d.est_bytes_per_s * 8e-9,
+                "budget_ms": d.budget_s * 1e3,
+                "bytes": int(d.bytes),
+                "fetch_ms": d.fetch_s * 1e3,
+            }
+            for d in arr[: min(n.value, len(arr))]
+        ]
 
     def cancel(self) -> None:
         """Asks the job to stop (a load fails the chunks not yet written);
