@@ -20,16 +20,21 @@
 //!   dequantization and the scatter; no dense intermediate tensor. The result
 //!   is bit-identical to [`crate::codec::decode`] followed by
 //!   [`crate::layout::KvLayout::scatter`].
+//! - [`GpuEncoder`]: encodes straight from paged KV blocks on the device
+//!   (gather, quantization, tables, rANS, container sections), output
+//!   byte-identical to [`crate::codec::encode`] (lossy levels, embedded tables).
 //! - [`DeviceBuffer`], [`PinnedBuffer`], [`Event`]: small owned wrappers.
 
 mod decode;
 mod driver;
+mod encode;
 pub mod nvrtc;
 
 use std::sync::Arc;
 
 pub use decode::{GpuDecoder, LayerEvents, Staged, Timings};
 pub use driver::{DeviceBuffer, Event, PinnedBuffer};
+pub use encode::{EncodeTimings, GpuEncoder, ENCODE_CU};
 
 use driver::Context;
 
