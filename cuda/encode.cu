@@ -31,7 +31,7 @@ struct Geo {
     u32 layers, streams, heads, head_dim;
     u32 channels, tensors, groups, dtype;   // dtype: 0 f16, 1 bf16, 2 f32
     u32 es, block_size, protect, base_pb;
-    u32 max, nchunks, pad0, pad1;
+    u32 max, nchunks, vec16, pad1;       // vec16: rows may be read 16 bytes at a time (host-checked alignment)
     i64 stride_block, stride_kv, stride_token, stride_head, stride_layer;
     u64 layer_base;   // device u64[layers]
     u64 alpha;        // device f32[tensors]: the Rms rule's alpha per tensor
@@ -158,6 +158,44 @@ extern "C" __global__ void cg_enc_rows(Geo g, Bufs b) {
     float amax = 0.f;
     bool bad = false;
     u32 C = g.channels;
+    if (g.vec16) {
+        // head_dim % 8 == 0 and 16-byte aligned rows: 8 elements per step,
+        // element k of a step is lane c % 8 == k (same order as below).
+        for (u32 h = 0; h < g.heads; h++) {
+            const u8* hp = row + (i64)h * g.stride_head;
+            for (u32 d0 = 0; d0 < g.head_dim; d0 += 8) {
+                float v[8];
+                if (g.es == 2) {
+                    uint4 q = *(const uint4*)(hp + 2 * d0);
+                    u32 wv[4] = {q.x, q.y, q.z, q.w};
+#pragma unroll
+                    for (int k = 0; k < 4; k++) {
+                        u16 lo16 = (u16)(wv[k] & 0xffff), hi16 = (u16)(wv[k] >> 16);
+                        if (g.dtype == 1) {
+                            v[2 * k] = __uint_as_float((u32)lo16 << 16);
+                            v[2 * k + 1] = __uint_as_float((u32)hi16 << 16);
+                        } else {
+                            v[2 * k] = f16_to_f32(lo16);
+                            v[2 * k + 1] = f16_to_f32(hi16);
+                        }
+                    }
+                } else {
+                    float4 a = *(const float4*)(hp + 4 * d0);
+                    float4 b2 = *(const float4*)(hp + 4 * d0 + 16);
+                    v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w;
+                    v[4] = b2.x; v[5] = b2.y; v[6] = b2.z; v[7] = b2.w;
+                }
+#pragma unroll
+                for (int k = 0; k < 8; k++) {
+                    bad |= !finite_f(v[k]);
+                    double dv = (double)v[k];
+                    acc = __dadd_rn(acc, __dmul_rn(dv, dv));
+                    ln[k] = __fadd_rn(ln[k], __fmul_rn(v[k], v[k]));
+                    amax = fmaxf(amax, fabsf(v[k]));
+                }
+            }
+        }
+    } else
     for (u32 c0 = 0; c0 < C; c0 += 8) {
 #pragma unroll
         for (int k = 0; k < 8; k++) {
@@ -299,15 +337,22 @@ extern "C" __global__ void cg_enc_quant(Geo g, Bufs b) {
     const float st = b.step[ci * g.tensors + i];
     const float mx = (float)g.max, top = 2.f * (float)g.max;
     u8* sym = b.sym + ch.sym + (u64)i * T * C;
-    for (u32 idx = threadIdx.x; idx < T * 32; idx += blockDim.x) {
-        u32 lane = idx & 31, t = idx >> 5;
-        if (lane >= active) continue;
-        u32 c = c0 + lane;
+    // Each thread keeps one channel: its column offset and the tensor's
+    // base are computed once; per token only the block lookup remains.
+    const u32 lane = threadIdx.x & 31;
+    const u32 c = c0 + lane;
+    const u32 l = i / g.streams, sidx = i % g.streams;
+    const i64 tbase = (i64)((const u64*)g.layer_base)[l] + (i64)l * g.stride_layer + (i64)sidx * g.stride_kv;
+    const i64 col = (i64)(c / g.head_dim) * g.stride_head + (i64)(c % g.head_dim) * g.es;
+    const u32* blocks = (const u32*)ch.block_ids;
+    for (u32 t = threadIdx.x >> 5; t < T; t += blockDim.x >> 5) {
+        if (lane >= active) break;
         u32 s;
         if (b.isx[ch.tok_first + t] || st == 0.f) {
             s = g.max;
         } else {
-            float v = load_elem(g, elem_addr(g, row_addr(g, ch, i, t), c));
+            const u8* p = (const u8*)(tbase + (i64)blocks[t / g.block_size] * g.stride_block + (i64)(t % g.block_size) * g.stride_token + col);
+            float v = load_elem(g, p);
             float q = rintf(__fadd_rn(__fdiv_rn(v, st), mx));
             q = fminf(fmaxf(q, 0.f), top);
             s = (u32)q;
@@ -371,7 +416,9 @@ __device__ __forceinline__ u32 chunk_prob_bits(const Geo& g, const Bufs& b, u32 
 // they end up in decode order. Each lane's table (freq | start << 16 per
 // symbol) is normalised from the compact codes exactly as table::normalize.
 extern "C" __global__ void __launch_bounds__(32) cg_enc_rans(Geo g, Bufs b) {
-    __shared__ u32 tab[256 * 32];
+    // Per lane: the start of each symbol (j = symbol - lo), and at j = n the
+    // total, so freq = start[j + 1] - start[j]; u16, lane-interleaved.
+    __shared__ u16 tab[257 * 32];
     const SegDesc sd = b.segs[blockIdx.x];
     const u32 ci = sd.chunk;
     const EChunk ch = b.chunks[ci];
@@ -412,7 +459,7 @@ extern "C" __global__ void __launch_bounds__(32) cg_enc_rans(Geo g, Bufs b) {
                     f = (u32)(((u64)wt * total) / sum);
                     f = f > 1 ? f : 1;
                 }
-                tab[j * 32 + lane] = f;
+                tab[j * 32 + lane] = (u16)f;
                 assigned += f;
             }
             for (int guard = 0; assigned != total; guard++) {
@@ -423,40 +470,51 @@ extern "C" __global__ void __launch_bounds__(32) cg_enc_rans(Geo g, Bufs b) {
                     if (f > fmax) { imax = j; fmax = f; }
                 }
                 if (assigned < total) {
-                    tab[imax * 32 + lane] += total - assigned;
+                    tab[imax * 32 + lane] = (u16)(tab[imax * 32 + lane] + (total - assigned));
                     assigned = total;
                 } else {
                     u32 take = assigned - total < fmax - 1 ? assigned - total : fmax - 1;
-                    tab[imax * 32 + lane] -= take;
+                    tab[imax * 32 + lane] = (u16)(tab[imax * 32 + lane] - take);
                     assigned -= take;
                 }
             }
             u32 start = 0;
             for (u32 j = 0; j < nn; j++) {
                 u32 f = tab[j * 32 + lane];
-                tab[j * 32 + lane] = f | start << 16;
+                tab[j * 32 + lane] = (u16)start;
                 start += f;
             }
+            tab[nn * 32 + lane] = (u16)start;
         }
         __syncwarp();
-        for (int t = (int)t1 - 1; t >= (int)t0; t--) {
-            u32 f = 1, st = 0;
-            bool fl = false;
-            if (lane < active) {
-                u32 s = sp[(u64)t * C + c];
-                u32 e = tab[((s - lo) & 255) * 32 + lane];
-                f = e & 0xffff;
-                st = e >> 16;
-                fl = (x >> (32 - pb)) >= f;
+        // Symbols are loaded 8 tokens ahead of their use so the loads overlap.
+        for (int tb8 = (int)t1 - 1; tb8 >= (int)t0; tb8 -= 8) {
+            u32 sv[8];
+#pragma unroll
+            for (int k = 0; k < 8; k++) {
+                int t = tb8 - k;
+                sv[k] = (lane < active && t >= (int)t0) ? sp[(u64)t * C + c] : lo;
             }
-            const u32 m = __ballot_sync(FULL, fl);
-            if (fl) {
-                u32 idx = n + __popc(m & ~((2u << lane) - 1u));
-                w[maxw - 1 - idx] = (u16)x;
-                x >>= 16;
+#pragma unroll
+            for (int k = 0; k < 8; k++) {
+                if (tb8 - k < (int)t0) break;   // warp-uniform
+                u32 f = 1, st = 0;
+                bool fl = false;
+                if (lane < active) {
+                    u32 j = (sv[k] - lo) & 255;
+                    st = tab[j * 32 + lane];
+                    f = (u32)tab[(j + 1) * 32 + lane] - st;
+                    fl = (x >> (32 - pb)) >= f;
+                }
+                const u32 m = __ballot_sync(FULL, fl);
+                if (fl) {
+                    u32 idx = n + __popc(m & ~((2u << lane) - 1u));
+                    w[maxw - 1 - idx] = (u16)x;
+                    x >>= 16;
+                }
+                if (lane < active) x = ((x / f) << pb) + (x % f) + st;
+                n += __popc(m);
             }
-            if (lane < active) x = ((x / f) << pb) + (x % f) + st;
-            n += __popc(m);
         }
     }
     b.states[(u64)blockIdx.x * 32 + lane] = x;

@@ -393,6 +393,7 @@ fn bench_encode(gpu: &Gpu, src: &KvTensors, distinct: &[Vec<u8>], sizes: &[usize
         drop(first);
         println!("{tokens} tokens: GPU containers {} the CPU encoder's", if identical { "identical to" } else { "DIFFER from" });
         let (mut kern, mut wall, mut setup, mut finish) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let mut per_kernel: Vec<Vec<f64>> = vec![Vec::new(); 8];
         for _ in 0..repeat {
             let t = Instant::now();
             // SAFETY: as above.
@@ -400,11 +401,17 @@ fn bench_encode(gpu: &Gpu, src: &KvTensors, distinct: &[Vec<u8>], sizes: &[usize
             wall.push(t.elapsed().as_secs_f64() * 1e3);
             std::hint::black_box(out);
             kern.push(tm.kernels_ms);
+            for (v, &m) in per_kernel.iter_mut().zip(&tm.per_kernel_ms) {
+                v.push(m);
+            }
             setup.push(tm.setup_ms);
             finish.push(tm.finish_ms);
         }
         let syms = chunk_syms * nchunks as f64;
         let (k, w) = (median(kern.clone()), median(wall.clone()));
+        let names = ["rows", "outliers", "steps", "quant", "rans", "sizes", "sections", "payload"];
+        let per: serde_json::Map<String, serde_json::Value> = names.iter().zip(&per_kernel).map(|(n, v)| (n.to_string(), json!(median(v.clone())))).collect();
+        println!("{tokens} tokens encode, per kernel (ms): {}", names.iter().zip(&per_kernel).map(|(n, v)| format!("{n} {:.2}", median(v.clone()))).collect::<Vec<_>>().join(", "));
         println!(
             "{tokens} tokens encode ({nchunks} chunks, {:.1} MB out): kernels {k:.2} ms = {:.1} Gsym/s; end to end {w:.2} ms = {:.1} Gsym/s \
              (setup {:.2} ms, D2H + header + hashes {:.2} ms); CPU encoder {:.0} ms on {threads} threads = {:.2} Gsym/s",
@@ -424,6 +431,7 @@ fn bench_encode(gpu: &Gpu, src: &KvTensors, distinct: &[Vec<u8>], sizes: &[usize
             "identical_to_cpu": identical,
             "kernel_ms_median": k,
             "kernel_ms_all": kern,
+            "kernel_ms_per_kernel_median": per,
             "kernel_gsym_s": syms / k / 1e6,
             "e2e_wall_ms_median": w,
             "e2e_wall_ms_all": wall,

@@ -72,7 +72,7 @@ struct Geo {
     base_pb: u32,
     max: u32,
     nchunks: u32,
-    pad0: u32,
+    vec16: u32,
     pad1: u32,
     stride_block: i64,
     stride_kv: i64,
@@ -151,6 +151,8 @@ pub struct EncodeTimings {
     pub setup_ms: f64,
     /// All kernels, by device events.
     pub kernels_ms: f64,
+    /// Each kernel (rows, outliers, steps, quant, rans, sizes, sections, payload).
+    pub per_kernel_ms: [f64; 8],
     /// Device-to-host copies of the containers plus header and hashes.
     pub finish_ms: f64,
 }
@@ -162,6 +164,9 @@ pub struct GpuEncoder {
     f: [cudarc::driver::sys::CUfunction; 8],
     thresholds: DeviceBuffer,
     stream: Mutex<Stream>,
+    /// Pinned staging for the device-to-host copy of the containers, kept
+    /// between calls (pinning is slow) and grown as needed.
+    staging: Mutex<Option<super::PinnedBuffer>>,
 }
 
 // SAFETY: CUfunction handles are usable from any thread with the context current;
@@ -273,7 +278,7 @@ impl GpuEncoder {
         let th = code_thresholds()?;
         let thresholds = gpu.alloc(8 * 14)?;
         thresholds.write(0, as_bytes(&th))?;
-        Ok(GpuEncoder { gpu: gpu.clone(), _module: module, f, thresholds, stream: Mutex::new(Stream::new()?) })
+        Ok(GpuEncoder { gpu: gpu.clone(), _module: module, f, thresholds, stream: Mutex::new(Stream::new()?), staging: Mutex::new(None) })
     }
 
     /// The device.
@@ -447,6 +452,12 @@ impl GpuEncoder {
             thresholds: self.thresholds.ptr(),
             ..Default::default()
         };
+        // Rows can be read 16 bytes at a time when every row and head starts
+        // 16-byte aligned and a head is a whole number of 8-element steps.
+        let a16 = |v: i64| v.rem_euclid(16) == 0;
+        geo.vec16 = (layout.head_dim % 8 == 0) as u32
+            & (0..layout.layers).all(|l| a16(bases[l] as i64 + l as i64 * geo.stride_layer)) as u32
+            & [geo.stride_block, geo.stride_kv, geo.stride_token, geo.stride_head].iter().all(|&v| a16(v)) as u32;
         let mut bufs = Bufs {
             chunks: d_chunks.ptr(),
             segs: d_segs.ptr(),
@@ -478,8 +489,7 @@ impl GpuEncoder {
             }
             None => &own,
         };
-        let t0 = Event::new(true)?;
-        let t1 = Event::new(true)?;
+        let ev: Vec<Event> = (0..9).map(|_| Event::new(true)).collect::<Result<_, _>>()?;
         // SAFETY: every destination was allocated above with at least the
         // copied length; the host sources live until the stream is synchronised below.
         unsafe {
@@ -491,7 +501,7 @@ impl GpuEncoder {
             driver::memset(d_info.ptr(), 0, 32 * n, s)?;
         }
         let setup_ms = t_setup.elapsed().as_secs_f64() * 1e3;
-        t0.record(s)?;
+        ev[0].record(s)?;
         let max_t = chunks.iter().map(|c| c.1).max().unwrap_or(1) as u32;
         let n32 = n as u32;
         let mut params = [&mut geo as *mut Geo as *mut c_void, &mut bufs as *mut Bufs as *mut c_void];
@@ -505,20 +515,28 @@ impl GpuEncoder {
             ((64, n32, 1), 256),
             ((segs.len() as u32, 1, 1), 128),
         ];
-        for (f, (grid, block)) in self.f.iter().zip(launches) {
+        for (k, (f, (grid, block))) in self.f.iter().zip(launches).enumerate() {
             // SAFETY: every kernel takes (Geo, Bufs) by value; the buffers
             // above are sized for the indices the kernels compute from them.
             unsafe { driver::launch(*f, grid, (block, 1, 1), 0, s, &mut params)? };
+            ev[k + 1].record(s)?;
         }
-        t1.record(s)?;
-        t1.sync()?;
-        let kernels_ms = t1.since(&t0)? as f64;
+        ev[8].sync()?;
+        let kernels_ms = ev[8].since(&ev[0])? as f64;
+        let mut per_kernel_ms = [0f64; 8];
+        for (k, slot) in per_kernel_ms.iter_mut().enumerate() {
+            *slot = ev[k + 1].since(&ev[k])? as f64;
+        }
         let t_finish = Instant::now();
         let mut info = vec![0u8; 32 * n];
         d_info.read(0, &mut info)?;
         let word = |ci: usize, k: usize| u32::from_le_bytes(info[32 * ci + 4 * k..32 * ci + 4 * k + 4].try_into().unwrap());
-        let mut out = Vec::with_capacity(n);
-        for (ci, &(_, tokens)) in chunks.iter().enumerate() {
+        // Sizes and errors first; then every container into pinned memory
+        // (one asynchronous copy each, exact length), then header and hashes
+        // on all cores.
+        let mut at = Vec::with_capacity(n);
+        let mut staged = 0usize;
+        for ci in 0..n {
             let err = word(ci, 0);
             if err & ERR_NONFINITE != 0 {
                 return Err(GpuError::Codec { chunk: ci, source: CodecError::NonFinite });
@@ -526,10 +544,31 @@ impl GpuEncoder {
             if err != 0 {
                 return Err(GpuError::Driver(format!("chunk {ci}: encode kernel error bits {err:#x}")));
             }
+            at.push(staged);
+            staged += word(ci, 6) as usize;
+        }
+        let mut pin = self.staging.lock().unwrap_or_else(|e| e.into_inner());
+        if pin.as_ref().is_none_or(|b| b.len() < staged) {
+            *pin = None;
+            *pin = Some(g.alloc_pinned(staged)?);
+        }
+        let host = pin.as_mut().expect("allocated above").as_mut_slice();
+        for ci in 0..n {
+            let total = word(ci, 6) as usize;
+            let dst = &mut host[at[ci]..at[ci] + total];
+            let src = d_out.ptr() + region[ci].0;
+            // SAFETY: the device range lies in the chunk's region of d_out
+            // (total <= its worst case); dst is pinned and outlives the sync below.
+            driver::call("cuMemcpyDtoHAsync", || unsafe { cudarc::driver::result::memcpy_dtoh_async(dst, src, s.raw) })?;
+        }
+        driver::call("cuStreamSynchronize", || unsafe { cudarc::driver::result::stream::synchronize(s.raw) })?;
+        let host: &[u8] = host;
+        let finish_one = |ci: usize| -> Vec<u8> {
+            let tokens = chunks[ci].1;
             let (exact, prob_bits, tables_len, payload_len, total) = (word(ci, 2) as usize, word(ci, 3), word(ci, 4) as usize, word(ci, 5) as usize, word(ci, 6) as usize);
-            let (off, seg_tokens, seg_groups) = region[ci];
-            let mut bytes = vec![0u8; total + 8];
-            d_out.read(off as usize, &mut bytes[..total])?;
+            let (_, seg_tokens, seg_groups) = region[ci];
+            let mut bytes = Vec::with_capacity(total + 8);
+            bytes.extend_from_slice(&host[at[ci]..at[ci] + total]);
             let tables_at = 64 + 6 * p + 4 * exact + exact * p * c * es;
             let header = Header {
                 flags: 0,
@@ -550,13 +589,33 @@ impl GpuEncoder {
             let mut h = Vec::with_capacity(64);
             header.write(&mut h);
             bytes[..64].copy_from_slice(&h);
-            let sum = xxh3_64(&bytes[..total]);
-            bytes[total..].copy_from_slice(&sum.to_le_bytes());
-            out.push(bytes);
+            let sum = xxh3_64(&bytes);
+            bytes.extend_from_slice(&sum.to_le_bytes());
+            bytes
+        };
+        let threads = std::thread::available_parallelism().map_or(1, |t| t.get()).min(n);
+        let mut out: Vec<Vec<u8>> = vec![Vec::new(); n];
+        if threads <= 1 {
+            for (ci, o) in out.iter_mut().enumerate() {
+                *o = finish_one(ci);
+            }
+        } else {
+            let per = n.div_ceil(threads);
+            std::thread::scope(|sc| {
+                for (k, part) in out.chunks_mut(per).enumerate() {
+                    let f = &finish_one;
+                    sc.spawn(move || {
+                        for (j, o) in part.iter_mut().enumerate() {
+                            *o = f(k * per + j);
+                        }
+                    });
+                }
+            });
         }
+        drop(pin);
         let finish_ms = t_finish.elapsed().as_secs_f64() * 1e3;
         drop(own);
-        Ok((out, EncodeTimings { setup_ms, kernels_ms, finish_ms }))
+        Ok((out, EncodeTimings { setup_ms, kernels_ms, per_kernel_ms, finish_ms }))
     }
 }
 
