@@ -391,6 +391,10 @@ impl GpuEncoder {
         }
         let n = chunks.len();
         let nt = (n * p * c) as u64;
+        // The kernels index tables with u32.
+        if nt > u32::MAX as u64 {
+            return Err(GpuError::Unsupported("too many chunks in one call; split it".into()));
+        }
         let g = &self.gpu;
         g.bind()?;
         let alloc = |len: u64| g.alloc(len as usize);
