@@ -291,7 +291,7 @@ pub fn outlier_tokens(tensors: &[Vec<f32>], tokens: usize, channels: usize) -> V
         sorted.sort_by(|a, b| a.total_cmp(b));
         let med = sorted[tokens / 2];
         for (s, n) in score.iter_mut().zip(&norms) {
-            *s += ((n + 1e-6) / (med + 1e-6)).ln().abs();
+            *s += det_ln((n + 1e-6) / (med + 1e-6)).abs();
         }
     }
     let mut picked: Vec<usize> = (0..tokens).filter(|&t| score[t] / tensors.len() as f64 > 1.0).collect();
@@ -299,6 +299,35 @@ pub fn outlier_tokens(tensors: &[Vec<f32>], tokens: usize, channels: usize) -> V
     picked.truncate((tokens / 64).max(1));
     picked.sort_unstable();
     picked
+}
+
+/// Natural logarithm of a positive finite `x` from IEEE basic operations
+/// in a fixed order (exponent split, then the atanh series, no libm), so the
+/// GPU encoder (cuda/encode.cu `det_ln`) gets the same bits: libm's `ln`
+/// and CUDA's `log` may differ in the last place, which could change which
+/// tokens `outlier_tokens` picks. Relative error about 1e-16.
+pub fn det_ln(x: f64) -> f64 {
+    let mut bits = x.to_bits();
+    let mut e: i64 = 0;
+    if (bits >> 52) & 0x7ff == 0 {
+        // Subnormal: scale by 2^54 (exact) first.
+        bits = (x * 18014398509481984.0).to_bits();
+        e = -54;
+    }
+    e += ((bits >> 52) & 0x7ff) as i64 - 1023;
+    let mut m = f64::from_bits((bits & 0x000f_ffff_ffff_ffff) | 0x3ff0_0000_0000_0000);
+    if m > std::f64::consts::SQRT_2 {
+        m *= 0.5;
+        e += 1;
+    }
+    // ln m = 2 atanh(s), s = (m - 1) / (m + 1), |s| <= 0.172: 13 odd terms.
+    let s = (m - 1.0) / (m + 1.0);
+    let s2 = s * s;
+    let mut p = 1.0 / 25.0;
+    for k in (0..12).rev() {
+        p = p * s2 + 1.0 / (2 * k + 1) as f64;
+    }
+    e as f64 * std::f64::consts::LN_2 + 2.0 * s * p
 }
 
 /// Raw little-endian bytes of `dtype` to f32.
@@ -376,6 +405,15 @@ mod tests {
             assert_eq!(bf16::from_f32(up).to_f32(), up);
             assert_eq!(bf16::from_f32(down).to_f32(), down);
         }
+    }
+
+    #[test]
+    fn det_ln_matches_libm() {
+        for x in [1e-300, 3e-310, 1e-6, 0.37, 0.999999, 1.0, 1.0000001, 1.41421356, 1.5, 2.0, 7.25, 1e6, 3.4e38, 1e300] {
+            let (a, b) = (det_ln(x), x.ln());
+            assert!((a - b).abs() <= 4e-16 * b.abs().max(1.0), "{x}: {a} vs {b}");
+        }
+        assert_eq!(det_ln(1.0), 0.0);
     }
 
     #[test]

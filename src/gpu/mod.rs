@@ -20,12 +20,16 @@
 //!   dequantization and the scatter; no dense intermediate tensor. The result
 //!   is bit-identical to [`crate::codec::decode`] followed by
 //!   [`crate::layout::KvLayout::scatter`].
-//! - [`GpuGather`]: the way back for stores: paged device blocks to dense
-//!   host tensors (one kernel, one copy), for the host encoder.
+//! - [`GpuEncoder`]: encodes straight from paged KV blocks on the device
+//!   (gather, quantization, tables, rANS, container sections), output
+//!   byte-identical to [`crate::codec::encode`] (lossy levels, embedded tables).
+//! - [`GpuGather`]: paged device blocks to dense host tensors (one kernel,
+//!   one copy), for what the GPU encoder does not take (the lossless level).
 //! - [`DeviceBuffer`], [`PinnedBuffer`], [`Event`]: small owned wrappers.
 
 mod decode;
 mod driver;
+mod encode;
 mod gather;
 pub mod nvrtc;
 
@@ -34,6 +38,7 @@ use std::sync::Arc;
 pub use decode::{GpuDecoder, LayerEvents, Staged, Timings, SKIP_BLOCK};
 pub use gather::GpuGather;
 pub use driver::{DeviceBuffer, Event, PinnedBuffer};
+pub use encode::{EncodeTimings, GpuEncoder, ENCODE_CU};
 
 use driver::Context;
 

@@ -1,0 +1,309 @@
+//! GPU encode (issue 5): containers encoded on the GPU straight from paged
+//! blocks must equal `codec::encode` of the same chunk byte for byte, over
+//! layouts, dtypes, head counts and dims, levels and chunk sizes; GPU
+//! encode -> CPU decode and CPU encode -> GPU decode round trips; bad input
+//! is an error.
+//!
+//! On a machine without a GPU every test prints `SKIPPED: no GPU (<reason>)`
+//! and passes, so CPU-only CI stays green.
+
+use std::sync::OnceLock;
+
+use cachegen::codec::quant;
+use cachegen::codec::{self, encode, Dtype, EncodeOptions, KvKind, KvShape, KvTensors, Level};
+use cachegen::gpu::{Gpu, GpuDecoder, GpuEncoder, GpuError};
+use cachegen::layout::KvLayout;
+
+static CODERS: OnceLock<Result<(GpuEncoder, GpuDecoder), String>> = OnceLock::new();
+
+/// The shared encoder and decoder, or `None` after printing why the test is skipped.
+fn coders() -> Option<&'static (GpuEncoder, GpuDecoder)> {
+    let d = CODERS.get_or_init(|| match Gpu::open(0) {
+        Ok(g) => {
+            eprintln!("GPU: {} (sm_{}{})", g.name(), g.compute_capability().0, g.compute_capability().1);
+            let enc = GpuEncoder::new(&g).unwrap_or_else(|e| panic!("GPU present but the encoder failed to start: {e}"));
+            let dec = GpuDecoder::new(&g).unwrap_or_else(|e| panic!("GPU present but the decoder failed to start: {e}"));
+            Ok((enc, dec))
+        }
+        Err(GpuError::NoGpu(reason)) => Err(reason),
+        Err(e) => panic!("GPU present but unusable: {e}"),
+    });
+    match d {
+        Ok(d) => Some(d),
+        Err(reason) => {
+            println!("SKIPPED: no GPU ({reason})");
+            None
+        }
+    }
+}
+
+fn xorshift(seed: u64) -> impl FnMut() -> f64 {
+    let mut state = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
+    move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        (state >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+/// KV-like data: per-channel offsets and scales, Laplace noise, a few
+/// outlier channels and attention-sink-like tokens (0 and `tokens / 3`).
+fn synthetic(shape: KvShape, dtype: Dtype, seed: u64) -> KvTensors {
+    let mut model = xorshift(777 + seed);
+    let mut rnd = xorshift(seed);
+    let c = shape.channels();
+    let tensors = (0..shape.tensors())
+        .map(|_| {
+            let offs: Vec<f64> = (0..c).map(|_| (model() - 0.5) * 2.0).collect();
+            let scl: Vec<f64> = (0..c).map(|i| if i % 37 == 5 { 8.0 } else { 0.2 + model() }).collect();
+            let mut out = vec![0u8; shape.plane_elems() * dtype.size()];
+            for t in 0..shape.tokens {
+                for ch in 0..c {
+                    let lap = (-(rnd() + 1e-12).ln()) - (-(rnd() + 1e-12).ln());
+                    let mut v = offs[ch] + scl[ch] * lap;
+                    if t == 0 || t == shape.tokens / 3 {
+                        v *= 20.0;
+                    }
+                    quant::store(dtype, &mut out, t * c + ch, v as f32);
+                }
+            }
+            out
+        })
+        .collect();
+    KvTensors { shape, dtype, tensors }
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Kind {
+    FlashAttn(bool),
+    FlashInfer(bool),
+    CrossLayer(bool),
+    TrtPool(bool),
+    Mla,
+}
+
+/// A layout of `kind` with arena offsets starting at 0, and the arena size.
+fn make_layout(kind: Kind, layers: usize, num_blocks: usize, block_size: usize, heads: usize, head_dim: usize, dtype: Dtype) -> (KvLayout, usize) {
+    let e = dtype.size();
+    let per_layer = |kv: usize| kv * num_blocks * block_size * heads * head_dim * e;
+    let bases = |size: usize| (0..layers).map(|l| l * size).collect::<Vec<_>>();
+    let l = match kind {
+        Kind::FlashAttn(hnd) => KvLayout::vllm_flash_attn(bases(per_layer(2)), num_blocks, block_size, heads, head_dim, dtype, hnd),
+        Kind::FlashInfer(hnd) => KvLayout::flashinfer(bases(per_layer(2)), num_blocks, block_size, heads, head_dim, dtype, hnd),
+        Kind::CrossLayer(hnd) => KvLayout::vllm_cross_layer(0, layers, num_blocks, block_size, heads, head_dim, dtype, hnd),
+        Kind::TrtPool(hnd) => KvLayout::trtllm_pool(0, layers, num_blocks, block_size, heads, head_dim, dtype, hnd),
+        Kind::Mla => KvLayout::mla(bases(per_layer(1)), num_blocks, block_size, head_dim, dtype),
+    }
+    .unwrap();
+    let size = match kind {
+        Kind::Mla => per_layer(1) * layers,
+        _ => per_layer(2) * layers,
+    };
+    (l, size)
+}
+
+/// Tokens `t0..t1` of a chunk.
+fn slice_tokens(kv: &KvTensors, t0: usize, t1: usize) -> KvTensors {
+    let row = kv.shape.channels() * kv.dtype.size();
+    KvTensors { shape: KvShape { tokens: t1 - t0, ..kv.shape }, dtype: kv.dtype, tensors: kv.tensors.iter().map(|t| t[t0 * row..t1 * row].to_vec()).collect() }
+}
+
+/// Put `kv` into a device arena of `kind` (random garbage elsewhere), cut
+/// into chunks of `chunk` tokens over shuffled blocks of `block_size`;
+/// encode the chunks on the GPU and each chunk on the CPU; compare.
+/// Returns the GPU containers.
+fn check(kind: Kind, kv: &KvTensors, chunk: usize, block_size: usize, opts: &EncodeOptions, what: &str) -> Vec<Vec<u8>> {
+    let (enc, _) = coders().unwrap();
+    let s = kv.shape;
+    let cuts: Vec<(usize, usize)> = (0..s.tokens.div_ceil(chunk)).map(|i| (i * chunk, ((i + 1) * chunk).min(s.tokens))).collect();
+    let per_chunk: Vec<usize> = cuts.iter().map(|(a, b)| (b - a).div_ceil(block_size)).collect();
+    let num_blocks = per_chunk.iter().sum::<usize>() + 5;
+    let (layout, size) = make_layout(kind, s.layers, num_blocks, block_size, s.heads, s.head_dim, kv.dtype);
+    let mut rnd = xorshift(size as u64 ^ chunk as u64);
+    let mut ids: Vec<u32> = (0..num_blocks as u32).collect();
+    for i in (1..ids.len()).rev() {
+        ids.swap(i, ((rnd() * (i + 1) as f64) as usize).min(i));
+    }
+    let mut arena: Vec<u8> = (0..size).map(|_| (rnd() * 256.0) as u8).collect();
+    let mut chunk_ids = Vec::new();
+    let mut at = 0;
+    let mut want = Vec::new();
+    for (&(a, b), &n) in cuts.iter().zip(&per_chunk) {
+        let part = slice_tokens(kv, a, b);
+        let bl = ids[at..at + n].to_vec();
+        at += n;
+        layout.scatter(&mut arena, &bl, &part).unwrap();
+        // The CPU reference: encode of what the layout gathers.
+        assert_eq!(layout.gather(&arena, &bl, b - a).unwrap().tensors, part.tensors);
+        want.push(encode(&part, opts).unwrap());
+        chunk_ids.push((bl, b - a));
+    }
+    let dev = enc.gpu().alloc(size).unwrap();
+    dev.write(0, &arena).unwrap();
+    let mut dev_layout = layout.clone();
+    for b in &mut dev_layout.layer_base {
+        *b += dev.ptr() as usize;
+    }
+    let req: Vec<(&[u32], usize)> = chunk_ids.iter().map(|(b, t)| (b.as_slice(), *t)).collect();
+    // SAFETY: the arena holds the whole layout and nothing else uses it.
+    let got = unsafe { enc.encode_blocks(&dev_layout, &req, opts, None) }.unwrap_or_else(|e| panic!("{what} {kind:?}: {e}"));
+    assert_eq!(got.len(), want.len());
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        if g != w {
+            let first = g.iter().zip(w.iter()).position(|(a, b)| a != b).unwrap_or(g.len().min(w.len()));
+            panic!(
+                "{what} {kind:?} {:?} chunk {i}: GPU container ({} bytes) differs from the CPU's ({} bytes) first at byte {first} ({})",
+                kv.dtype,
+                g.len(),
+                w.len(),
+                section_of(w, first)
+            );
+        }
+        // GPU encode -> CPU decode.
+        let back = codec::decode(g, None).unwrap();
+        assert_eq!(back.shape.tokens, cuts[i].1 - cuts[i].0);
+    }
+    got
+}
+
+/// Which section of container `b` byte `at` is in (for failure messages).
+fn section_of(b: &[u8], at: usize) -> String {
+    let Ok(l) = codec::format::parse(b, u64::MAX) else { return "unparsable".into() };
+    let h = &l.header;
+    if at < 64 {
+        return format!("header; CPU header {h:?}");
+    }
+    if l.scales.contains(&at) {
+        return "scales".into();
+    }
+    if at < l.exact_rows.start {
+        return format!("plane descriptors or exact indices ({} exact tokens)", h.exact_tokens);
+    }
+    if l.exact_rows.contains(&at) {
+        return "exact rows".into();
+    }
+    if l.tables.contains(&at) {
+        return format!("tables, byte {} of {}", at - l.tables.start, h.tables_len);
+    }
+    match l.segments.iter().position(|&(a, e)| a <= at && at < e) {
+        Some(k) => format!("payload segment {k} of {}, byte {} of {}", l.segments.len(), at - l.segments[k].0, l.segments[k].1 - l.segments[k].0),
+        None => "segment ends or checksum".into(),
+    }
+}
+
+fn lossy() -> [Level; 3] {
+    [Level::Compact, Level::Default, Level::High]
+}
+
+#[test]
+fn gpu_encode_equals_cpu_encode_across_layouts_dtypes_and_levels() {
+    if coders().is_none() {
+        return;
+    }
+    // (kind, layers, heads, head_dim, dtype, tokens, chunk, block size)
+    let cases = [
+        (Kind::FlashAttn(false), 2, 3, 64, Dtype::F16, 300, 256, 16),
+        (Kind::FlashAttn(true), 2, 5, 128, Dtype::Bf16, 200, 96, 16),
+        (Kind::FlashInfer(false), 3, 1, 256, Dtype::F32, 77, 77, 8),
+        (Kind::FlashInfer(true), 1, 7, 64, Dtype::F16, 513, 256, 32),
+        (Kind::CrossLayer(false), 2, 2, 128, Dtype::Bf16, 130, 64, 16),
+        (Kind::CrossLayer(true), 2, 3, 64, Dtype::F32, 50, 20, 16),
+        (Kind::TrtPool(false), 2, 8, 128, Dtype::F16, 40, 40, 8),
+        (Kind::TrtPool(true), 2, 1, 256, Dtype::Bf16, 90, 45, 16),
+        (Kind::Mla, 3, 1, 576, Dtype::Bf16, 150, 100, 64),
+        (Kind::Mla, 2, 1, 192, Dtype::F16, 33, 33, 16),
+    ];
+    for (n, &(kind, layers, heads, head_dim, dtype, tokens, chunk, bs)) in cases.iter().enumerate() {
+        let shape = KvShape { kind: if matches!(kind, Kind::Mla) { KvKind::Latent } else { KvKind::KeyValue }, layers, tokens, heads, head_dim };
+        let kv = synthetic(shape, dtype, 100 + n as u64);
+        for level in lossy() {
+            check(kind, &kv, chunk, bs, &EncodeOptions::level(level), &format!("case {n} {level:?}"));
+        }
+    }
+}
+
+#[test]
+fn gpu_encode_options_profile_outliers_prob_bits_and_tiny_chunks() {
+    if coders().is_none() {
+        return;
+    }
+    let shape = KvShape { kind: KvKind::KeyValue, layers: 2, tokens: 260, heads: 3, head_dim: 64 };
+    let kv = synthetic(shape, Dtype::F16, 9);
+    let profile: Vec<f32> = (0..shape.tensors()).map(|i| 0.5 + 0.37 * i as f32).collect();
+    let opts = [
+        EncodeOptions { profile: Some(profile), ..EncodeOptions::level(Level::Default) },
+        EncodeOptions { protect_outliers: Some(false), ..EncodeOptions::level(Level::Default) },
+        EncodeOptions { prob_bits: Some(10), ..EncodeOptions::level(Level::High) },
+        EncodeOptions::default(),
+    ];
+    for (i, o) in opts.iter().enumerate() {
+        check(Kind::FlashAttn(false), &kv, 256, 16, o, &format!("options {i}"));
+    }
+    // Chunks under 8 tokens (no outlier detection) and of 1 token.
+    check(Kind::FlashAttn(true), &kv, 7, 4, &EncodeOptions::level(Level::Compact), "7-token chunks");
+    check(Kind::FlashInfer(false), &slice_tokens(&kv, 0, 3), 1, 16, &EncodeOptions::level(Level::Default), "1-token chunks");
+    // Constant data (a zero step).
+    let zero = KvTensors { shape: KvShape { tokens: 40, ..shape }, dtype: Dtype::F16, tensors: vec![vec![0u8; 40 * 192 * 2]; 4] };
+    check(Kind::FlashAttn(false), &zero, 40, 16, &EncodeOptions::level(Level::Default), "zeros");
+}
+
+#[test]
+fn gpu_encode_real_fixture_and_round_trips() {
+    let Some((_, dec)) = coders() else { return };
+    let kv = cachegen::interchange::from_safetensors(&std::fs::read("fixtures/smollm2-kernel-doc-320.safetensors").unwrap()).unwrap().kv;
+    for level in lossy() {
+        let streams = check(Kind::FlashAttn(false), &kv, 256, 16, &EncodeOptions::level(level), &format!("fixture {level:?}"));
+        // CPU encode (== these bytes) -> GPU decode equals CPU decode.
+        let s = kv.shape;
+        let (layout, size) = make_layout(Kind::FlashInfer(true), s.layers, 40, 16, s.heads, s.head_dim, kv.dtype);
+        let ids: Vec<Vec<u32>> = vec![(0..16).rev().collect(), (20..24).collect()];
+        let mut want = vec![0u8; size];
+        for (b, ids) in streams.iter().zip(&ids) {
+            layout.scatter(&mut want, ids, &codec::decode(b, None).unwrap()).unwrap();
+        }
+        let arena = dec.gpu().alloc(size).unwrap();
+        arena.write(0, &vec![0u8; size]).unwrap();
+        let mut dl = layout.clone();
+        for b in &mut dl.layer_base {
+            *b += arena.ptr() as usize;
+        }
+        let refs: Vec<&[u8]> = streams.iter().map(|b| b.as_slice()).collect();
+        let id_refs: Vec<&[u32]> = ids.iter().map(|v| v.as_slice()).collect();
+        // SAFETY: the arena holds the whole layout.
+        unsafe { dec.decode_into(&refs, &dl, &id_refs, None) }.unwrap();
+        let mut got = vec![0u8; size];
+        arena.read(0, &mut got).unwrap();
+        assert!(got == want, "fixture {level:?}: GPU decode of the GPU-encoded chunks differs from the CPU decode");
+    }
+}
+
+#[test]
+fn gpu_encode_rejects_bad_input() {
+    let Some((enc, _)) = coders() else { return };
+    let (layout, size) = make_layout(Kind::FlashAttn(false), 1, 4, 16, 2, 64, Dtype::F16);
+    let dev = enc.gpu().alloc(size).unwrap();
+    let mut host = vec![0u8; size];
+    let kv = synthetic(KvShape { kind: KvKind::KeyValue, layers: 1, tokens: 20, heads: 2, head_dim: 64 }, Dtype::F16, 3);
+    let mut bad = kv.clone();
+    bad.tensors[1][2 * 17 * 128 + 6..2 * 17 * 128 + 8].copy_from_slice(&half::f16::NAN.to_le_bytes());
+    layout.scatter(&mut host, &[2, 0], &bad).unwrap();
+    dev.write(0, &host).unwrap();
+    let mut dl = layout.clone();
+    dl.layer_base[0] += dev.ptr() as usize;
+    let opts = EncodeOptions::level(Level::Default);
+    // SAFETY (all calls): the arena holds the layout.
+    let e = unsafe { enc.encode_blocks(&dl, &[(&[2, 0], 20)], &opts, None) }.unwrap_err();
+    assert!(matches!(e, GpuError::Codec { chunk: 0, source: codec::Error::NonFinite }), "{e}");
+    assert!(encode(&bad, &opts).is_err());
+    let e = unsafe { enc.encode_blocks(&dl, &[(&[2, 9], 20)], &opts, None) }.unwrap_err();
+    assert!(matches!(e, GpuError::Invalid(_)), "{e}");
+    let e = unsafe { enc.encode_blocks(&dl, &[(&[2], 20)], &opts, None) }.unwrap_err();
+    assert!(matches!(e, GpuError::Invalid(_)), "{e}");
+    let e = unsafe { enc.encode_blocks(&dl, &[(&[2], 0)], &opts, None) }.unwrap_err();
+    assert!(matches!(e, GpuError::Invalid(_)), "{e}");
+    let e = unsafe { enc.encode_blocks(&dl, &[(&[2, 0], 20)], &EncodeOptions::level(Level::Lossless), None) }.unwrap_err();
+    assert!(matches!(e, GpuError::Unsupported(_)), "{e}");
+    let e = unsafe { enc.encode_blocks(&dl, &[(&[2, 0], 20)], &EncodeOptions { profile: Some(vec![1.0]), ..opts.clone() }, None) }.unwrap_err();
+    assert!(matches!(e, GpuError::Invalid(_)), "{e}");
+}
