@@ -1,8 +1,9 @@
 //! A job's observable progress: milestones, per-layer completion, failed
 //! blocks. Waiters block on a condition variable; every change notifies.
 
+use std::any::Any;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Weak;
+use std::sync::{Arc, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
@@ -57,6 +58,11 @@ pub struct Job {
     pub(crate) canceller: Mutex<Option<Weak<dyn super::Expire>>>,
     /// Set when the job started, for its duration in stats and traces.
     pub started: Instant,
+    /// Per-chunk decisions of a streamed load, set once when it starts
+    /// (owned and typed by `crate::streaming`, which reads them back in
+    /// `Job::chunk_decisions`; type-erased so that the pipeline does not
+    /// depend on streaming's types).
+    pub(crate) decisions: OnceLock<Arc<dyn Any + Send + Sync>>,
 }
 
 impl Job {
@@ -70,6 +76,7 @@ impl Job {
             cancelled: AtomicBool::new(false),
             canceller: Mutex::new(None),
             started: Instant::now(),
+            decisions: OnceLock::new(),
         }
     }
 
