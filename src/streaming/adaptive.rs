@@ -51,6 +51,10 @@ struct EstState {
     /// EWMA of fetch seconds per byte, overall and per tier index.
     spb: Option<f64>,
     tier_spb: Vec<Option<f64>>,
+    /// EWMA of |sample - estimate| / estimate of the overall time per byte.
+    spread: Option<f64>,
+    /// When the last fetch was observed.
+    last_fetch: Option<std::time::Instant>,
     /// EWMA of stored/raw size per level.
     size_ratio: [Option<f64>; 4],
     /// Decode throughput (raw bytes out per second, all decode threads).
@@ -64,12 +68,17 @@ pub struct Estimator {
     initial: f64,
     /// Weight of the newest sample.
     pub alpha: f64,
+    /// Without new fetches, the bandwidth estimate returns to `initial`
+    /// with this half-life. Otherwise a context whose estimate collapsed
+    /// (a stall) would leave every later load to recompute and, fetching
+    /// nothing, never measure the link again.
+    pub half_life: std::time::Duration,
 }
 
 impl Estimator {
     /// `initial`: bytes/s assumed before anything was measured.
     pub fn new(initial: f64) -> Estimator {
-        Estimator { st: Mutex::new(EstState::default()), initial, alpha: 0.5 }
+        Estimator { st: Mutex::new(EstState::default()), initial, alpha: 0.5, half_life: std::time::Duration::from_secs(10) }
     }
 
     /// Records a fetch of `bytes` that took `secs` (latency included) from
@@ -84,7 +93,12 @@ impl Estimator {
         let r = secs / bytes as f64;
         let a = self.alpha;
         let mut st = self.st.lock();
+        if let Some(b) = st.spb {
+            let dev = (r - b).abs() / b;
+            st.spread = Some(st.spread.map_or(dev, |d| a * dev + (1.0 - a) * d));
+        }
         st.spb = Some(st.spb.map_or(r, |b| a * r + (1.0 - a) * b));
+        st.last_fetch = Some(std::time::Instant::now());
         if st.tier_spb.len() <= tier {
             st.tier_spb.resize(tier + 1, None);
         }
@@ -116,7 +130,20 @@ impl Estimator {
     /// bytes over the expected time per byte.
     pub fn bandwidth(&self, tier: Option<usize>) -> f64 {
         let st = self.st.lock();
-        tier.and_then(|t| st.tier_spb.get(t).copied().flatten()).or(st.spb).map_or(self.initial, |spb| 1.0 / spb)
+        let Some(spb) = tier.and_then(|t| st.tier_spb.get(t).copied().flatten()).or(st.spb) else {
+            return self.initial;
+        };
+        let age = st.last_fetch.map_or(0.0, |t| t.elapsed().as_secs_f64());
+        let w = 0.5f64.powf(age / self.half_life.as_secs_f64().max(1e-9));
+        1.0 / (w * spb + (1.0 - w) / self.initial)
+    }
+
+    /// How much the time per byte of recent fetches strayed from the
+    /// estimate (EWMA of |sample - estimate| / estimate); infinite before
+    /// two fetches were measured. About 0 on a steady link, about 1 on
+    /// per-chunk traces uniform in 0.1-10 Gbps.
+    pub fn spread(&self) -> f64 {
+        self.st.lock().spread.unwrap_or(f64::INFINITY)
     }
 
     pub fn size(&self, level: Level, raw: u64) -> f64 {
@@ -136,6 +163,10 @@ pub const UPGRADE_REL: f64 = 0.10;
 /// ... or when taking it for every chunk left costs at most this share of
 /// the SLO in all.
 pub const UPGRADE_SLO_SHARE: f64 = 0.02;
+
+/// A link whose time per byte strays less than this (relative) from the
+/// estimate counts as steady (see [`Planner::fetch_deadline_s`]).
+pub const STEADY_SPREAD: f64 = 0.25;
 
 /// The SLO policy of a load.
 #[derive(Clone, Debug)]
@@ -247,6 +278,32 @@ impl Planner {
     pub fn give_up_s(&self, recomputed: usize, after: usize) -> f64 {
         self.slo_s - (recomputed + after) as f64 * self.recompute_s()
     }
+
+    /// When to abandon the fetch of a chunk planned at `elapsed_s` with
+    /// expected time `expected_s` (`None`: never; the load is committed to
+    /// fetching). Like [`Planner::give_up_s`], except for a fetch expected
+    /// to end past the give-up point even on time: giving it up there
+    /// recomputes every chunk left although the link is fine (at 30-100
+    /// Gbps the give-up point sweeps past the elapsed time mid-load and
+    /// caught a 1 ms fetch in about one load in ten). On a steady link
+    /// (`spread`, [`Estimator::spread`], at most [`STEADY_SPREAD`]) such a
+    /// fetch is given up only once it is overdue (twice its expected time;
+    /// on a stall the SLO is then missed by at most that); on a link whose
+    /// rate jumps from chunk to chunk the expected time says little, and
+    /// the give-up point stays.
+    ///
+    /// Not yet used by the loader (`src/pipeline/load.rs` arms the give-up
+    /// point of `give_up_s` for every fetch it starts before it).
+    pub fn fetch_deadline_s(&self, recomputed: usize, after: usize, elapsed_s: f64, expected_s: f64, spread: f64) -> Option<f64> {
+        let g = self.give_up_s(recomputed, after);
+        if g <= elapsed_s {
+            None
+        } else if elapsed_s + expected_s <= g || spread > STEADY_SPREAD {
+            Some(g)
+        } else {
+            Some(elapsed_s + 2.0 * expected_s)
+        }
+    }
 }
 
 #[cfg(test)]
@@ -341,5 +398,36 @@ mod tests {
         assert!((expected_s - 0.505).abs() < 1e-9, "{expected_s}");
         // An unmeasured tier falls back to the overall estimate.
         assert_eq!(e.bandwidth(Some(3)), e.bandwidth(None));
+        assert!(e.spread() > 10.0, "{}", e.spread());
+        let steady = Estimator::new(1e9);
+        assert!(steady.spread().is_infinite());
+        for _ in 0..4 {
+            steady.observe_fetch(0, 1_000_000, 0.001);
+        }
+        assert_eq!(steady.spread(), 0.0);
+    }
+
+    #[test]
+    fn a_collapsed_estimate_returns_to_the_initial_one_without_fetches() {
+        let mut e = Estimator::new(1e9);
+        e.half_life = std::time::Duration::from_millis(20);
+        e.observe_fetch(0, 1_000, 1.0); // a stall: 1 kB/s
+        assert!(e.bandwidth(None) < 1e6);
+        std::thread::sleep(std::time::Duration::from_millis(600)); // 30 half-lives
+        assert!(e.bandwidth(None) > 0.5e9, "{}", e.bandwidth(None));
+    }
+
+    #[test]
+    fn a_fetch_is_given_up_where_recomputing_the_rest_still_meets_the_slo() {
+        let pl = planner(0.1); // recompute 10 ms a chunk
+        // 5 chunks left: give up at 50 ms; past it, no deadline.
+        assert_eq!(pl.give_up_s(0, 5), pl.slo_s - 0.05);
+        assert_eq!(pl.fetch_deadline_s(0, 5, 0.01, 0.001, 0.0), Some(pl.slo_s - 0.05));
+        assert_eq!(pl.fetch_deadline_s(0, 5, 0.06, 0.001, 0.0), None);
+        // A fetch expected to end past the give-up point: overdue at twice
+        // its expected time on a steady link, the give-up point otherwise.
+        let (e, x) = (0.0495, 0.001);
+        assert_eq!(pl.fetch_deadline_s(0, 5, e, x, 0.0), Some(e + 2.0 * x));
+        assert_eq!(pl.fetch_deadline_s(0, 5, e, x, 1.0), Some(pl.slo_s - 0.05));
     }
 }
