@@ -395,9 +395,10 @@ mod tests {
         e.observe_fetch(0, 1_000_000, 1.0);
         e.observe_fetch(0, 1_000_000, 0.01);
         let expected_s = 1e6 / e.bandwidth(Some(0));
-        assert!((expected_s - 0.505).abs() < 1e-9, "{expected_s}");
+        assert!((expected_s - 0.505).abs() < 1e-3, "{expected_s}"); // (decays a little towards 1 GB/s meanwhile)
         // An unmeasured tier falls back to the overall estimate.
-        assert_eq!(e.bandwidth(Some(3)), e.bandwidth(None));
+        let (t3, all) = (e.bandwidth(Some(3)), e.bandwidth(None));
+        assert!((t3 / all - 1.0).abs() < 1e-6, "{t3} {all}");
         assert!(e.spread() > 10.0, "{}", e.spread());
         let steady = Estimator::new(1e9);
         assert!(steady.spread().is_infinite());
