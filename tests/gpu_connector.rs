@@ -181,11 +181,24 @@ fn gpu_store_gathers_what_the_host_store_gathers() {
         for (c, g) in got.iter().enumerate() {
             assert_eq!(*g, src.read(refs[c], CHUNK), "chunk {c} gathered on the GPU differs");
         }
-        // A store from device memory, then a host load: the codec's output.
-        let ctx = Context::from_json(&config("")).unwrap();
+        // A store from device memory (encoded on the GPU) and one from host
+        // memory write the same files; a host load gives the codec's output.
+        let (gdir, hdir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let disk = |d: &tempfile::TempDir| config(&format!(r#", "tiers": {{"disk": {{"path": "{}", "bytes": 100000000}}}}"#, d.path().display()));
+        let ctx = Context::from_json(&disk(&gdir)).unwrap();
         let job = unsafe { ctx.store_on(Arc::clone(&dev.layout), &toks, &src_blocks, b"", Some(0)) }.unwrap();
         assert!(job.wait(Stage::Done, Some(Duration::from_secs(60))));
         assert_eq!(job.progress().chunks_ok, 5, "{:?}", job.progress().errors);
+        let hctx = Context::from_json(&disk(&hdir)).unwrap();
+        let job = unsafe { hctx.store(Arc::clone(&src.layout), &toks, &src_blocks, b"") }.unwrap();
+        assert!(job.wait(Stage::Done, Some(Duration::from_secs(60))));
+        let files = |d: &tempfile::TempDir| -> Vec<(std::path::PathBuf, Vec<u8>)> {
+            let mut v: Vec<_> = walk(d.path()).into_iter().map(|p| (p.strip_prefix(d.path()).unwrap().to_path_buf(), std::fs::read(&p).unwrap())).collect();
+            v.sort();
+            v
+        };
+        let (g, h) = (files(&gdir), files(&hdir));
+        assert!(g.len() >= 5 && g == h, "GPU-encoded store differs from the host store ({} and {} files)", g.len(), h.len());
         let mut dst = Engine::vllm(&kv, 20, false);
         let dst_blocks: Vec<u32> = (0..20).collect();
         let job = unsafe { ctx.load(Arc::clone(&dst.layout), &toks, &dst_blocks, 0, b"", 0) }.unwrap();
@@ -193,6 +206,44 @@ fn gpu_store_gathers_what_the_host_store_gathers() {
         assert_eq!(dst.read(&dst_blocks, 320), expected(&kv, 5, cachegen::codec::Level::Default));
         dst.bufs.clear();
     }
+}
+
+fn walk(d: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(d).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
+#[test]
+fn gpu_store_at_the_lossless_level_gathers_on_the_gpu_and_round_trips_exactly() {
+    let Some(gpu) = gpu() else { return };
+    let kv = fixture();
+    let toks = tokens(320, 5);
+    let blocks: Vec<u32> = (0..20).collect();
+    let mut src = Engine::vllm(&kv, 20, true);
+    src.fill(&kv, &blocks, 320);
+    let dev = DeviceEngine::mirror(gpu, &src);
+    let ctx = Context::from_json(&config(r#", "level": "lossless""#)).unwrap();
+    let job = unsafe { ctx.store_on(Arc::clone(&dev.layout), &toks, &blocks, b"", Some(0)) }.unwrap();
+    assert!(job.wait(Stage::Done, Some(Duration::from_secs(60))));
+    assert_eq!(job.progress().chunks_ok, 5, "{:?}", job.progress().errors);
+    // Loaded back on the GPU into another layout: the original bytes.
+    let mut host_dst = Engine::trtllm(&kv, 20);
+    let dst = DeviceEngine::mirror(gpu, &host_dst);
+    let job = unsafe { ctx.load_on(Arc::clone(&dst.layout), &toks, &blocks, 0, b"", 0, Some(0)) }.unwrap();
+    assert!(job.wait(Stage::Done, Some(Duration::from_secs(60))));
+    assert_eq!(job.progress().chunks_ok, 5, "{:?}", job.progress().errors);
+    for (b, d) in host_dst.bufs.iter_mut().zip(dst.download()) {
+        b.copy_from_slice(&d);
+    }
+    assert_eq!(host_dst.read(&blocks, 320), slice_tokens(&kv, 0, 320));
 }
 
 #[test]

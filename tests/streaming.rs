@@ -137,7 +137,11 @@ fn fast_link_loads_the_top_level() {
     let dir = tempfile::tempdir().unwrap();
     let toks = tokens(320, 2);
     store_all(dir.path(), &toks);
-    let (p, d, stats, _, dst) = adaptive_load(dir.path(), &toks, 10.0, 2000.0, 10000.0, 10.0);
+    // 10 Gbps, 10 s SLO: the top level costs a fraction of a millisecond
+    // more per chunk than the default, far under the planner's "nearly
+    // free" allowance (2% of the SLO over the chunks left): even fetches
+    // slowed 100x by a busy machine keep it.
+    let (p, d, stats, _, dst) = adaptive_load(dir.path(), &toks, 10.0, 10000.0, 10000.0, 10.0);
     assert_eq!((p.chunks_ok, p.chunks_failed), (5, 0), "{:?}", p.errors);
     assert!(d.iter().all(|d| d.outcome == Choice::Level(Level::High)), "{d:?}");
     assert_eq!(stats["streaming"]["loaded_chunks"]["high"], 5, "{stats}");
@@ -151,16 +155,20 @@ fn slow_link_loads_lower_levels() {
     let toks = tokens(320, 3);
     store_all(dir.path(), &toks);
     // 0.2 Gbps: compact ~10 ms, default ~16 ms, high ~23 ms a chunk; 5
-    // chunks in 100 ms leave under 20 ms each: recompute costs 64 ms.
+    // chunks in 100 ms leave under 20 ms each (the top level never fits
+    // a share on its own); recompute costs 64 ms a chunk, 3x compact even
+    // when a busy machine doubles the fetch times.
     let (p, d, stats, took, dst) = adaptive_load(dir.path(), &toks, 0.2, 100.0, 1000.0, 0.2);
+    eprintln!("slow link: {took:?} {d:?}\n{}", stats["streaming"]);
     assert_eq!(p.chunks_failed, 0, "{d:?} {:?}", p.errors);
     assert_eq!(d.len(), 5);
-    // Lower levels carry the load; a chunk may still take the top level
-    // when earlier ones left budget (timing on a shared machine varies).
     assert!(d.iter().all(|d| matches!(d.outcome, Choice::Level(_))), "{d:?}");
+    // Lower levels carry the load. (A late chunk may still take the top
+    // level when the earlier ones left budget and the busy machine made
+    // decoding, which every level pays, the larger cost.)
     let low = d.iter().filter(|d| matches!(d.outcome, Choice::Level(Level::Compact | Level::Default))).count();
-    assert!(low >= 3, "{d:?}");
-    eprintln!("slow link: {took:?} {d:?}\n{}", stats["streaming"]);
+    assert!(low >= 4, "{d:?}");
+    assert!(d.iter().any(|d| d.outcome == Choice::Level(Level::Compact)), "{d:?}");
     // What was loaded is exactly what its level decodes to.
     let got = dst.read(&(0..20).collect::<Vec<u32>>(), 320);
     let kv = fixture();
@@ -207,12 +215,13 @@ fn a_link_that_stalls_mid_load_ends_in_recompute_within_the_slo() {
     let _release = CloseOnDrop(Arc::clone(&link));
     let fetched = Arc::new(AtomicBool::new(false));
     let f2 = Arc::clone(&fetched);
-    let slo = Duration::from_millis(400);
+    let slo = Duration::from_millis(600);
     let prefill = 20000.0; // 3.2 ms a chunk
     let stats = Arc::new(StreamStats::default());
     let t0 = Instant::now();
     let job = pipeline.load_streamed(
         LoadSpec {
+            device: None,
             layout: Arc::clone(&dst.layout),
             chunk_tokens: CHUNK,
             chunks: (0..5).map(|c| LoadChunk { key: keys[c][1].1, skip_tokens: 0, blocks: (c as u32 * 4..c as u32 * 4 + 4).collect() }).collect(),
@@ -230,13 +239,19 @@ fn a_link_that_stalls_mid_load_ends_in_recompute_within_the_slo() {
             decode_threads: 2,
         },
     );
-    assert!(job.wait(Stage::Done, Some(slo + Duration::from_millis(100))), "the load must end by the SLO");
+    // It ends at the give-up point (SLO - 3 x 3.2 ms), not at the 30 s load
+    // timeout and not when the stall ends (never).
+    assert!(job.wait(Stage::Done, Some(slo + Duration::from_secs(2))), "the load must end soon after the SLO");
     let took = t0.elapsed();
     let p = job.progress();
     let d = job.chunk_decisions();
-    // TTFT = load + recompute of what was left.
+    // TTFT = load + recompute of what was left: within the SLO, up to the
+    // watchdog's wake-up on a busy 2-core machine (150 ms allowed).
     let ttft = took.as_secs_f64() + p.chunks_failed as f64 * CHUNK as f64 / prefill;
-    assert!(ttft <= slo.as_secs_f64() * 1.05, "ttft {ttft} s ({took:?}, {d:?})");
+    assert!(ttft <= slo.as_secs_f64() + 0.15, "ttft {ttft} s ({took:?}, {d:?})");
+    // ... and not by giving up early: the stalled fetch was waited for
+    // until its give-up point.
+    assert!(took.as_secs_f64() >= slo.as_secs_f64() - 3.0 * CHUNK as f64 / prefill - 0.005, "{took:?} {d:?}");
     assert_eq!((p.chunks_ok, p.chunks_failed), (2, 3), "{d:?} {:?}", p.errors);
     assert_eq!(p.failed_blocks, (8..20).collect::<Vec<u32>>());
     assert!(p.errors.iter().all(|e| e.contains("recompute")), "{:?}", p.errors);
@@ -250,9 +265,16 @@ fn a_link_that_stalls_mid_load_ends_in_recompute_within_the_slo() {
     assert!(job.wait_layer(kv.shape.layers - 1, Some(Duration::ZERO)));
     assert_eq!(stats.abandoned_fetches.load(Ordering::SeqCst), 1);
     assert_eq!(stats.recomputed_chunks.load(Ordering::SeqCst), 3);
+    // The chunks fetched before the stall are loaded, each exactly at the
+    // level its decision reports (the top level unless a busy machine made
+    // the fetches look slow).
     let got = dst.read(&(0..8).collect::<Vec<u32>>(), 128);
-    let want = expected(&kv, 2, Level::High);
-    assert_eq!(got, want, "chunks fetched before the stall are loaded at the top level");
+    for x in &d[..2] {
+        let Choice::Level(l) = x.outcome else { panic!("{d:?}") };
+        let (s, e) = (x.chunk * CHUNK, (x.chunk + 1) * CHUNK);
+        assert_eq!(slice_tokens(&got, s, e), slice_tokens(&expected(&kv, 2, l), s, e), "chunk {}", x.chunk);
+    }
+    assert!(d[2..].iter().all(|x| x.outcome == Choice::Recompute), "{d:?}");
     // The stalled request is released; nothing hangs.
     link.close();
     let t1 = Instant::now();
@@ -273,20 +295,22 @@ fn link_shares_bandwidth_adds_latency_and_replays_traces() {
     assert!(link.transfer(1_250_000));
     assert!(a.join().unwrap());
     let t = t0.elapsed();
-    assert!(t >= Duration::from_millis(25) && t < Duration::from_millis(60), "{t:?}");
-    // Per-request trace: 10 Gbps then 0.1 Gbps.
+    // Lower bounds are what the link guarantees; upper bounds only catch a
+    // link that does not shape at all (generous: a busy machine).
+    assert!(t >= Duration::from_millis(25) && t < Duration::from_millis(500), "{t:?}");
+    // Per-request trace: 10 Gbps then 0.1 Gbps (1.25 MB: 1 ms, then 100 ms).
     let link = Link::new(Schedule::PerRequest(vec![gbps(10.0), gbps(0.1)]), Duration::ZERO);
     let t0 = Instant::now();
-    link.transfer(125_000);
+    link.transfer(1_250_000);
     let fast = t0.elapsed();
     let t1 = Instant::now();
-    link.transfer(125_000);
+    link.transfer(1_250_000);
     let slow = t1.elapsed();
-    assert!(fast < Duration::from_millis(5) && slow >= Duration::from_millis(10), "{fast:?} {slow:?}");
+    assert!(fast >= Duration::from_millis(1) && fast < Duration::from_millis(60) && slow >= Duration::from_millis(100), "{fast:?} {slow:?}");
     // Time slices: 0 for 30 ms (stalled), then 1 Gbps.
     let link = Link::new(Schedule::TimeSlices { slice: Duration::from_millis(30), rates: vec![0.0, gbps(1.0)] }, Duration::ZERO);
     let t0 = Instant::now();
     link.transfer(125_000);
     let t = t0.elapsed();
-    assert!(t >= Duration::from_millis(31) && t < Duration::from_millis(60), "{t:?}");
+    assert!(t >= Duration::from_millis(31) && t < Duration::from_millis(500), "{t:?}");
 }

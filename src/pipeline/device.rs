@@ -1,15 +1,20 @@
 //! The GPU side of a context: for one CUDA device, the fused decoder (loads
-//! into device blocks) and the gather kernel (stores from device blocks),
-//! compiled once and shared by every job on that device.
+//! into device blocks), the encoder and the gather kernel (stores from device
+//! blocks), compiled once and shared by every job on that device.
 
 use std::sync::Arc;
 
-use crate::gpu::{Event, Gpu, GpuDecoder, GpuError, GpuGather};
+use crate::gpu::{Event, Gpu, GpuDecoder, GpuEncoder, GpuError, GpuGather};
 
 /// One device's kernels.
 pub struct DeviceSide {
     pub gpu: Gpu,
     pub decoder: Arc<GpuDecoder>,
+    /// Stores of the lossy levels: encoded on the device, byte-identical to
+    /// the host encoder.
+    pub encoder: GpuEncoder,
+    /// Stores the GPU encoder does not take (the lossless level): gathered
+    /// on the device, encoded on the host.
     pub gather: GpuGather,
 }
 
@@ -24,7 +29,8 @@ impl DeviceSide {
         // (docs/BENCHMARKS.md, per-layer events).
         decoder.batch_bytes = usize::MAX;
         let gather = GpuGather::new(&gpu)?;
-        Ok(Arc::new(DeviceSide { gpu, decoder: Arc::new(decoder), gather }))
+        let encoder = GpuEncoder::new(&gpu)?;
+        Ok(Arc::new(DeviceSide { gpu, decoder: Arc::new(decoder), encoder, gather }))
     }
 
     /// An event recorded now on the engine's `stream`, so that the job's

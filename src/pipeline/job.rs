@@ -1,8 +1,9 @@
 //! A job's observable progress: milestones, per-layer completion, failed
 //! blocks. Waiters block on a condition variable; every change notifies.
 
+use std::any::Any;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
@@ -65,6 +66,11 @@ pub struct Job {
     /// Loads into GPU memory: one CUDA event per layer, from when the decode
     /// is enqueued until the job is done.
     pub(crate) layer_events: Mutex<Option<Arc<LayerEvents<'static>>>>,
+    /// Per-chunk decisions of a streamed load, set once when it starts
+    /// (owned and typed by `crate::streaming`, which reads them back in
+    /// `Job::chunk_decisions`; type-erased so that the pipeline does not
+    /// depend on streaming's types).
+    pub(crate) decisions: OnceLock<Arc<dyn Any + Send + Sync>>,
 }
 
 impl Job {
@@ -79,6 +85,7 @@ impl Job {
             canceller: Mutex::new(None),
             started: Instant::now(),
             layer_events: Mutex::new(None),
+            decisions: OnceLock::new(),
         }
     }
 

@@ -347,10 +347,13 @@ impl LoadRun {
                 decode_bytes_per_s: est.decode_rate(),
                 after_recompute,
             };
-            let give_up_s = planner.give_up_s(recomputed, n - c);
-            // Past the give-up point recomputing the rest misses the SLO
-            // anyway: the planner's cheapest choice is all that is left.
             let plan = planner.plan(&inp);
+            // Past the give-up point recomputing the rest misses the SLO
+            // anyway. A fetch expected to end past it on a steady link is
+            // given up only when overdue (Planner::fetch_deadline_s), so a
+            // fast load is not thrown away because the point swept past a
+            // 1 ms fetch.
+            let give_up_s = planner.fetch_deadline_s(recomputed, n - c, elapsed, plan.expected_s, est.spread()).unwrap_or(elapsed);
             tracing::debug!(
                 job = self.job.id,
                 chunk = c,

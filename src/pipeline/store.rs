@@ -63,6 +63,9 @@ impl Pipeline {
         let cpu = self.cpu.tx.clone().expect("pool is running");
         let io = self.io.tx.clone().expect("pool is running");
         self.cpu.submit(Box::new(move || {
+            if run.gpu_encode(&io) {
+                return;
+            }
             let t0 = Instant::now();
             let gathered: Vec<Result<KvTensors, String>> = match &run.spec.device {
                 Some(dev) => {
@@ -107,39 +110,86 @@ impl Pipeline {
 }
 
 impl StoreRun {
+    fn options(&self) -> EncodeOptions<'static> {
+        EncodeOptions { level: Some(self.spec.level), profile: self.spec.multipliers.clone(), ..Default::default() }
+    }
+
+    /// Stores from GPU memory at a lossy level: every chunk encoded on the
+    /// device at once (then the blocks are reusable), written by the io
+    /// threads. Returns false when the host path must run instead (host
+    /// memory, or the lossless level, which the GPU encoder does not take).
+    fn gpu_encode(self: &Arc<Self>, io: &crossbeam_channel::Sender<super::Task>) -> bool {
+        let Some(dev) = &self.spec.device else { return false };
+        if self.spec.level == Level::Lossless {
+            return false;
+        }
+        let t0 = Instant::now();
+        let encoded = guarded(|| {
+            // The engine's KV writes enqueued before the store was asked for
+            // must be complete: wait for them here, on this worker thread.
+            if let Some(e) = &dev.after {
+                e.sync().map_err(|e| format!("waiting for the engine's stream: {e}"))?;
+            }
+            let chunks: Vec<(&[u32], usize)> = self.spec.chunks.iter().map(|c| (c.blocks.as_slice(), self.spec.chunk_tokens)).collect();
+            // SAFETY: the context checked that the layout's memory is on this
+            // device; the engine keeps the blocks unchanged until the job is
+            // reusable (set below).
+            unsafe { dev.side.encoder.encode_blocks(&self.spec.layout, &chunks, &self.options(), None) }.map_err(|e| format!("GPU encode: {e}"))
+        });
+        Stats::add(&self.stats.encode_ns, t0.elapsed().as_nanos() as u64);
+        self.job.update(|p| p.reusable = true);
+        match encoded {
+            Err(why) => {
+                for i in 0..self.spec.chunks.len() {
+                    self.chunk_done(i, Err(why.clone()));
+                }
+            }
+            Ok(all) => {
+                let raw = self.spec.layout.chunk_shape(self.spec.chunk_tokens).elems() * self.spec.layout.dtype.size();
+                for (i, bytes) in all.into_iter().enumerate() {
+                    Stats::add(&self.stats.store_bytes_raw, raw as u64);
+                    self.write_chunk(i, bytes, io);
+                }
+            }
+        }
+        true
+    }
+
     fn encode_chunk(self: &Arc<Self>, i: usize, kv: KvTensors, io: &crossbeam_channel::Sender<super::Task>) {
         let t0 = Instant::now();
         let raw = kv.tensors.iter().map(|t| t.len()).sum::<usize>();
-        let encoded = guarded(|| {
-            let opts = EncodeOptions { level: Some(self.spec.level), profile: self.spec.multipliers.clone(), ..Default::default() };
-            encode(&kv, &opts).map_err(|e| format!("encode: {e}"))
-        });
+        let encoded = guarded(|| encode(&kv, &self.options()).map_err(|e| format!("encode: {e}")));
         drop(kv);
         Stats::add(&self.stats.encode_ns, t0.elapsed().as_nanos() as u64);
         match encoded {
             Err(why) => self.chunk_done(i, Err(why)),
             Ok(bytes) => {
                 Stats::add(&self.stats.store_bytes_raw, raw as u64);
-                let run = Arc::clone(self);
-                let _ = io.send(Box::new(move || {
-                    let t0 = Instant::now();
-                    let key = run.spec.chunks[i].key;
-                    let (ok, errors) = run.spec.tiers.put_all(&key, &bytes);
-                    Stats::add(&run.stats.write_ns, t0.elapsed().as_nanos() as u64);
-                    for (tier, e) in &errors {
-                        tracing::warn!(job = run.job.id, chunk = i, tier = %tier, error = %e, "tier write failed");
-                    }
-                    let result = if ok > 0 {
-                        Stats::add(&run.stats.store_bytes_encoded, bytes.len() as u64);
-                        Ok(())
-                    } else {
-                        let msgs: Vec<String> = errors.iter().map(|(t, e)| format!("{t}: {e}")).collect();
-                        Err(format!("no tier took the chunk: {}", msgs.join("; ")))
-                    };
-                    run.chunk_done(i, result);
-                }));
+                self.write_chunk(i, bytes, io);
             }
         }
+    }
+
+    /// Writes chunk `i` to every tier on an io thread.
+    fn write_chunk(self: &Arc<Self>, i: usize, bytes: Vec<u8>, io: &crossbeam_channel::Sender<super::Task>) {
+        let run = Arc::clone(self);
+        let _ = io.send(Box::new(move || {
+            let t0 = Instant::now();
+            let key = run.spec.chunks[i].key;
+            let (ok, errors) = run.spec.tiers.put_all(&key, &bytes);
+            Stats::add(&run.stats.write_ns, t0.elapsed().as_nanos() as u64);
+            for (tier, e) in &errors {
+                tracing::warn!(job = run.job.id, chunk = i, tier = %tier, error = %e, "tier write failed");
+            }
+            let result = if ok > 0 {
+                Stats::add(&run.stats.store_bytes_encoded, bytes.len() as u64);
+                Ok(())
+            } else {
+                let msgs: Vec<String> = errors.iter().map(|(t, e)| format!("{t}: {e}")).collect();
+                Err(format!("no tier took the chunk: {}", msgs.join("; ")))
+            };
+            run.chunk_done(i, result);
+        }));
     }
 
     fn chunk_done(&self, i: usize, result: Result<(), String>) {

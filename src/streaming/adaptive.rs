@@ -8,15 +8,27 @@
 //! - the chunks left, this one included: each gets an equal share of that
 //!   time (CacheGen's rule, re-evaluated after every chunk, so a chunk that
 //!   came early or late moves the later budgets);
-//! - the [`Estimator`]'s delivered bandwidth (EWMA of per-chunk
-//!   throughput, per tier and overall) and request latency, the expected
-//!   size of the chunk at each level (learned from chunks fetched), and the
-//!   measured decode throughput.
+//! - the [`Estimator`]'s expected time per byte (EWMA of per-chunk fetch
+//!   time / bytes, per tier and overall: averaging time per byte, not
+//!   bytes per second, is what predicts the expected fetch time when the
+//!   bandwidth varies), the expected size of the chunk at each level
+//!   (learned from chunks fetched), and the measured decode throughput.
 //!
-//! It picks the highest level whose expected time (`max(fetch, decode)`:
-//! fetches and decodes overlap) fits the share. If none fits, the cheaper
-//! of the lowest level and recompute (`chunk_tokens / prefill rate`) is
-//! taken, so a load that is behind catches up as fast as it can.
+//! Choice (expected time of a level = `max(fetch, decode)`: fetches and
+//! decodes overlap):
+//! 1. Up to the *target* level ([`Planner::target`]: `Level::Default`, the
+//!    level a fixed-level load uses), the highest level that fits the share:
+//!    quality is only given up to meet the SLO.
+//! 2. A level above the target only when it fits the share and is
+//!    (nearly) free: at most [`UPGRADE_REL`] slower per chunk than the
+//!    target (decode- or latency-bound), or at most [`UPGRADE_SLO_SHARE`]
+//!    of the SLO over all the chunks left. So an adaptive load is never
+//!    meaningfully slower than the fixed target level (the old rule,
+//!    "highest level that fits", filled the SLO with the top level and lost
+//!    to the fixed level at 30-100 Gbps).
+//! 3. If no level fits, the cheaper of the lowest level and recompute
+//!    (`chunk_tokens / prefill rate`), so a load that is behind catches up
+//!    as fast as it can.
 
 use parking_lot::Mutex;
 
@@ -36,9 +48,13 @@ pub fn prior_ratio(l: Level) -> f64 {
 
 #[derive(Clone, Debug, Default)]
 struct EstState {
-    /// EWMA of delivered bytes/s, overall and per tier index.
-    bw: Option<f64>,
-    tier_bw: Vec<Option<f64>>,
+    /// EWMA of fetch seconds per byte, overall and per tier index.
+    spb: Option<f64>,
+    tier_spb: Vec<Option<f64>>,
+    /// EWMA of |sample - estimate| / estimate of the overall time per byte.
+    spread: Option<f64>,
+    /// When the last fetch was observed.
+    last_fetch: Option<std::time::Instant>,
     /// EWMA of stored/raw size per level.
     size_ratio: [Option<f64>; 4],
     /// Decode throughput (raw bytes out per second, all decode threads).
@@ -52,27 +68,41 @@ pub struct Estimator {
     initial: f64,
     /// Weight of the newest sample.
     pub alpha: f64,
+    /// Without new fetches, the bandwidth estimate returns to `initial`
+    /// with this half-life. Otherwise a context whose estimate collapsed
+    /// (a stall) would leave every later load to recompute and, fetching
+    /// nothing, never measure the link again.
+    pub half_life: std::time::Duration,
 }
 
 impl Estimator {
     /// `initial`: bytes/s assumed before anything was measured.
     pub fn new(initial: f64) -> Estimator {
-        Estimator { st: Mutex::new(EstState::default()), initial, alpha: 0.5 }
+        Estimator { st: Mutex::new(EstState::default()), initial, alpha: 0.5, half_life: std::time::Duration::from_secs(10) }
     }
 
-    /// Records a fetch of `bytes` that took `secs` (latency included) from tier `tier`.
+    /// Records a fetch of `bytes` that took `secs` (latency included) from
+    /// tier `tier`. The estimate averages seconds per byte: the expected
+    /// time of the next fetch is its size times the mean time per byte,
+    /// which a mean of bytes/s overestimates the speed of when the rate
+    /// varies (a 0.1 Gbps chunk costs 100x a 10 Gbps one).
     pub fn observe_fetch(&self, tier: usize, bytes: u64, secs: f64) {
         if secs <= 0.0 || bytes == 0 {
             return;
         }
-        let r = bytes as f64 / secs;
+        let r = secs / bytes as f64;
         let a = self.alpha;
         let mut st = self.st.lock();
-        st.bw = Some(st.bw.map_or(r, |b| a * r + (1.0 - a) * b));
-        if st.tier_bw.len() <= tier {
-            st.tier_bw.resize(tier + 1, None);
+        if let Some(b) = st.spb {
+            let dev = (r - b).abs() / b;
+            st.spread = Some(st.spread.map_or(dev, |d| a * dev + (1.0 - a) * d));
         }
-        st.tier_bw[tier] = Some(st.tier_bw[tier].map_or(r, |b| a * r + (1.0 - a) * b));
+        st.spb = Some(st.spb.map_or(r, |b| a * r + (1.0 - a) * b));
+        st.last_fetch = Some(std::time::Instant::now());
+        if st.tier_spb.len() <= tier {
+            st.tier_spb.resize(tier + 1, None);
+        }
+        st.tier_spb[tier] = Some(st.tier_spb[tier].map_or(r, |b| a * r + (1.0 - a) * b));
     }
 
     pub fn observe_size(&self, level: Level, stored: u64, raw: u64) {
@@ -96,10 +126,24 @@ impl Estimator {
         st.decode = Some(st.decode.map_or(r, |p| 0.2 * r + 0.8 * p));
     }
 
-    /// Expected delivered bytes/s (of `tier` if measured, else overall).
+    /// Expected delivered bytes/s (of `tier` if measured, else overall):
+    /// bytes over the expected time per byte.
     pub fn bandwidth(&self, tier: Option<usize>) -> f64 {
         let st = self.st.lock();
-        tier.and_then(|t| st.tier_bw.get(t).copied().flatten()).or(st.bw).unwrap_or(self.initial)
+        let Some(spb) = tier.and_then(|t| st.tier_spb.get(t).copied().flatten()).or(st.spb) else {
+            return self.initial;
+        };
+        let age = st.last_fetch.map_or(0.0, |t| t.elapsed().as_secs_f64());
+        let w = 0.5f64.powf(age / self.half_life.as_secs_f64().max(1e-9));
+        1.0 / (w * spb + (1.0 - w) / self.initial)
+    }
+
+    /// How much the time per byte of recent fetches strayed from the
+    /// estimate (EWMA of |sample - estimate| / estimate); infinite before
+    /// two fetches were measured. About 0 on a steady link, about 1 on
+    /// per-chunk traces uniform in 0.1-10 Gbps.
+    pub fn spread(&self) -> f64 {
+        self.st.lock().spread.unwrap_or(f64::INFINITY)
     }
 
     pub fn size(&self, level: Level, raw: u64) -> f64 {
@@ -112,6 +156,17 @@ impl Estimator {
         self.st.lock().decode
     }
 }
+
+/// A level above the target is taken when it is at most this much slower
+/// per chunk than the target (e.g. decode-bound: every level costs the same)...
+pub const UPGRADE_REL: f64 = 0.10;
+/// ... or when taking it for every chunk left costs at most this share of
+/// the SLO in all.
+pub const UPGRADE_SLO_SHARE: f64 = 0.02;
+
+/// A link whose time per byte strays less than this (relative) from the
+/// estimate counts as steady (see [`Planner::fetch_deadline_s`]).
+pub const STEADY_SPREAD: f64 = 0.25;
 
 /// The SLO policy of a load.
 #[derive(Clone, Debug)]
@@ -173,6 +228,12 @@ impl Planner {
         inp.decode_bytes_per_s.map_or(0.0, |r| inp.raw_bytes / r)
     }
 
+    /// Index (in `levels`) of the target level: `Level::Default` if stored,
+    /// else the highest stored level below it, else the lowest stored.
+    pub fn target(&self) -> usize {
+        self.levels.iter().rposition(|l| l.number() <= Level::Default.number()).unwrap_or(0)
+    }
+
     pub fn plan(&self, inp: &PlanInput) -> Plan {
         let recompute = self.recompute_s();
         if self.recompute_suffix && inp.after_recompute {
@@ -180,17 +241,34 @@ impl Planner {
         }
         let left = self.slo_s - inp.elapsed_s - inp.recomputed as f64 * recompute - self.decode_s(inp);
         let budget = left / inp.chunks_left.max(1) as f64;
-        for i in (0..self.levels.len()).rev() {
-            let c = self.cost(inp, i);
-            if c <= budget {
-                return Plan { choice: Choice::Level(self.levels[i]), budget_s: budget, expected_s: c };
-            }
+        let level = |i: usize, c: f64| Plan { choice: Choice::Level(self.levels[i]), budget_s: budget, expected_s: c };
+        if self.levels.is_empty() {
+            return Plan { choice: Choice::Recompute, budget_s: budget, expected_s: recompute };
         }
+        let t = self.target();
+        // 1. The highest level up to the target that fits.
+        if let Some(i) = (0..=t).rev().find(|&i| self.cost(inp, i) <= budget) {
+            if i < t {
+                return level(i, self.cost(inp, i));
+            }
+            // 2. The target fits: a higher level only when (nearly) free.
+            let base = self.cost(inp, t);
+            for u in (t + 1..self.levels.len()).rev() {
+                let c = self.cost(inp, u);
+                let extra = (c - base).max(0.0);
+                let free = extra <= UPGRADE_REL * base || extra * inp.chunks_left as f64 <= UPGRADE_SLO_SHARE * self.slo_s;
+                if c <= budget && free {
+                    return level(u, c);
+                }
+            }
+            return level(t, base);
+        }
+        // 3. Nothing fits: the fastest way through this chunk.
         let low = self.cost(inp, 0);
         if recompute < low {
             Plan { choice: Choice::Recompute, budget_s: budget, expected_s: recompute }
         } else {
-            Plan { choice: Choice::Level(self.levels[0]), budget_s: budget, expected_s: low }
+            level(0, low)
         }
     }
 
@@ -199,5 +277,158 @@ impl Planner {
     /// recomputing them all would miss the SLO.
     pub fn give_up_s(&self, recomputed: usize, after: usize) -> f64 {
         self.slo_s - (recomputed + after) as f64 * self.recompute_s()
+    }
+
+    /// When to abandon the fetch of a chunk planned at `elapsed_s` with
+    /// expected time `expected_s` (`None`: never; the load is committed to
+    /// fetching). Like [`Planner::give_up_s`], except for a fetch expected
+    /// to end past the give-up point even on time: giving it up there
+    /// recomputes every chunk left although the link is fine (at 30-100
+    /// Gbps the give-up point sweeps past the elapsed time mid-load and
+    /// caught a 1 ms fetch in about one load in ten). On a steady link
+    /// (`spread`, [`Estimator::spread`], at most [`STEADY_SPREAD`]) such a
+    /// fetch is given up only once it is overdue (twice its expected time;
+    /// on a stall the SLO is then missed by at most that); on a link whose
+    /// rate jumps from chunk to chunk the expected time says little, and
+    /// the give-up point stays.
+    ///
+    /// The loader (`src/pipeline/load.rs`) arms this for every fetch it starts.
+    pub fn fetch_deadline_s(&self, recomputed: usize, after: usize, elapsed_s: f64, expected_s: f64, spread: f64) -> Option<f64> {
+        let g = self.give_up_s(recomputed, after);
+        if g <= elapsed_s {
+            None
+        } else if elapsed_s + expected_s <= g || spread > STEADY_SPREAD {
+            Some(g)
+        } else {
+            Some(elapsed_s + 2.0 * expected_s)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MB: f64 = 1e6;
+
+    fn planner(slo_s: f64) -> Planner {
+        // 256-token chunks, 25.6K tokens/s: recompute costs 10 ms a chunk.
+        Planner { slo_s, prefill_tokens_per_s: 25_600.0, chunk_tokens: 256, levels: vec![Level::Compact, Level::Default, Level::High], recompute_suffix: false }
+    }
+
+    /// 10 chunks left, nothing spent; sizes 5 / 8 / 13 MB of a 32 MB chunk.
+    fn input(bytes_per_s: f64, decode_bytes_per_s: Option<f64>) -> PlanInput {
+        PlanInput {
+            elapsed_s: 0.0,
+            chunks_left: 10,
+            recomputed: 0,
+            bytes_per_s,
+            latency_s: 0.0,
+            sizes: vec![5.0 * MB, 8.0 * MB, 13.0 * MB],
+            raw_bytes: 32.0 * MB,
+            decode_bytes_per_s,
+            after_recompute: false,
+        }
+    }
+
+    #[test]
+    fn fast_fetch_bound_link_keeps_the_target_level() {
+        // 10 GB/s: 0.5 / 0.8 / 1.3 ms a chunk, 100 ms of SLO: every level
+        // fits, but the top level is 60% slower and costs 5% of the SLO.
+        let p = planner(0.1).plan(&input(10e9, None));
+        assert_eq!(p.choice, Choice::Level(Level::Default));
+    }
+
+    #[test]
+    fn top_level_when_it_is_nearly_free() {
+        // Decode-bound: 32 MB at 16 GB/s = 2 ms for every level.
+        let p = planner(0.1).plan(&input(10e9, Some(16e9)));
+        assert_eq!(p.choice, Choice::Level(Level::High));
+        // Fetch-bound but negligible against a loose SLO (10 x 0.5 ms
+        // extra in 1 s).
+        let p = planner(1.0).plan(&input(10e9, None));
+        assert_eq!(p.choice, Choice::Level(Level::High));
+    }
+
+    #[test]
+    fn tighter_budget_lower_level_then_recompute() {
+        // 1 GB/s: 5 / 8 / 13 ms a chunk; 7 ms a chunk of budget: compact.
+        let p = planner(0.07).plan(&input(1e9, None));
+        assert_eq!(p.choice, Choice::Level(Level::Compact));
+        // 0.1 GB/s: compact 50 ms, recompute 10 ms, budget 3 ms: recompute.
+        let p = planner(0.03).plan(&input(0.1e9, None));
+        assert_eq!(p.choice, Choice::Recompute);
+        // Nothing fits but compact (5 ms) beats recompute (10 ms).
+        let p = planner(0.03).plan(&input(1e9, None));
+        assert_eq!(p.choice, Choice::Level(Level::Compact));
+    }
+
+    #[test]
+    fn without_the_default_level_the_target_is_the_highest_below_it() {
+        let mut pl = planner(0.1);
+        pl.levels = vec![Level::Compact, Level::High];
+        assert_eq!(pl.target(), 0);
+        let mut inp = input(10e9, None);
+        inp.sizes = vec![5.0 * MB, 13.0 * MB];
+        assert_eq!(pl.plan(&inp).choice, Choice::Level(Level::Compact));
+        pl.levels = vec![Level::High, Level::Lossless];
+        assert_eq!(pl.target(), 0);
+    }
+
+    #[test]
+    fn recompute_suffix_after_a_recompute() {
+        let mut pl = planner(1.0);
+        pl.recompute_suffix = true;
+        let mut inp = input(10e9, None);
+        inp.after_recompute = true;
+        inp.recomputed = 1;
+        assert_eq!(pl.plan(&inp).choice, Choice::Recompute);
+    }
+
+    #[test]
+    fn estimator_averages_time_per_byte() {
+        let e = Estimator::new(1e9);
+        assert_eq!(e.bandwidth(None), 1e9);
+        // 1 MB in 1 s, then 1 MB in 10 ms: the next fetch is expected to
+        // take about the mean time (0.5 s), not 1 MB at the mean rate (~20 ms).
+        e.observe_fetch(0, 1_000_000, 1.0);
+        e.observe_fetch(0, 1_000_000, 0.01);
+        let expected_s = 1e6 / e.bandwidth(Some(0));
+        assert!((expected_s - 0.505).abs() < 1e-3, "{expected_s}"); // (decays a little towards 1 GB/s meanwhile)
+        // An unmeasured tier falls back to the overall estimate.
+        let (t3, all) = (e.bandwidth(Some(3)), e.bandwidth(None));
+        assert!((t3 / all - 1.0).abs() < 1e-6, "{t3} {all}");
+        // The second sample strayed by |0.01 - 1| / 1 from the estimate.
+        assert!((e.spread() - 0.99).abs() < 1e-9, "{}", e.spread());
+        let steady = Estimator::new(1e9);
+        assert!(steady.spread().is_infinite());
+        for _ in 0..4 {
+            steady.observe_fetch(0, 1_000_000, 0.001);
+        }
+        assert_eq!(steady.spread(), 0.0);
+    }
+
+    #[test]
+    fn a_collapsed_estimate_returns_to_the_initial_one_without_fetches() {
+        let mut e = Estimator::new(1e9);
+        e.half_life = std::time::Duration::from_millis(20);
+        e.observe_fetch(0, 1_000, 1.0); // a stall: 1 kB/s
+        assert!(e.bandwidth(None) < 1e6);
+        std::thread::sleep(std::time::Duration::from_millis(600)); // 30 half-lives
+        assert!(e.bandwidth(None) > 0.5e9, "{}", e.bandwidth(None));
+    }
+
+    #[test]
+    fn a_fetch_is_given_up_where_recomputing_the_rest_still_meets_the_slo() {
+        let pl = planner(0.1); // recompute 10 ms a chunk
+        // 5 chunks left: give up at 50 ms; past it, no deadline.
+        assert_eq!(pl.give_up_s(0, 5), pl.slo_s - 0.05);
+        assert_eq!(pl.fetch_deadline_s(0, 5, 0.01, 0.001, 0.0), Some(pl.slo_s - 0.05));
+        assert_eq!(pl.fetch_deadline_s(0, 5, 0.06, 0.001, 0.0), None);
+        // A fetch expected to end past the give-up point: overdue at twice
+        // its expected time on a steady link, the give-up point otherwise.
+        let (e, x) = (0.0495, 0.001);
+        assert_eq!(pl.fetch_deadline_s(0, 5, e, x, 0.0), Some(e + 2.0 * x));
+        assert_eq!(pl.fetch_deadline_s(0, 5, e, x, 1.0), Some(pl.slo_s - 0.05));
     }
 }

@@ -14,9 +14,8 @@ pub mod adaptive;
 pub mod link;
 pub(crate) mod store;
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
 
 use parking_lot::Mutex;
 
@@ -119,15 +118,13 @@ impl StreamStats {
 
 type Decisions = Arc<Mutex<Vec<ChunkDecision>>>;
 
-/// Per-chunk decisions of live jobs, found from the job (weakly held, so a
-/// freed job's entry is dropped at the next registration).
-static REGISTRY: Mutex<Option<HashMap<usize, (Weak<Job>, Decisions)>>> = Mutex::new(None);
-
+/// Attaches a streamed load's decision list to its job (once; the loader
+/// keeps pushing to the same list). The decisions live and die with the job.
 pub(crate) fn register(job: &Arc<Job>, decisions: Decisions) {
-    let mut reg = REGISTRY.lock();
-    let map = reg.get_or_insert_with(HashMap::new);
-    map.retain(|_, (w, _)| w.strong_count() > 0);
-    map.insert(Arc::as_ptr(job) as usize, (Arc::downgrade(job), decisions));
+    let slot: Arc<dyn std::any::Any + Send + Sync> = decisions;
+    if job.decisions.set(slot).is_err() {
+        tracing::warn!(job = job.id, "chunk decisions attached twice; keeping the first");
+    }
 }
 
 impl Job {
@@ -135,15 +132,14 @@ impl Job {
     /// adaptive), in chunk order, as far as they were made; empty for other
     /// jobs.
     pub fn chunk_decisions(&self) -> Vec<ChunkDecision> {
-        let reg = REGISTRY.lock();
-        let Some(map) = reg.as_ref() else { return Vec::new() };
-        match map.get(&(self as *const Job as usize)) {
-            Some((w, d)) if std::ptr::eq(w.as_ptr(), self) && w.strong_count() > 0 => {
-                let mut v = d.lock().clone();
-                v.sort_by_key(|d| d.chunk);
-                v
-            }
-            _ => Vec::new(),
-        }
+        let Some(d) = self.decisions.get().and_then(|d| {
+            let any: &(dyn std::any::Any + Send + Sync) = &**d;
+            any.downcast_ref::<Mutex<Vec<ChunkDecision>>>()
+        }) else {
+            return Vec::new();
+        };
+        let mut v = d.lock().clone();
+        v.sort_by_key(|d| d.chunk);
+        v
     }
 }
