@@ -6,7 +6,7 @@ use half::bf16;
 use super::encode::{apply_patches, parse_tables, TableSet};
 use super::format::{self, Header, Layout, PlaneKind};
 use super::quant::{self, GroupParams, QuantSpec, ScaleGroup};
-use super::rans::{decode_segment, DecodeScratch, SegmentGeometry, LANES};
+use super::rans::{decode_segment, DecodeScratch, PlaneLuts, SegmentGeometry, LANES};
 use super::table::{FreqTable, TableEncoding};
 use super::{Error, KvTensors};
 
@@ -124,15 +124,17 @@ impl<'a> Container<'a> {
             .collect()
     }
 
-    fn decode_plane<F: FnMut(usize, &SegmentGeometry, &[u8], usize)>(&self, plane: usize, scratch: &mut DecodeScratch, mut sink: F) -> Result<(), Error> {
+    fn decode_plane<F: FnMut(usize, &SegmentGeometry, &[u8], usize)>(&self, plane: usize, scratch: &mut (DecodeScratch, PlaneLuts), mut sink: F) -> Result<(), Error> {
         let h = self.header();
         let kind = &self.layout.planes[plane];
-        let tabs = &self.tables[plane];
+        let (scratch, luts) = scratch;
+        // Lookup tables once per plane, shared by all of its segments.
+        luts.build(&self.tables[plane])?;
         let per_plane = h.segments_per_plane();
         for k in 0..per_plane {
             let (a, b) = self.layout.segments[plane * per_plane + k];
             let geo = h.segment_geometry(k);
-            decode_segment(&geo, &self.bytes[a..b], |c| &tabs[kind.table_index(c)], scratch, |g, tile, lanes| sink(g, &geo, tile, lanes))?;
+            decode_segment(&geo, &self.bytes[a..b], luts, |c| kind.table_index(c), scratch, |g, tile, lanes| sink(g, &geo, tile, lanes))?;
         }
         Ok(())
     }
@@ -150,7 +152,7 @@ impl<'a> Container<'a> {
         let dtype = h.dtype;
         let size = dtype.size();
         let per_tensor = self.layout.planes.len() / shape.tensors();
-        let mut scratch = DecodeScratch::new(h.prob_bits);
+        let mut scratch = (DecodeScratch::new(), PlaneLuts::new(h.prob_bits));
         match self.layout.planes[i * per_tensor] {
             PlaneKind::Quantized(spec) if spec.group == ScaleGroup::PerTensor => {
                 // One step for the whole tensor: every symbol has one output
@@ -162,7 +164,7 @@ impl<'a> Container<'a> {
                     quant::store(dtype, &mut lut, s, v);
                 }
                 // Element sizes as constants, so each store is one move.
-                fn run<const N: usize>(c: &Container, i: usize, scratch: &mut DecodeScratch, lut: &[u8], out: &mut [u8], channels: usize) -> Result<(), Error> {
+                fn run<const N: usize>(c: &Container, i: usize, scratch: &mut (DecodeScratch, PlaneLuts), lut: &[u8], out: &mut [u8], channels: usize) -> Result<(), Error> {
                     let lut: Vec<[u8; N]> = lut.chunks_exact(N).take(256).map(|b| b.try_into().unwrap()).collect();
                     c.decode_plane(i, scratch, |g, geo, tile, lanes| {
                         let c0 = LANES * g;
