@@ -142,6 +142,12 @@ impl<'a> Container<'a> {
     /// Decode tensor `i` (layer `i / streams`, stream `i % streams`) into
     /// `out`, which must hold `tensor_bytes()` bytes.
     pub fn decode_tensor(&self, i: usize, out: &mut [u8]) -> Result<(), Error> {
+        self.decode_tensor_with(i, out, &mut (DecodeScratch::new(), PlaneLuts::new(self.header().prob_bits)))
+    }
+
+    /// `decode_tensor` with scratch buffers reused from earlier tensors (the
+    /// lookup tables of a plane are a few hundred KiB to allocate and fault in).
+    fn decode_tensor_with(&self, i: usize, out: &mut [u8], scratch: &mut (DecodeScratch, PlaneLuts)) -> Result<(), Error> {
         let h = self.header();
         let shape = h.shape;
         if i >= shape.tensors() || out.len() != self.tensor_bytes() {
@@ -152,7 +158,6 @@ impl<'a> Container<'a> {
         let dtype = h.dtype;
         let size = dtype.size();
         let per_tensor = self.layout.planes.len() / shape.tensors();
-        let mut scratch = (DecodeScratch::new(), PlaneLuts::new(h.prob_bits));
         match self.layout.planes[i * per_tensor] {
             PlaneKind::Quantized(spec) if spec.group == ScaleGroup::PerTensor => {
                 // One step for the whole tensor: every symbol has one output
@@ -178,8 +183,8 @@ impl<'a> Container<'a> {
                     })
                 }
                 match size {
-                    2 => run::<2>(self, i, &mut scratch, &lut, out, channels)?,
-                    _ => run::<4>(self, i, &mut scratch, &lut, out, channels)?,
+                    2 => run::<2>(self, i, &mut *scratch, &lut, out, channels)?,
+                    _ => run::<4>(self, i, &mut *scratch, &lut, out, channels)?,
                 }
                 self.overwrite_exact_tokens(i, out);
                 Ok(())
@@ -189,7 +194,7 @@ impl<'a> Container<'a> {
                 // x = s * step + base, with base = offset (asymmetric) or -max * step.
                 let coef = |p: GroupParams| if spec.asymmetric { (p.step, p.offset) } else { (p.step, -(spec.max as f32) * p.step) };
                 let mut vals = [0f32; LANES];
-                self.decode_plane(i, &mut scratch, |g, geo, tile, lanes| {
+                self.decode_plane(i, &mut *scratch, |g, geo, tile, lanes| {
                     let c0 = LANES * g;
                     let per_lane: Vec<(f32, f32)> = match spec.group {
                         ScaleGroup::PerChannel => (0..lanes).map(|l| coef(params[c0 + l])).collect(),
@@ -226,7 +231,7 @@ impl<'a> Container<'a> {
             PlaneKind::Raw { .. } => {
                 for b in 0..per_tensor {
                     let byte = size - 1 - b;
-                    self.decode_plane(i * per_tensor + b, &mut scratch, |g, geo, tile, lanes| {
+                    self.decode_plane(i * per_tensor + b, &mut *scratch, |g, geo, tile, lanes| {
                         for (r, row) in tile.chunks_exact(LANES).enumerate() {
                             let at = ((geo.token_begin + r) * channels + LANES * g) * size + byte;
                             for (l, &s) in row[..lanes].iter().enumerate() {
@@ -255,9 +260,10 @@ impl<'a> Container<'a> {
     pub fn decode(&self) -> Result<KvTensors, Error> {
         let h = self.header();
         let mut tensors = Vec::with_capacity(h.shape.tensors());
+        let mut scratch = (DecodeScratch::new(), PlaneLuts::new(h.prob_bits));
         for i in 0..h.shape.tensors() {
             let mut out = vec![0u8; self.tensor_bytes()];
-            self.decode_tensor(i, &mut out)?;
+            self.decode_tensor_with(i, &mut out, &mut scratch)?;
             tensors.push(out);
         }
         Ok(KvTensors { shape: h.shape, dtype: h.dtype, tensors })

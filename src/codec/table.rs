@@ -105,9 +105,15 @@ pub fn normalize(weights: &[u32], prob_bits: u32) -> Result<Vec<u16>, Error> {
         assigned += f;
         freq.push(f as u16); // f <= total <= 2^15
     }
-    // Give the rounding remainder to (or take the excess from) the largest
-    // frequency, lowest index on ties. Taking is repeated because the
-    // largest may not be able to give everything while staying >= 1.
+    settle(&mut freq, assigned, total);
+    Ok(freq)
+}
+
+/// The last step of `normalize`: give the rounding remainder to (or take
+/// the excess from) the largest frequency, lowest index on ties. Taking is
+/// repeated because the largest may not be able to give everything while
+/// staying >= 1.
+fn settle(freq: &mut [u16], mut assigned: u64, total: u64) {
     while assigned != total {
         let (imax, fmax) = freq.iter().enumerate().fold((0, 0u16), |(bi, bf), (i, &f)| if f > bf { (i, f) } else { (bi, bf) });
         if assigned < total {
@@ -119,16 +125,37 @@ pub fn normalize(weights: &[u32], prob_bits: u32) -> Result<Vec<u16>, Error> {
             assigned -= take;
         }
     }
-    Ok(freq)
 }
 
 /// Build a table from 4-bit codes.
+/// Exactly `normalize` of the codes' weights, computed per distinct code:
+/// a compact table has at most 15 distinct weights, so at most 15
+/// divisions instead of one per symbol (tests compare the two).
 pub fn table_from_codes(lo: u8, codes: &[u8], prob_bits: u32) -> Result<FreqTable, Error> {
-    let mut weights = [0u32; 256];
-    for (w, &q) in weights.iter_mut().zip(codes) {
-        *w = WEIGHT_OF_CODE[q as usize & 15];
+    let total: u64 = 1 << prob_bits;
+    let mut count = [0u64; 16];
+    for &q in codes {
+        count[q as usize & 15] += 1;
     }
-    let freq = normalize(&weights[..codes.len()], prob_bits)?;
+    let nonzero: u64 = count[1..].iter().sum();
+    let sum: u64 = (1..16).map(|q| count[q] * WEIGHT_OF_CODE[q] as u64).sum();
+    if nonzero == 0 {
+        return Err(Error::Corrupt("frequency table has no symbol"));
+    }
+    if nonzero > total / 2 {
+        return Err(Error::Corrupt("frequency table has more symbols than prob_bits allows"));
+    }
+    let mut of_code = [0u16; 16];
+    let mut assigned = 0u64;
+    for q in 1..16 {
+        if count[q] > 0 {
+            let f = ((WEIGHT_OF_CODE[q] as u64 * total) / sum).max(1);
+            of_code[q] = f as u16;
+            assigned += count[q] * f;
+        }
+    }
+    let mut freq: Vec<u16> = codes.iter().map(|&q| of_code[q as usize & 15]).collect();
+    settle(&mut freq, assigned, total);
     Ok(FreqTable { lo, freq })
 }
 
@@ -354,6 +381,32 @@ mod tests {
         // Exact multiples and the largest values.
         for (x, sum) in [(u32::MAX as u64, 256 * u32::MAX as u64), (3, 3), (1, 1 << 39), ((1 << 32) - 1, (1 << 32) - 1)] {
             assert_eq!((x << 15) / sum, ((x << 15) as f64 / sum as f64) as u64);
+        }
+    }
+
+    #[test]
+    fn table_from_codes_is_normalize_of_the_weights() {
+        let mut state = 0x2545f4914f6cdd1du64;
+        let mut next = || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        for i in 0..20_000 {
+            let n = (next() % 255 + 1) as usize;
+            // Mostly small tables with a peak, some flat, some sparse.
+            let codes: Vec<u8> = (0..n).map(|_| if i % 3 == 0 { (next() % 16) as u8 } else { (15 - (next() % 6).min(next() % 16)) as u8 }).collect();
+            let weights: Vec<u32> = codes.iter().map(|&q| WEIGHT_OF_CODE[q as usize]).collect();
+            for pb in [8u32, 9, 10] {
+                let want = normalize(&weights, pb);
+                let got = table_from_codes(7, &codes, pb);
+                match (want, got) {
+                    (Ok(f), Ok(t)) => assert_eq!(t, FreqTable { lo: 7, freq: f }, "codes {codes:?} pb {pb}"),
+                    (Err(_), Err(_)) => {}
+                    (w, g) => panic!("codes {codes:?} pb {pb}: normalize {w:?}, table_from_codes {g:?}"),
+                }
+            }
         }
     }
 
