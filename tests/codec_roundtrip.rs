@@ -183,7 +183,7 @@ fn external_tables_round_trip_and_are_required() {
 #[test]
 fn scalar_and_simd_decoders_agree_symbol_for_symbol() {
     use cachegen::codec::format;
-    use cachegen::codec::rans::{decode_segment_with, DecodeScratch};
+    use cachegen::codec::rans::{decode_segment_with, DecodeScratch, PlaneLuts};
     use cachegen::codec::table::TableEncoding;
     let shape = KvShape { kind: KvKind::KeyValue, layers: 2, tokens: 300, heads: 5, head_dim: 64 };
     for level in [Level::Compact, Level::High, Level::Lossless] {
@@ -196,9 +196,11 @@ fn scalar_and_simd_decoders_agree_symbol_for_symbol() {
             let (p, geo) = (k / per, h.segment_geometry(k % per));
             let kind = layout.planes[p];
             let mut out = [Vec::new(), Vec::new()];
+            let mut luts = PlaneLuts::new(h.prob_bits);
+            luts.build(&tables[p]).unwrap();
             for (simd, o) in [false, true].into_iter().zip(out.iter_mut()) {
-                let mut scratch = DecodeScratch::new(h.prob_bits);
-                decode_segment_with(&geo, &bytes[a..b], |c| &tables[p][kind.table_index(c)], &mut scratch, |_, tile, _| o.extend_from_slice(tile), simd).unwrap();
+                let mut scratch = DecodeScratch::new();
+                decode_segment_with(&geo, &bytes[a..b], &luts, |c| kind.table_index(c), &mut scratch, |_, tile, _| o.extend_from_slice(tile), simd).unwrap();
             }
             assert_eq!(out[0], out[1], "{level:?} segment {k}");
         }

@@ -6,7 +6,7 @@ use half::bf16;
 use super::encode::{apply_patches, parse_tables, TableSet};
 use super::format::{self, Header, Layout, PlaneKind};
 use super::quant::{self, GroupParams, QuantSpec, ScaleGroup};
-use super::rans::{decode_segment, DecodeScratch, SegmentGeometry, LANES};
+use super::rans::{decode_segment, DecodeScratch, PlaneLuts, SegmentGeometry, LANES};
 use super::table::{FreqTable, TableEncoding};
 use super::{Error, KvTensors};
 
@@ -124,15 +124,17 @@ impl<'a> Container<'a> {
             .collect()
     }
 
-    fn decode_plane<F: FnMut(usize, &SegmentGeometry, &[u8], usize)>(&self, plane: usize, scratch: &mut DecodeScratch, mut sink: F) -> Result<(), Error> {
+    fn decode_plane<F: FnMut(usize, &SegmentGeometry, &[u8], usize)>(&self, plane: usize, scratch: &mut (DecodeScratch, PlaneLuts), mut sink: F) -> Result<(), Error> {
         let h = self.header();
         let kind = &self.layout.planes[plane];
-        let tabs = &self.tables[plane];
+        let (scratch, luts) = scratch;
+        // Lookup tables once per plane, shared by all of its segments.
+        luts.build(&self.tables[plane])?;
         let per_plane = h.segments_per_plane();
         for k in 0..per_plane {
             let (a, b) = self.layout.segments[plane * per_plane + k];
             let geo = h.segment_geometry(k);
-            decode_segment(&geo, &self.bytes[a..b], |c| &tabs[kind.table_index(c)], scratch, |g, tile, lanes| sink(g, &geo, tile, lanes))?;
+            decode_segment(&geo, &self.bytes[a..b], luts, |c| kind.table_index(c), scratch, |g, tile, lanes| sink(g, &geo, tile, lanes))?;
         }
         Ok(())
     }
@@ -140,6 +142,12 @@ impl<'a> Container<'a> {
     /// Decode tensor `i` (layer `i / streams`, stream `i % streams`) into
     /// `out`, which must hold `tensor_bytes()` bytes.
     pub fn decode_tensor(&self, i: usize, out: &mut [u8]) -> Result<(), Error> {
+        self.decode_tensor_with(i, out, &mut (DecodeScratch::new(), PlaneLuts::new(self.header().prob_bits)))
+    }
+
+    /// `decode_tensor` with scratch buffers reused from earlier tensors (the
+    /// lookup tables of a plane are a few hundred KiB to allocate and fault in).
+    fn decode_tensor_with(&self, i: usize, out: &mut [u8], scratch: &mut (DecodeScratch, PlaneLuts)) -> Result<(), Error> {
         let h = self.header();
         let shape = h.shape;
         if i >= shape.tensors() || out.len() != self.tensor_bytes() {
@@ -150,7 +158,6 @@ impl<'a> Container<'a> {
         let dtype = h.dtype;
         let size = dtype.size();
         let per_tensor = self.layout.planes.len() / shape.tensors();
-        let mut scratch = DecodeScratch::new(h.prob_bits);
         match self.layout.planes[i * per_tensor] {
             PlaneKind::Quantized(spec) if spec.group == ScaleGroup::PerTensor => {
                 // One step for the whole tensor: every symbol has one output
@@ -162,7 +169,7 @@ impl<'a> Container<'a> {
                     quant::store(dtype, &mut lut, s, v);
                 }
                 // Element sizes as constants, so each store is one move.
-                fn run<const N: usize>(c: &Container, i: usize, scratch: &mut DecodeScratch, lut: &[u8], out: &mut [u8], channels: usize) -> Result<(), Error> {
+                fn run<const N: usize>(c: &Container, i: usize, scratch: &mut (DecodeScratch, PlaneLuts), lut: &[u8], out: &mut [u8], channels: usize) -> Result<(), Error> {
                     let lut: Vec<[u8; N]> = lut.chunks_exact(N).take(256).map(|b| b.try_into().unwrap()).collect();
                     c.decode_plane(i, scratch, |g, geo, tile, lanes| {
                         let c0 = LANES * g;
@@ -176,8 +183,8 @@ impl<'a> Container<'a> {
                     })
                 }
                 match size {
-                    2 => run::<2>(self, i, &mut scratch, &lut, out, channels)?,
-                    _ => run::<4>(self, i, &mut scratch, &lut, out, channels)?,
+                    2 => run::<2>(self, i, &mut *scratch, &lut, out, channels)?,
+                    _ => run::<4>(self, i, &mut *scratch, &lut, out, channels)?,
                 }
                 self.overwrite_exact_tokens(i, out);
                 Ok(())
@@ -187,7 +194,7 @@ impl<'a> Container<'a> {
                 // x = s * step + base, with base = offset (asymmetric) or -max * step.
                 let coef = |p: GroupParams| if spec.asymmetric { (p.step, p.offset) } else { (p.step, -(spec.max as f32) * p.step) };
                 let mut vals = [0f32; LANES];
-                self.decode_plane(i, &mut scratch, |g, geo, tile, lanes| {
+                self.decode_plane(i, &mut *scratch, |g, geo, tile, lanes| {
                     let c0 = LANES * g;
                     let per_lane: Vec<(f32, f32)> = match spec.group {
                         ScaleGroup::PerChannel => (0..lanes).map(|l| coef(params[c0 + l])).collect(),
@@ -224,7 +231,7 @@ impl<'a> Container<'a> {
             PlaneKind::Raw { .. } => {
                 for b in 0..per_tensor {
                     let byte = size - 1 - b;
-                    self.decode_plane(i * per_tensor + b, &mut scratch, |g, geo, tile, lanes| {
+                    self.decode_plane(i * per_tensor + b, &mut *scratch, |g, geo, tile, lanes| {
                         for (r, row) in tile.chunks_exact(LANES).enumerate() {
                             let at = ((geo.token_begin + r) * channels + LANES * g) * size + byte;
                             for (l, &s) in row[..lanes].iter().enumerate() {
@@ -253,9 +260,10 @@ impl<'a> Container<'a> {
     pub fn decode(&self) -> Result<KvTensors, Error> {
         let h = self.header();
         let mut tensors = Vec::with_capacity(h.shape.tensors());
+        let mut scratch = (DecodeScratch::new(), PlaneLuts::new(h.prob_bits));
         for i in 0..h.shape.tensors() {
             let mut out = vec![0u8; self.tensor_bytes()];
-            self.decode_tensor(i, &mut out)?;
+            self.decode_tensor_with(i, &mut out, &mut scratch)?;
             tensors.push(out);
         }
         Ok(KvTensors { shape: h.shape, dtype: h.dtype, tensors })

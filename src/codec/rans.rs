@@ -94,71 +94,133 @@ pub fn encode_segment(
 /// Largest `prob_bits` the packed lookup entries can hold.
 pub const MAX_DECODE_PROB_BITS: u32 = 10;
 
-/// Decoder scratch, reused across segments: per-lane lookup tables for the
-/// group being decoded, the segment's words, and a tile of decoded symbols.
+/// Slot-to-symbol lookup tables of one plane, built once per plane (not per
+/// segment or channel group): `luts.lut(t)` is table `t`'s `2^prob_bits`
+/// entries.
 ///
-/// A lookup entry packs everything one decode step needs, so a step is one
-/// load: `symbol | freq << 8 | (slot - cum) << 19` (11-bit fields, which is
-/// why streams with more than `MAX_DECODE_PROB_BITS` are refused).
+/// An entry packs everything one decode step needs, so a step is one load:
+/// `symbol | freq << 8 | (slot - cum) << 19` (11-bit fields, which is why
+/// streams with more than `MAX_DECODE_PROB_BITS` are refused).
+pub struct PlaneLuts {
+    prob_bits: u32,
+    tables: usize,
+    data: Vec<u32>,
+}
+
+impl PlaneLuts {
+    pub fn new(prob_bits: u32) -> PlaneLuts {
+        PlaneLuts { prob_bits, tables: 0, data: Vec::new() }
+    }
+
+    pub fn prob_bits(&self) -> u32 {
+        self.prob_bits
+    }
+
+    /// Build the lookup tables of `tables` (reusing this allocation). Fails
+    /// if a table's frequencies do not sum to `2^prob_bits`.
+    pub fn build(&mut self, tables: &[FreqTable]) -> Result<(), Error> {
+        if self.prob_bits > MAX_DECODE_PROB_BITS {
+            return Err(Error::Corrupt("prob_bits above what this decoder supports"));
+        }
+        let n = 1usize << self.prob_bits;
+        // 8 entries of padding: runs are written 8 entries at a time, the
+        // excess overwritten by the next run (or table, built after).
+        self.data.resize(tables.len() * n + 8, 0);
+        self.tables = tables.len();
+        const IOTA: [u32; 8] = [0, 1 << 19, 2 << 19, 3 << 19, 4 << 19, 5 << 19, 6 << 19, 7 << 19];
+        for (t, table) in tables.iter().enumerate() {
+            // Check the table before writing: frequencies sum to exactly n.
+            if table.freq.iter().map(|&f| f as usize).sum::<usize>() != n || table.lo as usize + table.freq.len() > 256 {
+                return Err(Error::Corrupt("table frequencies do not sum to 2^prob_bits"));
+            }
+            let mut at = self.data[t * n..].as_mut_ptr();
+            let mut sym = table.lo as u32;
+            for &f in &table.freq {
+                let e0 = sym | (f as u32) << 8;
+                sym += 1;
+                let mut j = 0u32;
+                while j < f as u32 {
+                    let base = e0 | j << 19;
+                    // SAFETY: the run starts at most n - 1 entries into table
+                    // t and data has 8 entries of padding after the last table.
+                    unsafe {
+                        let chunk = &mut *(at.add(j as usize) as *mut [u32; 8]);
+                        for k in 0..8 {
+                            chunk[k] = base + IOTA[k];
+                        }
+                    }
+                    j += 8;
+                }
+                // SAFETY: stays within table t (the sum was checked).
+                at = unsafe { at.add(f as usize) };
+            }
+        }
+        Ok(())
+    }
+
+    /// Table `t`'s entries.
+    pub fn lut(&self, t: usize) -> &[u32] {
+        let n = 1usize << self.prob_bits;
+        &self.data[t * n..(t + 1) * n]
+    }
+}
+
+/// Decoder scratch, reused across segments: the segment's words and a tile
+/// of decoded symbols.
+#[derive(Default)]
 pub struct DecodeScratch {
-    lut: Vec<u32>,
     words: Vec<u16>,
     tile: Vec<u8>,
-    prob_bits: u32,
 }
 
 impl DecodeScratch {
-    pub fn new(prob_bits: u32) -> DecodeScratch {
-        DecodeScratch { lut: vec![0u32; LANES << prob_bits], words: Vec::new(), tile: Vec::new(), prob_bits }
+    pub fn new() -> DecodeScratch {
+        DecodeScratch::default()
     }
+}
 
-    fn load(&mut self, lane: usize, table: &FreqTable) {
-        let n = 1usize << self.prob_bits;
-        let lut = &mut self.lut[lane * n..(lane + 1) * n];
-        let mut start = 0usize;
-        for (i, &f) in table.freq.iter().enumerate() {
-            let sym = (table.lo as usize + i) as u32;
-            let f = f as usize;
-            for (j, e) in lut[start..start + f].iter_mut().enumerate() {
-                *e = sym | (f as u32) << 8 | (j as u32) << 19;
-            }
-            start += f;
-        }
-        debug_assert_eq!(start, n);
+/// Whether the AVX2 path may be used: the CPU has it, and it was not turned
+/// off with CACHEGEN_NO_SIMD=1 (to compare the two paths). Read once.
+pub fn simd_enabled() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *ON.get_or_init(simd::enabled)
     }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
 }
 
 /// Decode one segment. After each channel group, `sink(group, tile, lanes)`
 /// receives the group's symbols as `tile[(t - token_begin) * LANES + lane]`.
-/// `table_of(c)` returns channel `c`'s table. Fails unless the bytes decode
-/// to exactly the segment's symbols with every lane back in its initial state.
-pub fn decode_segment<'t>(
+/// Channel `c` uses table `lut_index(c)` of `luts`. Fails unless the bytes
+/// decode to exactly the segment's symbols with every lane back in its
+/// initial state.
+pub fn decode_segment(
     geo: &SegmentGeometry,
     bytes: &[u8],
-    table_of: impl Fn(usize) -> &'t FreqTable,
+    luts: &PlaneLuts,
+    lut_index: impl Fn(usize) -> usize,
     scratch: &mut DecodeScratch,
     sink: impl FnMut(usize, &[u8], usize),
 ) -> Result<(), Error> {
-    #[cfg(target_arch = "x86_64")]
-    let simd = simd::enabled();
-    #[cfg(not(target_arch = "x86_64"))]
-    let simd = false;
-    decode_segment_with(geo, bytes, table_of, scratch, sink, simd)
+    decode_segment_with(geo, bytes, luts, lut_index, scratch, sink, simd_enabled())
 }
 
 /// `decode_segment` with the SIMD path allowed or not (both must give the
 /// same result; tests compare them).
-pub fn decode_segment_with<'t>(
+pub fn decode_segment_with(
     geo: &SegmentGeometry,
     bytes: &[u8],
-    table_of: impl Fn(usize) -> &'t FreqTable,
+    luts: &PlaneLuts,
+    lut_index: impl Fn(usize) -> usize,
     scratch: &mut DecodeScratch,
     mut sink: impl FnMut(usize, &[u8], usize),
     allow_simd: bool,
 ) -> Result<(), Error> {
-    let prob_bits = scratch.prob_bits;
-    if prob_bits > MAX_DECODE_PROB_BITS {
-        return Err(Error::Corrupt("prob_bits above what this decoder supports"));
+    let prob_bits = luts.prob_bits;
+    if !(8..=MAX_DECODE_PROB_BITS).contains(&prob_bits) {
+        return Err(Error::Corrupt("prob_bits outside what this decoder supports"));
     }
     let lanes = geo.lanes();
     let state_bytes = 4 * lanes;
@@ -175,55 +237,46 @@ pub fn decode_segment_with<'t>(
     let nwords = (bytes.len() - state_bytes) / 2;
     scratch.words.clear();
     scratch.words.extend(bytes[state_bytes..].chunks_exact(2).map(|w| u16::from_le_bytes([w[0], w[1]])));
-    // Zero padding: reading past the end (only in a corrupt stream, caught
-    // by the count check below) stays in bounds; 8 words for the SIMD path.
-    scratch.words.extend_from_slice(&[0u16; 8]);
+    // Zero padding: a round starts only while pos <= nwords and takes at most
+    // LANES words, so reads stay in bounds; a corrupt stream that runs past
+    // nwords is refused at the next round.
+    scratch.words.extend_from_slice(&[0u16; LANES]);
     let tokens = geo.token_end - geo.token_begin;
     scratch.tile.resize(tokens * LANES, 0);
-    let mask = (1u32 << prob_bits) - 1;
     let mut pos = 0usize;
+    let mut base = [0u32; LANES];
     for g in geo.group_begin..geo.group_end {
         let active = geo.lanes_in_group(g);
-        for l in 0..active {
-            scratch.load(l, table_of(LANES * g + l));
+        for (l, b) in base.iter_mut().enumerate().take(active) {
+            let t = lut_index(LANES * g + l);
+            if t >= luts.tables {
+                return Err(Error::Corrupt("channel has no table"));
+            }
+            *b = (t << prob_bits) as u32;
         }
-        let DecodeScratch { lut, words, tile, .. } = &mut *scratch;
-        assert!(lut.len() == LANES << prob_bits && words.len() == nwords + 8 && tile.len() == tokens * LANES);
+        let DecodeScratch { words, tile } = &mut *scratch;
+        let lut = &luts.data[..];
+        assert!(lut.len() >= luts.tables << prob_bits && words.len() == nwords + LANES && tile.len() == tokens * LANES);
         #[cfg(target_arch = "x86_64")]
         if active == LANES && allow_simd && std::arch::is_x86_feature_detected!("avx2") {
-            // SAFETY: AVX2 is present; the buffers have the sizes asserted above.
-            pos = unsafe { simd::decode_rounds(&mut x, lut, words, nwords, pos, tile, prob_bits) };
+            // SAFETY: AVX2 is present; every base is below lut.len() minus a
+            // table, and words/tile have the sizes asserted above.
+            pos = unsafe { simd::decode_rounds(&mut x, &base, lut, words, nwords, pos, tile, prob_bits) }.ok_or(Error::Corrupt("segment word count does not match its symbols"))?;
             sink(g, &scratch.tile, active);
             continue;
         }
-        for row in tile.chunks_exact_mut(LANES) {
-            // Two passes per round so lanes do not wait on each other: first
-            // every lane decodes its symbol (independent work), then lanes
-            // that fell below RANS_L take words in lane order, each at the
-            // position given by the count of refilling lanes before it
-            // (a warp's ballot and popcount on a GPU).
-            let mut need = 0u32;
-            for l in 0..active {
-                // SAFETY: slot <= mask < 2^prob_bits and l < LANES, so the
-                // index is below LANES << prob_bits (asserted above).
-                let e = unsafe { *lut.get_unchecked((l << prob_bits) + (x[l] & mask) as usize) };
-                let xl = ((e >> 8) & 0x7ff) * (x[l] >> prob_bits) + (e >> 19);
-                x[l] = xl;
-                need |= ((xl < RANS_L) as u32) << l;
-                row[l] = e as u8;
-            }
-            if need != 0 {
-                for l in 0..active {
-                    let before = (need & ((1u32 << l) - 1)).count_ones() as usize;
-                    // SAFETY: the index is clamped to nwords and words has nwords + 8 entries.
-                    let w = unsafe { *words.get_unchecked((pos + before).min(nwords)) } as u32;
-                    // Branch-free select: refills are too irregular to predict.
-                    let take = 0u32.wrapping_sub((need >> l) & 1);
-                    x[l] = (x[l] & !take) | (((x[l] << 16) | w) & take);
-                }
-                pos += need.count_ones() as usize;
+        // SAFETY (all arms): PB is the tables' prob_bits, so each base + slot
+        // indexes within lut (checked above); words/tile have the sizes
+        // asserted above.
+        pos = unsafe {
+            match (prob_bits, active) {
+                (8, LANES) => scalar_rounds::<8>(&mut x, &base, LANES, lut, words, nwords, pos, tile),
+                (8, _) => scalar_rounds::<8>(&mut x, &base, active, lut, words, nwords, pos, tile),
+                (9, _) => scalar_rounds::<9>(&mut x, &base, active, lut, words, nwords, pos, tile),
+                _ => scalar_rounds::<10>(&mut x, &base, active, lut, words, nwords, pos, tile),
             }
         }
+        .ok_or(Error::Corrupt("segment word count does not match its symbols"))?;
         sink(g, &scratch.tile, active);
     }
     if pos != nwords {
@@ -233,6 +286,44 @@ pub fn decode_segment_with<'t>(
         return Err(Error::Corrupt("rANS lanes did not end in their initial state"));
     }
     Ok(())
+}
+
+/// The scalar decoder: for each round (token), lane by lane, decode a symbol
+/// and refill the lane if it fell below `RANS_L`. Lane `l` takes the word at
+/// `pos` plus the number of refilling lanes before it, exactly the order the
+/// format defines; the lanes are independent dependency chains, so the CPU
+/// overlaps them. Returns the new word position, or None once it runs past
+/// `nwords` (a corrupt stream).
+///
+/// # Safety
+/// `lut` holds tables of `2^PB` entries and every `base[l]` (l < active) is
+/// the start of one; `words` has `nwords + LANES` entries.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn scalar_rounds<const PB: u32>(x: &mut [u32; LANES], base: &[u32; LANES], active: usize, lut: &[u32], words: &[u16], nwords: usize, mut pos: usize, tile: &mut [u8]) -> Option<usize> {
+    let mask = (1u32 << PB) - 1;
+    let active = active.min(LANES);
+    for row in tile.chunks_exact_mut(LANES) {
+        if pos > nwords {
+            return None;
+        }
+        for l in 0..active {
+            let xl = x[l];
+            // In bounds: base[l] + slot < lut.len() (the caller's contract).
+            debug_assert!(((base[l] + (xl & mask)) as usize) < lut.len());
+            let e = *lut.get_unchecked((base[l] + (xl & mask)) as usize);
+            let xn = ((e >> 8) & 0x7ff) * (xl >> PB) + (e >> 19);
+            row[l] = e as u8;
+            // In bounds: pos <= nwords + l and words has nwords + LANES entries.
+            let w = *words.get_unchecked(pos) as u32;
+            let need = xn < RANS_L;
+            // Branch-free select: refills are too irregular to predict.
+            let m = 0u32.wrapping_sub(need as u32);
+            x[l] = xn ^ ((xn ^ ((xn << 16) | w)) & m);
+            pos += need as usize;
+        }
+    }
+    Some(pos)
 }
 
 /// AVX2 decoding of full 32-lane rounds: eight lanes per vector, table
@@ -268,10 +359,10 @@ mod simd {
     }
 
     /// Decode every row of `tile` (LANES symbols per row); returns the new
-    /// word position (unclamped, for the caller's count check).
+    /// word position, or None once it runs past `nwords` (a corrupt stream).
     #[target_feature(enable = "avx2")]
     #[allow(clippy::too_many_arguments)]
-    pub unsafe fn decode_rounds(x: &mut [u32; LANES], lut: &[u32], words: &[u16], nwords: usize, mut pos: usize, tile: &mut [u8], prob_bits: u32) -> usize {
+    pub unsafe fn decode_rounds(x: &mut [u32; LANES], base: &[u32; LANES], lut: &[u32], words: &[u16], nwords: usize, mut pos: usize, tile: &mut [u8], prob_bits: u32) -> Option<usize> {
         let mask = _mm256_set1_epi32(((1u32 << prob_bits) - 1) as i32);
         let field = _mm256_set1_epi32(0x7ff);
         let shift = _mm_cvtsi32_si128(prob_bits as i32);
@@ -280,11 +371,14 @@ mod simd {
         let mut lut_base = [_mm256_setzero_si256(); 4];
         for v in 0..4 {
             state[v] = _mm256_loadu_si256(x.as_ptr().add(8 * v) as *const __m256i);
-            let lanes = _mm256_add_epi32(_mm256_set1_epi32(8 * v as i32), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-            lut_base[v] = _mm256_sll_epi32(lanes, shift);
+            lut_base[v] = _mm256_loadu_si256(base.as_ptr().add(8 * v) as *const __m256i);
         }
         let lut_ptr = lut.as_ptr() as *const i32;
         for row in tile.chunks_exact_mut(LANES) {
+            // A round takes at most LANES words; words has nwords + LANES.
+            if pos > nwords {
+                return None;
+            }
             for v in 0..4 {
                 let xv = state[v];
                 let slot = _mm256_and_si256(xv, mask);
@@ -295,8 +389,7 @@ mod simd {
                 // Lanes below RANS_L (top 16 bits zero) take a word.
                 let need = _mm256_cmpeq_epi32(_mm256_srli_epi32(xn, 16), _mm256_setzero_si256());
                 let m = _mm256_movemask_ps(_mm256_castsi256_ps(need)) as usize;
-                let at = pos.min(nwords);
-                let w = _mm256_cvtepu16_epi32(_mm_loadu_si128(words.as_ptr().add(at) as *const __m128i));
+                let w = _mm256_cvtepu16_epi32(_mm_loadu_si128(words.as_ptr().add(pos) as *const __m128i));
                 let w = _mm256_permutevar8x32_epi32(w, _mm256_loadu_si256(PERM[m].as_ptr() as *const __m256i));
                 let refilled = _mm256_or_si256(_mm256_slli_epi32(xn, 16), w);
                 state[v] = _mm256_blendv_epi8(xn, refilled, need);
@@ -311,6 +404,6 @@ mod simd {
         for v in 0..4 {
             _mm256_storeu_si256(x.as_mut_ptr().add(8 * v) as *mut __m256i, state[v]);
         }
-        pos
+        Some(pos)
     }
 }

@@ -53,15 +53,24 @@ pub fn codes_from_histogram(hist: &[u32]) -> (u8, Vec<u8>) {
     };
     let last = hist.iter().rposition(|&c| c > 0).unwrap();
     let max = *hist.iter().max().unwrap() as f64;
+    let code = |c: u32| {
+        let half_octaves = (2.0 * (max / c as f64).log2()).round();
+        (15.0 - half_octaves).clamp(1.0, 15.0) as u8
+    };
+    // Small counts repeat within a histogram: compute each one's code once
+    // (the same expression on the same values, so the same codes).
+    let mut small = [0u8; 64];
     let codes = hist[first..=last]
         .iter()
-        .map(|&c| {
-            if c == 0 {
-                0
-            } else {
-                let half_octaves = (2.0 * (max / c as f64).log2()).round();
-                (15.0 - half_octaves).clamp(1.0, 15.0) as u8
+        .map(|&c| match c {
+            0 => 0,
+            1..=63 => {
+                if small[c as usize] == 0 {
+                    small[c as usize] = code(c);
+                }
+                small[c as usize]
             }
+            _ => code(c),
         })
         .collect();
     (first as u8, codes)
@@ -83,14 +92,28 @@ pub fn normalize(weights: &[u32], prob_bits: u32) -> Result<Vec<u16>, Error> {
     }
     let mut freq: Vec<u16> = Vec::with_capacity(weights.len());
     let mut assigned: u64 = 0;
+    // floor(w * total / sum) by an f64 division: exact here, because the
+    // numerator is below 2^47 and the sum below 2^40 (at most 256 weights
+    // of 32 bits), so a quotient that is not an integer lies at least
+    // 2^-48 (relative) below the next integer, far more than f64 rounding
+    // (2^-53) can cross; integer quotients are exact. Much faster than a
+    // 64-bit integer division per symbol (tests compare the two).
+    debug_assert!(sum < 1 << 40 && total <= 1 << 15);
+    let sum_f = sum as f64;
     for &w in weights {
-        let f = if w == 0 { 0 } else { ((w as u64 * total) / sum).max(1) };
+        let f = if w == 0 { 0 } else { (((w as u64 * total) as f64 / sum_f) as u64).max(1) };
         assigned += f;
         freq.push(f as u16); // f <= total <= 2^15
     }
-    // Give the rounding remainder to (or take the excess from) the largest
-    // frequency, lowest index on ties. Taking is repeated because the
-    // largest may not be able to give everything while staying >= 1.
+    settle(&mut freq, assigned, total);
+    Ok(freq)
+}
+
+/// The last step of `normalize`: give the rounding remainder to (or take
+/// the excess from) the largest frequency, lowest index on ties. Taking is
+/// repeated because the largest may not be able to give everything while
+/// staying >= 1.
+fn settle(freq: &mut [u16], mut assigned: u64, total: u64) {
     while assigned != total {
         let (imax, fmax) = freq.iter().enumerate().fold((0, 0u16), |(bi, bf), (i, &f)| if f > bf { (i, f) } else { (bi, bf) });
         if assigned < total {
@@ -102,16 +125,37 @@ pub fn normalize(weights: &[u32], prob_bits: u32) -> Result<Vec<u16>, Error> {
             assigned -= take;
         }
     }
-    Ok(freq)
 }
 
 /// Build a table from 4-bit codes.
+/// Exactly `normalize` of the codes' weights, computed per distinct code:
+/// a compact table has at most 15 distinct weights, so at most 15
+/// divisions instead of one per symbol (tests compare the two).
 pub fn table_from_codes(lo: u8, codes: &[u8], prob_bits: u32) -> Result<FreqTable, Error> {
-    let mut weights = [0u32; 256];
-    for (w, &q) in weights.iter_mut().zip(codes) {
-        *w = WEIGHT_OF_CODE[q as usize & 15];
+    let total: u64 = 1 << prob_bits;
+    let mut count = [0u64; 16];
+    for &q in codes {
+        count[q as usize & 15] += 1;
     }
-    let freq = normalize(&weights[..codes.len()], prob_bits)?;
+    let nonzero: u64 = count[1..].iter().sum();
+    let sum: u64 = (1..16).map(|q| count[q] * WEIGHT_OF_CODE[q] as u64).sum();
+    if nonzero == 0 {
+        return Err(Error::Corrupt("frequency table has no symbol"));
+    }
+    if nonzero > total / 2 {
+        return Err(Error::Corrupt("frequency table has more symbols than prob_bits allows"));
+    }
+    let mut of_code = [0u16; 16];
+    let mut assigned = 0u64;
+    for q in 1..16 {
+        if count[q] > 0 {
+            let f = ((WEIGHT_OF_CODE[q] as u64 * total) / sum).max(1);
+            of_code[q] = f as u16;
+            assigned += count[q] * f;
+        }
+    }
+    let mut freq: Vec<u16> = codes.iter().map(|&q| of_code[q as usize & 15]).collect();
+    settle(&mut freq, assigned, total);
     Ok(FreqTable { lo, freq })
 }
 
@@ -239,15 +283,39 @@ pub struct EncTable {
     pub symbols: Vec<EncSymbol>,
 }
 
+/// `(rcp_freq, rcp_shift)` of every frequency `1..2^prob_bits` for the
+/// encoder's precisions, computed once: the reciprocal depends on the
+/// frequency alone, and a 64-bit division per symbol of every table made
+/// building encoder tables a sizeable part of encoding.
+fn reciprocals(prob_bits: u32) -> Option<&'static [(u32, u32)]> {
+    static TABLES: std::sync::OnceLock<Vec<Vec<(u32, u32)>>> = std::sync::OnceLock::new();
+    let all = TABLES.get_or_init(|| {
+        (8..=10u32)
+            .map(|pb| (0..1u32 << pb).map(|f| if f == 0 { (0, 0) } else { let e = EncSymbol::new(0, f, pb); (e.rcp_freq, e.rcp_shift) }).collect())
+            .collect()
+    });
+    all.get(prob_bits.checked_sub(8)? as usize).map(|v| &v[..])
+}
+
 impl EncTable {
     pub fn new(t: &FreqTable, prob_bits: u32) -> EncTable {
+        let rcp = reciprocals(prob_bits);
         let mut start = 0u32;
         let symbols = t
             .freq
             .iter()
             .map(|&f| {
-                let e = if f > 0 { EncSymbol::new(start, f as u32, prob_bits) } else { EncSymbol::default() };
-                start += f as u32;
+                let f32_ = f as u32;
+                let e = match (f, rcp) {
+                    (0, _) => EncSymbol::default(),
+                    // Same constants as EncSymbol::new (tests compare them).
+                    (_, Some(r)) if f32_ < (1 << prob_bits) && f32_ > 1 => {
+                        let (rcp_freq, rcp_shift) = r[f32_ as usize];
+                        EncSymbol { rcp_freq, rcp_shift, bias: start, freq: f, cmpl_freq: ((1u32 << prob_bits) - f32_) as u16 }
+                    }
+                    _ => EncSymbol::new(start, f32_, prob_bits),
+                };
+                start += f32_;
                 e
             })
             .collect();
@@ -267,6 +335,77 @@ mod tests {
             assert_eq!(f.iter().map(|&x| x as u32).sum::<u32>(), 1 << pb);
             for (wi, fi) in w.iter().zip(&f) {
                 assert_eq!(*wi == 0, *fi == 0);
+            }
+        }
+    }
+
+    #[test]
+    fn float_quotient_matches_integer_division() {
+        // The f64 floor in `normalize` against 64-bit integer division, on
+        // the weight ranges the format produces and on extreme ones.
+        let mut state = 0x9e3779b97f4a7c15u64;
+        let mut next = || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        for i in 0..200_000u64 {
+            let n = (next() % 256 + 1) as usize;
+            let shift = [8, 16, 21, 32][(i % 4) as usize];
+            let w: Vec<u32> = (0..n).map(|_| (next() % (1u64 << shift)) as u32).collect();
+            let sum: u64 = w.iter().map(|&x| x as u64).sum();
+            if sum == 0 {
+                continue;
+            }
+            for pb in [8u32, 10, 12, 15] {
+                let total = 1u64 << pb;
+                for &x in &w {
+                    let exact = (x as u64 * total) / sum;
+                    let float = ((x as u64 * total) as f64 / sum as f64) as u64;
+                    assert_eq!(exact, float, "w {x} sum {sum} pb {pb}");
+                }
+            }
+        }
+        // Numerators one below a multiple of the sum: the closest a
+        // non-integer quotient gets to the next integer.
+        for sum in [3u64, 255, 65_535, (1 << 20) + 7, (1 << 32) - 5, (1 << 40) - 1] {
+            for k in [1u64, 2, 3, 1000, 32_767, 1 << 15, 1 << 20] {
+                let a = k * sum - 1;
+                if a >= 1 << 47 {
+                    continue;
+                }
+                assert_eq!((a as f64 / sum as f64) as u64, k - 1, "a {a} sum {sum}");
+            }
+        }
+        // Exact multiples and the largest values.
+        for (x, sum) in [(u32::MAX as u64, 256 * u32::MAX as u64), (3, 3), (1, 1 << 39), ((1 << 32) - 1, (1 << 32) - 1)] {
+            assert_eq!((x << 15) / sum, ((x << 15) as f64 / sum as f64) as u64);
+        }
+    }
+
+    #[test]
+    fn table_from_codes_is_normalize_of_the_weights() {
+        let mut state = 0x2545f4914f6cdd1du64;
+        let mut next = || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        for i in 0..20_000 {
+            let n = (next() % 255 + 1) as usize;
+            // Mostly small tables with a peak, some flat, some sparse.
+            let codes: Vec<u8> = (0..n).map(|_| if i % 3 == 0 { (next() % 16) as u8 } else { (15 - (next() % 6).min(next() % 16)) as u8 }).collect();
+            let weights: Vec<u32> = codes.iter().map(|&q| WEIGHT_OF_CODE[q as usize]).collect();
+            for pb in [8u32, 9, 10] {
+                let want = normalize(&weights, pb);
+                let got = table_from_codes(7, &codes, pb);
+                match (want, got) {
+                    (Ok(f), Ok(t)) => assert_eq!(t, FreqTable { lo: 7, freq: f }, "codes {codes:?} pb {pb}"),
+                    (Err(_), Err(_)) => {}
+                    (w, g) => panic!("codes {codes:?} pb {pb}: normalize {w:?}, table_from_codes {g:?}"),
+                }
             }
         }
     }
@@ -293,6 +432,24 @@ mod tests {
         assert_eq!(t, table_from_codes(lo, &codes, 10).unwrap());
         assert_eq!(t.freq_of(6), 0);
         assert!(t.freq_of(4) > t.freq_of(3));
+    }
+
+    #[test]
+    fn cached_reciprocals_match_per_symbol_constants() {
+        for pb in 8u32..=10 {
+            let n = 1u32 << pb;
+            // Tables [f, n - f]: every frequency from 1 to n - 1 appears.
+            for f in 1..n {
+                let t = FreqTable { lo: 3, freq: vec![f as u16, (n - f) as u16] };
+                let enc = EncTable::new(&t, pb);
+                let mut start = 0;
+                for (e, &f) in enc.symbols.iter().zip(&t.freq) {
+                    let want = EncSymbol::new(start, f as u32, pb);
+                    assert_eq!((e.rcp_freq, e.rcp_shift, e.bias, e.freq, e.cmpl_freq), (want.rcp_freq, want.rcp_shift, want.bias, want.freq, want.cmpl_freq), "pb {pb} f {f}");
+                    start += f as u32;
+                }
+            }
+        }
     }
 
     #[test]

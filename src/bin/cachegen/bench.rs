@@ -37,6 +37,10 @@ pub struct BenchArgs {
     /// Timed repetitions (the best is kept).
     #[arg(long, default_value_t = 5)]
     repeat: usize,
+    /// Only the whole-input codec rows and the constriction reference (a
+    /// short speed check; sizes and speeds of those rows as in a full run).
+    #[arg(long)]
+    quick: bool,
     /// Threads for the multi-core rows (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
@@ -161,6 +165,21 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
                 container.decode_tensor(i, &mut out).map(|_| out)
             })
         });
+        if args.quick {
+            // Robust on a busy machine: the best of many runs of each piece
+            // (parse, then each tensor into a preallocated buffer), summed.
+            let n = repeat.max(20);
+            let parse_s = best_time(n, || Container::parse(&bytes, None, Default::default()).map(|_| ())).0;
+            let mut out = vec![0u8; container.tensor_bytes()];
+            let tensors_s: f64 = idx.iter().map(|&i| best_time(n, || container.decode_tensor(i, &mut out)).0).sum();
+            progress(&format!(
+                "level {}: parse {:.2} ms, tensors {:.2} ms ({:.3} Gsym/s without parse and output allocation)",
+                level.number(),
+                parse_s * 1e3,
+                tensors_s * 1e3,
+                elems as f64 / tensors_s / 1e9
+            ));
+        }
         let sizes = container.section_sizes();
         rows.push(Row {
             table_bits_per_element: Some(8.0 * sizes.tables as f64 / elems as f64),
@@ -180,7 +199,7 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
     // The codec on engine-sized chunks, tables embedded per chunk; the
     // multi-core rows encode and decode chunks in parallel.
     let chunks = split_chunks(&kv, args.chunk_tokens);
-    for level in Level::ALL {
+    for level in Level::ALL.into_iter().filter(|_| !args.quick) {
         progress(&format!("cachegen level {}, {}-token chunks", level.number(), args.chunk_tokens));
         let opts = level_opts(level);
         let (enc_s, encoded) = best_time(repeat, || parallel(&chunks, threads, |c| codec::encode(c, &opts).expect("encode")));
@@ -229,28 +248,8 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
     }
 
     progress("baselines: int8, LMCache-style CacheGen, zstd, constriction");
-    let int8 = baselines::int8_absmax(&kv, repeat);
-    rows.push(Row {
-        encode_gsym_s: gsym(elems, int8.encode_s),
-        decode_gsym_s: gsym(elems, int8.decode_s),
-        decoded: int8.decoded,
-        note: Some("int8, per-(layer, token) absmax, fp16 scales".into()),
-        ..size_row("int8-absmax", None, kv.shape.tokens, int8.bytes)
-    });
-    let lm = baselines::lmcache(&kv, args.chunk_tokens);
-    rows.push(Row {
-        decoded: lm.decoded,
-        note: Some("LMCache CacheGen serde: per-token absmax, 32/16 bins, per-chunk 16-bit CDFs; size from exact code lengths".into()),
-        ..size_row("lmcache-cachegen", None, args.chunk_tokens, lm.bytes)
-    });
-    for zl in [3, 19] {
-        let z = baselines::zstd_fp16(&kv, zl, repeat.min(2));
-        rows.push(Row {
-            encode_gsym_s: gsym(elems, z.encode_s),
-            decode_gsym_s: gsym(elems, z.decode_s),
-            note: Some(format!("zstd -{zl} on the fp16 bytes (lossless)")),
-            ..size_row(&format!("zstd-{zl}"), None, kv.shape.tokens, z.bytes)
-        });
+    if !args.quick {
+        baselines_row(&kv, &args, &mut rows, &size_row);
     }
     let symbols = codec::encode::plane_symbols_for(&kv, &level_opts(Level::Default)).map_err(|e| e.to_string())?;
     let cr = baselines::constriction_reference(&kv.shape, &symbols, repeat);
@@ -280,6 +279,35 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
         print_table(&rows);
     }
     Ok(())
+}
+
+/// The int8, LMCache-style and zstd baselines (skipped by `--quick`).
+fn baselines_row(kv: &KvTensors, args: &BenchArgs, rows: &mut Vec<Row>, size_row: &dyn Fn(&str, Option<u8>, usize, usize) -> Row) {
+    let elems = kv.shape.elems();
+    let repeat = args.repeat;
+    let int8 = baselines::int8_absmax(kv, repeat);
+    rows.push(Row {
+        encode_gsym_s: gsym(elems, int8.encode_s),
+        decode_gsym_s: gsym(elems, int8.decode_s),
+        decoded: int8.decoded,
+        note: Some("int8, per-(layer, token) absmax, fp16 scales".into()),
+        ..size_row("int8-absmax", None, kv.shape.tokens, int8.bytes)
+    });
+    let lm = baselines::lmcache(kv, args.chunk_tokens);
+    rows.push(Row {
+        decoded: lm.decoded,
+        note: Some("LMCache CacheGen serde: per-token absmax, 32/16 bins, per-chunk 16-bit CDFs; size from exact code lengths".into()),
+        ..size_row("lmcache-cachegen", None, args.chunk_tokens, lm.bytes)
+    });
+    for zl in [3, 19] {
+        let z = baselines::zstd_fp16(kv, zl, repeat.min(2));
+        rows.push(Row {
+            encode_gsym_s: gsym(elems, z.encode_s),
+            decode_gsym_s: gsym(elems, z.decode_s),
+            note: Some(format!("zstd -{zl} on the fp16 bytes (lossless)")),
+            ..size_row(&format!("zstd-{zl}"), None, kv.shape.tokens, z.bytes)
+        });
+    }
 }
 
 /// Write every reconstruction to a temporary directory and run the
