@@ -29,7 +29,7 @@
 
 use std::ffi::c_void;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, Weak};
 
 use crate::codec::format::PlaneKind;
 use crate::codec::rans::RANS_L;
@@ -266,7 +266,10 @@ static NEXT_STAGED: AtomicU64 = AtomicU64::new(1);
 /// ([`GpuDecoder::stage`]). Reusable: decode it as often as needed.
 pub struct Staged {
     id: u64,
-    image: PinnedBuffer,
+    /// The pinned image (`len` bytes used); returned to the decoder's pool on drop.
+    image: Option<PinnedBuffer>,
+    len: usize,
+    pool: Weak<Mutex<Vec<PinnedBuffer>>>,
     batches: Vec<Batch>,
     shapes: Vec<(KvShape, Dtype)>,
     compressed: usize,
@@ -284,7 +287,10 @@ impl Staged {
     }
     /// Bytes copied to the device (containers plus descriptors).
     pub fn staged_bytes(&self) -> usize {
-        self.image.len()
+        self.len
+    }
+    fn bytes(&self) -> &[u8] {
+        &self.image.as_ref().expect("the image lives until drop").as_slice()[..self.len]
     }
     /// Symbols (coded values) in all chunks.
     pub fn symbols(&self) -> u64 {
@@ -298,6 +304,18 @@ impl Staged {
     /// Bytes written to the KV blocks (elements x element size).
     pub fn output_bytes(&self) -> u64 {
         self.shapes.iter().map(|(s, d)| (s.elems() * d.size()) as u64).sum()
+    }
+}
+
+impl Drop for Staged {
+    fn drop(&mut self) {
+        // Back to the decoder's pool, which keeps the two largest images.
+        if let (Some(img), Some(pool)) = (self.image.take(), self.pool.upgrade()) {
+            let mut pool = pool.lock().unwrap_or_else(|p| p.into_inner());
+            pool.push(img);
+            pool.sort_by_key(|b| std::cmp::Reverse(b.len()));
+            pool.truncate(2);
+        }
     }
 }
 
@@ -331,6 +349,8 @@ pub struct GpuDecoder {
     f_decode: cudarc::driver::sys::CUfunction,
     f_exact: cudarc::driver::sys::CUfunction,
     state: Mutex<State>,
+    /// Pinned images of finished calls, reused by `stage` (at most two).
+    pinned_pool: Arc<Mutex<Vec<PinnedBuffer>>>,
     smem_extra: u32,
     max_warps: u32,
     /// Target bytes of containers per batch (copy/decode overlap granularity).
@@ -379,6 +399,7 @@ impl GpuDecoder {
             f_decode,
             f_exact,
             state: Mutex::new(state),
+            pinned_pool: Arc::new(Mutex::new(Vec::new())),
             // 256 bytes per warp for the word ring (SMEM_EXTRA in decode.cu).
             smem_extra: knob("CACHEGEN_SMEM_EXTRA", 256),
             max_warps: knob("CACHEGEN_MAX_WARPS", 8).max(1),
@@ -505,9 +526,18 @@ impl GpuDecoder {
             off += len;
             i = j;
         }
-        let mut image = self.gpu.alloc_pinned(off)?;
+        // Pinned memory is slow to allocate (about as slow as copying the
+        // bytes several times over): reuse the images of earlier calls.
+        let reused = {
+            let mut pool = self.pinned_pool.lock().unwrap_or_else(|p| p.into_inner());
+            pool.iter().position(|b| b.len() >= off).map(|i| pool.swap_remove(i))
+        };
+        let mut image = match reused {
+            Some(b) => b,
+            None => self.gpu.alloc_pinned(off)?,
+        };
         {
-            let img = image.as_mut_slice();
+            let img = &mut image.as_mut_slice()[..off];
             // Descriptors (small), then containers copied by all threads.
             let mut first = 0usize;
             for b in &mut batches {
@@ -556,7 +586,9 @@ impl GpuDecoder {
         }
         Ok(Staged {
             id: NEXT_STAGED.fetch_add(1, Ordering::Relaxed),
-            image,
+            image: Some(image),
+            len: off,
+            pool: Arc::downgrade(&self.pinned_pool),
             batches,
             shapes: preps.iter().map(|p| (p.shape, p.dtype)).collect(),
             compressed: chunks.iter().map(|c| c.len()).sum(),
@@ -741,7 +773,7 @@ impl GpuDecoder {
         if !upload && st.resident != staged.id {
             return Err(GpuError::Invalid("decode_resident: this staged set is not on the device".into()));
         }
-        let need = staged.image.len();
+        let need = staged.len;
         if st.region.as_ref().is_none_or(|r| r.len() < need) {
             st.region = None;
             st.resident = 0;
@@ -867,7 +899,7 @@ impl GpuDecoder {
                 // SAFETY: the image range is inside the region allocation; the
                 // pinned image outlives the work (we wait before returning, or
                 // the layered call's events borrow it).
-                unsafe { driver::copy_htod(base, &staged.image.as_slice()[b.off..b.off + b.len], &st.copy)? };
+                unsafe { driver::copy_htod(base, &staged.bytes()[b.off..b.off + b.len], &st.copy)? };
                 st.batch_events[bi].record(&st.copy)?;
                 compute.wait(&st.batch_events[bi])?;
             }
