@@ -430,19 +430,8 @@ pub unsafe extern "C" fn cg_store(
     salt_len: usize,
     out: *mut *mut cg_job,
 ) -> i32 {
-    guard(|| {
-        let out = out!(out, "out");
-        *out = std::ptr::null_mut();
-        let ctx = arg!(ctx, "ctx");
-        let layout = arg!(layout, "layout");
-        let (tokens, blocks, salt) = match unsafe { request(tokens, n_tokens, block_ids, n_blocks, salt, salt_len) } {
-            Ok(r) => r,
-            Err(code) => return code,
-        };
-        // SAFETY: the caller's contract (docs/ABI.md): the layout's memory is
-        // valid host memory, unchanged until the job is reusable.
-        job_out(out, unsafe { ctx.inner.store(Arc::clone(&layout.inner), tokens, blocks, salt) })
-    })
+    // SAFETY: forwarded.
+    unsafe { store_with(ctx, layout, tokens, n_tokens, block_ids, n_blocks, salt, salt_len, None, out) }
 }
 
 /// Starts loading the full chunks of `tokens` into `block_ids` of `layout`,
@@ -465,19 +454,8 @@ pub unsafe extern "C" fn cg_load(
     lease_id: u64,
     out: *mut *mut cg_job,
 ) -> i32 {
-    guard(|| {
-        let out = out!(out, "out");
-        *out = std::ptr::null_mut();
-        let ctx = arg!(ctx, "ctx");
-        let layout = arg!(layout, "layout");
-        let (tokens, blocks, salt) = match unsafe { request(tokens, n_tokens, block_ids, n_blocks, salt, salt_len) } {
-            Ok(r) => r,
-            Err(code) => return code,
-        };
-        // SAFETY: the caller's contract (docs/ABI.md): the destination blocks
-        // are valid host memory, untouched by the engine until the job is done.
-        job_out(out, unsafe { ctx.inner.load(Arc::clone(&layout.inner), tokens, blocks, first_token, salt, lease_id) })
-    })
+    // SAFETY: forwarded.
+    unsafe { load_with(ctx, layout, tokens, n_tokens, block_ids, n_blocks, first_token, salt, salt_len, lease_id, None, out) }
 }
 
 /// `cg_store` for a layout in GPU memory (`CG_MEMORY_CUDA`): the gather
@@ -498,20 +476,8 @@ pub unsafe extern "C" fn cg_store_on_stream(
     cuda_stream: u64,
     out: *mut *mut cg_job,
 ) -> i32 {
-    guard(|| {
-        let out = out!(out, "out");
-        *out = std::ptr::null_mut();
-        let ctx = arg!(ctx, "ctx");
-        let layout = arg!(layout, "layout");
-        let (tokens, blocks, salt) = match unsafe { request(tokens, n_tokens, block_ids, n_blocks, salt, salt_len) } {
-            Ok(r) => r,
-            Err(code) => return code,
-        };
-        let stream = (layout.inner.memory != Memory::Host).then_some(cuda_stream);
-        // SAFETY: the caller's contract (docs/ABI.md), as for cg_store; the
-        // stream is a live stream of the layout's device.
-        job_out(out, unsafe { ctx.inner.store_on(Arc::clone(&layout.inner), tokens, blocks, salt, stream) })
-    })
+    // SAFETY: forwarded.
+    unsafe { store_with(ctx, layout, tokens, n_tokens, block_ids, n_blocks, salt, salt_len, Some(cuda_stream), out) }
 }
 
 /// `cg_load` for a layout in GPU memory (`CG_MEMORY_CUDA`): the decode runs
@@ -533,6 +499,24 @@ pub unsafe extern "C" fn cg_load_on_stream(
     cuda_stream: u64,
     out: *mut *mut cg_job,
 ) -> i32 {
+    // SAFETY: forwarded.
+    unsafe { load_with(ctx, layout, tokens, n_tokens, block_ids, n_blocks, first_token, salt, salt_len, lease_id, Some(cuda_stream), out) }
+}
+
+/// `cg_store` and `cg_store_on_stream`: the stream matters only for device memory.
+#[allow(clippy::too_many_arguments)]
+unsafe fn store_with(
+    ctx: *const cg_context,
+    layout: *const cg_layout,
+    tokens: *const u32,
+    n_tokens: usize,
+    block_ids: *const u32,
+    n_blocks: usize,
+    salt: *const u8,
+    salt_len: usize,
+    stream: Option<u64>,
+    out: *mut *mut cg_job,
+) -> i32 {
     guard(|| {
         let out = out!(out, "out");
         *out = std::ptr::null_mut();
@@ -542,9 +526,44 @@ pub unsafe extern "C" fn cg_load_on_stream(
             Ok(r) => r,
             Err(code) => return code,
         };
-        let stream = (layout.inner.memory != Memory::Host).then_some(cuda_stream);
-        // SAFETY: the caller's contract (docs/ABI.md), as for cg_load; the
-        // stream is a live stream of the layout's device.
+        let stream = stream.filter(|_| layout.inner.memory != Memory::Host);
+        // SAFETY: the caller's contract (docs/ABI.md): the layout's memory is
+        // valid (host, or device memory of its GPU), unchanged until the job
+        // is reusable; a stream is a live stream of the layout's device.
+        job_out(out, unsafe { ctx.inner.store_on(Arc::clone(&layout.inner), tokens, blocks, salt, stream) })
+    })
+}
+
+/// `cg_load` and `cg_load_on_stream`: the stream matters only for device memory.
+#[allow(clippy::too_many_arguments)]
+unsafe fn load_with(
+    ctx: *const cg_context,
+    layout: *const cg_layout,
+    tokens: *const u32,
+    n_tokens: usize,
+    block_ids: *const u32,
+    n_blocks: usize,
+    first_token: usize,
+    salt: *const u8,
+    salt_len: usize,
+    lease_id: u64,
+    stream: Option<u64>,
+    out: *mut *mut cg_job,
+) -> i32 {
+    guard(|| {
+        let out = out!(out, "out");
+        *out = std::ptr::null_mut();
+        let ctx = arg!(ctx, "ctx");
+        let layout = arg!(layout, "layout");
+        let (tokens, blocks, salt) = match unsafe { request(tokens, n_tokens, block_ids, n_blocks, salt, salt_len) } {
+            Ok(r) => r,
+            Err(code) => return code,
+        };
+        let stream = stream.filter(|_| layout.inner.memory != Memory::Host);
+        // SAFETY: the caller's contract (docs/ABI.md): the destination blocks
+        // are valid (host, or device memory of its GPU), untouched by the
+        // engine until the job is done; a stream is a live stream of the
+        // layout's device.
         job_out(out, unsafe { ctx.inner.load_on(Arc::clone(&layout.inner), tokens, blocks, first_token, salt, lease_id, stream) })
     })
 }
