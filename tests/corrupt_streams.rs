@@ -115,3 +115,32 @@ fn non_finite_or_negative_scales_are_rejected() {
         assert!(matches!(decode(&c, None), Err(Error::Corrupt(_))), "scale bits {bad:#x}");
     }
 }
+
+#[test]
+fn the_gpu_host_checks_reject_what_the_cpu_parser_rejects() {
+    // The GPU decoder checks containers without building their tables
+    // (PreparedChunk::new; no GPU needed): every resealed change before the
+    // payload that Container::parse rejects, it must reject too.
+    use cachegen::codec::Container;
+    use cachegen::gpu::PreparedChunk;
+    let kv = fixture();
+    for level in [Level::Compact, Level::Default, Level::Lossless] {
+        let b = encode(&kv, &EncodeOptions::level(level)).unwrap();
+        let ok = PreparedChunk::new(b.clone(), DecodeLimits::default()).unwrap();
+        assert_eq!((ok.shape(), ok.dtype()), (kv.shape, kv.dtype));
+        let layout = format::parse(&b, u64::MAX).unwrap();
+        let mut rejected = 0;
+        for i in 0..layout.segments[0].0 {
+            for flip in [0x01u8, 0x10, 0x80] {
+                let mut c = b.clone();
+                c[i] ^= flip;
+                reseal(&mut c);
+                if let Err(e) = Container::parse(&c, None, DecodeLimits::default()) {
+                    rejected += 1;
+                    assert!(PreparedChunk::new(c, DecodeLimits::default()).is_err(), "{level:?} byte {i} flip {flip:#x}: the CPU parser says {e}, the GPU checks accept it");
+                }
+            }
+        }
+        assert!(rejected > 100, "{level:?}: only {rejected} changes rejected");
+    }
+}

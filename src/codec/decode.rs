@@ -60,17 +60,8 @@ impl<'a> Container<'a> {
             scale_start.push(acc);
             acc += p.scale_values(&h.shape);
         }
-        let container = Container { bytes, layout, tables, scale_start };
-        // Steps must be finite and non-negative, offsets finite: the encoder
-        // never writes anything else, and such values would reach the output.
-        for (i, p) in container.layout.planes.iter().enumerate() {
-            if let PlaneKind::Quantized(spec) = p {
-                if container.group_params(i, spec).iter().any(|g| !(g.offset.is_finite() && g.step.is_finite() && g.step >= 0.0)) {
-                    return Err(Error::Corrupt("scale is not finite and non-negative"));
-                }
-            }
-        }
-        Ok(container)
+        check_scales(bytes, &layout)?;
+        Ok(Container { bytes, layout, tables, scale_start })
     }
 
     pub fn header(&self) -> &Header {
@@ -268,6 +259,32 @@ impl<'a> Container<'a> {
         }
         Ok(KvTensors { shape: h.shape, dtype: h.dtype, tensors })
     }
+}
+
+/// Steps must be finite and non-negative, offsets finite: the encoder never
+/// writes anything else, and such values would reach the output. Part of
+/// [`Container::parse`]; decoders that build their own tables (the GPU's)
+/// call it after [`format::parse`].
+pub fn check_scales(bytes: &[u8], layout: &Layout) -> Result<(), Error> {
+    let sc = &bytes[layout.scales.clone()];
+    let shape = &layout.header.shape;
+    let at = |i: usize| bf16::from_le_bytes([sc[2 * i], sc[2 * i + 1]]).to_f32();
+    let mut base = 0;
+    for p in &layout.planes {
+        if let PlaneKind::Quantized(spec) = p {
+            let n = spec.group.count(shape.tokens, shape.channels(), shape.head_dim);
+            let bad = if spec.asymmetric {
+                (0..n).any(|g| !(at(base + 2 * g).is_finite() && at(base + 2 * g + 1).is_finite() && at(base + 2 * g + 1) >= 0.0))
+            } else {
+                (0..n).any(|g| !(at(base + g).is_finite() && at(base + g) >= 0.0))
+            };
+            if bad {
+                return Err(Error::Corrupt("scale is not finite and non-negative"));
+            }
+        }
+        base += p.scale_values(shape);
+    }
+    Ok(())
 }
 
 /// Byte counts of a stream's sections.

@@ -3,9 +3,10 @@
 //! Two steps, so that host work and copies can be placed where the caller
 //! wants them:
 //!
-//! 1. [`GpuDecoder::stage`] (host only): validates every container exactly
-//!    as the CPU decoder does ([`Container::parse`]: header, checksum,
-//!    sections, tables, scales) plus the per-segment checks that are cheap on
+//! 1. [`GpuDecoder::stage`] (host only): validates every container as the
+//!    CPU decoder does (`Container::parse`: header, checksum, sections,
+//!    scales, and every table check, without building the tables: the
+//!    kernel normalises them) plus the per-segment checks that are cheap on
 //!    the host (FORMAT.md 2.2 items 33 and 34), and lays the containers and
 //!    small descriptors (segment offsets, table offsets, plane parameters)
 //!    out in pinned host memory, in batches. A corrupt container is rejected
@@ -31,9 +32,10 @@ use std::ffi::c_void;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
-use crate::codec::format::PlaneKind;
+use crate::codec::decode::check_scales;
+use crate::codec::format::{self, PlaneKind};
 use crate::codec::rans::RANS_L;
-use crate::codec::{Container, DecodeLimits, Dtype, Error as CodecError, KvShape};
+use crate::codec::{DecodeLimits, Dtype, Error as CodecError, KvShape};
 use crate::layout::KvLayout;
 
 use super::driver::{self, DeviceBuffer, Event, Module, PinnedBuffer, Stream};
@@ -118,6 +120,7 @@ fn as_bytes<T: Copy>(v: &[T]) -> &[u8] {
 }
 
 /// One container, validated, with its device descriptors.
+#[derive(Clone)]
 struct Prep {
     desc: ChunkDesc,
     planes: Vec<PlaneDesc>,
@@ -138,14 +141,21 @@ fn codec_err(chunk: usize) -> impl Fn(CodecError) -> GpuError {
     }
 }
 
-fn prepare(bytes: &[u8], index: usize) -> Result<Prep, GpuError> {
+fn prepare(bytes: &[u8], index: usize, limits: DecodeLimits) -> Result<Prep, GpuError> {
     let err = codec_err(index);
     if bytes.len() > u32::MAX as usize {
         return Err(GpuError::Unsupported("containers of 4 GiB or more".into()));
     }
-    let c = Container::parse(bytes, None, DecodeLimits::default()).map_err(&err)?;
-    let h = c.header();
-    let lay = c.layout();
+    // The CPU decoder's checks (Container::parse) except building the
+    // tables: the kernel normalises each table itself, and the walk below
+    // applies every check that building them would (table::read_compact,
+    // table::table_from_codes).
+    let lay = format::parse(bytes, limits.max_output_bytes).map_err(&err)?;
+    if lay.header.external_tables() {
+        return Err(err(CodecError::MissingTables(lay.header.table_id)));
+    }
+    check_scales(bytes, &lay).map_err(&err)?;
+    let h = &lay.header;
     let shape = h.shape;
     let channels = shape.channels();
     let e = h.dtype.size();
@@ -166,27 +176,47 @@ fn prepare(bytes: &[u8], index: usize) -> Result<Prep, GpuError> {
         });
         scale_start += p.scale_values(&shape);
     }
-    // Table offsets (validated by Container::parse; here only walked).
+    // Table offsets, and the checks of table::read_compact and
+    // table::table_from_codes.
+    let truncated = || err(CodecError::Corrupt("table section truncated"));
     let tb = &bytes[lay.tables.clone()];
     let mut tab = Vec::with_capacity(lay.planes.len() * channels);
     let mut pos = 0usize;
     let mut max_nz = 1u32;
+    let half = 1u32 << (h.prob_bits - 1);
     for p in &lay.planes {
         let first = tab.len();
+        let nsym = p.nsym();
         for j in 0..p.tables(channels) {
-            let n = *tb.get(pos + 1).ok_or_else(|| err(CodecError::Corrupt("table section truncated")))? as usize + 1;
+            let head = tb.get(pos..pos + 2).ok_or_else(truncated)?;
+            let (lo, n) = (head[0] as usize, head[1] as usize + 1);
+            if lo + n > nsym {
+                return Err(err(CodecError::Corrupt("table covers symbols outside the plane's alphabet")));
+            }
             if j == 0 || p.tables(channels) == channels {
                 tab.push((lay.tables.start + pos) as u32);
             }
             // Non-zero symbols: codes other than 0 (table::WEIGHT_OF_CODE).
-            let codes = tb.get(pos + 2..pos + 2 + n.div_ceil(2)).ok_or_else(|| err(CodecError::Corrupt("table section truncated")))?;
+            let codes = tb.get(pos + 2..pos + 2 + n.div_ceil(2)).ok_or_else(truncated)?;
+            if n % 2 == 1 && codes[n / 2] & 15 != 0 {
+                return Err(err(CodecError::Corrupt("table padding nibble is not zero")));
+            }
             let nz: u32 = codes.iter().map(|&b| (b >> 4 != 0) as u32 + (b & 15 != 0) as u32).sum();
+            if nz == 0 {
+                return Err(err(CodecError::Corrupt("frequency table has no symbol")));
+            }
+            if nz > half {
+                return Err(err(CodecError::Corrupt("frequency table has more symbols than prob_bits allows")));
+            }
             max_nz = max_nz.max(nz);
             pos += 2 + n.div_ceil(2);
         }
         // Shared tables: every channel uses the plane's one table.
         let t0 = tab[first];
         tab.resize(first + channels, t0);
+    }
+    if pos != tb.len() {
+        return Err(err(CodecError::Corrupt("table section has trailing bytes")));
     }
     // Segments, with the checks that need no decoding (items 33 and 34).
     let spp = h.segments_per_plane();
@@ -237,6 +267,35 @@ fn prepare(bytes: &[u8], index: usize) -> Result<Prep, GpuError> {
         pad: [0; 3],
     };
     Ok(Prep { desc, planes, segs, tab, payload_start, shape, dtype: h.dtype, symbols, max_nz: max_nz.min(256) })
+}
+
+/// One container checked for the device, owning its bytes: everything
+/// [`GpuDecoder::stage`] checks, done once, where the bytes arrive (the
+/// connector's fetch threads), so that staging is only a copy.
+pub struct PreparedChunk {
+    bytes: Box<[u8]>,
+    prep: Prep,
+}
+
+impl PreparedChunk {
+    /// Check `bytes` as [`GpuDecoder::stage`] does (header, checksum,
+    /// sections, scales, table structure, lane states).
+    pub fn new(bytes: Vec<u8>, limits: DecodeLimits) -> Result<PreparedChunk, GpuError> {
+        let prep = prepare(&bytes, 0, limits)?;
+        Ok(PreparedChunk { bytes: bytes.into_boxed_slice(), prep })
+    }
+    /// The container's bytes.
+    pub fn bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+    /// Shape of the KV it holds.
+    pub fn shape(&self) -> KvShape {
+        self.prep.shape
+    }
+    /// Element type of the KV it holds.
+    pub fn dtype(&self) -> Dtype {
+        self.prep.dtype
+    }
 }
 
 /// A batch of chunks inside a [`Staged`] image: copied and decoded together.
@@ -454,12 +513,38 @@ impl GpuDecoder {
                 let base = t * chunks.len().div_ceil(threads);
                 s.spawn(move || {
                     for (j, slot) in part.iter_mut().enumerate() {
-                        *slot = Some(prepare(chunks[base + j], base + j));
+                        *slot = Some(prepare(chunks[base + j], base + j, DecodeLimits::default()));
                     }
                 });
             }
         });
-        let mut preps: Vec<Prep> = preps.into_iter().map(|p| p.unwrap()).collect::<Result<_, _>>()?;
+        let preps: Vec<Prep> = preps.into_iter().map(|p| p.unwrap()).collect::<Result<_, _>>()?;
+        self.assemble(preps, chunks)
+    }
+
+    /// [`GpuDecoder::stage`] for containers already checked by
+    /// [`PreparedChunk::new`] (e.g. as each was fetched): only the layout in
+    /// pinned memory is left to do.
+    pub fn stage_prepared(&self, chunks: &[&PreparedChunk]) -> Result<Staged, GpuError> {
+        if chunks.is_empty() {
+            return Err(GpuError::Invalid("no chunks".into()));
+        }
+        let preps: Vec<Prep> = chunks
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                let mut p = c.prep.clone();
+                p.desc.index = i as u32;
+                p
+            })
+            .collect();
+        let bytes: Vec<&[u8]> = chunks.iter().map(|c| c.bytes()).collect();
+        self.assemble(preps, &bytes)
+    }
+
+    /// Batches, offsets and the pinned image of checked containers.
+    fn assemble(&self, mut preps: Vec<Prep>, chunks: &[&[u8]]) -> Result<Staged, GpuError> {
+        let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).min(chunks.len());
         // Batches and offsets.
         let align = |x: usize, a: usize| x.div_ceil(a) * a;
         let mut batches = Vec::new();
