@@ -13,7 +13,7 @@ use cachegen::connector::Context;
 use cachegen::keys::{chunk_chain, shard_key};
 use cachegen::pipeline::{LoadChunk, LoadSpec, Pipeline, Stage, StreamPlan};
 use cachegen::store::{DiskTier, Tier, TierStack};
-use cachegen::streaming::adaptive::Planner;
+use cachegen::streaming::adaptive::{Planner, PROBE_BYTES};
 use cachegen::streaming::link::gbps;
 use cachegen::streaming::{Choice, Estimator, Link, Schedule, ShapedTier, StreamStats};
 
@@ -190,9 +190,15 @@ fn very_slow_link_leaves_chunks_for_recompute() {
     assert_eq!(p.chunks_failed, 5, "{d:?}");
     assert_eq!(p.failed_blocks, (0..20).collect::<Vec<u32>>());
     assert!(p.errors.iter().all(|e| e.contains("recompute")), "{:?}", p.errors);
-    assert!(d.iter().all(|d| d.planned == Choice::Recompute && d.bytes == 0), "{d:?}");
+    assert!(d.iter().all(|d| d.planned == Choice::Recompute && d.outcome == Choice::Recompute), "{d:?}");
+    // Until the link is known to be steady (two measurements), a chunk
+    // planned for recompute is probed at the lowest level: its first bytes
+    // only (16 KiB pieces), then left for recompute; then nothing is read.
+    let probed: Vec<_> = d.iter().filter(|d| d.bytes > 0).collect();
+    assert!(probed.len() <= 2, "{d:?}");
+    assert!(probed.iter().all(|d| d.bytes <= 4 * PROBE_BYTES as u64 && d.probed_bytes_per_s > 0.0), "{d:?}");
     assert_eq!(stats["streaming"]["recomputed_chunks"], 5);
-    assert!(took < Duration::from_secs(1), "nothing was fetched: {took:?}");
+    assert!(took < Duration::from_secs(1), "only probes were fetched: {took:?}");
 }
 
 #[test]
@@ -280,6 +286,177 @@ fn a_link_that_stalls_mid_load_ends_in_recompute_within_the_slo() {
     let t1 = Instant::now();
     drop(pipeline);
     assert!(t1.elapsed() < Duration::from_secs(2));
+}
+
+/// The fixture's 5 chunks at three levels behind `link`, loaded adaptively
+/// straight through the pipeline; returns the job's progress, decisions
+/// and stats, the destination engine and the load's duration.
+fn load_behind(dir: &std::path::Path, toks: &[u32], link: &Arc<Link>, slo: Duration, prefill: f64, initial_gbps: f64) -> (cachegen::pipeline::Progress, Vec<cachegen::streaming::ChunkDecision>, Arc<StreamStats>, Engine, Duration) {
+    let kv = fixture();
+    let cfg = Context::from_json(&config("")).unwrap().config().clone();
+    let levels = [Level::Compact, Level::Default, Level::High];
+    let chains: Vec<Vec<[u8; 16]>> = levels.iter().map(|&l| chunk_chain(&cfg.level_namespace(l), b"", toks)).collect();
+    let keys: Vec<Vec<(Level, [u8; 16])>> = (0..5).map(|c| levels.iter().enumerate().map(|(i, &l)| (l, shard_key(&chains[i][c], 0))).collect()).collect();
+    let tier: Arc<dyn Tier> = Arc::new(ShapedTier::new(Arc::new(DiskTier::open(dir, 100_000_000).unwrap()), Arc::clone(link)));
+    let dst = Engine::vllm(&kv, 20, false);
+    let pipeline = Pipeline::new(2, 2).unwrap();
+    let stats = Arc::new(StreamStats::default());
+    let t0 = Instant::now();
+    let job = pipeline.load_streamed(
+        LoadSpec {
+            device: None,
+            layout: Arc::clone(&dst.layout),
+            chunk_tokens: CHUNK,
+            chunks: (0..5).map(|c| LoadChunk { key: keys[c][1].1, skip_tokens: 0, blocks: (c as u32 * 4..c as u32 * 4 + 4).collect() }).collect(),
+            timeout: Duration::from_secs(30),
+            tiers: TierStack::new(vec![tier]),
+            limits: Default::default(),
+            on_fetched: None,
+        },
+        StreamPlan {
+            keys,
+            planner: Some(Planner { slo_s: slo.as_secs_f64(), prefill_tokens_per_s: prefill, chunk_tokens: CHUNK, levels: levels.to_vec(), recompute_suffix: false }),
+            prefer: Level::Default,
+            estimator: Arc::new(Estimator::new(gbps(initial_gbps))),
+            stats: Arc::clone(&stats),
+            decode_threads: 2,
+        },
+    );
+    assert!(job.wait(Stage::Done, Some(Duration::from_secs(20))), "the load must end");
+    let took = t0.elapsed();
+    (job.progress(), job.chunk_decisions(), stats, dst, took)
+}
+
+#[test]
+fn one_slow_chunk_is_probed_and_only_it_is_recomputed() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let toks = tokens(320, 6);
+    let st = store_all(dir.path(), &toks);
+    let compact = st["streaming"]["stored_bytes"]["compact"].as_f64().unwrap() / 5.0;
+    let default = st["streaming"]["stored_bytes"]["default"].as_f64().unwrap() / 5.0;
+    assert!(default < 1.8 * compact, "{st}");
+    // 1.5 s of SLO, recompute 5 ms a chunk. Every chunk's request runs at
+    // 10 Gbps but chunk 2's, at a rate where even its compact level takes
+    // half the SLO (its share is a third): its probe (the first 16 KiB,
+    // ~40 ms) shows it, and it alone is recomputed. The probe's rate
+    // enters the running mean (the estimate for the next chunk drops to
+    // about twice the slow rate), where the default level still fits the
+    // next chunk's share (~0.4 of the SLO needed of ~0.48): chunks 3 and 4
+    // are not downgraded to compact.
+    let slo = Duration::from_millis(1500);
+    let slow = compact / (0.5 * slo.as_secs_f64());
+    let link = Link::new(Schedule::PerRequest(vec![gbps(10.0), gbps(10.0), slow, gbps(10.0), gbps(10.0)]), Duration::from_micros(200));
+    let _release = CloseOnDrop(Arc::clone(&link));
+    let (p, d, stats, dst, took) = load_behind(dir.path(), &toks, &link, slo, 12_800.0, 10.0);
+    eprintln!("one slow chunk: {took:?} slow {:.0} B/s\n{d:#?}", slow);
+    assert_eq!(d.len(), 5);
+    assert_eq!((p.chunks_ok, p.chunks_failed), (4, 1), "{d:?} {:?}", p.errors);
+    assert_eq!(p.failed_blocks, (8..12).collect::<Vec<u32>>());
+    assert!(p.errors.iter().all(|e| e.contains("probe")), "{:?}", p.errors);
+    // Chunk 2: planned at a level from the (fast) estimate, probed, left
+    // for recompute; only its first pieces were read, at its slow rate.
+    let x = &d[2];
+    assert!(matches!(x.planned, Choice::Level(_)) && x.outcome == Choice::Recompute, "{x:?}");
+    assert!(x.bytes > 0 && (x.bytes as f64) < 0.5 * compact, "{x:?}");
+    assert!(x.probed_bytes_per_s > 0.5 * slow && x.probed_bytes_per_s < 2.0 * slow, "{x:?}");
+    assert_eq!(stats.recomputed_chunks.load(Ordering::SeqCst), 1);
+    assert_eq!(stats.abandoned_fetches.load(Ordering::SeqCst), 0, "no give-up point was reached");
+    // The others: fetched as planned, at the default level or above.
+    for x in d.iter().filter(|x| x.chunk != 2) {
+        assert_eq!(x.outcome, x.planned, "{x:?}");
+        assert!(matches!(x.outcome, Choice::Level(Level::Default | Level::High)), "{x:?}");
+    }
+    assert!(took < slo, "{took:?}");
+    let got = dst.read(&(0..20).collect::<Vec<u32>>(), 320);
+    let kv = fixture();
+    for x in d.iter().filter(|x| x.chunk != 2) {
+        let Choice::Level(l) = x.outcome else { unreachable!() };
+        let (s, e) = (x.chunk * CHUNK, (x.chunk + 1) * CHUNK);
+        assert_eq!(slice_tokens(&got, s, e), slice_tokens(&expected(&kv, 5, l), s, e), "chunk {}", x.chunk);
+    }
+}
+
+#[test]
+fn a_probe_trades_a_slow_chunk_for_a_lower_level() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let toks = tokens(320, 7);
+    let st = store_all(dir.path(), &toks);
+    let size = |l: &str| st["streaming"]["stored_bytes"][l].as_f64().unwrap() / 5.0;
+    let (compact, default) = (size("compact"), size("default"));
+    let q = default / compact;
+    assert!(q > 1.2, "{st}");
+    // Recompute is expensive (640 ms a chunk), SLO 3 s: chunk 2's share is
+    // about 1 s. Its request runs at a rate where compact takes 2/(1+q) of
+    // that share and the default level 2q/(1+q) (q: default / compact
+    // size; e.g. 0.8 and 1.2 for q = 1.5): neither the level planned from
+    // the fast estimate (default or above) nor the rest of it fits, compact
+    // does. The probe trades the chunk for a lower level: a second
+    // request, which on this per-request trace runs at the next rate.
+    let slo = Duration::from_millis(3000);
+    let share = slo.as_secs_f64() / 3.0;
+    let slow = compact / (share * 2.0 / (1.0 + q));
+    let link = Link::new(Schedule::PerRequest(vec![gbps(10.0), gbps(10.0), slow, gbps(10.0), gbps(10.0), gbps(10.0)]), Duration::from_micros(200));
+    let _release = CloseOnDrop(Arc::clone(&link));
+    let (p, d, _stats, dst, took) = load_behind(dir.path(), &toks, &link, slo, 100.0, 10.0);
+    eprintln!("lower level: {took:?}\n{d:#?}");
+    assert_eq!((p.chunks_ok, p.chunks_failed), (5, 0), "{d:?} {:?}", p.errors);
+    let x = &d[2];
+    let (Choice::Level(planned), Choice::Level(got_level)) = (x.planned, x.outcome) else { panic!("{x:?}") };
+    assert!(got_level.number() < planned.number(), "{x:?}");
+    assert!(x.probed_bytes_per_s > 0.5 * slow && x.probed_bytes_per_s < 2.0 * slow, "{x:?}");
+    let got = dst.read(&(0..20).collect::<Vec<u32>>(), 320);
+    let kv = fixture();
+    for x in &d {
+        let Choice::Level(l) = x.outcome else { unreachable!() };
+        let (s, e) = (x.chunk * CHUNK, (x.chunk + 1) * CHUNK);
+        assert_eq!(slice_tokens(&got, s, e), slice_tokens(&expected(&kv, 5, l), s, e), "chunk {}", x.chunk);
+    }
+}
+
+#[test]
+fn a_progressive_read_through_a_link_is_shaped_piece_by_piece_and_can_stop() {
+    use cachegen::store::{MemoryTier, Partial, ReadOn};
+    let _serial = serial();
+    let mem: Arc<dyn Tier> = Arc::new(MemoryTier::new(10_000_000));
+    let key = [7u8; 16];
+    let value: Vec<u8> = (0..1_000_000u32).map(|i| i as u8).collect();
+    mem.put(&key, &value).unwrap();
+    // 1 Gbps (125 MB/s): 1 MB takes 8 ms; 10 ms of latency first.
+    let link = Link::gbps(1.0, Duration::from_millis(10));
+    let shaped = ShapedTier::new(Arc::clone(&mem), Arc::clone(&link));
+    let t0 = Instant::now();
+    let mut seen = Vec::new();
+    let got = shaped
+        .get_progressive(&key, 100_000, &mut |read, total| {
+            seen.push((read, total, t0.elapsed()));
+            ReadOn::Piece
+        })
+        .unwrap();
+    let Some(Partial::Value(v)) = got else { panic!("{got:?}") };
+    assert_eq!(v, value);
+    assert_eq!(seen.len(), 11, "first byte, then ten pieces: {seen:?}");
+    assert_eq!(seen[0].0, 0);
+    assert!(seen[0].2 >= Duration::from_millis(10), "the latency comes first: {seen:?}");
+    assert!(seen[10].2 >= Duration::from_millis(18), "{seen:?}");
+    // The rate after the first byte is the link's (up to a busy machine).
+    let rate = 1e6 / (seen[10].2 - seen[0].2).as_secs_f64();
+    assert!(rate <= 130e6, "{rate}");
+    // Stopping after the first piece sends nothing more.
+    let before = link.bytes_sent();
+    let got = shaped.get_progressive(&key, 100_000, &mut |read, _| if read == 0 { ReadOn::Piece } else { ReadOn::Stop }).unwrap();
+    assert!(matches!(got, Some(Partial::Stopped { read: 100_000, total: 1_000_000 })), "{got:?}");
+    assert_eq!(link.bytes_sent() - before, 100_000);
+    // The default (a local tier): one report, whole.
+    let mut calls = Vec::new();
+    let got = mem.get_progressive(&key, 100_000, &mut |read, total| {
+        calls.push((read, total));
+        ReadOn::Stop
+    });
+    assert!(matches!(got, Ok(Some(Partial::Value(_)))));
+    assert_eq!(calls, vec![(1_000_000, 1_000_000)]);
+    assert!(matches!(mem.get_progressive(&[9u8; 16], 1, &mut |_, _| ReadOn::Piece), Ok(None)));
 }
 
 #[test]

@@ -65,9 +65,14 @@ pub struct ChunkDecision {
     pub est_bytes_per_s: f64,
     /// Per-chunk time budget the decision used (s).
     pub budget_s: f64,
-    /// Bytes fetched and how long the fetch took (0 when not fetched).
+    /// Bytes fetched and how long the fetch took (0 when not fetched; a
+    /// probe abandoned counts its bytes, a switch to a lower level adds the
+    /// second request's).
     pub bytes: u64,
     pub fetch_s: f64,
+    /// This chunk's rate as its probe measured it (bytes/s; 0 when the
+    /// chunk was not probed or arrived whole before the decision point).
+    pub probed_bytes_per_s: f64,
 }
 
 /// Counters of the streaming features of one context (reported by
