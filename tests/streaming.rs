@@ -491,3 +491,48 @@ fn link_shares_bandwidth_adds_latency_and_replays_traces() {
     let t = t0.elapsed();
     assert!(t >= Duration::from_millis(31) && t < Duration::from_millis(500), "{t:?}");
 }
+
+/// The probing rule on its own (the loader and the benchmark call it).
+#[test]
+fn probe_rule_keeps_fits_trades_down_and_recomputes() {
+    use cachegen::streaming::adaptive::{probe_done, probe_point, AfterProbe, PlanInput, PROBE_MIN_S};
+    const MB: f64 = 1e6;
+    // 10 chunks left, 100 ms of SLO: 10 ms a chunk; recompute 10 ms.
+    let pl = Planner { slo_s: 0.1, prefill_tokens_per_s: 25_600.0, chunk_tokens: 256, levels: vec![Level::Compact, Level::Default, Level::High], recompute_suffix: false };
+    let inp = |rate: f64| PlanInput {
+        elapsed_s: 0.0,
+        chunks_left: 10,
+        recomputed: 0,
+        bytes_per_s: rate,
+        latency_s: 0.0002,
+        sizes: vec![5.0 * MB, 8.0 * MB, 13.0 * MB],
+        raw_bytes: 32.0 * MB,
+        decode_bytes_per_s: None,
+        after_recompute: false,
+    };
+    // Default (8 MB) probed, 1 MB in: at 1 GB/s the rest takes 7 ms: read on.
+    assert_eq!(pl.after_probe(&inp(1e9), 1, MB, 8.0 * MB), AfterProbe::Continue);
+    // At 0.6 GB/s the rest takes 11.7 ms, compact 8.5 ms: trade down.
+    assert_eq!(pl.after_probe(&inp(0.6e9), 1, MB, 8.0 * MB), AfterProbe::Switch(0));
+    // At 0.1 GB/s nothing fits and recompute (10 ms) is the fastest.
+    assert_eq!(pl.after_probe(&inp(0.1e9), 1, MB, 8.0 * MB), AfterProbe::Recompute);
+    // Nothing fits (4 MB left at 0.35 GB/s: 11.4 ms; compact 14.5 ms): the
+    // fastest way, recompute (10 ms); with recompute at 20 ms, reading on.
+    assert_eq!(pl.after_probe(&inp(0.35e9), 1, 4.0 * MB, 8.0 * MB), AfterProbe::Recompute);
+    let slow_prefill = Planner { prefill_tokens_per_s: 12_800.0, ..pl.clone() };
+    assert_eq!(slow_prefill.after_probe(&inp(0.35e9), 1, 4.0 * MB, 8.0 * MB), AfterProbe::Continue);
+    // The decision point: 16 KiB and 1 ms after the first byte.
+    assert!(!probe_done(PROBE_BYTES, 0.0005) && !probe_done(1000, 0.01) && probe_done(PROBE_BYTES, PROBE_MIN_S));
+    assert_eq!(probe_point(1e6, 5.0 * MB), PROBE_BYTES as f64); // 1 ms carries 1 kB: one piece
+    assert_eq!(probe_point(1e9, 5.0 * MB), (1e6 / PROBE_BYTES as f64).ceil() * PROBE_BYTES as f64);
+    assert_eq!(probe_point(1e12, 5.0 * MB), 5.0 * MB); // whole before the decision point
+    // A planned recompute is probed at the lowest level only on an unsteady link.
+    let p = pl.plan(&inp(0.01e9));
+    assert_eq!(p.choice, Choice::Recompute);
+    assert_eq!(pl.probe_level(&inp(0.01e9), &p, 1.0), Some(0));
+    assert_eq!(pl.probe_level(&inp(0.01e9), &p, 0.0), None);
+    // A planned level is probed at that level.
+    let p = pl.plan(&inp(10e9));
+    assert_eq!(p.choice, Choice::Level(Level::Default));
+    assert_eq!(pl.probe_level(&inp(10e9), &p, 1.0), Some(1));
+}
