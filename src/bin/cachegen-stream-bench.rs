@@ -122,7 +122,7 @@ enum Mode {
 
 /// Simulates the adaptive loader over per-chunk bandwidths `bw` (bytes/s);
 /// returns (TTFT, chunks per level, recomputed, probes abandoned).
-#[allow(clippy::too_many_arguments)]
+#[allow(clippy::needless_range_loop)]
 fn adaptive(sz: &Sizes, n: usize, bw: &[f64], slo: f64, rate: f64, mode: Mode, est: &Estimator) -> (f64, [usize; 3], usize, usize) {
     let planner = Planner { slo_s: slo, prefill_tokens_per_s: rate, chunk_tokens: CHUNK, levels: LEVELS.to_vec(), recompute_suffix: false };
     let dec = sz.syms / GPU_SYM_PER_S;

@@ -65,7 +65,7 @@ pub struct StreamPlan {
 enum ChunkRead {
     /// Read whole and verified; `since_first_s`: the read's time after its
     /// first byte (the whole time where the tier reports no first byte).
-    Done { parsed: ParsedChunk, bytes: usize, level: Option<Level>, tier: usize, since_first_s: f64, ttfb_s: Option<f64>, probed_bytes_per_s: f64 },
+    Done { parsed: Box<ParsedChunk>, bytes: usize, level: Option<Level>, tier: usize, since_first_s: f64, ttfb_s: Option<f64>, probed_bytes_per_s: f64 },
     /// Stopped at the probe's decision point.
     Stopped { after: AfterProbe, tier: usize, read: usize, since_first_s: f64, ttfb_s: f64 },
 }
@@ -463,7 +463,7 @@ impl LoadRun {
                         decision.outcome = Choice::Recompute;
                     }
                     s.decisions.lock().push(decision);
-                    self.resolve(c, Ok((parsed, bytes, lvl)));
+                    self.resolve(c, Ok((*parsed, bytes, lvl)));
                 }
                 Ok(ChunkRead::Stopped { .. }) => unreachable!("a read without a probe is never stopped"),
                 Err(why) => {
@@ -543,7 +543,7 @@ impl LoadRun {
                 Some(Progressive::Done(f)) => {
                     let (parsed, bytes, tier) = self.verify(c, key, f)?;
                     let probed_bytes_per_s = decided.map_or(0.0, |d| d.1);
-                    return Ok(ChunkRead::Done { parsed, bytes, level: Some(level), tier, since_first_s, ttfb_s, probed_bytes_per_s });
+                    return Ok(ChunkRead::Done { parsed: Box::new(parsed), bytes, level: Some(level), tier, since_first_s, ttfb_s, probed_bytes_per_s });
                 }
             }
         }

@@ -378,8 +378,7 @@ impl Planner {
             Choice::Level(l) => self.levels.iter().position(|&x| x == l),
             Choice::Recompute => {
                 let probe_s = inp.latency_s + PROBE_MIN_S;
-                let worth = !self.levels.is_empty()
-                    && !(self.recompute_suffix && inp.after_recompute)
+                let worth = !(self.levels.is_empty() || self.recompute_suffix && inp.after_recompute)
                     && spread > STEADY_SPREAD
                     && probe_s <= PROBE_RECOMPUTE_SHARE * self.recompute_s();
                 worth.then_some(0)
