@@ -257,9 +257,14 @@ fn a_link_that_stalls_mid_load_ends_in_recompute_within_the_slo() {
     assert!(ttft <= slo.as_secs_f64() + 0.15, "ttft {ttft} s ({took:?}, {d:?})");
     // ... and not by giving up early: the stalled fetch was waited for
     // until its give-up point.
-    assert!(took.as_secs_f64() >= slo.as_secs_f64() - 3.0 * CHUNK as f64 / prefill - 0.005, "{took:?} {d:?}");
-    assert_eq!((p.chunks_ok, p.chunks_failed), (2, 3), "{d:?} {:?}", p.errors);
-    assert_eq!(p.failed_blocks, (8..20).collect::<Vec<u32>>());
+    assert!(took.as_secs_f64() >= slo.as_secs_f64() - p.chunks_failed as f64 * CHUNK as f64 / prefill - 0.005, "{took:?} {d:?}");
+    // Two chunks fetched, then the stall. (On a machine so busy that the
+    // fast link's second chunk looks slow at its probe, the loader may trade
+    // that chunk for a lower level: a second request, which meets the stall;
+    // then one chunk is fetched.)
+    let ok = p.chunks_ok;
+    assert!((ok == 2 || ok == 1) && p.chunks_failed == 5 - ok, "{d:?} {:?}", p.errors);
+    assert_eq!(p.failed_blocks, (ok as u32 * 4..20).collect::<Vec<u32>>());
     assert!(p.errors.iter().all(|e| e.contains("recompute")), "{:?}", p.errors);
     // The hook (a lease's end) runs right after the last fetch resolves,
     // possibly just after the job reports done.
@@ -270,17 +275,17 @@ fn a_link_that_stalls_mid_load_ends_in_recompute_within_the_slo() {
     assert!(fetched.load(Ordering::SeqCst), "the fetched hook (lease end) ran");
     assert!(job.wait_layer(kv.shape.layers - 1, Some(Duration::ZERO)));
     assert_eq!(stats.abandoned_fetches.load(Ordering::SeqCst), 1);
-    assert_eq!(stats.recomputed_chunks.load(Ordering::SeqCst), 3);
+    assert_eq!(stats.recomputed_chunks.load(Ordering::SeqCst), 5 - ok as u64);
     // The chunks fetched before the stall are loaded, each exactly at the
     // level its decision reports (the top level unless a busy machine made
     // the fetches look slow).
     let got = dst.read(&(0..8).collect::<Vec<u32>>(), 128);
-    for x in &d[..2] {
+    for x in &d[..ok] {
         let Choice::Level(l) = x.outcome else { panic!("{d:?}") };
         let (s, e) = (x.chunk * CHUNK, (x.chunk + 1) * CHUNK);
         assert_eq!(slice_tokens(&got, s, e), slice_tokens(&expected(&kv, 2, l), s, e), "chunk {}", x.chunk);
     }
-    assert!(d[2..].iter().all(|x| x.outcome == Choice::Recompute), "{d:?}");
+    assert!(d[ok..].iter().all(|x| x.outcome == Choice::Recompute), "{d:?}");
     // The stalled request is released; nothing hangs.
     link.close();
     let t1 = Instant::now();
