@@ -13,7 +13,9 @@
 //! ../shared/notes/performance-anchors.md). The adaptive loader is
 //! simulated with the library's own planner and estimator
 //! (`cachegen::streaming::adaptive`), chunk by chunk, including its give-up
-//! rule.
+//! rule and its per-chunk probe (the same `probe_level`, `probe_point`,
+//! `after_probe` and `probe_deadline_s` the loader calls; a probe and its
+//! continuation are one request, a switch to a lower level a second).
 //!
 //! Usage: cachegen-stream-bench [--fixture PATH] [--traces N] [--prefill-tps TOKENS_PER_S] [--json FILE]
 //!

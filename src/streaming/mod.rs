@@ -3,7 +3,9 @@
 //! - a load measures the throughput each chunk was delivered at, estimates
 //!   what the remaining chunks will get, and picks per chunk the highest
 //!   level whose fetch and decode still fit the time-to-first-token SLO, or
-//!   leaves the chunk for the engine to recompute ([`adaptive`]);
+//!   leaves the chunk for the engine to recompute ([`adaptive`]); then
+//!   probes the chunk's own rate from its first bytes (a progressive read)
+//!   and keeps it, trades it for a lower level, or leaves it for recompute;
 //! - [`link`] emulates a network link (token-bucket shaper, latency, trace
 //!   replay) in front of any tier, for tests and benchmarks.
 //!
