@@ -543,3 +543,45 @@ fn tier_stack_fetches_fastest_intact_copy_and_promotes() {
     assert!(matches!(stack.fetch(&k2), Err(StoreError::Corrupt(_))));
     assert!(stack.fetch(&k2).unwrap().is_none(), "the corrupt entry was removed");
 }
+
+#[test]
+fn tier_stack_progressive_fetch_promotes_and_stops() {
+    use cachegen::store::{Progressive, ReadOn, TierStack};
+    use cachegen::streaming::{Link, ShapedTier};
+    let d = TempDir::new("stack-progressive");
+    let mem = Arc::new(MemoryTier::new(1 << 20));
+    let disk = Arc::new(DiskTier::open(d.path(), 1 << 20).unwrap());
+    // The slower tier sits behind an (unthrottled in practice) 100 Gbps link: read in pieces.
+    let far = Arc::new(ShapedTier::new(disk.clone() as Arc<dyn Tier>, Link::gbps(100.0, Duration::ZERO)));
+    let stack = TierStack::new(vec![mem.clone() as Arc<dyn Tier>, far as Arc<dyn Tier>]);
+    let (k, v) = (key(9), value_for(&key(9), 10_000));
+    disk.put(&k, &v).unwrap();
+    // Stopped after the first 1000-byte piece: nothing promoted.
+    let mut seen = Vec::new();
+    let r = stack.fetch_progressive(&k, 1000, &mut |read, total| {
+        seen.push((read, total));
+        if read == 0 {
+            ReadOn::Piece
+        } else {
+            ReadOn::Stop
+        }
+    });
+    assert!(matches!(r, Ok(Some(Progressive::Stopped { tier: 1, read: 1000, total: 10_000 }))), "{r:?}");
+    assert_eq!(seen, vec![(0, 10_000), (1000, 10_000)]);
+    assert!(!mem.contains(&k).unwrap());
+    // Read whole: the same value as `fetch`, promoted into memory.
+    let r = stack.fetch_progressive(&k, 1000, &mut |_, _| ReadOn::Piece).unwrap();
+    let Some(Progressive::Done(f)) = r else { panic!("{r:?}") };
+    assert_eq!((f.value, f.tier), (v.clone(), 1));
+    assert!(mem.contains(&k).unwrap());
+    let r = stack.fetch_progressive(&k, 1000, &mut |_, _| ReadOn::Rest).unwrap();
+    assert!(matches!(r, Some(Progressive::Done(ref f)) if f.tier == 0), "{r:?}");
+    // Absent everywhere.
+    assert!(matches!(stack.fetch_progressive(&key(10), 1000, &mut |_, _| ReadOn::Piece), Ok(None)));
+    // A corrupt copy behind the link is an error, never returned.
+    mem.remove(&k).unwrap();
+    let mut bytes = fs::read(disk.path_of(&k)).unwrap();
+    bytes[40] ^= 1;
+    fs::write(disk.path_of(&k), bytes).unwrap();
+    assert!(matches!(stack.fetch_progressive(&k, 1000, &mut |_, _| ReadOn::Piece), Err(StoreError::Corrupt(_))));
+}

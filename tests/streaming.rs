@@ -13,7 +13,7 @@ use cachegen::connector::Context;
 use cachegen::keys::{chunk_chain, shard_key};
 use cachegen::pipeline::{LoadChunk, LoadSpec, Pipeline, Stage, StreamPlan};
 use cachegen::store::{DiskTier, Tier, TierStack};
-use cachegen::streaming::adaptive::Planner;
+use cachegen::streaming::adaptive::{Planner, PROBE_BYTES};
 use cachegen::streaming::link::gbps;
 use cachegen::streaming::{Choice, Estimator, Link, Schedule, ShapedTier, StreamStats};
 
@@ -190,9 +190,15 @@ fn very_slow_link_leaves_chunks_for_recompute() {
     assert_eq!(p.chunks_failed, 5, "{d:?}");
     assert_eq!(p.failed_blocks, (0..20).collect::<Vec<u32>>());
     assert!(p.errors.iter().all(|e| e.contains("recompute")), "{:?}", p.errors);
-    assert!(d.iter().all(|d| d.planned == Choice::Recompute && d.bytes == 0), "{d:?}");
+    assert!(d.iter().all(|d| d.planned == Choice::Recompute && d.outcome == Choice::Recompute), "{d:?}");
+    // Until the link is known to be steady (two measurements), a chunk
+    // planned for recompute is probed at the lowest level: its first bytes
+    // only (16 KiB pieces), then left for recompute; then nothing is read.
+    let probed: Vec<_> = d.iter().filter(|d| d.bytes > 0).collect();
+    assert!(probed.len() <= 2, "{d:?}");
+    assert!(probed.iter().all(|d| d.bytes <= 4 * PROBE_BYTES as u64 && d.probed_bytes_per_s > 0.0), "{d:?}");
     assert_eq!(stats["streaming"]["recomputed_chunks"], 5);
-    assert!(took < Duration::from_secs(1), "nothing was fetched: {took:?}");
+    assert!(took < Duration::from_secs(1), "only probes were fetched: {took:?}");
 }
 
 #[test]
@@ -251,9 +257,14 @@ fn a_link_that_stalls_mid_load_ends_in_recompute_within_the_slo() {
     assert!(ttft <= slo.as_secs_f64() + 0.15, "ttft {ttft} s ({took:?}, {d:?})");
     // ... and not by giving up early: the stalled fetch was waited for
     // until its give-up point.
-    assert!(took.as_secs_f64() >= slo.as_secs_f64() - 3.0 * CHUNK as f64 / prefill - 0.005, "{took:?} {d:?}");
-    assert_eq!((p.chunks_ok, p.chunks_failed), (2, 3), "{d:?} {:?}", p.errors);
-    assert_eq!(p.failed_blocks, (8..20).collect::<Vec<u32>>());
+    assert!(took.as_secs_f64() >= slo.as_secs_f64() - p.chunks_failed as f64 * CHUNK as f64 / prefill - 0.005, "{took:?} {d:?}");
+    // Two chunks fetched, then the stall. (On a machine so busy that the
+    // fast link's second chunk looks slow at its probe, the loader may trade
+    // that chunk for a lower level: a second request, which meets the stall;
+    // then one chunk is fetched.)
+    let ok = p.chunks_ok;
+    assert!((ok == 2 || ok == 1) && p.chunks_failed == 5 - ok, "{d:?} {:?}", p.errors);
+    assert_eq!(p.failed_blocks, (ok as u32 * 4..20).collect::<Vec<u32>>());
     assert!(p.errors.iter().all(|e| e.contains("recompute")), "{:?}", p.errors);
     // The hook (a lease's end) runs right after the last fetch resolves,
     // possibly just after the job reports done.
@@ -264,22 +275,193 @@ fn a_link_that_stalls_mid_load_ends_in_recompute_within_the_slo() {
     assert!(fetched.load(Ordering::SeqCst), "the fetched hook (lease end) ran");
     assert!(job.wait_layer(kv.shape.layers - 1, Some(Duration::ZERO)));
     assert_eq!(stats.abandoned_fetches.load(Ordering::SeqCst), 1);
-    assert_eq!(stats.recomputed_chunks.load(Ordering::SeqCst), 3);
+    assert_eq!(stats.recomputed_chunks.load(Ordering::SeqCst), 5 - ok as u64);
     // The chunks fetched before the stall are loaded, each exactly at the
     // level its decision reports (the top level unless a busy machine made
     // the fetches look slow).
     let got = dst.read(&(0..8).collect::<Vec<u32>>(), 128);
-    for x in &d[..2] {
+    for x in &d[..ok] {
         let Choice::Level(l) = x.outcome else { panic!("{d:?}") };
         let (s, e) = (x.chunk * CHUNK, (x.chunk + 1) * CHUNK);
         assert_eq!(slice_tokens(&got, s, e), slice_tokens(&expected(&kv, 2, l), s, e), "chunk {}", x.chunk);
     }
-    assert!(d[2..].iter().all(|x| x.outcome == Choice::Recompute), "{d:?}");
+    assert!(d[ok..].iter().all(|x| x.outcome == Choice::Recompute), "{d:?}");
     // The stalled request is released; nothing hangs.
     link.close();
     let t1 = Instant::now();
     drop(pipeline);
     assert!(t1.elapsed() < Duration::from_secs(2));
+}
+
+/// The fixture's 5 chunks at three levels behind `link`, loaded adaptively
+/// straight through the pipeline; returns the job's progress, decisions
+/// and stats, the destination engine and the load's duration.
+fn load_behind(dir: &std::path::Path, toks: &[u32], link: &Arc<Link>, slo: Duration, prefill: f64, initial_gbps: f64) -> (cachegen::pipeline::Progress, Vec<cachegen::streaming::ChunkDecision>, Arc<StreamStats>, Engine, Duration) {
+    let kv = fixture();
+    let cfg = Context::from_json(&config("")).unwrap().config().clone();
+    let levels = [Level::Compact, Level::Default, Level::High];
+    let chains: Vec<Vec<[u8; 16]>> = levels.iter().map(|&l| chunk_chain(&cfg.level_namespace(l), b"", toks)).collect();
+    let keys: Vec<Vec<(Level, [u8; 16])>> = (0..5).map(|c| levels.iter().enumerate().map(|(i, &l)| (l, shard_key(&chains[i][c], 0))).collect()).collect();
+    let tier: Arc<dyn Tier> = Arc::new(ShapedTier::new(Arc::new(DiskTier::open(dir, 100_000_000).unwrap()), Arc::clone(link)));
+    let dst = Engine::vllm(&kv, 20, false);
+    let pipeline = Pipeline::new(2, 2).unwrap();
+    let stats = Arc::new(StreamStats::default());
+    let t0 = Instant::now();
+    let job = pipeline.load_streamed(
+        LoadSpec {
+            device: None,
+            layout: Arc::clone(&dst.layout),
+            chunk_tokens: CHUNK,
+            chunks: (0..5).map(|c| LoadChunk { key: keys[c][1].1, skip_tokens: 0, blocks: (c as u32 * 4..c as u32 * 4 + 4).collect() }).collect(),
+            timeout: Duration::from_secs(30),
+            tiers: TierStack::new(vec![tier]),
+            limits: Default::default(),
+            on_fetched: None,
+        },
+        StreamPlan {
+            keys,
+            planner: Some(Planner { slo_s: slo.as_secs_f64(), prefill_tokens_per_s: prefill, chunk_tokens: CHUNK, levels: levels.to_vec(), recompute_suffix: false }),
+            prefer: Level::Default,
+            estimator: Arc::new(Estimator::new(gbps(initial_gbps))),
+            stats: Arc::clone(&stats),
+            decode_threads: 2,
+        },
+    );
+    assert!(job.wait(Stage::Done, Some(Duration::from_secs(20))), "the load must end");
+    let took = t0.elapsed();
+    (job.progress(), job.chunk_decisions(), stats, dst, took)
+}
+
+#[test]
+fn one_slow_chunk_is_probed_and_only_it_is_recomputed() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let toks = tokens(320, 6);
+    let st = store_all(dir.path(), &toks);
+    let compact = st["streaming"]["stored_bytes"]["compact"].as_f64().unwrap() / 5.0;
+    let default = st["streaming"]["stored_bytes"]["default"].as_f64().unwrap() / 5.0;
+    assert!(default < 1.8 * compact, "{st}");
+    // 1.5 s of SLO, recompute 5 ms a chunk. Every chunk's request runs at
+    // 10 Gbps but chunk 2's, at a rate where even its compact level takes
+    // half the SLO (its share is a third): its probe (the first 16 KiB,
+    // ~40 ms) shows it, and it alone is recomputed. The probe's rate
+    // enters the running mean (the estimate for the next chunk drops to
+    // about twice the slow rate), where the default level still fits the
+    // next chunk's share (~0.4 of the SLO needed of ~0.48): chunks 3 and 4
+    // are not downgraded to compact.
+    let slo = Duration::from_millis(1500);
+    let slow = compact / (0.5 * slo.as_secs_f64());
+    let link = Link::new(Schedule::PerRequest(vec![gbps(10.0), gbps(10.0), slow, gbps(10.0), gbps(10.0)]), Duration::from_micros(200));
+    let _release = CloseOnDrop(Arc::clone(&link));
+    let (p, d, stats, dst, took) = load_behind(dir.path(), &toks, &link, slo, 12_800.0, 10.0);
+    eprintln!("one slow chunk: {took:?} slow {:.0} B/s\n{d:#?}", slow);
+    assert_eq!(d.len(), 5);
+    assert_eq!((p.chunks_ok, p.chunks_failed), (4, 1), "{d:?} {:?}", p.errors);
+    assert_eq!(p.failed_blocks, (8..12).collect::<Vec<u32>>());
+    assert!(p.errors.iter().all(|e| e.contains("probe")), "{:?}", p.errors);
+    // Chunk 2: planned at a level from the (fast) estimate, probed, left
+    // for recompute; only its first pieces were read, at its slow rate.
+    let x = &d[2];
+    assert!(matches!(x.planned, Choice::Level(_)) && x.outcome == Choice::Recompute, "{x:?}");
+    assert!(x.bytes > 0 && (x.bytes as f64) < 0.5 * compact, "{x:?}");
+    assert!(x.probed_bytes_per_s > 0.5 * slow && x.probed_bytes_per_s < 2.0 * slow, "{x:?}");
+    assert_eq!(stats.recomputed_chunks.load(Ordering::SeqCst), 1);
+    assert_eq!(stats.abandoned_fetches.load(Ordering::SeqCst), 0, "no give-up point was reached");
+    // The others: fetched as planned, at the default level or above.
+    for x in d.iter().filter(|x| x.chunk != 2) {
+        assert_eq!(x.outcome, x.planned, "{x:?}");
+        assert!(matches!(x.outcome, Choice::Level(Level::Default | Level::High)), "{x:?}");
+    }
+    assert!(took < slo, "{took:?}");
+    let got = dst.read(&(0..20).collect::<Vec<u32>>(), 320);
+    let kv = fixture();
+    for x in d.iter().filter(|x| x.chunk != 2) {
+        let Choice::Level(l) = x.outcome else { unreachable!() };
+        let (s, e) = (x.chunk * CHUNK, (x.chunk + 1) * CHUNK);
+        assert_eq!(slice_tokens(&got, s, e), slice_tokens(&expected(&kv, 5, l), s, e), "chunk {}", x.chunk);
+    }
+}
+
+#[test]
+fn a_probe_trades_a_slow_chunk_for_a_lower_level() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let toks = tokens(320, 7);
+    let st = store_all(dir.path(), &toks);
+    let size = |l: &str| st["streaming"]["stored_bytes"][l].as_f64().unwrap() / 5.0;
+    let (compact, default) = (size("compact"), size("default"));
+    let q = default / compact;
+    assert!(q > 1.2, "{st}");
+    // Recompute is expensive (640 ms a chunk), SLO 3 s: chunk 2's share is
+    // about 1 s. Its request runs at a rate where compact takes 2/(1+q) of
+    // that share and the default level 2q/(1+q) (q: default / compact
+    // size; e.g. 0.8 and 1.2 for q = 1.5): neither the level planned from
+    // the fast estimate (default or above) nor the rest of it fits, compact
+    // does. The probe trades the chunk for a lower level: a second
+    // request, which on this per-request trace runs at the next rate.
+    let slo = Duration::from_millis(3000);
+    let share = slo.as_secs_f64() / 3.0;
+    let slow = compact / (share * 2.0 / (1.0 + q));
+    let link = Link::new(Schedule::PerRequest(vec![gbps(10.0), gbps(10.0), slow, gbps(10.0), gbps(10.0), gbps(10.0)]), Duration::from_micros(200));
+    let _release = CloseOnDrop(Arc::clone(&link));
+    let (p, d, _stats, dst, took) = load_behind(dir.path(), &toks, &link, slo, 100.0, 10.0);
+    eprintln!("lower level: {took:?}\n{d:#?}");
+    assert_eq!((p.chunks_ok, p.chunks_failed), (5, 0), "{d:?} {:?}", p.errors);
+    let x = &d[2];
+    let (Choice::Level(planned), Choice::Level(got_level)) = (x.planned, x.outcome) else { panic!("{x:?}") };
+    assert!(got_level.number() < planned.number(), "{x:?}");
+    assert!(x.probed_bytes_per_s > 0.5 * slow && x.probed_bytes_per_s < 2.0 * slow, "{x:?}");
+    let got = dst.read(&(0..20).collect::<Vec<u32>>(), 320);
+    let kv = fixture();
+    for x in &d {
+        let Choice::Level(l) = x.outcome else { unreachable!() };
+        let (s, e) = (x.chunk * CHUNK, (x.chunk + 1) * CHUNK);
+        assert_eq!(slice_tokens(&got, s, e), slice_tokens(&expected(&kv, 5, l), s, e), "chunk {}", x.chunk);
+    }
+}
+
+#[test]
+fn a_progressive_read_through_a_link_is_shaped_piece_by_piece_and_can_stop() {
+    use cachegen::store::{MemoryTier, Partial, ReadOn};
+    let _serial = serial();
+    let mem: Arc<dyn Tier> = Arc::new(MemoryTier::new(10_000_000));
+    let key = [7u8; 16];
+    let value: Vec<u8> = (0..1_000_000u32).map(|i| i as u8).collect();
+    mem.put(&key, &value).unwrap();
+    // 1 Gbps (125 MB/s): 1 MB takes 8 ms; 10 ms of latency first.
+    let link = Link::gbps(1.0, Duration::from_millis(10));
+    let shaped = ShapedTier::new(Arc::clone(&mem), Arc::clone(&link));
+    let t0 = Instant::now();
+    let mut seen = Vec::new();
+    let got = shaped
+        .get_progressive(&key, 100_000, &mut |read, total| {
+            seen.push((read, total, t0.elapsed()));
+            ReadOn::Piece
+        })
+        .unwrap();
+    let Some(Partial::Value(v)) = got else { panic!("{got:?}") };
+    assert_eq!(v, value);
+    assert_eq!(seen.len(), 11, "first byte, then ten pieces: {seen:?}");
+    assert_eq!(seen[0].0, 0);
+    assert!(seen[0].2 >= Duration::from_millis(10), "the latency comes first: {seen:?}");
+    assert!(seen[10].2 >= Duration::from_millis(18), "{seen:?}");
+    // The rate after the first byte is the link's (up to a busy machine).
+    let rate = 1e6 / (seen[10].2 - seen[0].2).as_secs_f64();
+    assert!(rate <= 130e6, "{rate}");
+    // Stopping after the first piece sends nothing more.
+    let before = link.bytes_sent();
+    let got = shaped.get_progressive(&key, 100_000, &mut |read, _| if read == 0 { ReadOn::Piece } else { ReadOn::Stop }).unwrap();
+    assert!(matches!(got, Some(Partial::Stopped { read: 100_000, total: 1_000_000 })), "{got:?}");
+    assert_eq!(link.bytes_sent() - before, 100_000);
+    // The default (a local tier): one report, whole.
+    let mut calls = Vec::new();
+    let got = mem.get_progressive(&key, 100_000, &mut |read, total| {
+        calls.push((read, total));
+        ReadOn::Stop
+    });
+    assert!(matches!(got, Ok(Some(Partial::Value(_)))));
+    assert_eq!(calls, vec![(1_000_000, 1_000_000)]);
+    assert!(matches!(mem.get_progressive(&[9u8; 16], 1, &mut |_, _| ReadOn::Piece), Ok(None)));
 }
 
 #[test]
@@ -313,4 +495,49 @@ fn link_shares_bandwidth_adds_latency_and_replays_traces() {
     link.transfer(125_000);
     let t = t0.elapsed();
     assert!(t >= Duration::from_millis(31) && t < Duration::from_millis(500), "{t:?}");
+}
+
+/// The probing rule on its own (the loader and the benchmark call it).
+#[test]
+fn probe_rule_keeps_fits_trades_down_and_recomputes() {
+    use cachegen::streaming::adaptive::{probe_done, probe_point, AfterProbe, PlanInput, PROBE_MIN_S};
+    const MB: f64 = 1e6;
+    // 10 chunks left, 100 ms of SLO: 10 ms a chunk; recompute 10 ms.
+    let pl = Planner { slo_s: 0.1, prefill_tokens_per_s: 25_600.0, chunk_tokens: 256, levels: vec![Level::Compact, Level::Default, Level::High], recompute_suffix: false };
+    let inp = |rate: f64| PlanInput {
+        elapsed_s: 0.0,
+        chunks_left: 10,
+        recomputed: 0,
+        bytes_per_s: rate,
+        latency_s: 0.0002,
+        sizes: vec![5.0 * MB, 8.0 * MB, 13.0 * MB],
+        raw_bytes: 32.0 * MB,
+        decode_bytes_per_s: None,
+        after_recompute: false,
+    };
+    // Default (8 MB) probed, 1 MB in: at 1 GB/s the rest takes 7 ms: read on.
+    assert_eq!(pl.after_probe(&inp(1e9), 1, MB, 8.0 * MB), AfterProbe::Continue);
+    // At 0.6 GB/s the rest takes 11.7 ms, compact 8.5 ms: trade down.
+    assert_eq!(pl.after_probe(&inp(0.6e9), 1, MB, 8.0 * MB), AfterProbe::Switch(0));
+    // At 0.1 GB/s nothing fits and recompute (10 ms) is the fastest.
+    assert_eq!(pl.after_probe(&inp(0.1e9), 1, MB, 8.0 * MB), AfterProbe::Recompute);
+    // Nothing fits (4 MB left at 0.35 GB/s: 11.4 ms; compact 14.5 ms): the
+    // fastest way, recompute (10 ms); with recompute at 20 ms, reading on.
+    assert_eq!(pl.after_probe(&inp(0.35e9), 1, 4.0 * MB, 8.0 * MB), AfterProbe::Recompute);
+    let slow_prefill = Planner { prefill_tokens_per_s: 12_800.0, ..pl.clone() };
+    assert_eq!(slow_prefill.after_probe(&inp(0.35e9), 1, 4.0 * MB, 8.0 * MB), AfterProbe::Continue);
+    // The decision point: 16 KiB and 1 ms after the first byte.
+    assert!(!probe_done(PROBE_BYTES, 0.0005) && !probe_done(1000, 0.01) && probe_done(PROBE_BYTES, PROBE_MIN_S));
+    assert_eq!(probe_point(1e6, 5.0 * MB), PROBE_BYTES as f64); // 1 ms carries 1 kB: one piece
+    assert_eq!(probe_point(1e9, 5.0 * MB), (1e6 / PROBE_BYTES as f64).ceil() * PROBE_BYTES as f64);
+    assert_eq!(probe_point(1e12, 5.0 * MB), 5.0 * MB); // whole before the decision point
+    // A planned recompute is probed at the lowest level only on an unsteady link.
+    let p = pl.plan(&inp(0.01e9));
+    assert_eq!(p.choice, Choice::Recompute);
+    assert_eq!(pl.probe_level(&inp(0.01e9), &p, 1.0), Some(0));
+    assert_eq!(pl.probe_level(&inp(0.01e9), &p, 0.0), None);
+    // A planned level is probed at that level.
+    let p = pl.plan(&inp(10e9));
+    assert_eq!(p.choice, Choice::Level(Level::Default));
+    assert_eq!(pl.probe_level(&inp(10e9), &p, 1.0), Some(1));
 }

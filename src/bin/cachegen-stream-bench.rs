@@ -13,7 +13,9 @@
 //! ../shared/notes/performance-anchors.md). The adaptive loader is
 //! simulated with the library's own planner and estimator
 //! (`cachegen::streaming::adaptive`), chunk by chunk, including its give-up
-//! rule.
+//! rule and its per-chunk probe (the same `probe_level`, `probe_point`,
+//! `after_probe` and `probe_deadline_s` the loader calls; a probe and its
+//! continuation are one request, a switch to a lower level a second).
 //!
 //! Usage: cachegen-stream-bench [--fixture PATH] [--traces N] [--prefill-tps TOKENS_PER_S] [--json FILE]
 //!
@@ -24,7 +26,7 @@
 use std::time::Instant;
 
 use cachegen::codec::{self, encode, EncodeOptions, KvKind, KvShape, KvTensors, Level};
-use cachegen::streaming::adaptive::{PlanInput, Planner};
+use cachegen::streaming::adaptive::{probe_point, AfterProbe, PlanInput, Planner};
 use cachegen::streaming::{Choice, Estimator};
 
 const LAYERS: usize = 32;
@@ -105,82 +107,126 @@ fn pipeline(fetch: &[f64], decode: &[f64]) -> f64 {
     d
 }
 
-/// How the simulated loader abandons a fetch that is still running.
+/// What the simulated loader knows and does.
 #[derive(Clone, Copy, PartialEq)]
-enum GiveUp {
-    /// `Planner::fetch_deadline_s` (proposed; see its doc).
-    Proposed,
-    /// What `src/pipeline/load.rs` does today: `Planner::give_up_s`, armed
-    /// for every fetch started before it.
-    Loader,
-}
-
-#[derive(Clone, Copy, PartialEq)]
-enum Knowledge {
-    /// The loader's estimator (EWMA of delivered throughput).
-    Estimated,
-    /// Knows each chunk's bandwidth when deciding it (CacheGen's oracle).
+enum Mode {
+    /// The loader (`src/pipeline/load.rs`): the running estimate plans each
+    /// chunk, the chunk is read progressively and decided at its probe
+    /// (`Planner::probe_level`, `probe_point`, `Planner::after_probe`), and
+    /// a fetch is abandoned at `Planner::fetch_deadline_s`.
+    Probe,
+    /// The loader before probing: the running estimate only (for comparison).
+    NoProbe,
+    /// Knows each chunk's bandwidth and size when deciding it (CacheGen's
+    /// oracle); never abandons a fetch.
     Oracle,
 }
 
 /// Simulates the adaptive loader over per-chunk bandwidths `bw` (bytes/s);
-/// returns (TTFT, chunks per level, recomputed).
-fn adaptive(sz: &Sizes, n: usize, bw: &[f64], slo: f64, rate: f64, know: Knowledge, est: &Estimator, rule: GiveUp) -> (f64, [usize; 3], usize) {
+/// returns (TTFT, chunks per level, recomputed, probes abandoned).
+#[allow(clippy::needless_range_loop)]
+fn adaptive(sz: &Sizes, n: usize, bw: &[f64], slo: f64, rate: f64, mode: Mode, est: &Estimator) -> (f64, [usize; 3], usize, usize) {
     let planner = Planner { slo_s: slo, prefill_tokens_per_s: rate, chunk_tokens: CHUNK, levels: LEVELS.to_vec(), recompute_suffix: false };
     let dec = sz.syms / GPU_SYM_PER_S;
+    let oracle = mode == Mode::Oracle;
     let (mut t, mut dec_done) = (0.0f64, 0.0f64);
     let mut counts = [0usize; 3];
-    let mut recomputed = 0usize;
-    let mut c = 0;
-    while c < n {
-        let sizes: Vec<f64> = match know {
-            Knowledge::Oracle => sz.level_bytes[c % sz.level_bytes.len()].to_vec(),
-            Knowledge::Estimated => LEVELS.iter().map(|&l| est.size(l, sz.raw as u64)).collect(),
-        };
+    let (mut recomputed, mut abandoned) = (0usize, 0usize);
+    for c in 0..n {
+        let row = sz.level_bytes[c % sz.level_bytes.len()];
         let inp = PlanInput {
             elapsed_s: t,
             chunks_left: n - c,
             recomputed,
-            bytes_per_s: if know == Knowledge::Oracle { bw[c] } else { est.bandwidth(Some(0)) },
-            latency_s: if know == Knowledge::Oracle { LATENCY } else { 0.0 },
-            sizes,
+            bytes_per_s: if oracle { bw[c] } else { est.bandwidth(Some(0)) },
+            latency_s: match mode {
+                Mode::Oracle => LATENCY,
+                Mode::Probe => est.latency(),
+                Mode::NoProbe => 0.0,
+            },
+            sizes: if oracle { row.to_vec() } else { LEVELS.iter().map(|&l| est.size(l, sz.raw as u64)).collect() },
             raw_bytes: sz.raw,
             decode_bytes_per_s: Some(sz.raw / dec),
             after_recompute: recomputed > 0,
         };
         let plan = planner.plan(&inp);
-        let give_up = match rule {
-            GiveUp::Loader => Some(planner.give_up_s(recomputed, n - c)).filter(|&g| g > t),
-            GiveUp::Proposed => planner.fetch_deadline_s(recomputed, n - c, t, plan.expected_s, est.spread()),
+        let give_up = if oracle { None } else { planner.fetch_deadline_s(recomputed, n - c, t, plan.expected_s, est.spread()) };
+        let start = match mode {
+            Mode::Probe => planner.probe_level(&inp, &plan, est.spread()),
+            _ => match plan.choice {
+                Choice::Level(l) => LEVELS.iter().position(|&x| x == l),
+                Choice::Recompute => None,
+            },
         };
-        match plan.choice {
-            Choice::Recompute => recomputed += 1,
-            Choice::Level(l) => {
-                let li = LEVELS.iter().position(|&x| x == l).unwrap();
-                let bytes = sz.level_bytes[c % sz.level_bytes.len()][li];
-                let f = LATENCY + bytes / bw[c];
-                let abandon = match give_up {
-                    Some(g) if know == Knowledge::Estimated && t + f > g => Some(g),
-                    _ => None,
-                };
-                if let Some(g) = abandon {
-                    // The loader abandons the fetch at its give-up point:
-                    // this chunk and every later one are recomputed.
+        let Some(mut li) = start else {
+            recomputed += 1;
+            continue;
+        };
+        // The loader abandons a fetch still running at its give-up point:
+        // this chunk and every later one are recomputed.
+        let gives_up = |end: f64| give_up.filter(|&g| end > g);
+        if mode == Mode::Probe {
+            // One progressive request: the latency, then pieces until the
+            // decision point (no decision when the chunk is whole by then).
+            let d = probe_point(bw[c], row[li]);
+            // A probe of a chunk planned for recompute has a stall limit.
+            let probe_deadline = match plan.choice {
+                Choice::Recompute => planner.probe_deadline_s(t).min(give_up.unwrap_or(f64::INFINITY)),
+                Choice::Level(_) => f64::INFINITY,
+            };
+            if t + LATENCY + row[li].min(d) / bw[c] > probe_deadline {
+                // A stalled probe: the loader gives up on the rest of the load.
+                t = probe_deadline;
+                recomputed += n - c;
+                break;
+            }
+            if d < row[li] {
+                let now = t + LATENCY + d / bw[c];
+                if let Some(g) = gives_up(now) {
                     t = g;
                     recomputed += n - c;
                     break;
                 }
-                t += f;
-                est.observe_fetch(0, bytes as u64, f);
-                est.observe_size(l, bytes as u64, sz.raw as u64);
-                dec_done = dec_done.max(t) + dec;
-                counts[li] += 1;
+                let after = PlanInput { elapsed_s: now, bytes_per_s: bw[c], latency_s: LATENCY, ..inp.clone() };
+                match planner.after_probe(&after, li, d, row[li]) {
+                    AfterProbe::Continue => {}
+                    a => {
+                        // Abandoned: the probe taught the estimator this chunk's rate.
+                        est.observe_fetch(0, d as u64, d / bw[c]);
+                        est.observe_latency(LATENCY);
+                        abandoned += 1;
+                        t = now;
+                        if let AfterProbe::Switch(i) = a {
+                            li = i; // a second request, below
+                        } else {
+                            recomputed += 1;
+                            continue;
+                        }
+                    }
+                }
             }
         }
-        c += 1;
+        let bytes = row[li];
+        let f = LATENCY + bytes / bw[c];
+        if let Some(g) = gives_up(t + f) {
+            t = g;
+            recomputed += n - c;
+            break;
+        }
+        t += f;
+        if mode == Mode::Probe {
+            // Progressive reads time the rate after the first byte.
+            est.observe_fetch(0, bytes as u64, bytes / bw[c]);
+            est.observe_latency(LATENCY);
+        } else {
+            est.observe_fetch(0, bytes as u64, f);
+        }
+        est.observe_size(LEVELS[li], bytes as u64, sz.raw as u64);
+        dec_done = dec_done.max(t) + dec;
+        counts[li] += 1;
     }
     let load = t.max(dec_done);
-    (load + recomputed as f64 * CHUNK as f64 / rate, counts, recomputed)
+    (load + recomputed as f64 * CHUNK as f64 / rate, counts, recomputed, abandoned)
 }
 
 /// Knows every chunk's bandwidth in advance: violates only when even the
@@ -278,7 +324,7 @@ fn main() {
         let rate = ctx as f64 / prefill_s(ctx, prefill_tps);
         let slo = prefill_s(ctx, prefill_tps) / 2.0;
         println!("### {} tokens ({} chunks): recompute {:.0} ms, adaptive SLO {:.0} ms\n", ctx, n, prefill_s(ctx, prefill_tps) * 1e3, slo * 1e3);
-        println!("| Gbps | raw fp16 | int8 | compact | default | high | adaptive | adaptive levels c/d/h/recompute | adaptive, loader's give-up as is | recompute | fp16 / adaptive | adaptive / default | adaptive / fastest fixed |");
+        println!("| Gbps | raw fp16 | int8 | compact | default | high | adaptive | adaptive levels c/d/h/recompute | adaptive without probing | recompute | fp16 / adaptive | adaptive / default | adaptive / fastest fixed |");
         println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
         for &g in &bws {
             let b = gbps(g);
@@ -288,8 +334,8 @@ fn main() {
             let t_int8 = pipeline(&vec![LATENCY + sz.int8 / b; n], &vec![dec8; n]);
             let t_def = fixed(&sz, n, &bw, 1);
             let (t_cmp, t_high) = (fixed(&sz, n, &bw, 0), fixed(&sz, n, &bw, 2));
-            let (t_ad, counts, rec) = adaptive(&sz, n, &bw, slo, rate, Knowledge::Estimated, &Estimator::new(b), GiveUp::Proposed);
-            let (t_ad_loader, _, rec_loader) = adaptive(&sz, n, &bw, slo, rate, Knowledge::Estimated, &Estimator::new(b), GiveUp::Loader);
+            let (t_ad, counts, rec, _) = adaptive(&sz, n, &bw, slo, rate, Mode::Probe, &Estimator::new(b));
+            let (t_ad_loader, _, rec_loader, _) = adaptive(&sz, n, &bw, slo, rate, Mode::NoProbe, &Estimator::new(b));
             let t_rec = prefill_s(ctx, prefill_tps);
             let best = [t_cmp, t_def, t_high, t_rec, t_raw, t_int8].into_iter().fold(f64::INFINITY, f64::min);
             println!(
@@ -298,7 +344,7 @@ fn main() {
                 t_ad_loader * 1e3, rec_loader, t_rec * 1e3, t_raw / t_ad, t_ad / t_def, t_ad / best
             );
             rows_json.push(serde_json::json!({"tokens": ctx, "gbps": g, "raw_s": t_raw, "int8_s": t_int8, "compact_s": t_cmp, "default_s": t_def, "high_s": t_high, "adaptive_s": t_ad,
-                "adaptive_levels": counts, "adaptive_recomputed": rec, "adaptive_loader_giveup_s": t_ad_loader, "adaptive_loader_giveup_recomputed": rec_loader, "recompute_s": t_rec, "slo_s": slo}));
+                "adaptive_levels": counts, "adaptive_recomputed": rec, "adaptive_noprobe_s": t_ad_loader, "adaptive_noprobe_recomputed": rec_loader, "recompute_s": t_rec, "slo_s": slo}));
         }
         println!();
     }
@@ -309,8 +355,8 @@ fn main() {
     let slo_x = [0.25, 0.5, 0.75, 1.0, 1.5, 2.0];
     println!("## SLO violations on traces (modelled): per-chunk bandwidth uniform in 0.1-10 Gbps, {traces} traces\n");
     println!("SLO = x times the fixed default level's TTFT at the median bandwidth (5.05 Gbps). Oracle: the same planner, told each chunk's bandwidth and size before choosing (CacheGen's oracle). Bound: knows every chunk's bandwidth in advance and takes the faster of compact and recompute for each (no method can violate less). Target: adaptive <= 1.25x oracle and <= 1/3 of default.\n");
-    println!("| tokens | x | SLO | adaptive | oracle | bound | fixed default | recompute only | adaptive, loader's give-up as is | adaptive / oracle | adaptive / default | targets | adaptive mean chunks c/d/h/recompute |");
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("| tokens | x | SLO | adaptive | oracle | bound | fixed default | recompute only | adaptive without probing | adaptive / oracle | adaptive / default | targets | adaptive mean chunks c/d/h/recompute | adaptive mean probes abandoned |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     let mut trace_json = Vec::new();
     for &ctx in &[4096usize, 8192, 32768] {
         let n = ctx / CHUNK;
@@ -322,6 +368,7 @@ fn main() {
             let mut rng = Lcg(42 + ctx as u64);
             let (mut va, mut vd, mut vo, mut vm, mut vl) = (0usize, 0usize, 0usize, 0usize, 0usize);
             let mut lv = [0usize; 4];
+            let mut probes = 0usize;
             // Each trace is one load whose estimator starts from what it
             // converges to on this link (`initial_gbps` = the harmonic mean
             // of the uniform 0.1-10 Gbps rate, 9.9 / ln 100 = 2.15 Gbps).
@@ -332,9 +379,10 @@ fn main() {
             let harmonic = gbps(9.9 / 100f64.ln());
             for _ in 0..traces {
                 let bw: Vec<f64> = (0..n).map(|_| gbps(0.1 + 9.9 * rng.next())).collect();
-                let (ta, counts, rec) = adaptive(&sz, n, &bw, slo, rate, Knowledge::Estimated, &Estimator::new(harmonic), GiveUp::Proposed);
-                let (tl, _, _) = adaptive(&sz, n, &bw, slo, rate, Knowledge::Estimated, &Estimator::new(harmonic), GiveUp::Loader);
-                let (to, _, _) = adaptive(&sz, n, &bw, slo, rate, Knowledge::Oracle, &Estimator::new(gbps(1.0)), GiveUp::Proposed);
+                let (ta, counts, rec, ab) = adaptive(&sz, n, &bw, slo, rate, Mode::Probe, &Estimator::new(harmonic));
+                let (tl, _, _, _) = adaptive(&sz, n, &bw, slo, rate, Mode::NoProbe, &Estimator::new(harmonic));
+                let (to, _, _, _) = adaptive(&sz, n, &bw, slo, rate, Mode::Oracle, &Estimator::new(gbps(1.0)));
+                probes += ab;
                 let td = fixed(&sz, n, &bw, 1);
                 let tm = oracle_min(&sz, n, &bw, rate);
                 va += (ta > slo) as usize;
@@ -359,12 +407,12 @@ fn main() {
                 (false, false) => "both missed",
             };
             println!(
-                "| {ctx} | {x} | {:.0} ms | {:.1}% | {:.1}% | {:.1}% | {:.1}% | {:.0}% | {:.1}% | {} | {} | {verdict} | {:.1}/{:.1}/{:.1}/{:.1} |",
+                "| {ctx} | {x} | {:.0} ms | {:.1}% | {:.1}% | {:.1}% | {:.1}% | {:.0}% | {:.1}% | {} | {} | {verdict} | {:.1}/{:.1}/{:.1}/{:.1} | {:.1} |",
                 slo * 1e3, pct(va), pct(vo), pct(vm), pct(vd), pct(vr), pct(vl), ratio(va, vo), ratio(va, vd),
-                lv[0] as f64 / traces as f64, lv[1] as f64 / traces as f64, lv[2] as f64 / traces as f64, lv[3] as f64 / traces as f64
+                lv[0] as f64 / traces as f64, lv[1] as f64 / traces as f64, lv[2] as f64 / traces as f64, lv[3] as f64 / traces as f64, probes as f64 / traces as f64
             );
             trace_json.push(serde_json::json!({"tokens": ctx, "slo_x": x, "slo_s": slo, "adaptive": pct(va), "default": pct(vd), "oracle": pct(vo),
-                "bound": pct(vm), "recompute": pct(vr), "adaptive_loader_giveup": pct(vl), "target_vs_oracle_met": vs_oracle, "target_vs_default_met": vs_default}));
+                "bound": pct(vm), "recompute": pct(vr), "adaptive_noprobe": pct(vl), "probes_abandoned_per_load": probes as f64 / traces as f64, "target_vs_oracle_met": vs_oracle, "target_vs_default_met": vs_default}));
         }
     }
     if let Some(p) = json_out {

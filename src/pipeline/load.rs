@@ -12,8 +12,8 @@ use super::{guarded, Deadline, DeviceTarget, Expire, Job, JobKind, Pipeline, Sta
 use crate::codec::{Container, DecodeLimits, Dtype, KvShape, Level};
 use crate::gpu::PreparedChunk;
 use crate::layout::KvLayout;
-use crate::store::{key_hex, Key, TierStack};
-use crate::streaming::adaptive::{PlanInput, Planner};
+use crate::store::{key_hex, Fetched, Key, Progressive, ReadOn, TierStack};
+use crate::streaming::adaptive::{probe_done, AfterProbe, PlanInput, Planner, PROBE_BYTES};
 use crate::streaming::{register, ChunkDecision, Choice, Estimator, StreamStats};
 
 /// One chunk to load.
@@ -60,6 +60,15 @@ pub struct StreamPlan {
     pub stats: Arc<StreamStats>,
     /// Threads decoding in parallel (for the decode-rate estimate).
     pub decode_threads: usize,
+}
+
+/// How a progressive read of one chunk ended (`LoadRun::read_chunk`).
+enum ChunkRead {
+    /// Read whole and verified; `since_first_s`: the read's time after its
+    /// first byte (the whole time where the tier reports no first byte).
+    Done { parsed: Box<ParsedChunk>, bytes: usize, level: Option<Level>, tier: usize, since_first_s: f64, ttfb_s: Option<f64>, probed_bytes_per_s: f64 },
+    /// Stopped at the probe's decision point.
+    Stopped { after: AfterProbe, tier: usize, read: usize, since_first_s: f64, ttfb_s: f64 },
 }
 
 struct StreamRun {
@@ -284,6 +293,7 @@ impl LoadRun {
                 budget_s: 0.0,
                 bytes,
                 fetch_s: secs,
+                probed_bytes_per_s: 0.0,
             });
         }
         self.resolve(c, result.map(|(p, b, l, _)| (p, b, l)));
@@ -305,11 +315,17 @@ impl LoadRun {
 
     /// Fetches and verifies one key (`None`: no tier has it).
     fn fetch_key(&self, c: usize, key: Key) -> Result<Option<(ParsedChunk, usize, usize)>, String> {
+        let fetched = guarded(|| self.tiers.fetch(&key).map_err(|e| format!("chunk {}: {e}", key_hex(&key))))?;
+        let Some(f) = fetched else {
+            return Ok(None);
+        };
+        self.verify(c, key, f).map(Some)
+    }
+
+    /// Parses and checks a fetched value (the container's checksum covers
+    /// the whole assembled stream) against the layout.
+    fn verify(&self, c: usize, key: Key, f: Fetched) -> Result<(ParsedChunk, usize, usize), String> {
         guarded(|| {
-            let fetched = self.tiers.fetch(&key).map_err(|e| format!("chunk {}: {e}", key_hex(&key)))?;
-            let Some(f) = fetched else {
-                return Ok(None);
-            };
             let bytes = f.value.len();
             let parsed = ParsedChunk::parse(f.value, self.limits, self.device.is_some()).map_err(|e| format!("chunk {}: {e}", key_hex(&key)))?;
             let (dtype, shape) = parsed.shape();
@@ -325,7 +341,7 @@ impl LoadRun {
                 ));
             }
             tracing::trace!(job = self.job.id, chunk = c, tier = f.tier, bytes, "fetched");
-            Ok(Some((parsed, bytes, f.tier)))
+            Ok((parsed, bytes, f.tier))
         })
     }
 
@@ -351,13 +367,12 @@ impl LoadRun {
                 (st.recomputed, st.recomputed > 0)
             };
             let elapsed = self.job.started.elapsed().as_secs_f64();
-            let keys = &s.plan.keys[c];
             let inp = PlanInput {
                 elapsed_s: elapsed,
                 chunks_left: n - c,
                 recomputed,
                 bytes_per_s: est.bandwidth(tier),
-                latency_s: 0.0,
+                latency_s: est.latency(),
                 sizes: levels.iter().map(|&l| est.size(l, s.raw_bytes)).collect(),
                 raw_bytes: s.raw_bytes as f64,
                 decode_bytes_per_s: est.decode_rate(),
@@ -369,7 +384,7 @@ impl LoadRun {
             // given up only when overdue (Planner::fetch_deadline_s), so a
             // fast load is not thrown away because the point swept past a
             // 1 ms fetch.
-            let give_up_s = planner.fetch_deadline_s(recomputed, n - c, elapsed, plan.expected_s, est.spread()).unwrap_or(elapsed);
+            let give_up_s = planner.fetch_deadline_s(recomputed, n - c, elapsed, plan.expected_s, est.spread()).filter(|&g| g > elapsed);
             tracing::debug!(
                 job = self.job.id,
                 chunk = c,
@@ -388,56 +403,167 @@ impl LoadRun {
                 budget_s: plan.budget_s,
                 bytes: 0,
                 fetch_s: 0.0,
+                probed_bytes_per_s: 0.0,
             };
-            let level = match plan.choice {
-                Choice::Recompute => {
-                    s.decisions.lock().push(decision);
-                    self.recompute(c, "left for the engine to recompute: no level fits the time-to-first-token SLO".into(), false);
-                    continue;
+            // Where to start reading: the planned level, or (a planned
+            // recompute on a link whose rate jumps) a probe of the lowest.
+            let Some(probe) = planner.probe_level(&inp, &plan, est.spread()) else {
+                s.decisions.lock().push(decision);
+                self.recompute(c, "left for the engine to recompute: no level fits the time-to-first-token SLO".into(), false);
+                continue;
+            };
+            // The give-up point (none: the load is committed to this
+            // fetch); for a probe of a chunk planned for recompute, until
+            // its decision, the earlier of that and the probe's stall limit.
+            let at = |secs: f64| self.job.started + Duration::from_secs_f64(secs.max(0.0));
+            let give_up = give_up_s.map(at);
+            let probe_limit = match plan.choice {
+                Choice::Recompute => Some(at(planner.probe_deadline_s(elapsed).min(give_up_s.unwrap_or(f64::INFINITY)))),
+                Choice::Level(_) => give_up,
+            };
+            self.st.lock().give_up = probe_limit;
+            if let Some(tx) = &s.deadlines {
+                for t in probe_limit.into_iter().chain(give_up) {
+                    let weak: Weak<dyn Expire> = Arc::downgrade(self) as Weak<dyn Expire>;
+                    let _ = tx.send(Deadline(t, weak));
                 }
-                Choice::Level(l) => l,
-            };
-            // The chosen level, then cheaper ones if it is missing.
-            let candidates: Vec<(Option<Level>, Key)> =
-                keys.iter().rev().filter(|(l, _)| l.number() <= level.number()).map(|(l, k)| (Some(*l), *k)).collect();
-            let give_up = self.job.started + Duration::from_secs_f64(give_up_s.max(0.0));
-            if give_up_s > elapsed {
-                self.st.lock().give_up = Some(give_up);
-            }
-            if let (Some(tx), true) = (&s.deadlines, give_up_s > elapsed) {
-                let weak: Weak<dyn Expire> = Arc::downgrade(self) as Weak<dyn Expire>;
-                let _ = tx.send(Deadline(give_up, weak));
             }
             let t0 = Instant::now();
-            let result = self.fetch_one(c, &candidates);
+            // The probed level, then cheaper ones if it is missing; probed
+            // from its first pieces, then kept, traded for a lower level, or
+            // left for recompute (Planner::after_probe).
+            let mut result = self.read_chunk(c, probe, Some(&inp), give_up);
+            let mut why_recompute = None;
+            if let Ok(ChunkRead::Stopped { after, tier: t, read, since_first_s, ttfb_s }) = result {
+                est.observe_fetch(t, read as u64, since_first_s);
+                est.observe_latency(ttfb_s);
+                tier = Some(t);
+                decision.bytes = read as u64;
+                decision.probed_bytes_per_s = read as f64 / since_first_s;
+                match after {
+                    AfterProbe::Switch(i) => result = self.read_chunk(c, i, None, give_up),
+                    AfterProbe::Recompute | AfterProbe::Continue => {
+                        why_recompute = Some(format!(
+                            "chunk {c}: left for the engine to recompute: its probe measured {:.3} Gbps, too slow for the time-to-first-token SLO",
+                            decision.probed_bytes_per_s * 8e-9
+                        ));
+                    }
+                }
+            }
             let secs = t0.elapsed().as_secs_f64();
             Stats::add(&self.stats.fetch_ns, t0.elapsed().as_nanos() as u64);
             self.st.lock().give_up = None;
+            decision.fetch_s = secs;
+            if let Some(why) = why_recompute {
+                s.decisions.lock().push(decision);
+                self.recompute(c, why, false);
+                continue;
+            }
             match result {
-                Ok((parsed, bytes, lvl, t)) => {
-                    est.observe_fetch(t, bytes as u64, secs);
+                Ok(ChunkRead::Done { parsed, bytes, level: lvl, tier: t, since_first_s, ttfb_s, probed_bytes_per_s }) => {
+                    est.observe_fetch(t, bytes as u64, since_first_s);
+                    if let Some(x) = ttfb_s {
+                        est.observe_latency(x);
+                    }
                     if let Some(l) = lvl {
                         est.observe_size(l, bytes as u64, s.raw_bytes);
                         decision.outcome = Choice::Level(l);
                     }
+                    if probed_bytes_per_s > 0.0 {
+                        decision.probed_bytes_per_s = probed_bytes_per_s;
+                    }
                     tier = Some(t);
-                    decision.bytes = bytes as u64;
-                    decision.fetch_s = secs;
+                    decision.bytes += bytes as u64;
                     let late = !matches!(self.st.lock().slots[c], Slot::Fetching);
                     if late {
                         decision.outcome = Choice::Recompute;
                     }
                     s.decisions.lock().push(decision);
-                    self.resolve(c, Ok((parsed, bytes, lvl)));
+                    self.resolve(c, Ok((*parsed, bytes, lvl)));
                 }
+                Ok(ChunkRead::Stopped { .. }) => unreachable!("a read without a probe is never stopped"),
                 Err(why) => {
-                    decision.fetch_s = secs;
                     s.decisions.lock().push(decision);
                     // A missing or corrupt chunk is recomputed like a planned one.
                     self.recompute(c, why, false);
                 }
             }
         }
+    }
+
+    /// Reads chunk `c` of a streamed load progressively at level index `li`
+    /// of the planner's levels (or a lower one where it is missing), and
+    /// verifies it. With `probe` (what the planner knew before the chunk),
+    /// decides once at the probe's decision point (`probe_done`) with
+    /// `Planner::after_probe` whether to read on; a read it stops comes
+    /// back as `ChunkRead::Stopped`. From the decision on (or from the start
+    /// without a probe) the load's give-up point is `give_up`.
+    fn read_chunk(&self, c: usize, li: usize, probe: Option<&PlanInput>, give_up: Option<Instant>) -> Result<ChunkRead, String> {
+        if probe.is_none() {
+            self.st.lock().give_up = give_up;
+        }
+        let s = self.stream.as_ref().expect("streamed load");
+        let planner = s.plan.planner.as_ref().expect("adaptive load");
+        let n = self.chunks.len();
+        let Some(&want) = planner.levels.get(li) else { return Err(format!("chunk {c}: no level {li} stored")) };
+        let candidates: Vec<(Level, Key)> = s.plan.keys[c].iter().rev().filter(|(l, _)| l.number() <= want.number()).copied().collect();
+        let mut missing = Vec::new();
+        for (level, key) in candidates {
+            let t0 = Instant::now();
+            let mut first: Option<Instant> = None;
+            let mut decided: Option<(AfterProbe, f64)> = None;
+            let level_index = planner.levels.iter().position(|&l| l == level);
+            let mut on = |read: usize, total: usize| -> ReadOn {
+                let now = Instant::now();
+                if read == 0 {
+                    first = Some(now);
+                    return ReadOn::Piece;
+                }
+                let (Some(inp), Some(li), None) = (probe, level_index, decided) else { return ReadOn::Rest };
+                if read >= total {
+                    return ReadOn::Rest;
+                }
+                let since = now.duration_since(first.unwrap_or(t0)).as_secs_f64();
+                if !probe_done(read, since) {
+                    return ReadOn::Piece;
+                }
+                let rate = read as f64 / since;
+                let now_inp = PlanInput {
+                    elapsed_s: self.job.started.elapsed().as_secs_f64(),
+                    chunks_left: n - c,
+                    recomputed: self.st.lock().recomputed,
+                    bytes_per_s: rate,
+                    latency_s: first.map_or(0.0, |f| f.duration_since(t0).as_secs_f64()),
+                    ..inp.clone()
+                };
+                let after = planner.after_probe(&now_inp, li, read as f64, total as f64);
+                self.st.lock().give_up = give_up;
+                tracing::debug!(job = self.job.id, chunk = c, level = level.name(), read, total, probed_gbps = rate * 8e-9, ?after, "probe decision");
+                decided = Some((after, rate));
+                if after == AfterProbe::Continue {
+                    ReadOn::Rest
+                } else {
+                    ReadOn::Stop
+                }
+            };
+            let fetched = guarded(|| self.tiers.fetch_progressive(&key, PROBE_BYTES, &mut on).map_err(|e| format!("chunk {}: {e}", key_hex(&key))));
+            let end = Instant::now();
+            let ttfb_s = first.map(|f| f.duration_since(t0).as_secs_f64());
+            let since_first_s = end.duration_since(first.unwrap_or(t0)).as_secs_f64();
+            match fetched? {
+                None => missing.push(key_hex(&key)),
+                Some(Progressive::Stopped { tier, read, .. }) => {
+                    let (after, _) = decided.expect("only the probe stops a read");
+                    return Ok(ChunkRead::Stopped { after, tier, read, since_first_s, ttfb_s: ttfb_s.unwrap_or(0.0) });
+                }
+                Some(Progressive::Done(f)) => {
+                    let (parsed, bytes, tier) = self.verify(c, key, f)?;
+                    let probed_bytes_per_s = decided.map_or(0.0, |d| d.1);
+                    return Ok(ChunkRead::Done { parsed: Box::new(parsed), bytes, level: Some(level), tier, since_first_s, ttfb_s, probed_bytes_per_s });
+                }
+            }
+        }
+        Err(format!("chunk {}: not in any tier", missing.join(", ")))
     }
 
     /// Leaves chunk `c` (still being fetched or not started) for the engine.
@@ -748,7 +874,7 @@ impl Expire for LoadRun {
                         first = false;
                     }
                     let late = at.saturating_duration_since(self.job.started).as_millis();
-                    self.fail_chunk(&mut st, c, format!("chunk {c}: left for the engine to recompute: not fetched by {late} ms, the last moment recompute still meets the SLO"));
+                    self.fail_chunk(&mut st, c, format!("chunk {c}: left for the engine to recompute: not fetched by {late} ms (the last moment recompute still meets the SLO, or a probe's stall limit)"));
                 }
             }
             let hook = if st.unresolved == 0 { st.on_fetched.take() } else { None };

@@ -21,7 +21,7 @@ use std::collections::{BTreeMap, HashMap};
 pub use disk::{DiskTier, DISK_OVERHEAD};
 pub use memory::MemoryTier;
 pub use redis::{RedisOptions, RedisTier};
-pub use stack::{Fetched, TierStack};
+pub use stack::{Fetched, Progressive, TierStack};
 
 /// A 128-bit key (e.g. a hash of the model, the token prefix and the level).
 pub type Key = [u8; 16];
@@ -75,6 +75,26 @@ impl Counters {
     }
 }
 
+/// What a progressive read ([`Tier::get_progressive`]) does after a piece.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReadOn {
+    /// Read the next piece and report again.
+    Piece,
+    /// Read everything left without reporting pieces.
+    Rest,
+    /// Abandon the read (what was read is dropped).
+    Stop,
+}
+
+/// The result of a progressive read of a key that exists.
+#[derive(Debug)]
+pub enum Partial {
+    /// The whole value (verified as [`Tier::get`] verifies it).
+    Value(Vec<u8>),
+    /// The reader stopped after `read` of `total` bytes.
+    Stopped { read: usize, total: usize },
+}
+
 /// One storage tier. All methods take `&self`; tiers are shared between threads.
 pub trait Tier: Send + Sync {
     fn name(&self) -> &str;
@@ -98,6 +118,20 @@ pub trait Tier: Send + Sync {
     }
     /// Ends a pin early (if any).
     fn unpin(&self, _key: &Key) {}
+    /// Reads `key` progressively: `on(read, total)` is called once the
+    /// value's length is known (`read` = 0, the first byte), then after each
+    /// piece of about `piece` bytes, and may stop the read. `Ok(None)` when
+    /// absent. The default reads the whole value with [`Tier::get`] and
+    /// reports it once, whole (a local tier is fast enough that probing it
+    /// gains nothing); a tier behind a link reads piece by piece.
+    fn get_progressive(&self, key: &Key, piece: usize, on: &mut dyn FnMut(usize, usize) -> ReadOn) -> Result<Option<Partial>, StoreError> {
+        let _ = piece;
+        Ok(self.get(key)?.map(|v| {
+            let n = v.len();
+            let _ = on(n, n);
+            Partial::Value(v)
+        }))
+    }
 }
 
 /// The key as 32 lowercase hex digits (the disk tier's file name).

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::{Key, StoreError, Tier, TierStats};
+use super::{Key, Partial, ReadOn, StoreError, Tier, TierStats};
 
 /// Where a fetched value came from, and what went wrong on the way.
 #[derive(Debug)]
@@ -14,6 +14,15 @@ pub struct Fetched {
     pub tier: usize,
     /// Errors from faster tiers that were skipped (corrupt entries removed, I/O).
     pub skipped: Vec<(usize, StoreError)>,
+}
+
+/// The result of [`TierStack::fetch_progressive`].
+#[derive(Debug)]
+pub enum Progressive {
+    /// The whole value, as [`TierStack::fetch`] returns it.
+    Done(Fetched),
+    /// The reader stopped the read from tier `tier` after `read` of `total` bytes.
+    Stopped { tier: usize, read: usize, total: usize },
 }
 
 /// An ordered set of tiers.
@@ -47,6 +56,31 @@ impl TierStack {
                     }
                     return Ok(Some(Fetched { value, tier: i, skipped }));
                 }
+                Ok(None) => {}
+                Err(e) => skipped.push((i, e)),
+            }
+        }
+        match skipped.pop() {
+            Some((_, e)) => Err(e),
+            None => Ok(None),
+        }
+    }
+
+    /// Like [`TierStack::fetch`], reading progressively (see
+    /// [`Tier::get_progressive`]): `on` sees the pieces of each tier tried
+    /// in turn (a tier that fails mid-read is skipped, and the next one
+    /// reports from 0 again). A read `on` stopped is not tried in other tiers.
+    pub fn fetch_progressive(&self, key: &Key, piece: usize, on: &mut dyn FnMut(usize, usize) -> ReadOn) -> Result<Option<Progressive>, StoreError> {
+        let mut skipped = Vec::new();
+        for (i, tier) in self.tiers.iter().enumerate() {
+            match tier.get_progressive(key, piece, on) {
+                Ok(Some(Partial::Value(value))) => {
+                    for faster in &self.tiers[..i] {
+                        let _ = faster.put(key, &value);
+                    }
+                    return Ok(Some(Progressive::Done(Fetched { value, tier: i, skipped })));
+                }
+                Ok(Some(Partial::Stopped { read, total })) => return Ok(Some(Progressive::Stopped { tier: i, read, total })),
                 Ok(None) => {}
                 Err(e) => skipped.push((i, e)),
             }

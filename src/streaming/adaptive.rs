@@ -59,6 +59,8 @@ struct EstState {
     size_ratio: [Option<f64>; 4],
     /// Decode throughput (raw bytes out per second, all decode threads).
     decode: Option<f64>,
+    /// EWMA of the time to first byte of a request.
+    latency: Option<f64>,
 }
 
 /// What a context has learned about its links and its decoder (shared by
@@ -103,6 +105,21 @@ impl Estimator {
             st.tier_spb.resize(tier + 1, None);
         }
         st.tier_spb[tier] = Some(st.tier_spb[tier].map_or(r, |b| a * r + (1.0 - a) * b));
+    }
+
+    /// Records a request's time to first byte (progressive reads: the
+    /// latency, kept apart from the rate [`Estimator::observe_fetch`] sees).
+    pub fn observe_latency(&self, secs: f64) {
+        if !(secs >= 0.0 && secs.is_finite()) {
+            return;
+        }
+        let mut st = self.st.lock();
+        st.latency = Some(st.latency.map_or(secs, |p| 0.5 * secs + 0.5 * p));
+    }
+
+    /// Expected time to first byte of a request (0 before one was measured).
+    pub fn latency(&self) -> f64 {
+        self.st.lock().latency.unwrap_or(0.0)
     }
 
     pub fn observe_size(&self, level: Level, stored: u64, raw: u64) {
@@ -302,6 +319,115 @@ impl Planner {
         } else {
             Some(elapsed_s + 2.0 * expected_s)
         }
+    }
+}
+
+/// Probing (per chunk): a chunk is read progressively through the tier
+/// ([`crate::store::Tier::get_progressive`]) in pieces of [`PROBE_BYTES`].
+/// Once at least [`PROBE_BYTES`] arrived and at least [`PROBE_MIN_S`] passed
+/// since the first byte ([`probe_done`]), the loader knows this chunk's
+/// delivered rate and decides once ([`Planner::after_probe`]): read the rest
+/// in the same request, abandon it for a lower level (a new request), or
+/// leave the chunk for recompute. A chunk that arrives whole before that
+/// point is simply kept. The time floor keeps a fast chunk's rate from being
+/// judged on a few microseconds (timer and scheduling noise).
+pub const PROBE_BYTES: usize = 16 * 1024;
+/// See [`PROBE_BYTES`].
+pub const PROBE_MIN_S: f64 = 0.001;
+/// A chunk planned for recompute is still probed (at the lowest level) when
+/// the link's rate jumps from chunk to chunk (spread above
+/// [`STEADY_SPREAD`]) and a probe costs at most this share of recomputing it.
+pub const PROBE_RECOMPUTE_SHARE: f64 = 0.25;
+
+/// See [`Planner::probe_deadline_s`].
+pub const PROBE_STALL_MIN_S: f64 = 0.05;
+
+/// Whether a progressive read that has `read` bytes, `since_first_byte_s`
+/// after its first byte, has reached its decision point.
+pub fn probe_done(read: usize, since_first_byte_s: f64) -> bool {
+    read >= PROBE_BYTES && since_first_byte_s >= PROBE_MIN_S
+}
+
+/// Bytes read at the decision point of a chunk of `total` bytes delivered
+/// at `bytes_per_s` (what [`probe_done`] gives with pieces of
+/// [`PROBE_BYTES`]); `total` when the chunk is whole before it (no decision).
+pub fn probe_point(bytes_per_s: f64, total: f64) -> f64 {
+    let need = (PROBE_MIN_S * bytes_per_s / PROBE_BYTES as f64).ceil().max(1.0);
+    (need * PROBE_BYTES as f64).min(total)
+}
+
+/// What to do with a chunk after its probe.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AfterProbe {
+    /// Read the rest of the probed level (same request).
+    Continue,
+    /// Abandon it and fetch the level at this index (in `Planner::levels`).
+    Switch(usize),
+    /// Abandon it and leave the chunk for recompute.
+    Recompute,
+}
+
+impl Planner {
+    /// Which level (index in `levels`) to start reading chunk `inp` at, after
+    /// [`Planner::plan`] gave `plan` from the running estimate: the planned
+    /// level; for a planned recompute, the lowest level when the link is not
+    /// steady (`spread`, see [`Estimator::spread`]) and a probe is cheap
+    /// against recompute, else `None` (recompute without reading).
+    pub fn probe_level(&self, inp: &PlanInput, plan: &Plan, spread: f64) -> Option<usize> {
+        match plan.choice {
+            Choice::Level(l) => self.levels.iter().position(|&x| x == l),
+            Choice::Recompute => {
+                let probe_s = inp.latency_s + PROBE_MIN_S;
+                let worth = !(self.levels.is_empty() || self.recompute_suffix && inp.after_recompute)
+                    && spread > STEADY_SPREAD
+                    && probe_s <= PROBE_RECOMPUTE_SHARE * self.recompute_s();
+                worth.then_some(0)
+            }
+        }
+    }
+
+    /// Latest moment (s after the start) the probe of a chunk planned for
+    /// recompute ([`Planner::probe_level`]), started at `elapsed_s`, may
+    /// reach its decision point: a probe slower than recomputing the chunk
+    /// (at least [`PROBE_STALL_MIN_S`]) is a stall (a probe takes the
+    /// latency plus [`PROBE_MIN_S`], or [`PROBE_BYTES`] at the chunk's rate:
+    /// 1.3 ms at 0.1 Gbps), and the load gives up as at its give-up point
+    /// (every chunk left is recomputed: the read in flight cannot be
+    /// interrupted). Such a probe may start past the give-up point, where
+    /// [`Planner::fetch_deadline_s`] gives no deadline. Until the decision
+    /// the earlier of the two holds; after it, the latter.
+    pub fn probe_deadline_s(&self, elapsed_s: f64) -> f64 {
+        elapsed_s + self.recompute_s().max(PROBE_STALL_MIN_S)
+    }
+
+    /// The decision after probing level index `probed` of a chunk: `inp` is
+    /// what the planner knows now (`elapsed_s` includes the probe,
+    /// `bytes_per_s` is this chunk's probed rate, `latency_s` the time to
+    /// first byte of a new request, `sizes` the expected sizes), `read` of
+    /// `total` bytes of the probed level are in. Continue when the rest fits
+    /// this chunk's share of the time left; else the highest lower level
+    /// that fits; else the fastest of continuing, the lowest level and
+    /// recompute (as in [`Planner::plan`]).
+    pub fn after_probe(&self, inp: &PlanInput, probed: usize, read: f64, total: f64) -> AfterProbe {
+        let left = self.slo_s - inp.elapsed_s - inp.recomputed as f64 * self.recompute_s() - self.decode_s(inp);
+        let budget = left / inp.chunks_left.max(1) as f64;
+        let decode = self.decode_s(inp);
+        let rate = inp.bytes_per_s.max(1.0);
+        let cont = ((total - read).max(0.0) / rate).max(decode);
+        if cont <= budget {
+            return AfterProbe::Continue;
+        }
+        if let Some(i) = (0..probed).rev().find(|&i| self.cost(inp, i) <= budget) {
+            return AfterProbe::Switch(i);
+        }
+        let mut best = (cont, AfterProbe::Continue);
+        if probed > 0 && self.cost(inp, 0) < best.0 {
+            best = (self.cost(inp, 0), AfterProbe::Switch(0));
+        }
+        if self.recompute_s() < best.0 {
+            best = (self.recompute_s(), AfterProbe::Recompute);
+        }
+        best.1
     }
 }
 

@@ -11,15 +11,18 @@
 //!   request (e.g. per chunk, as in CacheGen's evaluation: uniform 0.1-10
 //!   Gbps), or one rate per time slice. A rate of 0 stalls the link.
 //!
-//! Only values read (`get`) are shaped; `put`, `contains` and `remove` pay
-//! the latency only (a load's path is what the loader adapts to).
+//! Only values read (`get`, `get_progressive`) are shaped; `put`,
+//! `contains` and `remove` pay the latency only (a load's path is what the
+//! loader adapts to). A progressive read is one request: the latency, then
+//! the value piece by piece at the request's rate, so the loader can probe a
+//! chunk's rate from its first pieces and stop reading it.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
 
-use crate::store::{Key, StoreError, Tier, TierStats};
+use crate::store::{Key, Partial, ReadOn, StoreError, Tier, TierStats};
 
 /// How the link's rate (bytes/s) changes.
 #[derive(Clone, Debug)]
@@ -147,11 +150,44 @@ impl Link {
     /// Waits until `bytes` went through the link (after the latency).
     /// Returns false when the link was closed while waiting.
     pub fn transfer(&self, bytes: usize) -> bool {
+        let req = self.begin();
+        let done = self.queue(req, bytes);
+        self.sleep_until(done.map(|t| t + self.latency))
+    }
+
+    /// Starts a request whose payload is sent piece by piece
+    /// ([`Link::transfer_piece`]): returns its number (its rate in a
+    /// [`Schedule::PerRequest`] trace). The caller pays the latency (time to
+    /// first byte) with [`Link::round_trip`].
+    pub fn begin(&self) -> u64 {
+        let mut st = self.st.lock();
+        let req = st.requests;
+        st.requests += 1;
+        req
+    }
+
+    /// Waits until the next `bytes` of request `req` went through the link
+    /// (no latency: the request's first byte has already arrived). A piece
+    /// after the `first` follows the previous one on the wire, even when
+    /// the reader woke up late (the link kept sending meanwhile), so the
+    /// rate a reader measures over many pieces is the link's. Returns false
+    /// when the link was closed while waiting.
+    pub fn transfer_piece(&self, req: u64, bytes: usize, first: bool) -> bool {
+        let done = self.queue_at(req, bytes, !first);
+        self.sleep_until(done)
+    }
+
+    fn queue(&self, req: u64, bytes: usize) -> Option<Instant> {
+        self.queue_at(req, bytes, false)
+    }
+
+    /// Queues `bytes` of request `req` on the bucket (right after what is
+    /// queued when `follow`, else not before now); returns when they are
+    /// through (`None`: never).
+    fn queue_at(&self, req: u64, bytes: usize, follow: bool) -> Option<Instant> {
         let now = Instant::now();
         let (done, ok) = {
             let mut st = self.st.lock();
-            let req = st.requests;
-            st.requests += 1;
             st.bytes += bytes as u64;
             // Tokens saved while idle: up to `burst` bytes' worth of time.
             let sched_rate = match &*self.schedule.lock() {
@@ -159,11 +195,11 @@ impl Link {
                 _ => 0.0,
             };
             let credit = if sched_rate > 0.0 { Duration::from_secs_f64(self.burst / sched_rate) } else { Duration::ZERO };
-            let start = st.free_at.max(now.checked_sub(credit).unwrap_or(now));
+            let start = if follow { st.free_at } else { st.free_at.max(now.checked_sub(credit).unwrap_or(now)) };
             match self.finish(start, st.epoch, req, bytes as f64) {
                 Some(t) => {
                     st.free_at = t;
-                    (Some(t + self.latency), true)
+                    (Some(t), true)
                 }
                 None => {
                     st.free_at = now + Duration::from_secs(3600 * 24);
@@ -172,7 +208,7 @@ impl Link {
             }
         };
         let _ = ok;
-        self.sleep_until(done)
+        done
     }
 
     /// Just the latency (requests that carry no payload to shape).
@@ -229,6 +265,34 @@ impl Tier for ShapedTier {
             return Err(StoreError::Io("link closed".into()));
         }
         Ok(v)
+    }
+    /// One request: the latency (first byte), then the value piece by
+    /// piece at the link's rate, so that a reader can measure this value's
+    /// rate from its first pieces and stop (the rest is never sent).
+    fn get_progressive(&self, key: &Key, piece: usize, on: &mut dyn FnMut(usize, usize) -> ReadOn) -> Result<Option<Partial>, StoreError> {
+        let closed = || StoreError::Io("link closed".into());
+        let Some(v) = self.inner.get(key)? else {
+            return if self.link.round_trip() { Ok(None) } else { Err(closed()) };
+        };
+        let req = self.link.begin();
+        if !self.link.round_trip() {
+            return Err(closed());
+        }
+        let total = v.len();
+        let mut pieces = on(0, total);
+        let mut read = 0;
+        while read < total {
+            if pieces == ReadOn::Stop {
+                return Ok(Some(Partial::Stopped { read, total }));
+            }
+            let n = if pieces == ReadOn::Piece { piece.max(1).min(total - read) } else { total - read };
+            if !self.link.transfer_piece(req, n, read == 0) {
+                return Err(closed());
+            }
+            read += n;
+            pieces = on(read, total);
+        }
+        Ok(Some(Partial::Value(v)))
     }
     fn put(&self, key: &Key, value: &[u8]) -> Result<(), StoreError> {
         self.link.round_trip();

@@ -3,7 +3,9 @@
 //! - a load measures the throughput each chunk was delivered at, estimates
 //!   what the remaining chunks will get, and picks per chunk the highest
 //!   level whose fetch and decode still fit the time-to-first-token SLO, or
-//!   leaves the chunk for the engine to recompute ([`adaptive`]);
+//!   leaves the chunk for the engine to recompute ([`adaptive`]); then
+//!   probes the chunk's own rate from its first bytes (a progressive read)
+//!   and keeps it, trades it for a lower level, or leaves it for recompute;
 //! - [`link`] emulates a network link (token-bucket shaper, latency, trace
 //!   replay) in front of any tier, for tests and benchmarks.
 //!
@@ -65,9 +67,14 @@ pub struct ChunkDecision {
     pub est_bytes_per_s: f64,
     /// Per-chunk time budget the decision used (s).
     pub budget_s: f64,
-    /// Bytes fetched and how long the fetch took (0 when not fetched).
+    /// Bytes fetched and how long the fetch took (0 when not fetched; a
+    /// probe abandoned counts its bytes, a switch to a lower level adds the
+    /// second request's).
     pub bytes: u64,
     pub fetch_s: f64,
+    /// This chunk's rate as its probe measured it (bytes/s; 0 when the
+    /// chunk was not probed or arrived whole before the decision point).
+    pub probed_bytes_per_s: f64,
 }
 
 /// Counters of the streaming features of one context (reported by
