@@ -317,6 +317,7 @@ pub fn outlier_tokens(tensors: &[Vec<f32>], tokens: usize, channels: usize) -> V
 /// computes it: squares in f64 summed in channel order from 0, then `sqrt`.
 /// Eight rows are summed side by side (each still in channel order, so the
 /// same bits) to hide the latency of the f64 additions.
+#[allow(clippy::needless_range_loop)] // c indexes eight rows at once
 pub fn row_norms(x: &[f32], tokens: usize, channels: usize) -> Vec<f64> {
     const R: usize = 8;
     let mut out = Vec::with_capacity(tokens);
