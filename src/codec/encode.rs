@@ -3,7 +3,7 @@
 use xxhash_rust::xxh3::xxh3_64;
 
 use super::format::{self, Header, PlaneKind, FLAG_EXTERNAL_TABLES, MAX_PROB_BITS, MIN_PROB_BITS};
-use super::quant::{self, GroupParams, QuantSpec, StepRule};
+use super::quant::{self, GroupParams, QuantSpec, ScaleGroup, StepRule};
 use super::rans::{encode_segment, LANES};
 use super::table::{self, EncTable, FreqTable, TableEncoding};
 use super::{Error, KvShape, KvTensors, Level};
@@ -167,18 +167,48 @@ pub fn parse_tables(bytes: &[u8], plan: &[PlaneKind], channels: usize, prob_bits
     Ok(out)
 }
 
-/// Symbols and scale bytes of one plane, and the histogram of each of its tables.
+/// Symbols and scale bytes of one plane, the weight codes `(lo, codes)` of
+/// each of its tables, and (only where asked for) each table's histogram.
 struct PlaneSymbols {
     symbols: Vec<u8>,
     scales: Vec<u8>,
     hist: Vec<[u32; 256]>,
+    codes: Vec<(u8, Vec<u8>)>,
 }
 
-fn quantize_tensor(values: &[f32], shape: &KvShape, spec: &QuantSpec, rule: StepRule, exact: &[usize]) -> Result<PlaneSymbols, Error> {
+/// Quantize one tensor and count each channel's symbols (into `hist`, one
+/// histogram per channel, which must be zero) in the same pass, while the
+/// row is in cache.
+fn quantize_tensor(values: &[f32], shape: &KvShape, spec: &QuantSpec, rule: StepRule, exact: &[usize], hist: &mut [[u32; 256]]) -> Result<(Vec<u8>, Vec<u8>), Error> {
     let (t, c, d) = (shape.tokens, shape.channels(), shape.head_dim);
     let params = quant::group_params_with(values, t, c, d, spec, rule, exact)?;
-    let symbols = quant::quantize_plane_skip(values, t, c, d, spec, &params, exact);
-    Ok(PlaneSymbols { symbols, scales: scale_bytes(&params, spec), hist: Vec::new() })
+    let symbols = match spec.group {
+        ScaleGroup::PerToken | ScaleGroup::PerTensor => {
+            let mut out = vec![0u8; t * c];
+            for (tt, (row, dst)) in values.chunks_exact(c).zip(out.chunks_exact_mut(c)).enumerate() {
+                if exact.contains(&tt) {
+                    // Stored exactly elsewhere: the symbol of zero.
+                    dst.fill(if spec.asymmetric { 0 } else { spec.max });
+                } else {
+                    quant::quantize_row(row, params[spec.group.index(tt, 0, c, d)], spec, dst);
+                }
+                for (h, &s) in hist.iter_mut().zip(dst.iter()) {
+                    h[s as usize] += 1;
+                }
+            }
+            out
+        }
+        _ => {
+            let out = quant::quantize_plane_skip(values, t, c, d, spec, &params, exact);
+            for row in out.chunks_exact(c) {
+                for (h, &s) in hist.iter_mut().zip(row) {
+                    h[s as usize] += 1;
+                }
+            }
+            out
+        }
+    };
+    Ok((symbols, scale_bytes(&params, spec)))
 }
 
 fn scale_bytes(params: &[GroupParams], spec: &QuantSpec) -> Vec<u8> {
@@ -254,7 +284,8 @@ fn plan_for(kv: &KvTensors, opts: &EncodeOptions) -> Result<Plan, Error> {
 }
 
 /// Symbols of every plane, and the exact tokens (indices, then raw rows).
-fn plane_symbols(kv: &KvTensors, plan: &Plan) -> Result<(Vec<PlaneSymbols>, Vec<u8>), Error> {
+/// Histograms are kept only with `keep_hist` (every plane gets its codes).
+fn plane_symbols(kv: &KvTensors, plan: &Plan, keep_hist: bool) -> Result<(Vec<PlaneSymbols>, Vec<u8>), Error> {
     let shape = &kv.shape;
     let per_tensor = plan.planes.len() / shape.tensors();
     if per_tensor > 1 {
@@ -263,34 +294,54 @@ fn plane_symbols(kv: &KvTensors, plan: &Plan) -> Result<(Vec<PlaneSymbols>, Vec<
             .iter()
             .enumerate()
             .map(|(i, p)| match p {
-                PlaneKind::Raw { index, .. } => PlaneSymbols { symbols: raw_byte_plane(&kv.tensors[i / per_tensor], kv.dtype.size(), *index as usize), scales: Vec::new(), hist: Vec::new() },
+                PlaneKind::Raw { index, .. } => {
+                    let symbols = raw_byte_plane(&kv.tensors[i / per_tensor], kv.dtype.size(), *index as usize);
+                    let hist = histograms(&symbols, p, shape.channels());
+                    let codes = hist.iter().map(|h| table::codes_from_histogram(&h[..p.nsym()])).collect();
+                    PlaneSymbols { symbols, scales: Vec::new(), hist: if keep_hist { hist } else { Vec::new() }, codes }
+                }
                 PlaneKind::Quantized(_) => unreachable!("checked by plan_for"),
             })
             .collect();
-        return Ok((with_histograms(out, &plan.planes, shape.channels()), Vec::new()));
+        return Ok((out, Vec::new()));
     }
-    let values: Vec<Vec<f32>> = kv.tensors.iter().map(|t| quant::to_f32(kv.dtype, t)).collect();
-    let exact = if plan.protect { quant::outlier_tokens(&values, shape.tokens, shape.channels()) } else { Vec::new() };
+    let (t, c) = (shape.tokens, shape.channels());
+    // One f32 tensor at a time (converted again where needed) rather than
+    // every tensor up front: it stays in cache, and nothing large is allocated.
+    let mut values = Vec::new();
+    let exact = if plan.protect && t >= 8 {
+        let norms: Vec<Vec<f64>> = kv
+            .tensors
+            .iter()
+            .map(|x| {
+                quant::to_f32_into(kv.dtype, x, &mut values);
+                quant::row_norms(&values, t, c)
+            })
+            .collect();
+        quant::outlier_tokens_from_norms(&norms, t)
+    } else {
+        Vec::new()
+    };
     let mut out = Vec::with_capacity(plan.planes.len());
-    for ((p, rule), v) in plan.planes.iter().zip(&plan.rules).zip(&values) {
+    let mut hist = vec![[0u32; 256]; c];
+    for ((p, rule), x) in plan.planes.iter().zip(&plan.rules).zip(&kv.tensors) {
         let PlaneKind::Quantized(spec) = p else { unreachable!("checked by plan_for") };
-        out.push(quantize_tensor(v, shape, spec, *rule, &exact)?);
+        quant::to_f32_into(kv.dtype, x, &mut values);
+        for h in hist.iter_mut() {
+            h.fill(0);
+        }
+        let (symbols, scales) = quantize_tensor(&values, shape, spec, *rule, &exact, &mut hist)?;
+        let codes = hist.iter().map(|h| table::codes_from_histogram(&h[..p.nsym()])).collect();
+        out.push(PlaneSymbols { symbols, scales, hist: if keep_hist { hist.clone() } else { Vec::new() }, codes });
     }
-    let row = shape.channels() * kv.dtype.size();
+    let row = c * kv.dtype.size();
     let mut exact_bytes: Vec<u8> = exact.iter().flat_map(|&t| (t as u32).to_le_bytes()).collect();
     for tensor in &kv.tensors {
         for &t in &exact {
             exact_bytes.extend_from_slice(&tensor[t * row..(t + 1) * row]);
         }
     }
-    Ok((with_histograms(out, &plan.planes, shape.channels()), exact_bytes))
-}
-
-fn with_histograms(mut planes: Vec<PlaneSymbols>, plan: &[PlaneKind], channels: usize) -> Vec<PlaneSymbols> {
-    for (ps, p) in planes.iter_mut().zip(plan) {
-        ps.hist = histograms(&ps.symbols, p, channels);
-    }
-    planes
+    Ok((out, exact_bytes))
 }
 
 /// The symbols `encode` would entropy-code for each plane (`[tokens,
@@ -298,12 +349,13 @@ fn with_histograms(mut planes: Vec<PlaneSymbols>, plan: &[PlaneKind], channels: 
 pub fn plane_symbols_for(kv: &KvTensors, opts: &EncodeOptions) -> Result<Vec<Vec<u8>>, Error> {
     kv.validate()?;
     let recipe = plan_for(kv, opts)?;
-    Ok(plane_symbols(kv, &recipe)?.0.into_iter().map(|p| p.symbols).collect())
+    Ok(plane_symbols(kv, &recipe, false)?.0.into_iter().map(|p| p.symbols).collect())
 }
 
 /// The most distinct symbols any table of the chunk needs.
 fn max_used_symbols(planes: &[PlaneSymbols]) -> usize {
-    planes.iter().flat_map(|ps| ps.hist.iter()).map(|h| h.iter().filter(|&&c| c > 0).count()).max().unwrap_or(1)
+    // A code is non-zero exactly where the histogram is (codes_from_histogram).
+    planes.iter().flat_map(|ps| ps.codes.iter()).map(|(_, q)| q.iter().filter(|&&c| c > 0).count()).max().unwrap_or(1)
 }
 
 /// Smallest precision whose normalisation can hold `symbols` distinct symbols.
@@ -341,7 +393,8 @@ pub fn encode(kv: &KvTensors, opts: &EncodeOptions) -> Result<Vec<u8>, Error> {
     let level = recipe.level;
     let shape = kv.shape;
     let channels = shape.channels();
-    let (planes, exact) = plane_symbols(kv, &recipe)?;
+    // Patching against external tables reads the histograms.
+    let (planes, exact) = plane_symbols(kv, &recipe, matches!(opts.tables, Tables::External(_)))?;
     let prob_bits = match opts.tables {
         Tables::External(_) => recipe.prob_bits,
         // A table needs at most half its slots for distinct symbols
@@ -356,12 +409,11 @@ pub fn encode(kv: &KvTensors, opts: &EncodeOptions) -> Result<Vec<u8>, Error> {
     let tables: Vec<Vec<FreqTable>> = match opts.tables {
         Tables::Embedded => {
             let mut all = Vec::with_capacity(plan.len());
-            for (p, ps) in plan.iter().zip(&planes) {
-                let mut tabs = Vec::new();
-                for h in &ps.hist {
-                    let (lo, codes) = table::codes_from_histogram(&h[..p.nsym()]);
-                    table::write_compact(&mut table_bytes, lo, &codes);
-                    tabs.push(table::table_from_codes(lo, &codes, prob_bits)?);
+            for ps in &planes {
+                let mut tabs = Vec::with_capacity(ps.codes.len());
+                for (lo, codes) in &ps.codes {
+                    table::write_compact(&mut table_bytes, *lo, codes);
+                    tabs.push(table::table_from_codes(*lo, codes, prob_bits)?);
                 }
                 all.push(tabs);
             }
@@ -464,7 +516,7 @@ pub fn calibrate_tables(samples: &[&KvTensors], opts: &EncodeOptions) -> Result<
         if kv.shape.channels() != channels || kv.shape.tensors() != first.shape.tensors() || kv.dtype != first.dtype {
             return Err(Error::Invalid("calibration samples differ in shape or dtype".into()));
         }
-        let (planes, _) = plane_symbols(kv, &recipe)?;
+        let (planes, _) = plane_symbols(kv, &recipe, true)?;
         for (ps, hs) in planes.iter().zip(hist.iter_mut()) {
             for (k, h) in ps.hist.iter().enumerate() {
                 for s in 0..256 {

@@ -143,7 +143,8 @@ pub fn group_params_with(plane: &[f32], tokens: usize, channels: usize, head_dim
     let mut cnt = vec![0u64; n];
     for t in 0..tokens {
         let row = &plane[t * channels..(t + 1) * channels];
-        if row.iter().any(|v| !v.is_finite()) {
+        // A fold, not `any`: no early exit, so the check vectorises.
+        if row.iter().fold(false, |bad, v| bad | !v.is_finite()) {
             return Err(Error::NonFinite);
         }
         if skip.contains(&t) {
@@ -237,6 +238,30 @@ pub fn dequantize_value(s: u8, p: GroupParams, spec: &QuantSpec) -> f32 {
     }
 }
 
+/// Quantize one row under one group's parameters: `quantize_value` of each
+/// element, with the group's constants hoisted so the loop vectorises (the
+/// same IEEE operations in the same order, so the same symbols).
+#[inline]
+pub fn quantize_row(row: &[f32], p: GroupParams, spec: &QuantSpec, dst: &mut [u8]) {
+    if p.step == 0.0 {
+        dst.fill(if spec.asymmetric { 0 } else { spec.max });
+        return;
+    }
+    let top = 2.0 * spec.max as f32;
+    let step = p.step;
+    if spec.asymmetric {
+        let offset = p.offset;
+        for (d, &v) in dst.iter_mut().zip(row) {
+            *d = ((v - offset) / step).round_ties_even().clamp(0.0, top) as u8;
+        }
+    } else {
+        let centre = spec.max as f32;
+        for (d, &v) in dst.iter_mut().zip(row) {
+            *d = (v / step + centre).round_ties_even().clamp(0.0, top) as u8;
+        }
+    }
+}
+
 /// Quantize a plane to symbols `[tokens, channels]`; tokens in `skip` get
 /// the symbol of zero (their values are stored exactly elsewhere).
 pub fn quantize_plane(plane: &[f32], tokens: usize, channels: usize, head_dim: usize, spec: &QuantSpec, params: &[GroupParams]) -> Vec<u8> {
@@ -284,13 +309,49 @@ pub fn outlier_tokens(tensors: &[Vec<f32>], tokens: usize, channels: usize) -> V
     if tokens < 8 || tensors.is_empty() {
         return Vec::new();
     }
+    let norms: Vec<Vec<f64>> = tensors.iter().map(|x| row_norms(x, tokens, channels)).collect();
+    outlier_tokens_from_norms(&norms, tokens)
+}
+
+/// The L2 norm of each row `[channels]` of a plane, as `outlier_tokens`
+/// computes it: squares in f64 summed in channel order from 0, then `sqrt`.
+/// Eight rows are summed side by side (each still in channel order, so the
+/// same bits) to hide the latency of the f64 additions.
+#[allow(clippy::needless_range_loop)] // c indexes eight rows at once
+pub fn row_norms(x: &[f32], tokens: usize, channels: usize) -> Vec<f64> {
+    const R: usize = 8;
+    let mut out = Vec::with_capacity(tokens);
+    let mut t = 0;
+    while t + R <= tokens {
+        let rows: [&[f32]; R] = std::array::from_fn(|k| &x[(t + k) * channels..(t + k + 1) * channels]);
+        let mut acc = [0f64; R];
+        for c in 0..channels {
+            for k in 0..R {
+                let v = rows[k][c] as f64;
+                acc[k] += v * v;
+            }
+        }
+        out.extend(acc.iter().map(|a| a.sqrt()));
+        t += R;
+    }
+    for r in x[t * channels..tokens * channels].chunks_exact(channels.max(1)) {
+        out.push(r.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>().sqrt());
+    }
+    out
+}
+
+/// `outlier_tokens` from each tensor's `row_norms`.
+pub fn outlier_tokens_from_norms(all_norms: &[Vec<f64>], tokens: usize) -> Vec<usize> {
+    if tokens < 8 || all_norms.is_empty() {
+        return Vec::new();
+    }
+    let tensors = all_norms;
     let mut score = vec![0f64; tokens];
-    for x in tensors {
-        let norms: Vec<f64> = x.chunks_exact(channels).map(|r| r.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>().sqrt()).collect();
+    for norms in all_norms {
         let mut sorted = norms.clone();
         sorted.sort_by(|a, b| a.total_cmp(b));
         let med = sorted[tokens / 2];
-        for (s, n) in score.iter_mut().zip(&norms) {
+        for (s, n) in score.iter_mut().zip(norms) {
             *s += det_ln((n + 1e-6) / (med + 1e-6)).abs();
         }
     }
@@ -328,6 +389,36 @@ pub fn det_ln(x: f64) -> f64 {
         p = p * s2 + 1.0 / (2 * k + 1) as f64;
     }
     e as f64 * std::f64::consts::LN_2 + 2.0 * s * p
+}
+
+/// Raw little-endian bytes of `dtype` to f32, into `out` (resized; reused
+/// across tensors so the encoder converts each tensor while it is in cache).
+pub fn to_f32_into(dtype: Dtype, bytes: &[u8], out: &mut Vec<f32>) {
+    use half::slice::HalfFloatSliceExt;
+    let n = bytes.len() / dtype.size();
+    out.resize(n, 0.0);
+    match dtype {
+        Dtype::F16 => {
+            const N: usize = 64;
+            for (src, dst) in bytes.chunks(2 * N).zip(out.chunks_mut(N)) {
+                let mut h = [f16::ZERO; N];
+                for (d, b) in h.iter_mut().zip(src.chunks_exact(2)) {
+                    *d = f16::from_bits(u16::from_le_bytes([b[0], b[1]]));
+                }
+                h[..dst.len()].convert_to_f32_slice(dst);
+            }
+        }
+        Dtype::Bf16 => {
+            for (d, b) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                *d = f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16);
+            }
+        }
+        Dtype::F32 => {
+            for (d, b) in out.iter_mut().zip(bytes.chunks_exact(4)) {
+                *d = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+            }
+        }
+    }
 }
 
 /// Raw little-endian bytes of `dtype` to f32.

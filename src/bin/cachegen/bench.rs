@@ -172,12 +172,15 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
             let parse_s = best_time(n, || Container::parse(&bytes, None, Default::default()).map(|_| ())).0;
             let mut out = vec![0u8; container.tensor_bytes()];
             let tensors_s: f64 = idx.iter().map(|&i| best_time(n, || container.decode_tensor(i, &mut out)).0).sum();
+            let encode_s = best_time(n, || codec::encode(&kv, &opts)).0;
             progress(&format!(
-                "level {}: parse {:.2} ms, tensors {:.2} ms ({:.3} Gsym/s without parse and output allocation)",
+                "level {}: parse {:.2} ms, tensors {:.2} ms ({:.3} Gsym/s without parse and output allocation); encode {:.2} ms ({:.3} Gsym/s)",
                 level.number(),
                 parse_s * 1e3,
                 tensors_s * 1e3,
-                elems as f64 / tensors_s / 1e9
+                elems as f64 / tensors_s / 1e9,
+                encode_s * 1e3,
+                elems as f64 / encode_s / 1e9
             ));
         }
         let sizes = container.section_sizes();
