@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use cachegen::store::{key_hex, DiskTier, Key, MemoryTier, StoreError, Tier, DISK_OVERHEAD};
+use cachegen::store::{key_hex, DiskTier, Key, MemoryTier, StoreError, Tier, TierStack, DISK_OVERHEAD};
 
 fn key(i: u32) -> Key {
     let mut k = [0u8; 16];
@@ -87,6 +87,28 @@ fn memory_basic_ops() {
     assert_eq!(t.get(&a).unwrap(), None);
     assert_eq!(t.stats().bytes, 0);
     assert_eq!(t.stats().entries, 1);
+}
+
+#[test]
+fn memory_shared_gets_hand_out_the_stored_bytes_without_copying() {
+    let t = Arc::new(MemoryTier::new(1 << 20));
+    let k = key(7);
+    let v = value_for(&k, 100_000);
+    t.put(&k, &v).unwrap();
+    let (a, b) = (t.get_shared(&k).unwrap().unwrap(), t.get_shared(&k).unwrap().unwrap());
+    assert_eq!(&a[..], &v[..]);
+    assert_eq!(a.as_ptr(), b.as_ptr(), "both fetches share the tier's copy");
+    // `get` still hands out an owned copy; replacing the value leaves an
+    // earlier shared fetch intact.
+    let owned = t.get(&k).unwrap().unwrap();
+    assert_ne!(owned.as_ptr(), a.as_ptr());
+    t.put(&k, b"new").unwrap();
+    assert_eq!(&a[..], &v[..]);
+    assert_eq!(t.get_shared(&k).unwrap().as_deref(), Some(&b"new"[..]));
+    // The fetch path of a tier stack takes the shared copy too.
+    let stack = TierStack::new(vec![t.clone() as Arc<dyn Tier>]);
+    let f = stack.fetch(&k).unwrap().unwrap();
+    assert_eq!(f.value.as_ptr(), t.get_shared(&k).unwrap().unwrap().as_ptr());
 }
 
 #[test]
@@ -524,7 +546,7 @@ fn tier_stack_fetches_fastest_intact_copy_and_promotes() {
     assert!(!mem.contains(&k).unwrap());
     assert!(stack.contains(&k));
     let f = stack.fetch(&k).unwrap().unwrap();
-    assert_eq!((f.value, f.tier), (v.clone(), 1));
+    assert_eq!((f.value.to_vec(), f.tier), (v.clone(), 1));
     // Promoted: the next fetch is served by memory.
     assert!(mem.contains(&k).unwrap());
     assert_eq!(stack.fetch(&k).unwrap().unwrap().tier, 0);
@@ -572,7 +594,7 @@ fn tier_stack_progressive_fetch_promotes_and_stops() {
     // Read whole: the same value as `fetch`, promoted into memory.
     let r = stack.fetch_progressive(&k, 1000, &mut |_, _| ReadOn::Piece).unwrap();
     let Some(Progressive::Done(f)) = r else { panic!("{r:?}") };
-    assert_eq!((f.value, f.tier), (v.clone(), 1));
+    assert_eq!((f.value.to_vec(), f.tier), (v.clone(), 1));
     assert!(mem.contains(&k).unwrap());
     let r = stack.fetch_progressive(&k, 1000, &mut |_, _| ReadOn::Rest).unwrap();
     assert!(matches!(r, Some(Progressive::Done(ref f)) if f.tier == 0), "{r:?}");

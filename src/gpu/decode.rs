@@ -32,6 +32,8 @@ use std::ffi::c_void;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
+use bytes::Bytes;
+
 use crate::codec::decode::check_scales;
 use crate::codec::format::{self, PlaneKind};
 use crate::codec::rans::RANS_L;
@@ -273,16 +275,18 @@ fn prepare(bytes: &[u8], index: usize, limits: DecodeLimits) -> Result<Prep, Gpu
 /// [`GpuDecoder::stage`] checks, done once, where the bytes arrive (the
 /// connector's fetch threads), so that staging is only a copy.
 pub struct PreparedChunk {
-    bytes: Box<[u8]>,
+    bytes: Bytes,
     prep: Prep,
 }
 
 impl PreparedChunk {
     /// Check `bytes` as [`GpuDecoder::stage`] does (header, checksum,
     /// sections, scales, table structure, lane states).
-    pub fn new(bytes: Vec<u8>, limits: DecodeLimits) -> Result<PreparedChunk, GpuError> {
+    /// Takes the bytes without copying them (a `Vec` or shared `Bytes`).
+    pub fn new(bytes: impl Into<Bytes>, limits: DecodeLimits) -> Result<PreparedChunk, GpuError> {
+        let bytes = bytes.into();
         let prep = prepare(&bytes, 0, limits)?;
-        Ok(PreparedChunk { bytes: bytes.into_boxed_slice(), prep })
+        Ok(PreparedChunk { bytes, prep })
     }
     /// The container's bytes.
     pub fn bytes(&self) -> &[u8] {

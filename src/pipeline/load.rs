@@ -12,7 +12,7 @@ use super::{guarded, Deadline, DeviceTarget, Expire, Job, JobKind, Pipeline, Sta
 use crate::codec::{Container, DecodeLimits, Dtype, KvShape, Level};
 use crate::gpu::PreparedChunk;
 use crate::layout::KvLayout;
-use crate::store::{key_hex, Fetched, Key, Progressive, ReadOn, TierStack};
+use crate::store::{key_hex, Bytes, Fetched, Key, Progressive, ReadOn, TierStack};
 use crate::streaming::adaptive::{probe_done, AfterProbe, PlanInput, Planner, PROBE_BYTES};
 use crate::streaming::{register, ChunkDecision, Choice, Estimator, StreamStats};
 
@@ -86,19 +86,18 @@ enum ParsedChunk {
     Host {
         // Declared first so it is dropped before the bytes it borrows.
         container: Container<'static>,
-        _bytes: Box<[u8]>,
+        _bytes: Bytes,
     },
     Device(PreparedChunk),
 }
 
 impl ParsedChunk {
-    fn parse(bytes: Vec<u8>, limits: DecodeLimits, device: bool) -> Result<ParsedChunk, String> {
+    fn parse(bytes: Bytes, limits: DecodeLimits, device: bool) -> Result<ParsedChunk, String> {
         if device {
             return PreparedChunk::new(bytes, limits).map(ParsedChunk::Device).map_err(|e| e.to_string());
         }
-        let bytes = bytes.into_boxed_slice();
-        // SAFETY: the slice points into the boxed allocation, which never
-        // moves or changes while `_bytes` owns it, and `container` (the only
+        // SAFETY: the slice points into the shared allocation, which is
+        // immutable and never moves or is freed while `_bytes` holds it, and `container` (the only
         // holder of the reference) is dropped first and never handed out
         // with the 'static lifetime (see `container()`).
         let view: &'static [u8] = unsafe { std::slice::from_raw_parts(bytes.as_ptr(), bytes.len()) };

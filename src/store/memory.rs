@@ -2,13 +2,14 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Mutex, MutexGuard};
 use std::time::Instant;
 
-use super::{Counters, Key, Lru, StoreError, Tier, TierStats};
+use super::{Bytes, Counters, Key, Lru, StoreError, Tier, TierStats};
 
 /// In-memory LRU tier. The budget counts value bytes only (not the per-entry
-/// bookkeeping). `get` copies the value outside the lock.
+/// bookkeeping). `get` copies the value outside the lock; `get_shared`
+/// hands out the stored bytes themselves.
 pub struct MemoryTier {
     budget: u64,
     state: Mutex<State>,
@@ -16,7 +17,7 @@ pub struct MemoryTier {
 }
 
 struct State {
-    lru: Lru<Arc<Vec<u8>>>,
+    lru: Lru<Bytes>,
     /// Lease expiry per pinned key. Only keys present in `lru` appear here;
     /// an expired lease is ignored and dropped the next time it is seen.
     pins: HashMap<Key, Instant>,
@@ -54,11 +55,15 @@ impl Tier for MemoryTier {
     }
 
     fn get(&self, key: &Key) -> Result<Option<Vec<u8>>, StoreError> {
-        let value = self.lock().lru.touch(key).map(|s| Arc::clone(&s.value));
+        Ok(self.get_shared(key)?.map(|v| v.to_vec()))
+    }
+
+    fn get_shared(&self, key: &Key) -> Result<Option<Bytes>, StoreError> {
+        let value = self.lock().lru.touch(key).map(|s| s.value.clone());
         match value {
             Some(v) => {
                 self.counters.hits.fetch_add(1, Relaxed);
-                Ok(Some(v.as_ref().clone()))
+                Ok(Some(v))
             }
             None => {
                 self.counters.misses.fetch_add(1, Relaxed);
@@ -72,7 +77,7 @@ impl Tier for MemoryTier {
         if size > self.budget {
             return Err(StoreError::TooLarge { size, budget: self.budget });
         }
-        let value = Arc::new(value.to_vec());
+        let value = Bytes::copy_from_slice(value);
         let now = Instant::now();
         // Values leaving the tier are freed after the lock is released.
         let mut dropped = Vec::new();

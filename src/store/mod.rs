@@ -23,6 +23,9 @@ pub use memory::MemoryTier;
 pub use redis::{RedisOptions, RedisTier};
 pub use stack::{Fetched, Progressive, TierStack};
 
+/// Stored values as handed out by fetches: shared, cheap to clone.
+pub use bytes::Bytes;
+
 /// A 128-bit key (e.g. a hash of the model, the token prefix and the level).
 pub type Key = [u8; 16];
 
@@ -90,7 +93,7 @@ pub enum ReadOn {
 #[derive(Debug)]
 pub enum Partial {
     /// The whole value (verified as [`Tier::get`] verifies it).
-    Value(Vec<u8>),
+    Value(Bytes),
     /// The reader stopped after `read` of `total` bytes.
     Stopped { read: usize, total: usize },
 }
@@ -101,6 +104,13 @@ pub trait Tier: Send + Sync {
     /// `Ok(None)` when absent; `Err` on I/O failure or corruption (corrupt
     /// entries are removed and reported, never returned).
     fn get(&self, key: &Key) -> Result<Option<Vec<u8>>, StoreError>;
+    /// [`Tier::get`] as shared bytes. A tier that keeps values in memory
+    /// hands out its own copy without copying (a load holds every chunk of
+    /// a long context at once: copying them means faulting in gigabytes of
+    /// fresh memory per load); the default wraps `get`'s vector.
+    fn get_shared(&self, key: &Key) -> Result<Option<Bytes>, StoreError> {
+        Ok(self.get(key)?.map(Bytes::from))
+    }
     /// Stores `value` under `key`, replacing any earlier value and evicting
     /// least recently used entries as needed to stay within the budget.
     fn put(&self, key: &Key, value: &[u8]) -> Result<(), StoreError>;
@@ -121,12 +131,12 @@ pub trait Tier: Send + Sync {
     /// Reads `key` progressively: `on(read, total)` is called once the
     /// value's length is known (`read` = 0, the first byte), then after each
     /// piece of about `piece` bytes, and may stop the read. `Ok(None)` when
-    /// absent. The default reads the whole value with [`Tier::get`] and
+    /// absent. The default reads the whole value with [`Tier::get_shared`] and
     /// reports it once, whole (a local tier is fast enough that probing it
     /// gains nothing); a tier behind a link reads piece by piece.
     fn get_progressive(&self, key: &Key, piece: usize, on: &mut dyn FnMut(usize, usize) -> ReadOn) -> Result<Option<Partial>, StoreError> {
         let _ = piece;
-        Ok(self.get(key)?.map(|v| {
+        Ok(self.get_shared(key)?.map(|v| {
             let n = v.len();
             let _ = on(n, n);
             Partial::Value(v)

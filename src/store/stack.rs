@@ -4,12 +4,12 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::{Key, Partial, ReadOn, StoreError, Tier, TierStats};
+use super::{Bytes, Key, Partial, ReadOn, StoreError, Tier, TierStats};
 
 /// Where a fetched value came from, and what went wrong on the way.
 #[derive(Debug)]
 pub struct Fetched {
-    pub value: Vec<u8>,
+    pub value: Bytes,
     /// Index of the tier that had it.
     pub tier: usize,
     /// Errors from faster tiers that were skipped (corrupt entries removed, I/O).
@@ -49,7 +49,7 @@ impl TierStack {
     pub fn fetch(&self, key: &Key) -> Result<Option<Fetched>, StoreError> {
         let mut skipped = Vec::new();
         for (i, tier) in self.tiers.iter().enumerate() {
-            match tier.get(key) {
+            match tier.get_shared(key) {
                 Ok(Some(value)) => {
                     for faster in &self.tiers[..i] {
                         let _ = faster.put(key, &value);

@@ -292,7 +292,7 @@ impl Tier for ShapedTier {
             read += n;
             pieces = on(read, total);
         }
-        Ok(Some(Partial::Value(v)))
+        Ok(Some(Partial::Value(v.into())))
     }
     fn put(&self, key: &Key, value: &[u8]) -> Result<(), StoreError> {
         self.link.round_trip();
