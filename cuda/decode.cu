@@ -51,8 +51,12 @@ struct Chunk {
     u32 prob_bits, planes_per_tensor, streams, exact_n;
     u32 scales_off, exact_idx_off, exact_rows_off, plane_first; // container offsets; index into planes[]
     u32 tab_first, index, dtype_size, is_bf16;                  // index into tab_off[]; chunk index of the call
-    u32 tensors, pad0, pad1, pad2;                              // layers * streams
+    u32 tensors, external, pad1, pad2;                          // layers * streams; 1: tables from the model's set
 };
+
+// tab_off entry of a channel whose table comes from the uploaded table set
+// (a chunk with external tables and no patch for that channel).
+#define FROM_SET 0xFFFFFFFFu
 
 // One plane of a chunk.
 struct Plane {
@@ -245,20 +249,27 @@ __device__ __noinline__ bool build_lut(const u8* tab, u32* lutw, u32* symt, u32 
     return true;
 }
 
-// Symbol entry (`symbol | freq << 8 | cum << 19`) of slot `s`.
-__device__ __forceinline__ u32 lookup(const u32* lutw, const u32* symt, u32 s) {
+// Symbol entry (`symbol | freq << 8 | cum << 19`) of slot `s`. Rows below
+// `rows` are in shared memory; a table-set lane's rarer rows (the set orders
+// them by falling frequency) stay in global memory at `grows` (never read
+// for tables built in shared memory: they have fewer than `rows` symbols).
+__device__ __forceinline__ u32 lookup(const u32* lutw, const u32* symt, const u32* grows, u32 rows, u32 s) {
     const u32 q = (lutw[(s >> 2) * LANES] >> ((s & 3u) * 8u)) & 0xFFu;
-    return symt[q * LANES];
+    return q < rows ? symt[q * LANES] : __ldg(grows + q * LANES);
 }
 
 // One warp per segment. `geo` = max_prob_bits | kmax << 8: the batch's
 // largest prob_bits and largest number of non-zero symbols in a table.
 // Dynamic shared memory per warp: 32 * (2^max_prob_bits / 4 + kmax) u32 of
 // lookups, then the word ring (RING_UNITS u32).
+// `set_luts`/`set_kmax`: the model's table set as prebuilt lookups (one block
+// per (plane, 32-channel group): the `lutw` words then `set_kmax` rows of
+// `symt`, both lane-interleaved as in shared memory), for chunks whose
+// `external` is set; null and 0 otherwise.
 extern "C" __global__ void cg_decode(
     const u8* __restrict__ region, const Chunk* __restrict__ chunks, const Plane* __restrict__ planes,
     const Seg* __restrict__ segs, const u32* __restrict__ tab_off, u32 nsegs, u32 geo,
-    Dest dest, u32* __restrict__ errors)
+    Dest dest, u32* __restrict__ errors, const u32* __restrict__ set_luts, u32 set_kmax)
 {
     extern __shared__ u32 smem[];
     const u32 lane = threadIdx.x & 31u;
@@ -331,6 +342,9 @@ extern "C" __global__ void cg_decode(
     const u32 nsym = raw ? 256u : 2u * pl.max + 1u;
     bool ok = true;
 
+    // A lane's symbol rows in global memory (table-set chunks; any global
+    // address otherwise: rows below `kmax` are never read from it).
+    const u32* grows = (const u32*)region;
     float step = 0.f, sbase = 0.f;
     if (!raw && pl.group == 4) group_coef(scales, pl, 0, step, sbase);
     const bool fast = !raw && pl.group == 4;
@@ -340,6 +354,29 @@ extern "C" __global__ void cg_decode(
         const u32 c = 32u * g + lane;
         const bool on = lane < active;
         __syncwarp();
+        if (ch.external) {
+            // Copy the prebuilt lookups of this (plane, group) from the set
+            // (16-byte loads; every block is 16-byte aligned): the slot words
+            // and the first `kmax` symbol rows (rarer rows are read from
+            // global memory), then let the lanes with a patched table build
+            // their own column over them.
+            const u32 slw = (LANES << prob_bits) >> 2;
+            const u32* blk = set_luts + (size_t)(sg.plane * ch.groups + g) * (slw + LANES * set_kmax);
+            const uint4* src = (const uint4*)blk;
+            uint4* dl = (uint4*)wbase_smem;
+            for (u32 i = lane; i < slw / 4; i += 32) dl[i] = src[i];
+            uint4* ds = (uint4*)(wbase_smem + lut_words);
+            for (u32 i = lane; i < LANES * min(kmax, set_kmax) / 4; i += 32) ds[i] = src[slw / 4 + i];
+            grows = blk + slw + lane;
+            __syncwarp();
+            // tab_off of a table-set chunk: per (plane, group), FROM_SET or
+            // where the group's 32 lane entries (FROM_SET or a patch) start.
+            const u32 hdr = tab_off[ch.tab_first + sg.plane * ch.groups + g];
+            if (on && hdr != FROM_SET) {
+                const u32 to = tab_off[ch.tab_first + hdr + lane];
+                if (to != FROM_SET) ok &= build_lut(base + to, lutw, symt, prob_bits, nsym, kmax);
+            }
+        } else
 #if BUILD_ONCE
         if (on && g == g0) {
 #else
@@ -352,7 +389,7 @@ extern "C" __global__ void cg_decode(
             // must name a symbol entry inside the table.
             lutw[0] = 0;
         }
-        if (g + 1 < g1 && c + 32u < C) {
+        if (!ch.external && g + 1 < g1 && c + 32u < C) {
             const u8* nt = base + tab_off[ch.tab_first + sg.plane * C + (raw && pl.shared ? 0u : c + 32u)];
             asm volatile("prefetch.global.L2 [%0];" :: "l"(nt));
         }
@@ -376,7 +413,7 @@ extern "C" __global__ void cg_decode(
                 bool wr = blk0 != SKIP_BLOCK;
                 for (u32 t = t0; t < t1; t++) {
                     const u32 xs = x & mask;
-                    const u32 e = lookup(lutw, symt, xs);
+                    const u32 e = lookup(lutw, symt, grows, kmax, xs);
                     const u32 xn = ((e >> 8) & 0x7FFu) * (x >> prob_bits) + xs - (e >> 19);
                     const bool need = on && xn < RANS_L;
                     x = on ? xn : x;
@@ -428,7 +465,7 @@ extern "C" __global__ void cg_decode(
             bool need = false;
             if (on) {
                 const u32 xs = x & mask;
-                const u32 e = lookup(lutw, symt, xs);
+                const u32 e = lookup(lutw, symt, grows, kmax, xs);
                 sym = e & 0xFFu;
                 x = ((e >> 8) & 0x7FFu) * (x >> prob_bits) + xs - (e >> 19);
                 need = x < RANS_L;

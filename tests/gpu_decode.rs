@@ -10,7 +10,7 @@ use std::sync::OnceLock;
 use cachegen::codec::format::PlaneKind;
 use cachegen::codec::quant::{self, QuantSpec, ScaleGroup};
 use cachegen::codec::{self, calibrate_tables, encode, Dtype, EncodeOptions, KvKind, KvShape, KvTensors, Level, Tables};
-use cachegen::gpu::{Gpu, GpuDecoder, GpuError};
+use cachegen::gpu::{Gpu, GpuDecoder, GpuError, GpuTableSet, PreparedChunk};
 use cachegen::layout::KvLayout;
 
 static DECODER: OnceLock<Result<GpuDecoder, String>> = OnceLock::new();
@@ -154,12 +154,19 @@ fn block_ids(rnd: &mut impl FnMut() -> f64, num_blocks: usize, per_chunk: &[usiz
 /// Decode `streams` with the CPU (decode + scatter) and the GPU (into a
 /// device arena filled with the same garbage) and compare the arenas.
 fn check(dec: &GpuDecoder, kind: Kind, streams: &[Vec<u8>], what: &str) {
-    let first = codec::decode(&streams[0], None).unwrap();
+    check_with(dec, kind, streams, what, None)
+}
+
+/// [`check`] for streams that may reference a table set (CPU: the set;
+/// GPU: its uploaded lookups).
+fn check_with(dec: &GpuDecoder, kind: Kind, streams: &[Vec<u8>], what: &str, set: Option<(&codec::TableSet, &GpuTableSet)>) {
+    let cpu_decode = |b: &[u8]| codec::Container::parse(b, set.map(|s| s.0), Default::default()).and_then(|c| c.decode()).unwrap();
+    let first = cpu_decode(&streams[0]);
     let s = first.shape;
     let block_size = 16;
     let per_chunk: Vec<usize> = streams
         .iter()
-        .map(|b| codec::Container::parse(b, None, Default::default()).unwrap().header().shape.tokens.div_ceil(block_size))
+        .map(|b| codec::Container::parse(b, set.map(|s| s.0), Default::default()).unwrap().header().shape.tokens.div_ceil(block_size))
         .collect();
     let num_blocks = per_chunk.iter().sum::<usize>() + 3;
     let (layout, size) = make_layout(kind, s.layers, num_blocks, block_size, s.heads, s.head_dim, first.dtype);
@@ -168,8 +175,7 @@ fn check(dec: &GpuDecoder, kind: Kind, streams: &[Vec<u8>], what: &str) {
     let garbage: Vec<u8> = (0..size).map(|_| (rnd() * 256.0) as u8).collect();
     let mut want = garbage.clone();
     for (b, ids) in streams.iter().zip(&ids) {
-        let kv = codec::decode(b, None).unwrap();
-        layout.scatter(&mut want, ids, &kv).unwrap();
+        layout.scatter(&mut want, ids, &cpu_decode(b)).unwrap();
     }
     let arena = dec.gpu().alloc(size).unwrap();
     arena.write(0, &garbage).unwrap();
@@ -179,8 +185,9 @@ fn check(dec: &GpuDecoder, kind: Kind, streams: &[Vec<u8>], what: &str) {
     }
     let refs: Vec<&[u8]> = streams.iter().map(|b| b.as_slice()).collect();
     let id_refs: Vec<&[u32]> = ids.iter().map(|v| v.as_slice()).collect();
+    let staged = dec.stage_with_tables(&refs, set.map(|s| s.1)).unwrap_or_else(|e| panic!("{what} {kind:?}: {e}"));
     // SAFETY: the arena holds the whole layout and nothing else uses it.
-    unsafe { dec.decode_into(&refs, &dev_layout, &id_refs, None) }.unwrap_or_else(|e| panic!("{what} {kind:?}: {e}"));
+    unsafe { dec.decode_staged(&staged, &dev_layout, &id_refs, None) }.unwrap_or_else(|e| panic!("{what} {kind:?}: {e}"));
     let mut got = vec![0u8; size];
     arena.read(0, &mut got).unwrap();
     if got != want {
@@ -344,15 +351,64 @@ fn corrupt_containers_are_rejected() {
 }
 
 #[test]
-fn streams_with_external_tables_are_refused_clearly() {
+fn streams_with_external_tables_match_the_cpu() {
+    let Some(dec) = decoder() else { return };
+    for kind in [Kind::FlashAttn(false), Kind::CrossLayer(true), Kind::Mla] {
+        for level in [Level::Compact, Level::Default, Level::High, Level::Lossless] {
+            // A set calibrated on 8 tokens of another sample (narrow supports:
+            // many channels carry patches) and one on 200 tokens (few).
+            for calib_tokens in [8, 200] {
+                let calib = synthetic(shape_for(kind, calib_tokens), Dtype::F16, 4);
+                let set = calibrate_tables(&[&calib], &EncodeOptions::level(level)).unwrap();
+                let gset = dec.upload_tables(&set).unwrap();
+                assert_eq!(gset.id(), set.id());
+                let ext = EncodeOptions { tables: Tables::External(&set), ..EncodeOptions::level(level) };
+                // Two chunks referencing the set and one with its own tables, in one call.
+                let streams = vec![
+                    encode(&synthetic(shape_for(kind, 256), Dtype::F16, 5), &ext).unwrap(),
+                    encode(&synthetic(shape_for(kind, 77), Dtype::F16, 6), &ext).unwrap(),
+                    encode(&synthetic(shape_for(kind, 40), Dtype::F16, 7), &EncodeOptions::level(level)).unwrap(),
+                ];
+                check_with(dec, kind, &streams, &format!("external tables {level:?} calibrated on {calib_tokens} tokens"), Some((&set, &gset)));
+            }
+        }
+    }
+    // The real fixture: a set calibrated on its first 256 tokens, the last 64 referencing it.
+    let bytes = std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/smollm2-kernel-doc-320.safetensors")).unwrap();
+    let kv = cachegen::interchange::from_safetensors(&bytes).unwrap().kv;
+    let mut wide = 0;
+    for level in [Level::Compact, Level::Default, Level::High] {
+        let set = calibrate_tables(&[&slice_tokens(&kv, 0, 256)], &EncodeOptions::level(level)).unwrap();
+        let gset = dec.upload_tables(&set).unwrap();
+        // Tables wider than the rows kept in shared memory (64): the kernel
+        // reads their rare rows from global memory.
+        wide += (gset.max_table_symbols() > 64) as usize;
+        let ext = EncodeOptions { tables: Tables::External(&set), ..EncodeOptions::level(level) };
+        let streams = vec![encode(&slice_tokens(&kv, 256, 320), &ext).unwrap(), encode(&slice_tokens(&kv, 0, 256), &ext).unwrap()];
+        check_with(dec, Kind::FlashAttn(true), &streams, &format!("fixture, external tables {level:?}"), Some((&set, &gset)));
+    }
+    assert!(wide > 0, "no set had tables wider than the shared rows: the global-row path went untested");
+}
+
+#[test]
+fn external_table_errors_are_the_cpu_decoders() {
     let Some(dec) = decoder() else { return };
     let shape = shape_for(Kind::FlashAttn(false), 64);
-    let calib = synthetic(shape, Dtype::F16, 4);
-    let set = calibrate_tables(&[&calib], &EncodeOptions::level(Level::Default)).unwrap();
+    let set = calibrate_tables(&[&synthetic(shape, Dtype::F16, 4)], &EncodeOptions::level(Level::Default)).unwrap();
+    let other = calibrate_tables(&[&synthetic(shape, Dtype::F16, 8)], &EncodeOptions::level(Level::Default)).unwrap();
+    let (gset, gother) = (dec.upload_tables(&set).unwrap(), dec.upload_tables(&other).unwrap());
     let opts = EncodeOptions { level: Some(Level::Default), tables: Tables::External(&set), ..Default::default() };
     let s = encode(&synthetic(shape, Dtype::F16, 5), &opts).unwrap();
-    let e = dec.stage(&[&s]).err().expect("external tables are not supported yet");
-    assert!(matches!(e, GpuError::Unsupported(_)), "{e}");
+    let e = dec.stage(&[&s]).err().expect("a stream that references a set needs it");
+    assert!(matches!(e, GpuError::Codec { chunk: 0, source: codec::Error::MissingTables(_) }), "{e}");
+    let e = dec.stage_with_tables(&[&s], Some(&gother)).err().expect("another set is refused");
+    assert!(matches!(e, GpuError::Codec { chunk: 0, source: codec::Error::WrongTables { .. } }), "{e}");
+    // Chunks checked against two different sets cannot share a call.
+    let s2 = encode(&synthetic(shape, Dtype::F16, 6), &EncodeOptions { tables: Tables::External(&other), ..opts.clone() }).unwrap();
+    let a = PreparedChunk::with_tables(s, Default::default(), Some(&gset)).unwrap();
+    let b = PreparedChunk::with_tables(s2, Default::default(), Some(&gother)).unwrap();
+    let e = dec.stage_prepared(&[&a, &b]).err().expect("two sets in one call");
+    assert!(matches!(e, GpuError::Invalid(_)), "{e}");
 }
 
 #[test]

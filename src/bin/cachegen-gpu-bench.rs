@@ -24,11 +24,18 @@
 //! containers and the host's header and hashes); the CPU encoder in the
 //! same run (one thread and all threads).
 //!
+//! With `--tables-from KV.safetensors` (another text's KV), the decode rows
+//! are measured twice in the same run: chunks with their own (embedded)
+//! tables, and chunks referencing a model-level table set calibrated on that
+//! text (tiled the same way), uploaded once as prebuilt lookups.
+//! `--level` picks the level (default: the default level).
+//!
 //! Usage: cachegen-gpu-bench [--fixture PATH] [--tokens 8192,32768] [--repeat N] [--out FILE.json] [--skip-decode] [--skip-encode]
+//!        [--level compact|default|high|lossless] [--tables-from PATH]
 
 use std::time::Instant;
 
-use cachegen::codec::{self, encode, Dtype, EncodeOptions, KvKind, KvShape, KvTensors, Level};
+use cachegen::codec::{self, calibrate_tables, encode, Container, Dtype, EncodeOptions, KvKind, KvShape, KvTensors, Level, TableSet, Tables};
 use cachegen::gpu::{Gpu, GpuDecoder, GpuEncoder, GpuError};
 use cachegen::layout::KvLayout;
 use serde_json::json;
@@ -98,6 +105,11 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     let out = arg("--out");
     let skip_decode = args.iter().any(|a| a == "--skip-decode");
     let skip_encode = args.iter().any(|a| a == "--skip-encode");
+    let level = match arg("--level") {
+        Some(l) => Level::parse(&l)?,
+        None => Level::Default,
+    };
+    let tables_from = arg("--tables-from");
 
     let gpu = match Gpu::open(0) {
         Ok(g) => g,
@@ -120,7 +132,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     let distinct: Vec<Vec<u8>> = std::thread::scope(|s| {
         let hs: Vec<_> = (0..5).map(|i| {
             let src = &src;
-            s.spawn(move || encode(&tile(src, i * CHUNK, CHUNK), &EncodeOptions::level(Level::Default)).unwrap())
+            s.spawn(move || encode(&tile(src, i * CHUNK, CHUNK), &EncodeOptions::level(level)).unwrap())
         }).collect();
         hs.into_iter().map(|h| h.join().unwrap()).collect()
     });
@@ -155,10 +167,38 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         chunk_syms / cpu_all / 1e9
     );
 
+    // Model-level tables: calibrated on another text's KV, tiled the same way.
+    let mut model_tables: Option<(TableSet, Vec<Vec<u8>>, cachegen::gpu::GpuTableSet)> = None;
+    if let Some(path) = &tables_from {
+        let calib = cachegen::interchange::from_safetensors(&std::fs::read(path)?)?.kv;
+        let n = (calib.shape.tokens / CHUNK).max(1);
+        let chunks: Vec<KvTensors> = (0..n).map(|i| tile(&calib, i * CHUNK, CHUNK)).collect();
+        let refs: Vec<&KvTensors> = chunks.iter().collect();
+        let t = Instant::now();
+        let set = calibrate_tables(&refs, &EncodeOptions::level(level))?;
+        let ext: Vec<Vec<u8>> = (0..5).map(|i| encode(&tile(&src, i * CHUNK, CHUNK), &EncodeOptions { tables: Tables::External(&set), ..EncodeOptions::level(level) })).collect::<Result<_, _>>()?;
+        let gset = dec.upload_tables(&set)?;
+        let r = chunk_syms * 2.0 * 5.0 / ext.iter().map(|b| b.len()).sum::<usize>() as f64;
+        println!(
+            "model-level tables calibrated on {n} chunks of {path} ({} bytes stored, {:.1} MB of device lookups) in {:.2} s; chunks referencing them: {:.2} MB each on average, {r:.2}x vs f16",
+            set.to_bytes().len(),
+            gset.device_bytes() as f64 / 1e6,
+            t.elapsed().as_secs_f64(),
+            ext.iter().map(|b| b.len()).sum::<usize>() as f64 / 5e6
+        );
+        model_tables = Some((set, ext, gset));
+    }
+    let mut variants: Vec<(&str, &[Vec<u8>], Option<&TableSet>, Option<&cachegen::gpu::GpuTableSet>)> = vec![("embedded tables", &distinct, None, None)];
+    if let Some((set, ext, gset)) = &model_tables {
+        variants.push(("model-level tables", ext, Some(set), Some(gset)));
+    }
+
     let mut results = Vec::new();
-    for &tokens in sizes.iter().filter(|_| !skip_decode) {
+    for &(variant, distinct, set, gset) in variants.iter().filter(|_| !skip_decode) {
+    for &tokens in sizes.iter() {
         let nchunks = tokens / CHUNK;
         let streams: Vec<&[u8]> = (0..nchunks).map(|c| distinct[c % 5].as_slice()).collect();
+        println!("== decode, {variant}, {tokens} tokens");
         let num_blocks = tokens / BLOCK;
         let per_layer = 2 * num_blocks * BLOCK * HEADS * HEAD_DIM * 2;
         let arena = gpu.alloc(per_layer * LAYERS)?;
@@ -170,7 +210,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         let mut staged = None;
         for _ in 0..3 {
             let t = Instant::now();
-            staged = Some(dec.stage(&streams)?);
+            staged = Some(dec.stage_with_tables(&streams, gset)?);
             stage_ms.push(t.elapsed().as_secs_f64() * 1e3);
         }
         let staged = staged.unwrap();
@@ -216,7 +256,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         {
             let mut dec1 = GpuDecoder::new(&gpu)?;
             dec1.batch_bytes = usize::MAX;
-            let staged1 = dec1.stage(&streams)?;
+            let staged1 = dec1.stage_with_tables(&streams, gset)?;
             for _ in 0..repeat {
                 let t = Instant::now();
                 // SAFETY: as above.
@@ -254,7 +294,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
             let mut want = vec![0u8; per_layer * LAYERS];
             arena.read(0, &mut want)?; // untouched bytes: whatever the GPU left there
             for (c, s) in streams.iter().enumerate() {
-                host_layout.scatter(&mut want, ids[c], &codec::decode(s, None)?)?;
+                host_layout.scatter(&mut want, ids[c], &Container::parse(s, set, Default::default())?.decode()?)?;
             }
             let mut got = vec![0u8; per_layer * LAYERS];
             arena.read(0, &mut got)?;
@@ -266,6 +306,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         let k = median(kern.clone());
         let e = median(e2e_wall.clone());
         let r = json!({
+            "variant": variant,
             "tokens": tokens,
             "chunks": nchunks,
             "symbols": syms,
@@ -313,7 +354,8 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         );
         results.push(r);
     }
-    let encode_results = if skip_encode { Vec::new() } else { bench_encode(&gpu, &src, &distinct, &sizes, repeat, threads)? };
+    }
+    let encode_results = if skip_encode { Vec::new() } else { bench_encode(&gpu, &src, &distinct, &sizes, repeat, threads, level)? };
     let doc = json!({
         "device": gpu.name(),
         "compute_capability": format!("{maj}.{min}"),
@@ -321,7 +363,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         "kernel_compile_ms": compile_ms,
         "fixture": fixture,
         "shape": {"layers": LAYERS, "kv_heads": HEADS, "head_dim": HEAD_DIM, "chunk_tokens": CHUNK, "block_size": BLOCK, "dtype": "f16", "layout": "vLLM flash-attn NHD"},
-        "level": "default",
+        "level": level.name(),
         "compression_ratio_vs_f16": ratio,
         "cpu_threads": threads,
         "cpu_decode_gsym_s_1_thread": chunk_syms / cpu_1t / 1e9,
@@ -340,11 +382,11 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
 }
 
 /// GPU encode straight from paged blocks vs the CPU encoder (see the top).
-fn bench_encode(gpu: &Gpu, src: &KvTensors, distinct: &[Vec<u8>], sizes: &[usize], repeat: usize, threads: usize) -> Result<Vec<serde_json::Value>, Box<dyn std::error::Error>> {
+fn bench_encode(gpu: &Gpu, src: &KvTensors, distinct: &[Vec<u8>], sizes: &[usize], repeat: usize, threads: usize, level: Level) -> Result<Vec<serde_json::Value>, Box<dyn std::error::Error>> {
     let t = Instant::now();
     let enc = GpuEncoder::new(gpu)?;
     println!("encode kernels compiled in {:.0} ms", t.elapsed().as_secs_f64() * 1e3);
-    let opts = EncodeOptions::level(Level::Default);
+    let opts = EncodeOptions::level(level);
     let chunks: Vec<KvTensors> = (0..5).map(|i| tile(src, i * CHUNK, CHUNK)).collect();
     let chunk_syms = (LAYERS * 2 * CHUNK * HEADS * HEAD_DIM) as f64;
     // CPU encoder in the same run: one chunk on one thread, and all threads.

@@ -72,6 +72,13 @@ impl<'a> Container<'a> {
         &self.layout.planes
     }
 
+    /// The frequency table that channel `c` of plane `p` is decoded with
+    /// (a plane's one shared table, or the channel's own).
+    pub fn table(&self, p: usize, c: usize) -> &FreqTable {
+        let t = &self.tables[p];
+        &t[if t.len() == 1 { 0 } else { c }]
+    }
+
     /// Sizes of the sections, for `inspect` and the benchmark.
     pub fn section_sizes(&self) -> SectionSizes {
         let h = &self.layout.header;

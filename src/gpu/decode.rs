@@ -25,8 +25,9 @@
 //! ([`LayerEvents`]) without waiting. The output is bit-identical to
 //! `codec::decode` + `KvLayout::scatter` (tests/gpu_decode.rs).
 //!
-//! Not supported yet: streams that reference an external table set
-//! ([`GpuError::Unsupported`]); fp8 KV caches.
+//! Streams that reference a model's table set (`Tables::External`) decode
+//! from the set's prebuilt lookups on the device ([`GpuDecoder::upload_tables`],
+//! [`GpuDecoder::stage_with_tables`]). Not supported yet: fp8 KV caches.
 
 use std::ffi::c_void;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -37,7 +38,7 @@ use bytes::Bytes;
 use crate::codec::decode::check_scales;
 use crate::codec::format::{self, PlaneKind};
 use crate::codec::rans::RANS_L;
-use crate::codec::{DecodeLimits, Dtype, Error as CodecError, KvShape};
+use crate::codec::{DecodeLimits, Dtype, Error as CodecError, KvShape, TableSet};
 use crate::layout::KvLayout;
 
 use super::driver::{self, DeviceBuffer, Event, Module, PinnedBuffer, Stream};
@@ -76,7 +77,9 @@ struct ChunkDesc {
     dtype_size: u32,
     is_bf16: u32,
     tensors: u32,
-    pad: [u32; 3],
+    /// 1: the chunk's tables come from the batch's table set (FROM_SET entries in `tab`).
+    external: u32,
+    pad: [u32; 2],
 }
 
 #[repr(C)]
@@ -134,16 +137,78 @@ struct Prep {
     symbols: u64,
     /// Most non-zero symbols in one of the chunk's tables (sizes the kernel's per-symbol lookup).
     max_nz: u32,
+    /// The table set an external-tables chunk reads.
+    tables: Option<GpuTableSet>,
 }
 
 fn codec_err(chunk: usize) -> impl Fn(CodecError) -> GpuError {
-    move |e| match e {
-        CodecError::MissingTables(_) => GpuError::Unsupported("streams that reference an external table set".into()),
-        source => GpuError::Codec { chunk, source },
-    }
+    move |source| GpuError::Codec { chunk, source }
 }
 
-fn prepare(bytes: &[u8], index: usize, limits: DecodeLimits) -> Result<Prep, GpuError> {
+/// `tab` entry of a channel whose table comes from the table set (FROM_SET in cuda/decode.cu).
+const FROM_SET: u32 = u32::MAX;
+
+/// The `tab` entries of a chunk with external tables, from one entry per
+/// (plane, channel) (`FROM_SET` or a patch's offset): one entry per (plane,
+/// 32-channel group), `FROM_SET` when no lane of the group is patched, else
+/// the index (from the chunk's first entry) of the group's 32 lane entries
+/// that follow. A 32K-token Llama-shaped request then stages 8 KiB per chunk
+/// instead of 256 KiB of mostly `FROM_SET` entries.
+fn patch_index(full: &[u32], planes: usize, channels: usize) -> Vec<u32> {
+    let groups = channels.div_ceil(32);
+    let mut out = vec![FROM_SET; planes * groups];
+    for p in 0..planes {
+        for g in 0..groups {
+            let lanes = &full[p * channels + 32 * g..p * channels + (32 * g + 32).min(channels)];
+            if lanes.iter().any(|&o| o != FROM_SET) {
+                out[p * groups + g] = out.len() as u32;
+                out.extend_from_slice(lanes);
+                out.resize(out.len() + 32 - lanes.len(), FROM_SET);
+            }
+        }
+    }
+    out
+}
+
+/// Symbol rows of a table set's lookups kept in shared memory (the most
+/// frequent first); rarer rows are read from global memory. Calibrated sets
+/// cover each channel's widened support (up to 193 symbols on the tiled
+/// SmolLM2 cache), which in shared memory would cut the resident warps by
+/// two thirds.
+const SET_SHARED_ROWS: u32 = 64;
+
+/// [`SET_SHARED_ROWS`], or CACHEGEN_SET_SHARED_ROWS (a development knob, 1..=256).
+fn set_shared_rows() -> u32 {
+    static ROWS: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    *ROWS.get_or_init(|| std::env::var("CACHEGEN_SET_SHARED_ROWS").ok().and_then(|v| v.parse().ok()).unwrap_or(SET_SHARED_ROWS).clamp(1, 256))
+}
+
+/// Check the compact table at `pos` of `tb` (the checks of table::read_compact
+/// and table::table_from_codes that need no normalisation) and return its
+/// number of non-zero symbols and its length in bytes.
+fn check_compact(tb: &[u8], pos: usize, nsym: usize, half: u32) -> Result<(u32, usize), CodecError> {
+    let truncated = || CodecError::Corrupt("table section truncated");
+    let head = tb.get(pos..pos + 2).ok_or_else(truncated)?;
+    let (lo, n) = (head[0] as usize, head[1] as usize + 1);
+    if lo + n > nsym {
+        return Err(CodecError::Corrupt("table covers symbols outside the plane's alphabet"));
+    }
+    // Non-zero symbols: codes other than 0 (table::WEIGHT_OF_CODE).
+    let codes = tb.get(pos + 2..pos + 2 + n.div_ceil(2)).ok_or_else(truncated)?;
+    if n % 2 == 1 && codes[n / 2] & 15 != 0 {
+        return Err(CodecError::Corrupt("table padding nibble is not zero"));
+    }
+    let nz: u32 = codes.iter().map(|&b| (b >> 4 != 0) as u32 + (b & 15 != 0) as u32).sum();
+    if nz == 0 {
+        return Err(CodecError::Corrupt("frequency table has no symbol"));
+    }
+    if nz > half {
+        return Err(CodecError::Corrupt("frequency table has more symbols than prob_bits allows"));
+    }
+    Ok((nz, 2 + n.div_ceil(2)))
+}
+
+fn prepare(bytes: &[u8], index: usize, limits: DecodeLimits, set: Option<&SetInfo>) -> Result<Prep, GpuError> {
     let err = codec_err(index);
     if bytes.len() > u32::MAX as usize {
         return Err(GpuError::Unsupported("containers of 4 GiB or more".into()));
@@ -153,8 +218,16 @@ fn prepare(bytes: &[u8], index: usize, limits: DecodeLimits) -> Result<Prep, Gpu
     // applies every check that building them would (table::read_compact,
     // table::table_from_codes).
     let lay = format::parse(bytes, limits.max_output_bytes).map_err(&err)?;
-    if lay.header.external_tables() {
-        return Err(err(CodecError::MissingTables(lay.header.table_id)));
+    let external = lay.header.external_tables();
+    if external {
+        // The checks of Container::parse for a stream that references a set.
+        let set = set.ok_or_else(|| err(CodecError::MissingTables(lay.header.table_id)))?;
+        if set.id != lay.header.table_id {
+            return Err(err(CodecError::WrongTables { got: set.id, want: lay.header.table_id }));
+        }
+        if set.plan != lay.planes || set.channels != lay.header.shape.channels() || set.prob_bits != lay.header.prob_bits {
+            return Err(err(CodecError::Corrupt("table set does not match the stream's planes")));
+        }
     }
     check_scales(bytes, &lay).map_err(&err)?;
     let h = &lay.header;
@@ -178,47 +251,74 @@ fn prepare(bytes: &[u8], index: usize, limits: DecodeLimits) -> Result<Prep, Gpu
         });
         scale_start += p.scale_values(&shape);
     }
-    // Table offsets, and the checks of table::read_compact and
-    // table::table_from_codes.
-    let truncated = || err(CodecError::Corrupt("table section truncated"));
     let tb = &bytes[lay.tables.clone()];
-    let mut tab = Vec::with_capacity(lay.planes.len() * channels);
-    let mut pos = 0usize;
-    let mut max_nz = 1u32;
     let half = 1u32 << (h.prob_bits - 1);
-    for p in &lay.planes {
-        let first = tab.len();
-        let nsym = p.nsym();
-        for j in 0..p.tables(channels) {
-            let head = tb.get(pos..pos + 2).ok_or_else(truncated)?;
-            let (lo, n) = (head[0] as usize, head[1] as usize + 1);
-            if lo + n > nsym {
-                return Err(err(CodecError::Corrupt("table covers symbols outside the plane's alphabet")));
-            }
-            if j == 0 || p.tables(channels) == channels {
-                tab.push((lay.tables.start + pos) as u32);
-            }
-            // Non-zero symbols: codes other than 0 (table::WEIGHT_OF_CODE).
-            let codes = tb.get(pos + 2..pos + 2 + n.div_ceil(2)).ok_or_else(truncated)?;
-            if n % 2 == 1 && codes[n / 2] & 15 != 0 {
-                return Err(err(CodecError::Corrupt("table padding nibble is not zero")));
-            }
-            let nz: u32 = codes.iter().map(|&b| (b >> 4 != 0) as u32 + (b & 15 != 0) as u32).sum();
-            if nz == 0 {
-                return Err(err(CodecError::Corrupt("frequency table has no symbol")));
-            }
-            if nz > half {
-                return Err(err(CodecError::Corrupt("frequency table has more symbols than prob_bits allows")));
-            }
-            max_nz = max_nz.max(nz);
-            pos += 2 + n.div_ceil(2);
+    let mut tab = Vec::with_capacity(lay.planes.len() * channels);
+    let mut max_nz = 1u32;
+    if external {
+        // The patch section (encode::apply_patches): a count, then ascending
+        // (global table index, compact table) pairs. Unpatched channels read
+        // the set's prebuilt lookups.
+        let set = set.expect("checked above");
+        max_nz = set.kmax.min(set_shared_rows());
+        tab.resize(lay.planes.len() * channels, FROM_SET);
+        let total: usize = lay.planes.iter().map(|p| p.tables(channels)).sum();
+        let count = u32::from_le_bytes(tb.get(..4).ok_or_else(|| err(CodecError::Corrupt("patch count missing")))?.try_into().unwrap()) as usize;
+        if count > total || count.saturating_mul(7) > tb.len() - 4 {
+            return Err(err(CodecError::Corrupt("patch count out of range")));
         }
-        // Shared tables: every channel uses the plane's one table.
-        let t0 = tab[first];
-        tab.resize(first + channels, t0);
-    }
-    if pos != tb.len() {
-        return Err(err(CodecError::Corrupt("table section has trailing bytes")));
+        let mut pos = 4;
+        let mut prev: Option<usize> = None;
+        let (mut plane, mut first) = (0usize, 0usize);
+        for _ in 0..count {
+            let idx = u32::from_le_bytes(tb.get(pos..pos + 4).ok_or_else(|| err(CodecError::Corrupt("patch truncated")))?.try_into().unwrap()) as usize;
+            pos += 4;
+            if idx >= total || prev.is_some_and(|p| idx <= p) {
+                return Err(err(CodecError::Corrupt("patch indices are not ascending and in range")));
+            }
+            prev = Some(idx);
+            while first + lay.planes[plane].tables(channels) <= idx {
+                first += lay.planes[plane].tables(channels);
+                plane += 1;
+            }
+            let p = &lay.planes[plane];
+            let (nz, len) = check_compact(tb, pos, p.nsym(), half).map_err(&err)?;
+            max_nz = max_nz.max(nz);
+            let at = (lay.tables.start + pos) as u32;
+            if p.tables(channels) == channels {
+                tab[plane * channels + idx - first] = at;
+            } else {
+                // One table for the plane: every channel uses the patch.
+                tab[plane * channels..(plane + 1) * channels].fill(at);
+            }
+            pos += len;
+        }
+        if pos != tb.len() {
+            return Err(err(CodecError::Corrupt("patch section has trailing bytes")));
+        }
+        tab = patch_index(&tab, lay.planes.len(), channels);
+    } else {
+        // Table offsets, and the checks of table::read_compact and
+        // table::table_from_codes.
+        let mut pos = 0usize;
+        for p in &lay.planes {
+            let first = tab.len();
+            let nsym = p.nsym();
+            for j in 0..p.tables(channels) {
+                let (nz, len) = check_compact(tb, pos, nsym, half).map_err(&err)?;
+                if j == 0 || p.tables(channels) == channels {
+                    tab.push((lay.tables.start + pos) as u32);
+                }
+                max_nz = max_nz.max(nz);
+                pos += len;
+            }
+            // Shared tables: every channel uses the plane's one table.
+            let t0 = tab[first];
+            tab.resize(first + channels, t0);
+        }
+        if pos != tb.len() {
+            return Err(err(CodecError::Corrupt("table section has trailing bytes")));
+        }
     }
     // Segments, with the checks that need no decoding (items 33 and 34).
     let spp = h.segments_per_plane();
@@ -266,9 +366,115 @@ fn prepare(bytes: &[u8], index: usize, limits: DecodeLimits) -> Result<Prep, Gpu
         dtype_size: e as u32,
         is_bf16: (h.dtype == Dtype::Bf16) as u32,
         tensors: shape.tensors() as u32,
-        pad: [0; 3],
+        external: external as u32,
+        pad: [0; 2],
     };
-    Ok(Prep { desc, planes, segs, tab, payload_start, shape, dtype: h.dtype, symbols, max_nz: max_nz.min(256) })
+    Ok(Prep { desc, planes, segs, tab, payload_start, shape, dtype: h.dtype, symbols, max_nz: max_nz.min(256), tables: None })
+}
+
+/// A model's table set ([`TableSet`]) on the device, as prebuilt lookups:
+/// chunks that reference it by id skip both the tables' bytes (smaller
+/// copies) and the per-chunk normalisation (the kernel copies a (plane,
+/// 32-channel group)'s lookups into shared memory instead of building them).
+/// Upload it once per model namespace with [`GpuDecoder::upload_tables`];
+/// cheap to clone.
+#[derive(Clone)]
+pub struct GpuTableSet {
+    inner: Arc<TableSetInner>,
+}
+
+struct TableSetInner {
+    info: SetInfo,
+    luts: DeviceBuffer,
+}
+
+/// What the host checks of a chunk need to know of a table set.
+#[derive(Clone, Debug)]
+pub(crate) struct SetInfo {
+    pub(crate) id: u64,
+    pub(crate) plan: Vec<PlaneKind>,
+    pub(crate) channels: usize,
+    pub(crate) prob_bits: u32,
+    /// Most non-zero symbols in one of the set's tables.
+    pub(crate) kmax: u32,
+}
+
+impl GpuTableSet {
+    /// The set's id (what streams store as `table_id`).
+    pub fn id(&self) -> u64 {
+        self.inner.info.id
+    }
+    /// Most non-zero symbols in one of the set's tables.
+    pub fn max_table_symbols(&self) -> u32 {
+        self.inner.info.kmax
+    }
+    /// Device bytes of the prebuilt lookups.
+    pub fn device_bytes(&self) -> usize {
+        self.inner.luts.len()
+    }
+    fn ptr(&self) -> u64 {
+        self.inner.luts.ptr()
+    }
+}
+
+/// The kernel's lookups for every (plane, 32-channel group) of `set`, in the
+/// shared-memory layout of `build_lut` (cuda/decode.cu): per block, 2^pb / 4
+/// slot words then `kmax` symbol rows, each lane-interleaved (word `w` of lane
+/// `j` at `w * 32 + j`). Returns the words and `kmax`.
+pub(crate) fn set_lookups(set: &TableSet) -> Result<(Vec<u32>, u32), GpuError> {
+    let tables = set.tables().map_err(|source| GpuError::Codec { chunk: 0, source })?;
+    let channels = set.channels;
+    let m = 1usize << set.prob_bits;
+    let kmax = tables.iter().flatten().map(|t| t.freq.iter().filter(|&&f| f > 0).count()).max().unwrap_or(1).max(1);
+    if kmax > 256 || m > 1 << 13 {
+        return Err(GpuError::Unsupported("table sets with more than 256 symbols or over 13 probability bits".into()));
+    }
+    let groups = channels.div_ceil(32);
+    let slw = 32 * m / 4;
+    let block = slw + 32 * kmax;
+    let mut out = vec![0u32; set.plan.len() * groups * block];
+    for (p, plane) in set.plan.iter().enumerate() {
+        let per_channel = plane.tables(channels) == channels;
+        for g in 0..groups {
+            let b = &mut out[(p * groups + g) * block..][..block];
+            for j in 0..32 {
+                let c = 32 * g + j;
+                if c >= channels {
+                    continue; // idle lane: slot 0 -> row 0 (zero), never read for output
+                }
+                let t = &tables[p][if per_channel { c } else { 0 }];
+                // Rows by falling frequency (ties: by symbol), so that the
+                // kernel keeps the frequent ones in shared memory and reads
+                // the rare ones (row >= SET_SHARED_ROWS) from global memory.
+                let mut order: Vec<usize> = (0..t.freq.len()).filter(|&i| t.freq[i] > 0).collect();
+                order.sort_by_key(|&i| (std::cmp::Reverse(t.freq[i]), i));
+                let mut row = vec![0usize; t.freq.len()];
+                for (q, &i) in order.iter().enumerate() {
+                    row[i] = q;
+                }
+                let mut cum = 0usize;
+                for (i, &f) in t.freq.iter().enumerate() {
+                    let f = f as usize;
+                    if f == 0 {
+                        continue;
+                    }
+                    if f > 0x7FF {
+                        return Err(GpuError::Unsupported("a table set frequency above 2047 (the kernel's field)".into()));
+                    }
+                    let (sym, q) = (t.lo as usize + i, row[i]);
+                    b[slw + q * 32 + j] = (sym | f << 8 | cum << 19) as u32;
+                    for s in cum..cum + f {
+                        b[(s >> 2) * 32 + j] |= (q as u32) << ((s & 3) * 8);
+                    }
+                    cum += f;
+                }
+                if cum != m {
+                    return Err(GpuError::Codec { chunk: 0, source: CodecError::Corrupt("table set frequencies do not sum to 2^prob_bits") });
+                }
+            }
+        }
+    }
+    Ok((out, kmax as u32))
 }
 
 /// One container checked for the device, owning its bytes: everything
@@ -284,8 +490,16 @@ impl PreparedChunk {
     /// sections, scales, table structure, lane states).
     /// Takes the bytes without copying them (a `Vec` or shared `Bytes`).
     pub fn new(bytes: impl Into<Bytes>, limits: DecodeLimits) -> Result<PreparedChunk, GpuError> {
+        PreparedChunk::with_tables(bytes, limits, None)
+    }
+    /// [`PreparedChunk::new`] for a container that may reference `tables`
+    /// (a model's table set on the device) instead of embedding its own.
+    pub fn with_tables(bytes: impl Into<Bytes>, limits: DecodeLimits, tables: Option<&GpuTableSet>) -> Result<PreparedChunk, GpuError> {
         let bytes = bytes.into();
-        let prep = prepare(&bytes, 0, limits)?;
+        let mut prep = prepare(&bytes, 0, limits, tables.map(|t| &t.inner.info))?;
+        if prep.desc.external != 0 {
+            prep.tables = tables.cloned();
+        }
         Ok(PreparedChunk { bytes, prep })
     }
     /// The container's bytes.
@@ -337,6 +551,8 @@ pub struct Staged {
     shapes: Vec<(KvShape, Dtype)>,
     compressed: usize,
     symbols: u64,
+    /// The table set of its external-tables chunks (kept on the device while staged).
+    tables: Option<GpuTableSet>,
 }
 
 impl Staged {
@@ -503,10 +719,29 @@ impl GpuDecoder {
         (32u32 << prob_bits) + 128 * kmax + self.smem_extra
     }
 
+    /// Put a model's table set on the device as prebuilt lookups, for
+    /// chunks encoded with `Tables::External(set)`. Keep the result for as
+    /// long as such chunks are decoded (one per model namespace).
+    pub fn upload_tables(&self, set: &TableSet) -> Result<GpuTableSet, GpuError> {
+        let (words, kmax) = set_lookups(set)?;
+        self.gpu.bind()?;
+        let luts = self.gpu.alloc((words.len() * 4).max(16))?;
+        luts.write(0, as_bytes(&words))?;
+        Ok(GpuTableSet {
+            inner: Arc::new(TableSetInner { info: SetInfo { id: set.id(), plan: set.plan.clone(), channels: set.channels, prob_bits: set.prob_bits, kmax }, luts }),
+        })
+    }
+
     /// Validate `chunks` on the host and lay them out in pinned memory
     /// (uses all CPU cores). Errors name the first bad chunk; nothing is
     /// launched.
     pub fn stage(&self, chunks: &[&[u8]]) -> Result<Staged, GpuError> {
+        self.stage_with_tables(chunks, None)
+    }
+
+    /// [`GpuDecoder::stage`] for containers that may reference `tables` (a
+    /// model's table set uploaded with [`GpuDecoder::upload_tables`]).
+    pub fn stage_with_tables(&self, chunks: &[&[u8]], tables: Option<&GpuTableSet>) -> Result<Staged, GpuError> {
         if chunks.is_empty() {
             return Err(GpuError::Invalid("no chunks".into()));
         }
@@ -517,7 +752,12 @@ impl GpuDecoder {
                 let base = t * chunks.len().div_ceil(threads);
                 s.spawn(move || {
                     for (j, slot) in part.iter_mut().enumerate() {
-                        *slot = Some(prepare(chunks[base + j], base + j, DecodeLimits::default()));
+                        *slot = Some(prepare(chunks[base + j], base + j, DecodeLimits::default(), tables.map(|t| &t.inner.info)).map(|mut p| {
+                            if p.desc.external != 0 {
+                                p.tables = tables.cloned();
+                            }
+                            p
+                        }));
                     }
                 });
             }
@@ -548,6 +788,17 @@ impl GpuDecoder {
 
     /// Batches, offsets and the pinned image of checked containers.
     fn assemble(&self, mut preps: Vec<Prep>, chunks: &[&[u8]]) -> Result<Staged, GpuError> {
+        // One table set per call: the kernel takes one set pointer.
+        let mut tables: Option<GpuTableSet> = None;
+        for p in &preps {
+            if let Some(t) = &p.tables {
+                match &tables {
+                    Some(have) if have.id() != t.id() => return Err(GpuError::Invalid("chunks of one call reference different table sets".into())),
+                    Some(_) => {}
+                    None => tables = Some(t.clone()),
+                }
+            }
+        }
         let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).min(chunks.len());
         // Batches and offsets.
         let align = |x: usize, a: usize| x.div_ceil(a) * a;
@@ -555,10 +806,14 @@ impl GpuDecoder {
         let mut placements = vec![0usize; chunks.len()]; // absolute image offset of each container
         let mut off = 0usize;
         let mut i = 0usize;
+        // The first and the last chunk of a request of several batches get a
+        // batch of their own: the copy before the first decode and the decode
+        // after the last copy are then one chunk's, not 48 MB's.
+        let total_over = chunks.len() > 1 && chunks.iter().map(|c| c.len()).sum::<usize>() > self.batch_bytes;
         while i < chunks.len() {
             let mut j = i;
             let mut bytes = 0usize;
-            while j < chunks.len() && (j == i || bytes + chunks[j].len() <= self.batch_bytes) {
+            while j < chunks.len() && (j == i || (bytes + chunks[j].len() <= self.batch_bytes && !(total_over && (i == 0 || j == chunks.len() - 1)))) {
                 bytes += chunks[j].len();
                 j += 1;
             }
@@ -682,6 +937,7 @@ impl GpuDecoder {
             shapes: preps.iter().map(|p| (p.shape, p.dtype)).collect(),
             compressed: chunks.iter().map(|c| c.len()).sum(),
             symbols: preps.iter().map(|p| p.symbols).sum(),
+            tables,
         })
     }
 
@@ -947,11 +1203,13 @@ impl GpuDecoder {
             let mut geo = b.max_prob_bits | b.kmax << 8;
             let mut d = desc;
             let mut p_errors = errors;
+            let mut p_set = staged.tables.as_ref().map(|t| t.ptr()).unwrap_or(0);
+            let mut set_kmax = staged.tables.as_ref().map(|t| t.inner.info.kmax).unwrap_or(0);
             let per_warp = self.smem_per_warp(b.max_prob_bits, b.kmax);
             let w = self.warps_per_block(per_warp);
             let smem = w * per_warp;
             if nsegs > 0 {
-                let mut params: [*mut c_void; 9] = [
+                let mut params: [*mut c_void; 11] = [
                     &mut p_region as *mut _ as *mut c_void,
                     &mut p_chunks as *mut _ as *mut c_void,
                     &mut p_planes as *mut _ as *mut c_void,
@@ -961,6 +1219,8 @@ impl GpuDecoder {
                     &mut geo as *mut _ as *mut c_void,
                     &mut d as *mut _ as *mut c_void,
                     &mut p_errors as *mut _ as *mut c_void,
+                    &mut p_set as *mut _ as *mut c_void,
+                    &mut set_kmax as *mut _ as *mut c_void,
                 ];
                 // SAFETY: the parameters match cg_decode's signature; the descriptors
                 // in the region address only the region, and the destination is the
@@ -1152,5 +1412,162 @@ impl Drop for LayerEvents<'_> {
                 let _ = e.sync();
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Host side of external tables (no GPU needed): the prebuilt lookups
+    //! and the checks of chunks that reference a set.
+    use super::*;
+    use crate::codec::{calibrate_tables, encode, quant, Container, EncodeOptions, KvKind, KvTensors, Level, Tables};
+
+    fn synthetic(shape: KvShape, tokens_seed: u64) -> KvTensors {
+        let mut s = tokens_seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
+        let mut rnd = move || {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s >> 11) as f64 / (1u64 << 53) as f64
+        };
+        let c = shape.channels();
+        let tensors = (0..shape.tensors())
+            .map(|t| {
+                let mut out = vec![0u8; shape.plane_elems() * 2];
+                for i in 0..shape.tokens * c {
+                    let ch = i % c;
+                    let lap = -(rnd() + 1e-12).ln() + (rnd() + 1e-12).ln();
+                    let scale = if ch % 29 == 3 { 6.0 } else { 0.3 + (ch % 7) as f64 * 0.1 + t as f64 * 0.05 };
+                    quant::store(Dtype::F16, &mut out, i, (scale * lap + (ch % 5) as f64 * 0.2) as f32);
+                }
+                out
+            })
+            .collect();
+        KvTensors { shape, dtype: Dtype::F16, tensors }
+    }
+
+    fn info(set: &TableSet) -> SetInfo {
+        let (_, kmax) = set_lookups(set).unwrap();
+        SetInfo { id: set.id(), plan: set.plan.clone(), channels: set.channels, prob_bits: set.prob_bits, kmax }
+    }
+
+    const SHAPES: [KvShape; 2] = [
+        KvShape { kind: KvKind::KeyValue, layers: 2, tokens: 96, heads: 3, head_dim: 64 },
+        // 80 channels: a partial last group of 16 lanes.
+        KvShape { kind: KvKind::Latent, layers: 2, tokens: 96, heads: 1, head_dim: 80 },
+    ];
+
+    #[test]
+    fn set_lookups_give_every_slot_its_symbol_and_cumulative_frequency() {
+        for shape in SHAPES {
+            for level in [Level::Compact, Level::Default, Level::High, Level::Lossless] {
+                let set = calibrate_tables(&[&synthetic(shape, 1)], &EncodeOptions::level(level)).unwrap();
+                let tables = set.tables().unwrap();
+                let (words, kmax) = set_lookups(&set).unwrap();
+                let m = 1usize << set.prob_bits;
+                let (slw, groups) = (32 * m / 4, set.channels.div_ceil(32));
+                let block = slw + 32 * kmax as usize;
+                assert_eq!(words.len(), set.plan.len() * groups * block);
+                for (p, plane) in set.plan.iter().enumerate() {
+                    for c in 0..groups * 32 {
+                        let (g, j) = (c / 32, c % 32);
+                        let b = &words[(p * groups + g) * block..][..block];
+                        if c >= set.channels {
+                            assert!((0..slw / 32).all(|w| b[w * 32 + j] == 0) && (0..kmax as usize).all(|q| b[slw + q * 32 + j] == 0));
+                            continue;
+                        }
+                        let t = &tables[p][if plane.tables(set.channels) == set.channels { c } else { 0 }];
+                        let cum = t.cumulative();
+                        // Rows by falling frequency: the frequent ones stay in shared memory.
+                        let nz = t.freq.iter().filter(|&&f| f > 0).count();
+                        let fr: Vec<u32> = (0..nz).map(|q| (b[slw + q * 32 + j] >> 8) & 0x7FF).collect();
+                        assert!(fr.windows(2).all(|w| w[0] >= w[1]), "{level:?} plane {p} channel {c}: rows not by falling frequency");
+                        for s in 0..m {
+                            let q = (b[(s >> 2) * 32 + j] >> ((s & 3) * 8)) & 0xFF;
+                            assert!(q < kmax, "{level:?} plane {p} channel {c} slot {s}");
+                            let e = b[slw + q as usize * 32 + j];
+                            let (sym, f, c0) = (e & 0xFF, (e >> 8) & 0x7FF, e >> 19);
+                            assert_eq!(f, t.freq_of(sym as u8), "{level:?} plane {p} channel {c} slot {s}");
+                            assert_eq!(c0, cum[sym as usize], "{level:?} plane {p} channel {c} slot {s}");
+                            assert!(c0 as usize <= s && s < (c0 + f) as usize, "{level:?} plane {p} channel {c} slot {s}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn external_streams_pass_the_host_checks_with_patches_pointing_at_their_tables() {
+        for shape in SHAPES {
+            for level in [Level::Compact, Level::Default, Level::High] {
+                // Calibrated on 8 tokens of another sample: narrow supports, so
+                // the chunk needs patches for some channels.
+                let calib = synthetic(KvShape { tokens: 8, ..shape }, 2);
+                let set = calibrate_tables(&[&calib], &EncodeOptions::level(level)).unwrap();
+                let b = encode(&synthetic(shape, 3), &EncodeOptions { tables: Tables::External(&set), ..EncodeOptions::level(level) }).unwrap();
+                let cpu = Container::parse(&b, Some(&set), DecodeLimits::default()).unwrap();
+                let lay = format::parse(&b, u64::MAX).unwrap();
+                let patches = u32::from_le_bytes(b[lay.tables.start..lay.tables.start + 4].try_into().unwrap()) as usize;
+                assert!(patches > 0, "{level:?}: the test needs patches");
+                let inf = info(&set);
+                let p = prepare(&b, 0, DecodeLimits::default(), Some(&inf)).unwrap();
+                assert_eq!(p.desc.external, 1);
+                assert!(p.max_nz >= inf.kmax.min(SET_SHARED_ROWS));
+                // The kernel's view: per (plane, channel), FROM_SET or the patch's offset.
+                let channels = shape.channels();
+                let groups = channels.div_ceil(32);
+                let lane_tab: Vec<u32> = (0..lay.planes.len() * channels)
+                    .map(|i| {
+                        let (plane, c) = (i / channels, i % channels);
+                        let h = p.tab[plane * groups + c / 32];
+                        if h == FROM_SET { FROM_SET } else { p.tab[h as usize + c % 32] }
+                    })
+                    .collect();
+                let mut patched: Vec<u32> = lane_tab.iter().copied().filter(|&o| o != FROM_SET).collect();
+                patched.sort_unstable();
+                patched.dedup();
+                assert_eq!(patched.len(), patches, "{level:?}");
+                // Each patched offset holds the compact table the CPU decoder uses for that channel.
+                for (i, &o) in lane_tab.iter().enumerate() {
+                    if o == FROM_SET {
+                        continue;
+                    }
+                    let (plane, c) = (i / channels, i % channels);
+                    let mut pos = o as usize;
+                    let t = crate::codec::table::read_compact(&b, &mut pos, lay.planes[plane].nsym(), lay.header.prob_bits).unwrap();
+                    assert_eq!(&t, cpu.table(plane, c), "{level:?} plane {plane} channel {c}");
+                }
+                // Without the set, or with another one: the CPU decoder's errors.
+                assert!(matches!(prepare(&b, 0, DecodeLimits::default(), None), Err(GpuError::Codec { source: CodecError::MissingTables(_), .. })));
+                let other = info(&calibrate_tables(&[&synthetic(shape, 9)], &EncodeOptions::level(level)).unwrap());
+                assert!(matches!(prepare(&b, 0, DecodeLimits::default(), Some(&other)), Err(GpuError::Codec { source: CodecError::WrongTables { .. }, .. })));
+            }
+        }
+    }
+
+    #[test]
+    fn host_checks_of_external_streams_reject_what_the_cpu_parser_rejects() {
+        let shape = SHAPES[0];
+        let calib = synthetic(KvShape { tokens: 8, ..shape }, 2);
+        let set = calibrate_tables(&[&calib], &EncodeOptions::level(Level::Default)).unwrap();
+        let inf = info(&set);
+        let b = encode(&synthetic(shape, 3), &EncodeOptions { tables: Tables::External(&set), ..EncodeOptions::level(Level::Default) }).unwrap();
+        let lay = format::parse(&b, u64::MAX).unwrap();
+        let mut rejected = 0;
+        for i in 0..lay.segments[0].0 {
+            for flip in [0x01u8, 0x10, 0x80] {
+                let mut c = b.clone();
+                c[i] ^= flip;
+                let n = c.len() - 8;
+                let sum = xxhash_rust::xxh3::xxh3_64(&c[..n]);
+                c[n..].copy_from_slice(&sum.to_le_bytes());
+                if let Err(e) = Container::parse(&c, Some(&set), DecodeLimits::default()) {
+                    rejected += 1;
+                    assert!(prepare(&c, 0, DecodeLimits::default(), Some(&inf)).is_err(), "byte {i} flip {flip:#x}: the CPU parser says {e}, the GPU checks accept it");
+                }
+            }
+        }
+        assert!(rejected > 100, "only {rejected} changes rejected");
     }
 }

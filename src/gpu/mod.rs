@@ -35,7 +35,7 @@ pub mod nvrtc;
 
 use std::sync::Arc;
 
-pub use decode::{GpuDecoder, LayerEvents, PreparedChunk, Staged, Timings, SKIP_BLOCK};
+pub use decode::{GpuDecoder, GpuTableSet, LayerEvents, PreparedChunk, Staged, Timings, SKIP_BLOCK};
 pub use gather::GpuGather;
 pub use driver::{DeviceBuffer, Event, PinnedBuffer};
 pub use encode::{EncodeTimings, GpuEncoder, ENCODE_CU};
