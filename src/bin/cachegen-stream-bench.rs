@@ -13,11 +13,16 @@
 //! ../shared/notes/performance-anchors.md). The adaptive loader is
 //! simulated with the library's own planner and estimator
 //! (`cachegen::streaming::adaptive`), chunk by chunk, including its give-up
-//! rule and its per-chunk probe (the same `probe_level`, `probe_point`,
-//! `after_probe` and `probe_deadline_s` the loader calls; a probe and its
-//! continuation are one request, a switch to a lower level a second).
+//! rule and its per-chunk probe (the same `probe_level`, `probe_decision`
+//! at every 16 KiB piece, `after_probe_deadline_s` and `probe_deadline_s`
+//! the loader calls; a probe and its continuation are one request, a switch
+//! to a lower level a second). `--diagnose` prints, per trace row, where
+//! adaptive's time went (abandoned probes, fetches slower than recompute,
+//! give-ups, chunks recomputed unread though a fetch was faster) for the
+//! loads that met and missed the SLO; `--dump N` the chunk-by-chunk log of
+//! the first N loads per row that missed it (stderr).
 //!
-//! Usage: cachegen-stream-bench [--fixture PATH] [--traces N] [--prefill-tps TOKENS_PER_S] [--json FILE]
+//! Usage: cachegen-stream-bench [--fixture PATH] [--traces N] [--prefill-tps TOKENS_PER_S] [--json FILE] [--diagnose] [--dump N]
 //!
 //! `--prefill-tps`: the recompute rate (default: the H100 anchors, see
 //! [`prefill_s`]); e.g. 7500 for the CacheGen artifact's 0.2 s per
@@ -26,7 +31,7 @@
 use std::time::Instant;
 
 use cachegen::codec::{self, encode, EncodeOptions, KvKind, KvShape, KvTensors, Level};
-use cachegen::streaming::adaptive::{probe_point, AfterProbe, PlanInput, Planner};
+use cachegen::streaming::adaptive::{AfterProbe, PlanInput, Planner, PROBE_BYTES};
 use cachegen::streaming::{Choice, Estimator};
 
 const LAYERS: usize = 32;
@@ -112,7 +117,7 @@ fn pipeline(fetch: &[f64], decode: &[f64]) -> f64 {
 enum Mode {
     /// The loader (`src/pipeline/load.rs`): the running estimate plans each
     /// chunk, the chunk is read progressively and decided at its probe
-    /// (`Planner::probe_level`, `probe_point`, `Planner::after_probe`), and
+    /// (`Planner::probe_level`, `Planner::probe_decision`), and
     /// a fetch is abandoned at `Planner::fetch_deadline_s`.
     Probe,
     /// The loader before probing: the running estimate only (for comparison).
@@ -122,18 +127,57 @@ enum Mode {
     Oracle,
 }
 
-/// Simulates the adaptive loader over per-chunk bandwidths `bw` (bytes/s);
-/// returns (TTFT, chunks per level, recomputed, probes abandoned).
+/// One simulated load: where its time went.
+#[derive(Clone, Copy, Default)]
+struct Run {
+    ttft: f64,
+    /// Chunks loaded per level, chunks recomputed, probes abandoned.
+    counts: [usize; 3],
+    recomputed: usize,
+    abandoned: usize,
+    /// Seconds spent on reads that were abandoned (latency + probe bytes),
+    /// at a probe's decision point or at a stall limit.
+    probe_waste_s: f64,
+    /// Seconds spent on a fetch abandoned at the give-up point (the load
+    /// then recomputes every chunk left).
+    given_up_s: f64,
+    /// Seconds by which fetched chunks took longer than recomputing them
+    /// (a decision that hindsight calls wrong).
+    slow_fetch_s: f64,
+    /// Chunks recomputed without a read although fetching the lowest level
+    /// would have been faster (a decision that hindsight calls wrong).
+    missed_fetches: usize,
+}
+
+thread_local! {
+    /// `--dump`: the chunk-by-chunk log of the load being simulated.
+    static LOG: std::cell::RefCell<Option<Vec<String>>> = const { std::cell::RefCell::new(None) };
+}
+
+fn log(f: impl FnOnce() -> String) {
+    LOG.with(|l| {
+        if let Some(v) = l.borrow_mut().as_mut() {
+            v.push(f());
+        }
+    });
+}
+
+/// Simulates the adaptive loader over per-chunk bandwidths `bw` (bytes/s).
 #[allow(clippy::needless_range_loop)]
-fn adaptive(sz: &Sizes, n: usize, bw: &[f64], slo: f64, rate: f64, mode: Mode, est: &Estimator) -> (f64, [usize; 3], usize, usize) {
+fn adaptive(sz: &Sizes, n: usize, bw: &[f64], slo: f64, rate: f64, mode: Mode, est: &Estimator) -> Run {
     let planner = Planner { slo_s: slo, prefill_tokens_per_s: rate, chunk_tokens: CHUNK, levels: LEVELS.to_vec(), recompute_suffix: false };
     let dec = sz.syms / GPU_SYM_PER_S;
+    let rc = planner.recompute_s();
     let oracle = mode == Mode::Oracle;
     let (mut t, mut dec_done) = (0.0f64, 0.0f64);
-    let mut counts = [0usize; 3];
-    let (mut recomputed, mut abandoned) = (0usize, 0usize);
-    for c in 0..n {
+    let mut run = Run::default();
+    let mut recomputed = 0usize;
+    // Chunks left for recompute in a row without a read.
+    let mut unread = 0usize;
+    'chunks: for c in 0..n {
         let row = sz.level_bytes[c % sz.level_bytes.len()];
+        // Hindsight: fetching the lowest level would have beaten recompute.
+        let fetch_wins = LATENCY + row[0] / bw[c] < rc;
         let inp = PlanInput {
             elapsed_s: t,
             chunks_left: n - c,
@@ -150,70 +194,95 @@ fn adaptive(sz: &Sizes, n: usize, bw: &[f64], slo: f64, rate: f64, mode: Mode, e
             after_recompute: recomputed > 0,
         };
         let plan = planner.plan(&inp);
-        let give_up = if oracle { None } else { planner.fetch_deadline_s(recomputed, n - c, t, plan.expected_s, est.spread()) };
+        let mut give_up = if oracle { None } else { planner.fetch_deadline_s(recomputed, n - c, t, plan.expected_s, est.spread(), planner.decode_s(&inp)) };
+        log(|| format!("chunk {c} t={:.2}ms bw={:.2}Gbps est={:.2}Gbps spread={:.2} plan={:?} budget={:.2}ms give_up={:?}", t * 1e3, bw[c] * 8e-9, inp.bytes_per_s * 8e-9, est.spread(), plan.choice, plan.budget_s * 1e3, give_up.map(|g| g * 1e3)));
         let start = match mode {
-            Mode::Probe => planner.probe_level(&inp, &plan, est.spread()),
+            Mode::Probe => planner.probe_level(&inp, &plan, est.spread(), unread),
             _ => match plan.choice {
                 Choice::Level(l) => LEVELS.iter().position(|&x| x == l),
                 Choice::Recompute => None,
             },
         };
         let Some(mut li) = start else {
+            unread += 1;
             recomputed += 1;
+            run.missed_fetches += fetch_wins as usize;
             continue;
         };
+        unread = 0;
+        let chunk_start = t;
         // The loader abandons a fetch still running at its give-up point:
         // this chunk and every later one are recomputed.
-        let gives_up = |end: f64| give_up.filter(|&g| end > g);
         if mode == Mode::Probe {
-            // One progressive request: the latency, then pieces until the
-            // decision point (no decision when the chunk is whole by then).
-            let d = probe_point(bw[c], row[li]);
-            // A probe of a chunk planned for recompute has a stall limit.
-            let probe_deadline = match plan.choice {
+            // One progressive request: the latency, then pieces of
+            // PROBE_BYTES, each a point where the loader may decide
+            // (`Planner::probe_decision`, as the loader calls it).
+            let total = row[li];
+            // A probe of a chunk planned for recompute has a stall limit
+            // until its decision; a planned level, the give-up point.
+            let limit = match plan.choice {
                 Choice::Recompute => planner.probe_deadline_s(t).min(give_up.unwrap_or(f64::INFINITY)),
-                Choice::Level(_) => f64::INFINITY,
+                Choice::Level(_) => give_up.unwrap_or(f64::INFINITY),
             };
-            if t + LATENCY + row[li].min(d) / bw[c] > probe_deadline {
-                // A stalled probe: the loader gives up on the rest of the load.
-                t = probe_deadline;
-                recomputed += n - c;
-                break;
-            }
-            if d < row[li] {
-                let now = t + LATENCY + d / bw[c];
-                if let Some(g) = gives_up(now) {
-                    t = g;
+            let mut read = 0.0f64;
+            while read < total {
+                read = (read + PROBE_BYTES as f64).min(total);
+                let now = t + LATENCY + read / bw[c];
+                if now > limit {
+                    // A stalled probe or a fetch past its give-up point: the
+                    // loader gives up on the rest of the load.
+                    match plan.choice {
+                        Choice::Recompute => run.probe_waste_s += limit - t,
+                        Choice::Level(_) => run.given_up_s += limit - t,
+                    }
+                    log(|| format!("  stalled/given up at {:.2}ms", limit * 1e3));
+                    t = limit;
                     recomputed += n - c;
-                    break;
+                    break 'chunks;
                 }
-                let after = PlanInput { elapsed_s: now, bytes_per_s: bw[c], latency_s: LATENCY, ..inp.clone() };
-                match planner.after_probe(&after, li, d, row[li]) {
-                    AfterProbe::Continue => {}
-                    a => {
+                if read >= total {
+                    break; // whole before any decision: kept
+                }
+                let after = PlanInput { elapsed_s: now, latency_s: LATENCY, ..inp.clone() };
+                let decision = planner.probe_decision(&after, li, read, total, read / bw[c]);
+                if let Some(a) = decision {
+                    // From the decision on, the give-up point of what it chose.
+                    give_up = planner.after_probe_deadline_s(&PlanInput { bytes_per_s: bw[c], ..after.clone() }, a, read, total);
+                }
+                match decision {
+                    None => continue,
+                    Some(AfterProbe::Continue) => break,
+                    Some(a) => {
                         // Abandoned: the probe taught the estimator this chunk's rate.
-                        est.observe_fetch(0, d as u64, d / bw[c]);
+                        est.observe_fetch(0, read as u64, read / bw[c]);
                         est.observe_latency(LATENCY);
-                        abandoned += 1;
+                        run.abandoned += 1;
+                        run.probe_waste_s += now - t;
+                        log(|| format!("  probe abandoned after {read} B at {:.2}ms: {a:?}", now * 1e3));
                         t = now;
                         if let AfterProbe::Switch(i) = a {
                             li = i; // a second request, below
-                        } else {
-                            recomputed += 1;
-                            continue;
+                            break;
                         }
+                        recomputed += 1;
+                        run.missed_fetches += fetch_wins as usize;
+                        continue 'chunks;
                     }
                 }
             }
         }
         let bytes = row[li];
         let f = LATENCY + bytes / bw[c];
-        if let Some(g) = gives_up(t + f) {
+        if let Some(g) = give_up.filter(|&g| t + f > g) {
+            log(|| format!("  gave up at {:.2}ms (level {li})", g * 1e3));
+            run.given_up_s += g - chunk_start;
             t = g;
             recomputed += n - c;
             break;
         }
         t += f;
+        log(|| format!("  fetched level {li} by {:.2}ms", t * 1e3));
+        run.slow_fetch_s += (t - chunk_start - rc).max(0.0);
         if mode == Mode::Probe {
             // Progressive reads time the rate after the first byte.
             est.observe_fetch(0, bytes as u64, bytes / bw[c]);
@@ -223,10 +292,64 @@ fn adaptive(sz: &Sizes, n: usize, bw: &[f64], slo: f64, rate: f64, mode: Mode, e
         }
         est.observe_size(LEVELS[li], bytes as u64, sz.raw as u64);
         dec_done = dec_done.max(t) + dec;
-        counts[li] += 1;
+        run.counts[li] += 1;
     }
     let load = t.max(dec_done);
-    (load + recomputed as f64 * CHUNK as f64 / rate, counts, recomputed, abandoned)
+    run.recomputed = recomputed;
+    run.ttft = load + recomputed as f64 * CHUNK as f64 / rate;
+    run
+}
+
+/// Where adaptive's time went over a row's traces (`--diagnose`, stderr):
+/// per load, split by whether the load violated the SLO.
+#[derive(Default)]
+struct Diag {
+    /// [met, violated]: loads, and sums over them.
+    loads: [usize; 2],
+    probe_waste_s: [f64; 2],
+    abandoned: [usize; 2],
+    given_up: [usize; 2],
+    given_up_s: [f64; 2],
+    slow_fetch_s: [f64; 2],
+    missed_fetches: [usize; 2],
+    /// Violating loads by overshoot: under 0.2 ms, under 2 ms, more.
+    overshoot: [usize; 3],
+    /// Violating loads whose trace the oracle met.
+    oracle_met: usize,
+}
+
+impl Diag {
+    fn add(&mut self, r: &Run, violated: bool, over_s: f64, oracle_violated: bool) {
+        let k = violated as usize;
+        self.loads[k] += 1;
+        self.probe_waste_s[k] += r.probe_waste_s;
+        self.abandoned[k] += r.abandoned;
+        self.given_up[k] += (r.given_up_s > 0.0) as usize;
+        self.given_up_s[k] += r.given_up_s;
+        self.slow_fetch_s[k] += r.slow_fetch_s;
+        self.missed_fetches[k] += r.missed_fetches;
+        if violated {
+            self.overshoot[if over_s < 2e-4 { 0 } else if over_s < 2e-3 { 1 } else { 2 }] += 1;
+            self.oracle_met += !oracle_violated as usize;
+        }
+    }
+
+    fn print(&self, ctx: usize, x: f64) {
+        for (k, what) in [(0, "met"), (1, "violated")] {
+            let n = self.loads[k].max(1) as f64;
+            eprintln!(
+                "diag {ctx} x={x} {what}: {} loads; per load: {:.2} ms on abandoned probes ({:.1} probes), {:.2} ms fetching past recompute, {:.1} chunks recomputed unread though compact was faster, give-ups {} ({:.2} ms per load){}",
+                self.loads[k],
+                self.probe_waste_s[k] / n * 1e3,
+                self.abandoned[k] as f64 / n,
+                self.slow_fetch_s[k] / n * 1e3,
+                self.missed_fetches[k] as f64 / n,
+                self.given_up[k],
+                self.given_up_s[k] / n * 1e3,
+                if k == 1 { format!("; overshoot <0.2 ms {}, <2 ms {}, more {}; oracle met {}", self.overshoot[0], self.overshoot[1], self.overshoot[2], self.oracle_met) } else { String::new() }
+            );
+        }
+    }
 }
 
 /// Knows every chunk's bandwidth in advance: violates only when even the
@@ -264,15 +387,19 @@ fn main() {
     let mut traces = 1000usize;
     let mut json_out: Option<String> = None;
     let mut prefill_tps: Option<f64> = None;
+    let mut diagnose = false;
+    let mut dump = 0usize;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
             "--fixture" => fixture = args.next().expect("--fixture PATH"),
             "--traces" => traces = args.next().and_then(|v| v.parse().ok()).expect("--traces N"),
             "--json" => json_out = args.next(),
+            "--diagnose" => diagnose = true,
+            "--dump" => dump = args.next().and_then(|v| v.parse().ok()).expect("--dump N"),
             "--prefill-tps" => prefill_tps = Some(args.next().and_then(|v| v.parse().ok()).filter(|r: &f64| *r > 0.0).expect("--prefill-tps TOKENS_PER_S")),
             _ => {
-                eprintln!("usage: cachegen-stream-bench [--fixture PATH] [--traces N] [--prefill-tps TOKENS_PER_S] [--json FILE]");
+                eprintln!("usage: cachegen-stream-bench [--fixture PATH] [--traces N] [--prefill-tps TOKENS_PER_S] [--json FILE] [--diagnose] [--dump N]");
                 std::process::exit(2);
             }
         }
@@ -334,8 +461,10 @@ fn main() {
             let t_int8 = pipeline(&vec![LATENCY + sz.int8 / b; n], &vec![dec8; n]);
             let t_def = fixed(&sz, n, &bw, 1);
             let (t_cmp, t_high) = (fixed(&sz, n, &bw, 0), fixed(&sz, n, &bw, 2));
-            let (t_ad, counts, rec, _) = adaptive(&sz, n, &bw, slo, rate, Mode::Probe, &Estimator::new(b));
-            let (t_ad_loader, _, rec_loader, _) = adaptive(&sz, n, &bw, slo, rate, Mode::NoProbe, &Estimator::new(b));
+            let ad = adaptive(&sz, n, &bw, slo, rate, Mode::Probe, &Estimator::new(b));
+            let (t_ad, counts, rec) = (ad.ttft, ad.counts, ad.recomputed);
+            let np = adaptive(&sz, n, &bw, slo, rate, Mode::NoProbe, &Estimator::new(b));
+            let (t_ad_loader, rec_loader) = (np.ttft, np.recomputed);
             let t_rec = prefill_s(ctx, prefill_tps);
             let best = [t_cmp, t_def, t_high, t_rec, t_raw, t_int8].into_iter().fold(f64::INFINITY, f64::min);
             println!(
@@ -369,6 +498,8 @@ fn main() {
             let (mut va, mut vd, mut vo, mut vm, mut vl) = (0usize, 0usize, 0usize, 0usize, 0usize);
             let mut lv = [0usize; 4];
             let mut probes = 0usize;
+            let mut diag = Diag::default();
+            let mut dumped = 0usize;
             // Each trace is one load whose estimator starts from what it
             // converges to on this link (`initial_gbps` = the harmonic mean
             // of the uniform 0.1-10 Gbps rate, 9.9 / ln 100 = 2.15 Gbps).
@@ -379,10 +510,21 @@ fn main() {
             let harmonic = gbps(9.9 / 100f64.ln());
             for _ in 0..traces {
                 let bw: Vec<f64> = (0..n).map(|_| gbps(0.1 + 9.9 * rng.next())).collect();
-                let (ta, counts, rec, ab) = adaptive(&sz, n, &bw, slo, rate, Mode::Probe, &Estimator::new(harmonic));
-                let (tl, _, _, _) = adaptive(&sz, n, &bw, slo, rate, Mode::NoProbe, &Estimator::new(harmonic));
-                let (to, _, _, _) = adaptive(&sz, n, &bw, slo, rate, Mode::Oracle, &Estimator::new(gbps(1.0)));
-                probes += ab;
+                if dumped < dump {
+                    LOG.with(|l| *l.borrow_mut() = Some(Vec::new()));
+                }
+                let ad = adaptive(&sz, n, &bw, slo, rate, Mode::Probe, &Estimator::new(harmonic));
+                if let Some(v) = LOG.with(|l| l.borrow_mut().take()) {
+                    if ad.ttft > slo {
+                        dumped += 1;
+                        eprintln!("dump {ctx} x={x}: ttft {:.2} ms, slo {:.2} ms\n{}", ad.ttft * 1e3, slo * 1e3, v.join("\n"));
+                    }
+                }
+                let (ta, counts, rec) = (ad.ttft, ad.counts, ad.recomputed);
+                let tl = adaptive(&sz, n, &bw, slo, rate, Mode::NoProbe, &Estimator::new(harmonic)).ttft;
+                let to = adaptive(&sz, n, &bw, slo, rate, Mode::Oracle, &Estimator::new(gbps(1.0))).ttft;
+                probes += ad.abandoned;
+                diag.add(&ad, ta > slo, ta - slo, to > slo);
                 let td = fixed(&sz, n, &bw, 1);
                 let tm = oracle_min(&sz, n, &bw, rate);
                 va += (ta > slo) as usize;
@@ -411,6 +553,9 @@ fn main() {
                 slo * 1e3, pct(va), pct(vo), pct(vm), pct(vd), pct(vr), pct(vl), ratio(va, vo), ratio(va, vd),
                 lv[0] as f64 / traces as f64, lv[1] as f64 / traces as f64, lv[2] as f64 / traces as f64, lv[3] as f64 / traces as f64, probes as f64 / traces as f64
             );
+            if diagnose {
+                diag.print(ctx, x);
+            }
             trace_json.push(serde_json::json!({"tokens": ctx, "slo_x": x, "slo_s": slo, "adaptive": pct(va), "default": pct(vd), "oracle": pct(vo),
                 "bound": pct(vm), "recompute": pct(vr), "adaptive_noprobe": pct(vl), "probes_abandoned_per_load": probes as f64 / traces as f64, "target_vs_oracle_met": vs_oracle, "target_vs_default_met": vs_default}));
         }

@@ -13,7 +13,7 @@ use crate::codec::{Container, DecodeLimits, Dtype, KvShape, Level};
 use crate::gpu::PreparedChunk;
 use crate::layout::KvLayout;
 use crate::store::{key_hex, Bytes, Fetched, Key, Progressive, ReadOn, TierStack};
-use crate::streaming::adaptive::{probe_done, AfterProbe, PlanInput, Planner, PROBE_BYTES};
+use crate::streaming::adaptive::{AfterProbe, PlanInput, Planner, PROBE_BYTES};
 use crate::streaming::{register, ChunkDecision, Choice, Estimator, StreamStats};
 
 /// One chunk to load.
@@ -68,7 +68,7 @@ enum ChunkRead {
     /// first byte (the whole time where the tier reports no first byte).
     Done { parsed: Box<ParsedChunk>, bytes: usize, level: Option<Level>, tier: usize, since_first_s: f64, ttfb_s: Option<f64>, probed_bytes_per_s: f64 },
     /// Stopped at the probe's decision point.
-    Stopped { after: AfterProbe, tier: usize, read: usize, since_first_s: f64, ttfb_s: f64 },
+    Stopped { after: AfterProbe, tier: usize, read: usize, since_first_s: f64, ttfb_s: f64, give_up: Option<Instant> },
 }
 
 struct StreamRun {
@@ -354,6 +354,8 @@ impl LoadRun {
         let est = &s.plan.estimator;
         let n = self.chunks.len();
         let mut tier: Option<usize> = None;
+        // Chunks left for recompute in a row without a read.
+        let mut unread = 0usize;
         let levels = &planner.levels;
         for c in 0..n {
             let (recomputed, after_recompute) = {
@@ -383,7 +385,7 @@ impl LoadRun {
             // given up only when overdue (Planner::fetch_deadline_s), so a
             // fast load is not thrown away because the point swept past a
             // 1 ms fetch.
-            let give_up_s = planner.fetch_deadline_s(recomputed, n - c, elapsed, plan.expected_s, est.spread()).filter(|&g| g > elapsed);
+            let give_up_s = planner.fetch_deadline_s(recomputed, n - c, elapsed, plan.expected_s, est.spread(), planner.decode_s(&inp)).filter(|&g| g > elapsed);
             tracing::debug!(
                 job = self.job.id,
                 chunk = c,
@@ -406,7 +408,8 @@ impl LoadRun {
             };
             // Where to start reading: the planned level, or (a planned
             // recompute on a link whose rate jumps) a probe of the lowest.
-            let Some(probe) = planner.probe_level(&inp, &plan, est.spread()) else {
+            let Some(probe) = planner.probe_level(&inp, &plan, est.spread(), unread) else {
+                unread += 1;
                 s.decisions.lock().push(decision);
                 self.recompute(c, "left for the engine to recompute: no level fits the time-to-first-token SLO".into(), false);
                 continue;
@@ -427,13 +430,14 @@ impl LoadRun {
                     let _ = tx.send(Deadline(t, weak));
                 }
             }
+            unread = 0;
             let t0 = Instant::now();
             // The probed level, then cheaper ones if it is missing; probed
             // from its first pieces, then kept, traded for a lower level, or
             // left for recompute (Planner::after_probe).
             let mut result = self.read_chunk(c, probe, Some(&inp), give_up);
             let mut why_recompute = None;
-            if let Ok(ChunkRead::Stopped { after, tier: t, read, since_first_s, ttfb_s }) = result {
+            if let Ok(ChunkRead::Stopped { after, tier: t, read, since_first_s, ttfb_s, give_up }) = result {
                 est.observe_fetch(t, read as u64, since_first_s);
                 est.observe_latency(ttfb_s);
                 tier = Some(t);
@@ -497,7 +501,7 @@ impl LoadRun {
     /// `Planner::after_probe` whether to read on; a read it stops comes
     /// back as `ChunkRead::Stopped`. From the decision on (or from the start
     /// without a probe) the load's give-up point is `give_up`.
-    fn read_chunk(&self, c: usize, li: usize, probe: Option<&PlanInput>, give_up: Option<Instant>) -> Result<ChunkRead, String> {
+    fn read_chunk(self: &Arc<Self>, c: usize, li: usize, probe: Option<&PlanInput>, give_up: Option<Instant>) -> Result<ChunkRead, String> {
         if probe.is_none() {
             self.st.lock().give_up = give_up;
         }
@@ -510,7 +514,7 @@ impl LoadRun {
         for (level, key) in candidates {
             let t0 = Instant::now();
             let mut first: Option<Instant> = None;
-            let mut decided: Option<(AfterProbe, f64)> = None;
+            let mut decided: Option<(AfterProbe, f64, Option<Instant>)> = None;
             let level_index = planner.levels.iter().position(|&l| l == level);
             let mut on = |read: usize, total: usize| -> ReadOn {
                 let now = Instant::now();
@@ -523,10 +527,7 @@ impl LoadRun {
                     return ReadOn::Rest;
                 }
                 let since = now.duration_since(first.unwrap_or(t0)).as_secs_f64();
-                if !probe_done(read, since) {
-                    return ReadOn::Piece;
-                }
-                let rate = read as f64 / since;
+                let rate = read as f64 / since.max(1e-9);
                 let now_inp = PlanInput {
                     elapsed_s: self.job.started.elapsed().as_secs_f64(),
                     chunks_left: n - c,
@@ -535,10 +536,19 @@ impl LoadRun {
                     latency_s: first.map_or(0.0, |f| f.duration_since(t0).as_secs_f64()),
                     ..inp.clone()
                 };
-                let after = planner.after_probe(&now_inp, li, read as f64, total as f64);
-                self.st.lock().give_up = give_up;
+                let Some(after) = planner.probe_decision(&now_inp, li, read as f64, total as f64, since) else {
+                    return ReadOn::Piece;
+                };
+                // From the decision on, the give-up point of what it chose
+                // (this chunk's rate is now known).
+                let deadline = planner.after_probe_deadline_s(&now_inp, after, read as f64, total as f64).map(|g| self.job.started + Duration::from_secs_f64(g.max(0.0)));
+                self.st.lock().give_up = deadline;
+                if let (Some(t), Some(tx)) = (deadline, &s.deadlines) {
+                    let weak: Weak<dyn Expire> = Arc::downgrade(self) as Weak<dyn Expire>;
+                    let _ = tx.send(Deadline(t, weak));
+                }
                 tracing::debug!(job = self.job.id, chunk = c, level = level.name(), read, total, probed_gbps = rate * 8e-9, ?after, "probe decision");
-                decided = Some((after, rate));
+                decided = Some((after, rate, deadline));
                 if after == AfterProbe::Continue {
                     ReadOn::Rest
                 } else {
@@ -552,8 +562,8 @@ impl LoadRun {
             match fetched? {
                 None => missing.push(key_hex(&key)),
                 Some(Progressive::Stopped { tier, read, .. }) => {
-                    let (after, _) = decided.expect("only the probe stops a read");
-                    return Ok(ChunkRead::Stopped { after, tier, read, since_first_s, ttfb_s: ttfb_s.unwrap_or(0.0) });
+                    let (after, _, give_up) = decided.expect("only the probe stops a read");
+                    return Ok(ChunkRead::Stopped { after, tier, read, since_first_s, ttfb_s: ttfb_s.unwrap_or(0.0), give_up });
                 }
                 Some(Progressive::Done(f)) => {
                     let (parsed, bytes, tier) = self.verify(c, key, f)?;

@@ -291,9 +291,10 @@ impl Planner {
 
     /// Latest moment (s after the start) a fetch may still be waited for
     /// when `after` chunks (this one included) are still to come: past it,
-    /// recomputing them all would miss the SLO.
-    pub fn give_up_s(&self, recomputed: usize, after: usize) -> f64 {
-        self.slo_s - (recomputed + after) as f64 * self.recompute_s()
+    /// recomputing them all would miss the SLO. `decode_s`: the decode of
+    /// one chunk, which may still run there (the last chunk fetched).
+    pub fn give_up_s(&self, recomputed: usize, after: usize, decode_s: f64) -> f64 {
+        self.slo_s - (recomputed + after) as f64 * self.recompute_s() - decode_s
     }
 
     /// When to abandon the fetch of a chunk planned at `elapsed_s` with
@@ -310,8 +311,8 @@ impl Planner {
     /// the give-up point stays.
     ///
     /// The loader (`src/pipeline/load.rs`) arms this for every fetch it starts.
-    pub fn fetch_deadline_s(&self, recomputed: usize, after: usize, elapsed_s: f64, expected_s: f64, spread: f64) -> Option<f64> {
-        let g = self.give_up_s(recomputed, after);
+    pub fn fetch_deadline_s(&self, recomputed: usize, after: usize, elapsed_s: f64, expected_s: f64, spread: f64, decode_s: f64) -> Option<f64> {
+        let g = self.give_up_s(recomputed, after, decode_s);
         if g <= elapsed_s {
             None
         } else if elapsed_s + expected_s <= g || spread > STEADY_SPREAD {
@@ -328,8 +329,9 @@ impl Planner {
 /// since the first byte ([`probe_done`]), the loader knows this chunk's
 /// delivered rate and decides once ([`Planner::after_probe`]): read the rest
 /// in the same request, abandon it for a lower level (a new request), or
-/// leave the chunk for recompute. A chunk that arrives whole before that
-/// point is simply kept. The time floor keeps a fast chunk's rate from being
+/// leave the chunk for recompute (a clearly slow chunk is abandoned earlier,
+/// see [`PROBE_EARLY_MIN_S`]; both through [`Planner::probe_decision`]). A
+/// chunk that arrives whole before that point is simply kept. The time floor keeps a fast chunk's rate from being
 /// judged on a few microseconds (timer and scheduling noise).
 pub const PROBE_BYTES: usize = 16 * 1024;
 /// See [`PROBE_BYTES`].
@@ -338,6 +340,22 @@ pub const PROBE_MIN_S: f64 = 0.001;
 /// the link's rate jumps from chunk to chunk (spread above
 /// [`STEADY_SPREAD`]) and a probe costs at most this share of recomputing it.
 pub const PROBE_RECOMPUTE_SHARE: f64 = 0.25;
+
+/// Before [`PROBE_MIN_S`], from [`PROBE_EARLY_MIN_S`] after the first byte
+/// on, a chunk is already abandoned when it would be even at
+/// [`EARLY_SLOW_MARGIN`] times its measured rate ([`Planner::probe_decision`]):
+/// a slow chunk (the usual case on a link whose rate jumps) then costs the
+/// latency and about 0.1 ms, not the latency and 1 ms. The margin keeps a
+/// reader delayed by up to a third of the time measured from abandoning a
+/// chunk that is in fact fast; a chunk that would be kept is only judged at
+/// the full decision point.
+pub const PROBE_EARLY_MIN_S: f64 = 0.0001;
+/// See [`PROBE_EARLY_MIN_S`].
+pub const EARLY_SLOW_MARGIN: f64 = 1.5;
+
+/// See [`Planner::probe_level`]: on a steady link, one chunk in this many
+/// planned for recompute is still probed.
+pub const REPROBE_AFTER: usize = 8;
 
 /// See [`Planner::probe_deadline_s`].
 pub const PROBE_STALL_MIN_S: f64 = 0.05;
@@ -373,13 +391,20 @@ impl Planner {
     /// level; for a planned recompute, the lowest level when the link is not
     /// steady (`spread`, see [`Estimator::spread`]) and a probe is cheap
     /// against recompute, else `None` (recompute without reading).
-    pub fn probe_level(&self, inp: &PlanInput, plan: &Plan, spread: f64) -> Option<usize> {
+    ///
+    /// `unread`: chunks left for recompute in a row without any read. After
+    /// [`REPROBE_AFTER`] of them a chunk is probed even on a link that
+    /// counts as steady: the spread is measured on reads only, and two
+    /// similar rates in a row on a link whose rate jumps would otherwise
+    /// leave every later chunk to recompute, unread (the estimate and the
+    /// spread never change again).
+    pub fn probe_level(&self, inp: &PlanInput, plan: &Plan, spread: f64, unread: usize) -> Option<usize> {
         match plan.choice {
             Choice::Level(l) => self.levels.iter().position(|&x| x == l),
             Choice::Recompute => {
                 let probe_s = inp.latency_s + PROBE_MIN_S;
                 let worth = !(self.levels.is_empty() || self.recompute_suffix && inp.after_recompute)
-                    && spread > STEADY_SPREAD
+                    && (spread > STEADY_SPREAD || unread >= REPROBE_AFTER)
                     && probe_s <= PROBE_RECOMPUTE_SHARE * self.recompute_s();
                 worth.then_some(0)
             }
@@ -398,6 +423,56 @@ impl Planner {
     /// the earlier of the two holds; after it, the latter.
     pub fn probe_deadline_s(&self, elapsed_s: f64) -> f64 {
         elapsed_s + self.recompute_s().max(PROBE_STALL_MIN_S)
+    }
+
+    /// The decision at a piece of a progressive read of level index `probed`
+    /// (`None`: read on, ask again at the next piece): `inp` is what the
+    /// planner knows now (`elapsed_s` and `latency_s`, this request's time
+    /// to first byte, are current; `bytes_per_s` is ignored), `read` of
+    /// `total` bytes are in, `since_first_byte_s` after the first byte.
+    /// At the probe's decision point ([`probe_done`]) this is
+    /// [`Planner::after_probe`] with the measured rate; before it, from
+    /// [`PROBE_EARLY_MIN_S`] on, an early abandon (see there). Both the
+    /// loader and the benchmark's simulator call this at every piece.
+    pub fn probe_decision(&self, inp: &PlanInput, probed: usize, read: f64, total: f64, since_first_byte_s: f64) -> Option<AfterProbe> {
+        if read >= total || (read as usize) < PROBE_BYTES {
+            return None;
+        }
+        let rate = read / since_first_byte_s.max(1e-9);
+        let at = |r: f64| PlanInput { bytes_per_s: r, ..inp.clone() };
+        if probe_done(read as usize, since_first_byte_s) {
+            return Some(self.after_probe(&at(rate), probed, read, total));
+        }
+        if since_first_byte_s < PROBE_EARLY_MIN_S || self.after_probe(&at(rate * EARLY_SLOW_MARGIN), probed, read, total) == AfterProbe::Continue {
+            return None;
+        }
+        let a = self.after_probe(&at(rate), probed, read, total);
+        (a != AfterProbe::Continue).then_some(a)
+    }
+
+    /// The give-up point (s after the start) of a chunk's read once its
+    /// probe decided `after` ([`AfterProbe::Continue`]: the rest of the
+    /// probed level, or [`AfterProbe::Switch`]: a new request), with `inp`
+    /// as at the decision (`bytes_per_s`: the probed rate). Like
+    /// [`Planner::fetch_deadline_s`], but the probe measured this chunk's
+    /// rate, so its expected time counts as known (as on a steady link): a
+    /// read expected to end past the give-up point is given up at once
+    /// (`Some(elapsed)`: recomputing every chunk left from now still meets
+    /// the SLO; waiting for the give-up point would only throw the read away
+    /// there), and a read chosen past the give-up point (the load is already
+    /// committed to fetching) only when overdue (twice its expected time).
+    pub fn after_probe_deadline_s(&self, inp: &PlanInput, after: AfterProbe, read: f64, total: f64) -> Option<f64> {
+        let expected = match after {
+            AfterProbe::Continue => ((total - read).max(0.0) / inp.bytes_per_s.max(1.0)).max(self.decode_s(inp)),
+            AfterProbe::Switch(i) => self.cost(inp, i),
+            AfterProbe::Recompute => return None,
+        };
+        let decode = self.decode_s(inp);
+        let g = self.give_up_s(inp.recomputed, inp.chunks_left, decode);
+        if inp.elapsed_s < g && inp.elapsed_s + expected > g {
+            return Some(inp.elapsed_s);
+        }
+        self.fetch_deadline_s(inp.recomputed, inp.chunks_left, inp.elapsed_s, expected, 0.0, decode)
     }
 
     /// The decision after probing level index `probed` of a chunk: `inp` is
@@ -548,13 +623,13 @@ mod tests {
     fn a_fetch_is_given_up_where_recomputing_the_rest_still_meets_the_slo() {
         let pl = planner(0.1); // recompute 10 ms a chunk
         // 5 chunks left: give up at 50 ms; past it, no deadline.
-        assert_eq!(pl.give_up_s(0, 5), pl.slo_s - 0.05);
-        assert_eq!(pl.fetch_deadline_s(0, 5, 0.01, 0.001, 0.0), Some(pl.slo_s - 0.05));
-        assert_eq!(pl.fetch_deadline_s(0, 5, 0.06, 0.001, 0.0), None);
+        assert_eq!(pl.give_up_s(0, 5, 0.0), pl.slo_s - 0.05);
+        assert_eq!(pl.fetch_deadline_s(0, 5, 0.01, 0.001, 0.0, 0.0), Some(pl.slo_s - 0.05));
+        assert_eq!(pl.fetch_deadline_s(0, 5, 0.06, 0.001, 0.0, 0.0), None);
         // A fetch expected to end past the give-up point: overdue at twice
         // its expected time on a steady link, the give-up point otherwise.
         let (e, x) = (0.0495, 0.001);
-        assert_eq!(pl.fetch_deadline_s(0, 5, e, x, 0.0), Some(e + 2.0 * x));
-        assert_eq!(pl.fetch_deadline_s(0, 5, e, x, 1.0), Some(pl.slo_s - 0.05));
+        assert_eq!(pl.fetch_deadline_s(0, 5, e, x, 0.0, 0.0), Some(e + 2.0 * x));
+        assert_eq!(pl.fetch_deadline_s(0, 5, e, x, 1.0, 0.0), Some(pl.slo_s - 0.05));
     }
 }
