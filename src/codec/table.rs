@@ -132,11 +132,29 @@ fn settle(freq: &mut [u16], mut assigned: u64, total: u64) {
 /// a compact table has at most 15 distinct weights, so at most 15
 /// divisions instead of one per symbol (tests compare the two).
 pub fn table_from_codes(lo: u8, codes: &[u8], prob_bits: u32) -> Result<FreqTable, Error> {
+    let mut freq = Vec::with_capacity(codes.len());
+    freqs_from_codes(codes, prob_bits, &mut freq)?;
+    Ok(FreqTable { lo, freq })
+}
+
+/// `table_from_codes`, appending the frequencies to `out` (no allocation
+/// per table: a stream has one table per channel of every plane). On error
+/// `out` is unchanged.
+pub fn freqs_from_codes(codes: &[u8], prob_bits: u32, out: &mut Vec<u16>) -> Result<(), Error> {
     let total: u64 = 1 << prob_bits;
-    let mut count = [0u64; 16];
-    for &q in codes {
-        count[q as usize & 15] += 1;
+    // Four sets of counters, so that runs of one code do not wait on each
+    // other's increments.
+    let mut counts = [[0u32; 16]; 4];
+    let mut quads = codes.chunks_exact(4);
+    for q4 in &mut quads {
+        for (k, &q) in q4.iter().enumerate() {
+            counts[k][q as usize & 15] += 1;
+        }
     }
+    for &q in quads.remainder() {
+        counts[0][q as usize & 15] += 1;
+    }
+    let count: [u64; 16] = std::array::from_fn(|q| (counts[0][q] + counts[1][q] + counts[2][q] + counts[3][q]) as u64);
     let nonzero: u64 = count[1..].iter().sum();
     let sum: u64 = (1..16).map(|q| count[q] * WEIGHT_OF_CODE[q] as u64).sum();
     if nonzero == 0 {
@@ -145,18 +163,29 @@ pub fn table_from_codes(lo: u8, codes: &[u8], prob_bits: u32) -> Result<FreqTabl
     if nonzero > total / 2 {
         return Err(Error::Corrupt("frequency table has more symbols than prob_bits allows"));
     }
-    let mut of_code = [0u16; 16];
-    let mut assigned = 0u64;
-    for q in 1..16 {
-        if count[q] > 0 {
-            let f = ((WEIGHT_OF_CODE[q] as u64 * total) / sum).max(1);
-            of_code[q] = f as u16;
-            assigned += count[q] * f;
-        }
+    // floor(w * total / sum) by an f64 division, exact here as in
+    // `normalize` (numerator below 2^24, sum at most 2^16; a test compares
+    // it with the integer division for every weight, sum and precision).
+    // Computed for every code without a branch (absent codes get 0).
+    let sum_f = sum as f64;
+    let quot: [f64; 16] = std::array::from_fn(|q| (WEIGHT_OF_CODE[q] as u64 * total) as f64 / sum_f);
+    let of_code: [u16; 16] = std::array::from_fn(|q| if q > 0 && count[q] > 0 { (quot[q] as i32).max(1) as u16 } else { 0 });
+    let assigned: u64 = (1..16).map(|q| count[q] * of_code[q] as u64).sum();
+    let mut assigned = assigned;
+    let start = out.len();
+    out.extend(codes.iter().map(|&q| of_code[q as usize & 15]));
+    let freq = &mut out[start..];
+    if assigned < total {
+        // settle's first step without its scan over the symbols: the
+        // largest frequency is the largest of the present codes' (absent
+        // codes have 0), at the first symbol whose code has it.
+        let fmax = of_code.iter().copied().max().unwrap_or(0);
+        let imax = codes.iter().position(|&q| of_code[q as usize & 15] == fmax).unwrap_or(0);
+        freq[imax] += (total - assigned) as u16;
+        assigned = total;
     }
-    let mut freq: Vec<u16> = codes.iter().map(|&q| of_code[q as usize & 15]).collect();
-    settle(&mut freq, assigned, total);
-    Ok(FreqTable { lo, freq })
+    settle(freq, assigned, total);
+    Ok(())
 }
 
 /// Serialised size of a compact table with `n` symbols.
@@ -180,6 +209,14 @@ pub fn write_compact(out: &mut Vec<u8>, lo: u8, codes: &[u8]) {
 /// Parse one compact table at `buf[*pos..]`, checking it fits an alphabet
 /// of `nsym` symbols. Advances `pos`.
 pub fn read_compact(buf: &[u8], pos: &mut usize, nsym: usize, prob_bits: u32) -> Result<FreqTable, Error> {
+    let mut freq = Vec::new();
+    let lo = read_compact_into(buf, pos, nsym, prob_bits, &mut freq)?;
+    Ok(FreqTable { lo, freq })
+}
+
+/// `read_compact`, appending the table's frequencies to `freq` and
+/// returning its `lo` (the same checks; on error `freq` is unchanged).
+pub fn read_compact_into(buf: &[u8], pos: &mut usize, nsym: usize, prob_bits: u32, freq: &mut Vec<u16>) -> Result<u8, Error> {
     let head = buf.get(*pos..*pos + 2).ok_or(Error::Corrupt("table section truncated"))?;
     let lo = head[0];
     let n = head[1] as usize + 1;
@@ -193,11 +230,13 @@ pub fn read_compact(buf: &[u8], pos: &mut usize, nsym: usize, prob_bits: u32) ->
         return Err(Error::Corrupt("table padding nibble is not zero"));
     }
     let mut codes = [0u8; 256];
-    for (i, c) in codes[..n].iter_mut().enumerate() {
-        *c = if i % 2 == 0 { body[i / 2] >> 4 } else { body[i / 2] & 15 };
+    for (pair, &b) in codes.chunks_exact_mut(2).zip(body) {
+        pair[0] = b >> 4;
+        pair[1] = b & 15;
     }
     *pos += compact_len(n);
-    table_from_codes(lo, &codes[..n], prob_bits)
+    freqs_from_codes(&codes[..n], prob_bits, freq)?;
+    Ok(lo)
 }
 
 /// How a table section stores its tables.
@@ -405,6 +444,21 @@ mod tests {
                     (Ok(f), Ok(t)) => assert_eq!(t, FreqTable { lo: 7, freq: f }, "codes {codes:?} pb {pb}"),
                     (Err(_), Err(_)) => {}
                     (w, g) => panic!("codes {codes:?} pb {pb}: normalize {w:?}, table_from_codes {g:?}"),
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn code_quotient_matches_integer_division_exhaustively() {
+        // Every weight of a code, every possible sum of up to 256 weights,
+        // every precision: the f64 floor in `freqs_from_codes` is exact.
+        for sum in 1..=256u64 * 256 {
+            let sf = sum as f64;
+            for &w in &WEIGHT_OF_CODE[1..] {
+                for pb in 8..=15u32 {
+                    let a = (w as u64) << pb;
+                    assert_eq!((a as f64 / sf) as u64, a / sum, "w {w} sum {sum} pb {pb}");
                 }
             }
         }
