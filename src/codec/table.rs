@@ -46,12 +46,12 @@ impl FreqTable {
 /// 15, a symbol `k` half-octaves rarer gets `15 - k` (at least 1); absent
 /// symbols get 0. Returns `(lo, codes)` trimmed to the non-zero range.
 pub fn codes_from_histogram(hist: &[u32]) -> (u8, Vec<u8>) {
-    let first = hist.iter().position(|&c| c > 0);
+    let first = first_nonzero(hist);
     let Some(first) = first else {
         // Empty histogram: a single symbol 0 carries all probability.
         return (0, vec![15]);
     };
-    let last = hist.iter().rposition(|&c| c > 0).unwrap();
+    let last = last_nonzero(hist).unwrap();
     let max = *hist.iter().max().unwrap() as f64;
     let code = |c: u32| {
         let half_octaves = (2.0 * (max / c as f64).log2()).round();
@@ -74,6 +74,29 @@ pub fn codes_from_histogram(hist: &[u32]) -> (u8, Vec<u8>) {
         })
         .collect();
     (first as u8, codes)
+}
+
+/// `hist.iter().position(|&c| c > 0)`, 16 counts at a time (a histogram
+/// of quantized symbols is empty for about half its length on each side).
+fn first_nonzero(hist: &[u32]) -> Option<usize> {
+    let mut chunks = hist.chunks_exact(16);
+    let mut at = 0;
+    for ch in &mut chunks {
+        if ch.iter().fold(0, |a, &c| a | c) != 0 {
+            break;
+        }
+        at += 16;
+    }
+    hist[at..].iter().position(|&c| c > 0).map(|i| at + i)
+}
+
+/// `hist.iter().rposition(|&c| c > 0)`, 16 counts at a time.
+fn last_nonzero(hist: &[u32]) -> Option<usize> {
+    let mut end = hist.len();
+    while end >= 16 && hist[end - 16..end].iter().fold(0, |a, &c| a | c) == 0 {
+        end -= 16;
+    }
+    hist[..end].iter().rposition(|&c| c > 0)
 }
 
 /// Normalise integer weights to frequencies summing to `1 << prob_bits`,
@@ -137,6 +160,24 @@ pub fn table_from_codes(lo: u8, codes: &[u8], prob_bits: u32) -> Result<FreqTabl
     Ok(FreqTable { lo, freq })
 }
 
+/// `floor(WEIGHT_OF_CODE[q] << prob_bits / sum)` for every code `q`, for
+/// `sum` in `1..=2^16` (at most 256 weights of at most 256) and `prob_bits`
+/// up to 15: an f64 multiply by `1 / sum`, then an exact integer
+/// correction by one either way (numerators below 2^24, so every product
+/// fits 32 bits). No division per code; a test compares it with the integer
+/// division for every sum and precision.
+#[inline]
+fn code_quotients(sum: u32, prob_bits: u32) -> [u32; 16] {
+    debug_assert!(sum >= 1 && sum <= 1 << 16 && prob_bits <= 15);
+    let inv = 1.0 / sum as f64;
+    std::array::from_fn(|q| {
+        let a = WEIGHT_OF_CODE[q] << prob_bits;
+        let q0 = (a as f64 * inv) as u32;
+        let q0 = q0 - (q0 * sum > a) as u32;
+        q0 + ((q0 + 1) * sum <= a) as u32
+    })
+}
+
 /// `table_from_codes`, appending the frequencies to `out` (no allocation
 /// per table: a stream has one table per channel of every plane). On error
 /// `out` is unchanged.
@@ -163,13 +204,9 @@ pub fn freqs_from_codes(codes: &[u8], prob_bits: u32, out: &mut Vec<u16>) -> Res
     if nonzero > total / 2 {
         return Err(Error::Corrupt("frequency table has more symbols than prob_bits allows"));
     }
-    // floor(w * total / sum) by an f64 division, exact here as in
-    // `normalize` (numerator below 2^24, sum at most 2^16; a test compares
-    // it with the integer division for every weight, sum and precision).
     // Computed for every code without a branch (absent codes get 0).
-    let sum_f = sum as f64;
-    let quot: [f64; 16] = std::array::from_fn(|q| (WEIGHT_OF_CODE[q] as u64 * total) as f64 / sum_f);
-    let of_code: [u16; 16] = std::array::from_fn(|q| if q > 0 && count[q] > 0 { (quot[q] as i32).max(1) as u16 } else { 0 });
+    let quot = code_quotients(sum as u32, prob_bits);
+    let of_code: [u16; 16] = std::array::from_fn(|q| if q > 0 && count[q] > 0 { quot[q].max(1) as u16 } else { 0 });
     let assigned: u64 = (1..16).map(|q| count[q] * of_code[q] as u64).sum();
     let mut assigned = assigned;
     let start = out.len();
@@ -450,16 +487,36 @@ mod tests {
     }
 
     #[test]
-    fn code_quotient_matches_integer_division_exhaustively() {
+    fn code_quotients_match_integer_division_exhaustively() {
         // Every weight of a code, every possible sum of up to 256 weights,
-        // every precision: the f64 floor in `freqs_from_codes` is exact.
-        for sum in 1..=256u64 * 256 {
-            let sf = sum as f64;
-            for &w in &WEIGHT_OF_CODE[1..] {
-                for pb in 8..=15u32 {
-                    let a = (w as u64) << pb;
-                    assert_eq!((a as f64 / sf) as u64, a / sum, "w {w} sum {sum} pb {pb}");
+        // every precision: `code_quotients` is exact.
+        for sum in 1..=256u32 * 256 {
+            for pb in 8..=15u32 {
+                let got = code_quotients(sum, pb);
+                for (q, &w) in WEIGHT_OF_CODE.iter().enumerate() {
+                    assert_eq!(got[q], (w << pb) / sum, "w {w} sum {sum} pb {pb}");
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn nonzero_scans_match_position_and_rposition() {
+        let mut state = 0x9e3779b97f4a7c15u64;
+        for len in [0usize, 1, 15, 16, 17, 31, 32, 33, 255, 256] {
+            for _ in 0..500 {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                let mut h = vec![0u32; len];
+                if len > 0 {
+                    for k in 0..(state % 4) {
+                        let i = ((state >> (8 * k + 3)) as usize) % len;
+                        h[i] = (state >> 40) as u32 | 1;
+                    }
+                }
+                assert_eq!(first_nonzero(&h), h.iter().position(|&c| c > 0), "{h:?}");
+                assert_eq!(last_nonzero(&h), h.iter().rposition(|&c| c > 0), "{h:?}");
             }
         }
     }
