@@ -645,7 +645,7 @@ mod simd {
     /// `nwords + LANES` entries; `out + r * row_stride .. + 32` is writable
     /// for every `r < rows`.
     #[target_feature(enable = "avx2")]
-    #[allow(clippy::too_many_arguments)]
+    #[allow(clippy::too_many_arguments, clippy::needless_range_loop)]
     pub unsafe fn decode_rounds_values(x: &mut [u32; LANES], base: &[u32; LANES], lut: &[u32], words: &[u16], nwords: usize, mut pos: usize, out: *mut u16, row_stride: usize, rows: usize) -> Option<usize> {
         let mask = _mm256_set1_epi32(0xff);
         let one = _mm256_set1_epi32(1);
@@ -701,7 +701,7 @@ mod simd {
     /// # Safety
     /// As `decode_rounds_values`, for each segment.
     #[target_feature(enable = "avx2")]
-    #[allow(clippy::too_many_arguments)]
+    #[allow(clippy::too_many_arguments, clippy::needless_range_loop)]
     pub unsafe fn decode_rounds_values2(x: [&mut [u32; LANES]; 2], base: &[u32; LANES], lut: &[u32], words: [&[u16]; 2], nwords: [usize; 2], mut pos: [usize; 2], out: [*mut u16; 2], row_stride: usize, rows: usize) -> Option<[usize; 2]> {
         let mask = _mm256_set1_epi32(0xff);
         let one = _mm256_set1_epi32(1);

@@ -168,7 +168,7 @@ pub fn table_from_codes(lo: u8, codes: &[u8], prob_bits: u32) -> Result<FreqTabl
 /// division for every sum and precision.
 #[inline]
 fn code_quotients(sum: u32, prob_bits: u32) -> [u32; 16] {
-    debug_assert!(sum >= 1 && sum <= 1 << 16 && prob_bits <= 15);
+    debug_assert!((1..=1 << 16).contains(&sum) && prob_bits <= 15);
     let inv = 1.0 / sum as f64;
     std::array::from_fn(|q| {
         let a = WEIGHT_OF_CODE[q] << prob_bits;
