@@ -219,3 +219,55 @@ fn mla_latent_576_wide_round_trips_at_every_level() {
         assert_eq!(decode(&encode(&kv, &EncodeOptions::level(Level::Lossless)).unwrap(), None).unwrap(), kv);
     }
 }
+
+#[test]
+fn value_decoder_agrees_with_symbol_decoder() {
+    // decode_segment_values (lookup entries carrying output values) against
+    // decode_segment (symbols) mapped through the same values, scalar and
+    // AVX2, on full and partial channel groups.
+    use cachegen::codec::format;
+    use cachegen::codec::rans::{decode_segment_values, decode_segment_with, DecodeScratch, PlaneLuts};
+    use cachegen::codec::table::TableEncoding;
+    let value: [u16; 256] = std::array::from_fn(|s| (s as u16).wrapping_mul(0x9e37) ^ 0x5a5a);
+    for (heads, head_dim, tokens) in [(5, 64, 300), (3, 80, 77), (1, 16, 9)] {
+        let shape = KvShape { kind: KvKind::KeyValue, layers: 2, tokens, heads, head_dim };
+        for level in [Level::Compact, Level::Default, Level::High] {
+            let bytes = encode(&synthetic(shape, Dtype::F16, 33), &EncodeOptions::level(level)).unwrap();
+            let layout = format::parse(&bytes, u64::MAX).unwrap();
+            let h = &layout.header;
+            assert_eq!(h.prob_bits, 8);
+            let c = h.shape.channels();
+            let tables = codec::encode::parse_tables(&bytes[layout.tables.clone()], &layout.planes, c, h.prob_bits, TableEncoding::Compact).unwrap();
+            let per = h.segments_per_plane();
+            for p in 0..layout.planes.len() {
+                let mut luts = PlaneLuts::new(8);
+                luts.build(&tables[p]).unwrap();
+                let mut want = vec![0u8; 2 * c * tokens];
+                for k in 0..per {
+                    let (a, b) = layout.segments[p * per + k];
+                    let geo = h.segment_geometry(k);
+                    let mut scratch = DecodeScratch::new();
+                    decode_segment_with(&geo, &bytes[a..b], &luts, |c| c, &mut scratch, |g, tile, lanes| {
+                        for (r, row) in tile.chunks_exact(32).enumerate() {
+                            for (l, &s) in row[..lanes].iter().enumerate() {
+                                let at = 2 * ((geo.token_begin + r) * c + 32 * g + l);
+                                want[at..at + 2].copy_from_slice(&value[s as usize].to_le_bytes());
+                            }
+                        }
+                    }, false).unwrap();
+                }
+                let mut vluts = PlaneLuts::new(8);
+                vluts.build_valued(tables[p].len(), |t| (tables[p][t].lo, &tables[p][t].freq[..]), &value).unwrap();
+                for simd in [false, true] {
+                    let mut got = vec![0u8; 2 * c * tokens];
+                    for k in 0..per {
+                        let (a, b) = layout.segments[p * per + k];
+                        let mut scratch = DecodeScratch::new();
+                        decode_segment_values(&h.segment_geometry(k), &bytes[a..b], &vluts, |c| c, &mut scratch, &mut got, c, simd).unwrap();
+                    }
+                    assert!(got == want, "{level:?} {heads}x{head_dim} plane {p} simd {simd}");
+                }
+            }
+        }
+    }
+}

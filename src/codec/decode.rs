@@ -3,11 +3,11 @@
 
 use half::bf16;
 
-use super::encode::{apply_patches, parse_tables, TableSet};
+use super::encode::{apply_patches, TableSet};
 use super::format::{self, Header, Layout, PlaneKind};
 use super::quant::{self, GroupParams, QuantSpec, ScaleGroup};
-use super::rans::{decode_segment, DecodeScratch, PlaneLuts, SegmentGeometry, LANES};
-use super::table::{FreqTable, TableEncoding};
+use super::rans::{decode_segment, decode_segment_pair_values, decode_segment_values, DecodeScratch, PlaneLuts, SegmentGeometry, LANES};
+use super::table::{self, FreqTable};
 use super::{Error, KvTensors};
 
 /// Bounds on what a decoder will produce from an untrusted stream.
@@ -29,7 +29,7 @@ impl Default for DecodeLimits {
 pub struct Container<'a> {
     bytes: &'a [u8],
     layout: Layout,
-    tables: Vec<Vec<FreqTable>>,
+    tables: Tables,
     /// Index of each plane's first bf16 in the scale section.
     scale_start: Vec<usize>,
 }
@@ -50,9 +50,9 @@ impl<'a> Container<'a> {
             }
             let mut t = set.tables()?;
             apply_patches(&bytes[layout.tables.clone()], &layout.planes, channels, h.prob_bits, &mut t)?;
-            t
+            Tables::from_nested(&t)
         } else {
-            parse_tables(&bytes[layout.tables.clone()], &layout.planes, channels, h.prob_bits, TableEncoding::Compact)?
+            Tables::parse_compact(&bytes[layout.tables.clone()], &layout.planes, channels, h.prob_bits)?
         };
         let mut scale_start = Vec::with_capacity(layout.planes.len());
         let mut acc = 0;
@@ -127,7 +127,8 @@ impl<'a> Container<'a> {
         let kind = &self.layout.planes[plane];
         let (scratch, luts) = scratch;
         // Lookup tables once per plane, shared by all of its segments.
-        luts.build(&self.tables[plane])?;
+        let (first, count) = self.tables.plane(plane);
+        luts.build_with(count, |t| self.tables.get(first + t))?;
         let per_plane = h.segments_per_plane();
         for k in 0..per_plane {
             let (a, b) = self.layout.segments[plane * per_plane + k];
@@ -165,6 +166,38 @@ impl<'a> Container<'a> {
                 for s in 0..256usize {
                     let v = if spec.asymmetric { s as f32 * p.step + p.offset } else { s as f32 * p.step + -(spec.max as f32) * p.step };
                     quant::store(dtype, &mut lut, s, v);
+                }
+                if size == 2 && h.prob_bits == 8 {
+                    // The output values go into the lookup entries: the
+                    // decoder writes the output directly, no symbol tile.
+                    let value: [u16; 256] = std::array::from_fn(|s| u16::from_le_bytes([lut[2 * s], lut[2 * s + 1]]));
+                    let (scratch, luts) = &mut *scratch;
+                    let (first, count) = self.tables.plane(i);
+                    luts.build_valued(count, |t| self.tables.get(first + t), &value)?;
+                    let per_plane = h.segments_per_plane();
+                    let simd = super::rans::simd_enabled();
+                    // Token blocks of a channel block two at a time (their
+                    // dependency chains overlap), then any single one left.
+                    let seg = |k: usize| {
+                        let (a, b) = self.layout.segments[i * per_plane + k];
+                        (h.segment_geometry(k), &self.bytes[a..b])
+                    };
+                    let mut k = 0;
+                    while k < per_plane {
+                        let (ga, ba) = seg(k);
+                        if k + 1 < per_plane {
+                            let (gb, bb) = seg(k + 1);
+                            if gb.group_begin == ga.group_begin {
+                                decode_segment_pair_values([&ga, &gb], [ba, bb], luts, |c| c, scratch, out, channels, simd)?;
+                                k += 2;
+                                continue;
+                            }
+                        }
+                        decode_segment_values(&ga, ba, luts, |c| c, scratch, out, channels, simd)?;
+                        k += 1;
+                    }
+                    self.overwrite_exact_tokens(i, out);
+                    return Ok(());
                 }
                 // Element sizes as constants, so each store is one move.
                 fn run<const N: usize>(c: &Container, i: usize, scratch: &mut (DecodeScratch, PlaneLuts), lut: &[u8], out: &mut [u8], channels: usize) -> Result<(), Error> {
@@ -265,6 +298,72 @@ impl<'a> Container<'a> {
             tensors.push(out);
         }
         Ok(KvTensors { shape: h.shape, dtype: h.dtype, tensors })
+    }
+}
+
+/// The frequency tables of every plane, flat (one allocation per field
+/// rather than one per table: a stream has a table per channel of every
+/// plane, 11,520 in a 30-layer chunk of 192 channels).
+struct Tables {
+    lo: Vec<u8>,
+    /// End of table `t`'s frequencies in `freq`.
+    end: Vec<u32>,
+    freq: Vec<u16>,
+    /// Index of each plane's first table, and one past the last plane's.
+    plane_first: Vec<usize>,
+}
+
+impl Tables {
+    /// Parse a stream's compact tables: exactly the checks (and errors) of
+    /// `encode::parse_tables` with `TableEncoding::Compact`.
+    fn parse_compact(bytes: &[u8], plan: &[PlaneKind], channels: usize, prob_bits: u32) -> Result<Tables, Error> {
+        let total: usize = plan.iter().map(|p| p.tables(channels)).sum();
+        // Each compact table is at least 3 bytes (checked per plane below;
+        // this only bounds the allocations).
+        let cap = total.min(bytes.len() / 3);
+        let mut t = Tables { lo: Vec::with_capacity(cap), end: Vec::with_capacity(cap), freq: Vec::with_capacity(bytes.len() * 2), plane_first: Vec::with_capacity(plan.len() + 1) };
+        let mut pos = 0;
+        for p in plan {
+            let n = p.tables(channels);
+            if bytes.len() - pos < 3 * n {
+                return Err(Error::Corrupt("table section truncated"));
+            }
+            t.plane_first.push(t.lo.len());
+            for _ in 0..n {
+                t.lo.push(table::read_compact_into(bytes, &mut pos, p.nsym(), prob_bits, &mut t.freq)?);
+                t.end.push(t.freq.len() as u32);
+            }
+        }
+        if pos != bytes.len() {
+            return Err(Error::Corrupt("table section has trailing bytes"));
+        }
+        t.plane_first.push(t.lo.len());
+        Ok(t)
+    }
+
+    fn from_nested(planes: &[Vec<FreqTable>]) -> Tables {
+        let mut t = Tables { lo: Vec::new(), end: Vec::new(), freq: Vec::new(), plane_first: Vec::with_capacity(planes.len() + 1) };
+        for p in planes {
+            t.plane_first.push(t.lo.len());
+            for tab in p {
+                t.lo.push(tab.lo);
+                t.freq.extend_from_slice(&tab.freq);
+                t.end.push(t.freq.len() as u32);
+            }
+        }
+        t.plane_first.push(t.lo.len());
+        t
+    }
+
+    /// First table and table count of plane `p`.
+    fn plane(&self, p: usize) -> (usize, usize) {
+        (self.plane_first[p], self.plane_first[p + 1] - self.plane_first[p])
+    }
+
+    /// `(lo, freq)` of table `t` (global index).
+    fn get(&self, t: usize) -> (u8, &[u16]) {
+        let a = if t == 0 { 0 } else { self.end[t - 1] as usize };
+        (self.lo[t], &self.freq[a..self.end[t] as usize])
     }
 }
 

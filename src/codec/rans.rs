@@ -104,12 +104,14 @@ pub const MAX_DECODE_PROB_BITS: u32 = 10;
 pub struct PlaneLuts {
     prob_bits: u32,
     tables: usize,
+    /// Built by `build_valued` (entries carry output values).
+    valued: bool,
     data: Vec<u32>,
 }
 
 impl PlaneLuts {
     pub fn new(prob_bits: u32) -> PlaneLuts {
-        PlaneLuts { prob_bits, tables: 0, data: Vec::new() }
+        PlaneLuts { prob_bits, tables: 0, valued: false, data: Vec::new() }
     }
 
     pub fn prob_bits(&self) -> u32 {
@@ -119,23 +121,30 @@ impl PlaneLuts {
     /// Build the lookup tables of `tables` (reusing this allocation). Fails
     /// if a table's frequencies do not sum to `2^prob_bits`.
     pub fn build(&mut self, tables: &[FreqTable]) -> Result<(), Error> {
+        self.build_with(tables.len(), |t| (tables[t].lo, &tables[t].freq[..]))
+    }
+
+    /// `build` from tables given as `table(t) = (lo, freq)`, `t < count`.
+    pub fn build_with<'t>(&mut self, count: usize, table: impl Fn(usize) -> (u8, &'t [u16])) -> Result<(), Error> {
         if self.prob_bits > MAX_DECODE_PROB_BITS {
             return Err(Error::Corrupt("prob_bits above what this decoder supports"));
         }
+        self.valued = false;
         let n = 1usize << self.prob_bits;
         // 8 entries of padding: runs are written 8 entries at a time, the
         // excess overwritten by the next run (or table, built after).
-        self.data.resize(tables.len() * n + 8, 0);
-        self.tables = tables.len();
+        self.data.resize(count * n + 8, 0);
+        self.tables = count;
         const IOTA: [u32; 8] = [0, 1 << 19, 2 << 19, 3 << 19, 4 << 19, 5 << 19, 6 << 19, 7 << 19];
-        for (t, table) in tables.iter().enumerate() {
+        for t in 0..count {
+            let (lo, freq) = table(t);
             // Check the table before writing: frequencies sum to exactly n.
-            if table.freq.iter().map(|&f| f as usize).sum::<usize>() != n || table.lo as usize + table.freq.len() > 256 {
+            if freq.iter().map(|&f| f as usize).sum::<usize>() != n || lo as usize + freq.len() > 256 {
                 return Err(Error::Corrupt("table frequencies do not sum to 2^prob_bits"));
             }
             let mut at = self.data[t * n..].as_mut_ptr();
-            let mut sym = table.lo as u32;
-            for &f in &table.freq {
+            let mut sym = lo as u32;
+            for &f in freq {
                 let e0 = sym | (f as u32) << 8;
                 sym += 1;
                 let mut j = 0u32;
@@ -158,6 +167,59 @@ impl PlaneLuts {
         Ok(())
     }
 
+    /// Lookup tables whose entries carry each symbol's 16-bit output value
+    /// instead of the symbol (`prob_bits` 8 only): `value[symbol] |
+    /// (freq - 1) << 16 | (slot - cum) << 24`. For planes whose symbols map
+    /// to one output value each (a per-tensor step), so that the decoder
+    /// writes the output directly ([`decode_segment_values`]). The same
+    /// checks as `build_with`.
+    pub fn build_valued<'t>(&mut self, count: usize, table: impl Fn(usize) -> (u8, &'t [u16]), value: &[u16; 256]) -> Result<(), Error> {
+        if self.prob_bits != 8 {
+            return Err(Error::Corrupt("valued lookup tables need prob_bits 8"));
+        }
+        self.valued = true;
+        const N: usize = 256;
+        // 16 entries of padding: every run writes at least 16 entries (the
+        // excess is overwritten by the runs and tables written after it).
+        self.data.resize(count * N + 16, 0);
+        self.tables = count;
+        const IOTA: [u32; 8] = [0, 1 << 24, 2 << 24, 3 << 24, 4 << 24, 5 << 24, 6 << 24, 7 << 24];
+        for t in 0..count {
+            let (lo, freq) = table(t);
+            if freq.iter().map(|&f| f as usize).sum::<usize>() != N || lo as usize + freq.len() > 256 {
+                return Err(Error::Corrupt("table frequencies do not sum to 2^prob_bits"));
+            }
+            let mut at = self.data[t * N..].as_mut_ptr();
+            for (i, &f) in freq.iter().enumerate() {
+                // f <= 256 (the sum), so f - 1 and every j < f fit 8 bits.
+                // (A zero-frequency symbol writes garbage that the next run
+                // overwrites: `at` does not move.)
+                let e0 = value[lo as usize + i] as u32 | (f as u32).wrapping_sub(1) << 16;
+                // SAFETY: a run starts at most N - 1 entries into table t (the
+                // sum was checked) and data has 16 entries of padding after
+                // the last table. The first 16 entries are written without a
+                // branch: run lengths are too irregular to predict.
+                unsafe {
+                    let chunk = &mut *(at as *mut [u32; 16]);
+                    for k in 0..8 {
+                        chunk[k] = e0.wrapping_add(IOTA[k]);
+                        chunk[k + 8] = e0.wrapping_add(8 << 24).wrapping_add(IOTA[k]);
+                    }
+                    let mut j = 16u32;
+                    while j < f as u32 {
+                        let chunk = &mut *(at.add(j as usize) as *mut [u32; 8]);
+                        for k in 0..8 {
+                            chunk[k] = (e0 | j << 24).wrapping_add(IOTA[k]);
+                        }
+                        j += 8;
+                    }
+                    at = at.add(f as usize);
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Table `t`'s entries.
     pub fn lut(&self, t: usize) -> &[u32] {
         let n = 1usize << self.prob_bits;
@@ -171,6 +233,8 @@ impl PlaneLuts {
 pub struct DecodeScratch {
     words: Vec<u16>,
     tile: Vec<u8>,
+    /// The second segment's words when two are decoded side by side.
+    words_b: Vec<u16>,
 }
 
 impl DecodeScratch {
@@ -222,25 +286,10 @@ pub fn decode_segment_with(
     if !(8..=MAX_DECODE_PROB_BITS).contains(&prob_bits) {
         return Err(Error::Corrupt("prob_bits outside what this decoder supports"));
     }
-    let lanes = geo.lanes();
-    let state_bytes = 4 * lanes;
-    if bytes.len() < state_bytes || (bytes.len() - state_bytes) % 2 != 0 {
-        return Err(Error::Corrupt("segment length does not match its lanes"));
+    if luts.valued {
+        return Err(Error::Invalid("lookup tables built for decode_segment_values".into()));
     }
-    let mut x = [RANS_L; LANES];
-    for (l, s) in x.iter_mut().take(lanes).enumerate() {
-        *s = u32::from_le_bytes(bytes[4 * l..4 * l + 4].try_into().unwrap());
-        if *s < RANS_L {
-            return Err(Error::Corrupt("rANS state below its normalised range"));
-        }
-    }
-    let nwords = (bytes.len() - state_bytes) / 2;
-    scratch.words.clear();
-    scratch.words.extend(bytes[state_bytes..].chunks_exact(2).map(|w| u16::from_le_bytes([w[0], w[1]])));
-    // Zero padding: a round starts only while pos <= nwords and takes at most
-    // LANES words, so reads stay in bounds; a corrupt stream that runs past
-    // nwords is refused at the next round.
-    scratch.words.extend_from_slice(&[0u16; LANES]);
+    let (mut x, nwords) = start_segment(geo, bytes, &mut scratch.words)?;
     let tokens = geo.token_end - geo.token_begin;
     scratch.tile.resize(tokens * LANES, 0);
     let mut pos = 0usize;
@@ -254,7 +303,7 @@ pub fn decode_segment_with(
             }
             *b = (t << prob_bits) as u32;
         }
-        let DecodeScratch { words, tile } = &mut *scratch;
+        let DecodeScratch { words, tile, .. } = &mut *scratch;
         let lut = &luts.data[..];
         assert!(lut.len() >= luts.tables << prob_bits && words.len() == nwords + LANES && tile.len() == tokens * LANES);
         #[cfg(target_arch = "x86_64")]
@@ -279,13 +328,192 @@ pub fn decode_segment_with(
         .ok_or(Error::Corrupt("segment word count does not match its symbols"))?;
         sink(g, &scratch.tile, active);
     }
+    finish_segment(geo, &x, pos, nwords)
+}
+
+/// The checks at the end of a segment: every word used, every lane back in
+/// its initial state.
+fn finish_segment(geo: &SegmentGeometry, x: &[u32; LANES], pos: usize, nwords: usize) -> Result<(), Error> {
     if pos != nwords {
         return Err(Error::Corrupt("segment word count does not match its symbols"));
     }
-    if x[..lanes].iter().any(|&s| s != RANS_L) {
+    if x[..geo.lanes()].iter().any(|&s| s != RANS_L) {
         return Err(Error::Corrupt("rANS lanes did not end in their initial state"));
     }
     Ok(())
+}
+
+/// Read a segment's lane states, and its words into `scratch.words` (with
+/// `LANES` words of zero padding). Returns the states and the word count.
+fn start_segment(geo: &SegmentGeometry, bytes: &[u8], words: &mut Vec<u16>) -> Result<([u32; LANES], usize), Error> {
+    let lanes = geo.lanes();
+    let state_bytes = 4 * lanes;
+    if bytes.len() < state_bytes || (bytes.len() - state_bytes) % 2 != 0 {
+        return Err(Error::Corrupt("segment length does not match its lanes"));
+    }
+    let mut x = [RANS_L; LANES];
+    for (l, s) in x.iter_mut().take(lanes).enumerate() {
+        *s = u32::from_le_bytes(bytes[4 * l..4 * l + 4].try_into().unwrap());
+        if *s < RANS_L {
+            return Err(Error::Corrupt("rANS state below its normalised range"));
+        }
+    }
+    let nwords = (bytes.len() - state_bytes) / 2;
+    words.clear();
+    words.extend(bytes[state_bytes..].chunks_exact(2).map(|w| u16::from_le_bytes([w[0], w[1]])));
+    // Zero padding: a round starts only while pos <= nwords and takes at most
+    // LANES words, so reads stay in bounds; a corrupt stream that runs past
+    // nwords is refused at the next round.
+    words.extend_from_slice(&[0u16; LANES]);
+    Ok((x, nwords))
+}
+
+/// Decode one segment with lookup tables from [`PlaneLuts::build_valued`]
+/// straight into a plane of little-endian 16-bit values: the value of the
+/// symbol of channel `c` at token `t` goes to element `t * row_stride + c`
+/// of `out` (a plane `[tokens, row_stride]`, `row_stride >= channels`). Channel `c` uses
+/// table `lut_index(c)`. The same checks, in the same order, as
+/// `decode_segment`; on error `out` may be partly written.
+#[allow(clippy::too_many_arguments)]
+pub fn decode_segment_values(
+    geo: &SegmentGeometry,
+    bytes: &[u8],
+    luts: &PlaneLuts,
+    lut_index: impl Fn(usize) -> usize,
+    scratch: &mut DecodeScratch,
+    out: &mut [u8],
+    row_stride: usize,
+    allow_simd: bool,
+) -> Result<(), Error> {
+    if !luts.valued || luts.prob_bits != 8 {
+        return Err(Error::Invalid("decode_segment_values needs valued lookup tables".into()));
+    }
+    let (mut x, nwords) = start_segment(geo, bytes, &mut scratch.words)?;
+    let tokens = geo.token_end - geo.token_begin;
+    assert!(row_stride >= geo.channels && out.len() >= 2 * geo.token_end * row_stride);
+    let words = &scratch.words[..];
+    let lut = &luts.data[..];
+    assert!(lut.len() >= luts.tables << 8 && words.len() == nwords + LANES);
+    let mut pos = 0usize;
+    let mut base = [0u32; LANES];
+    for g in geo.group_begin..geo.group_end {
+        let active = geo.lanes_in_group(g);
+        for (l, b) in base.iter_mut().enumerate().take(active) {
+            let t = lut_index(LANES * g + l);
+            if t >= luts.tables {
+                return Err(Error::Corrupt("channel has no table"));
+            }
+            *b = (t << 8) as u32;
+        }
+        // Row r of this group: out[(token_begin + r) * row_stride + 32 g ..][..active].
+        let first = geo.token_begin * row_stride + LANES * g;
+        #[cfg(target_arch = "x86_64")]
+        if active == LANES && allow_simd && simd_enabled_cpu() {
+            // SAFETY: AVX2 is present; every base is a table start within
+            // lut; words has nwords + LANES entries; rows first + r *
+            // row_stride .. + 32 lie within out (asserted above: the group's
+            // channels are below channels <= row_stride, tokens below token_end).
+            pos = unsafe { simd::decode_rounds_values(&mut x, &base, lut, words, nwords, pos, out.as_mut_ptr().add(2 * first) as *mut u16, row_stride, tokens) }
+                .ok_or(Error::Corrupt("segment word count does not match its symbols"))?;
+            continue;
+        }
+        for r in 0..tokens {
+            if pos > nwords {
+                return Err(Error::Corrupt("segment word count does not match its symbols"));
+            }
+            let at = 2 * (first + r * row_stride);
+            let row = &mut out[at..at + 2 * active];
+            for l in 0..active {
+                let xl = x[l];
+                let e = lut[(base[l] + (xl & 0xff)) as usize];
+                let xn = ((e >> 16 & 0xff) + 1) * (xl >> 8) + (e >> 24);
+                row[2 * l..2 * l + 2].copy_from_slice(&(e as u16).to_le_bytes());
+                let w = words[pos] as u32;
+                let need = xn < RANS_L;
+                let m = 0u32.wrapping_sub(need as u32);
+                x[l] = xn ^ ((xn ^ ((xn << 16) | w)) & m);
+                pos += need as usize;
+            }
+        }
+    }
+    finish_segment(geo, &x, pos, nwords)
+}
+
+/// Two segments of one plane with the same channel groups and token count
+/// (token blocks side by side), decoded as by two `decode_segment_values`
+/// calls but in lockstep on the AVX2 path, so that the two segments'
+/// dependency chains overlap. Falls back to the two calls otherwise. The
+/// same checks; which of the two segments' errors is reported may differ.
+#[allow(clippy::too_many_arguments)]
+pub fn decode_segment_pair_values(
+    geo: [&SegmentGeometry; 2],
+    bytes: [&[u8]; 2],
+    luts: &PlaneLuts,
+    lut_index: impl Fn(usize) -> usize,
+    scratch: &mut DecodeScratch,
+    out: &mut [u8],
+    row_stride: usize,
+    allow_simd: bool,
+) -> Result<(), Error> {
+    let [ga, gb] = geo;
+    let tokens = ga.token_end - ga.token_begin;
+    let paired = allow_simd
+        && ga.group_begin == gb.group_begin
+        && ga.group_end == gb.group_end
+        && ga.channels == gb.channels
+        && tokens == gb.token_end - gb.token_begin
+        && ga.lanes_in_group(ga.group_end - 1) == LANES;
+    #[cfg(target_arch = "x86_64")]
+    if paired && simd_enabled_cpu() {
+        if !luts.valued || luts.prob_bits != 8 {
+            return Err(Error::Invalid("decode_segment_values needs valued lookup tables".into()));
+        }
+        let (mut xa, na) = start_segment(ga, bytes[0], &mut scratch.words)?;
+        let (mut xb, nb) = start_segment(gb, bytes[1], &mut scratch.words_b)?;
+        assert!(row_stride >= ga.channels && out.len() >= 2 * ga.token_end.max(gb.token_end) * row_stride);
+        let lut = &luts.data[..];
+        assert!(lut.len() >= luts.tables << 8 && scratch.words.len() == na + LANES && scratch.words_b.len() == nb + LANES);
+        let mut pos = [0usize; 2];
+        let mut base = [0u32; LANES];
+        for g in ga.group_begin..ga.group_end {
+            for (l, b) in base.iter_mut().enumerate() {
+                let t = lut_index(LANES * g + l);
+                if t >= luts.tables {
+                    return Err(Error::Corrupt("channel has no table"));
+                }
+                *b = (t << 8) as u32;
+            }
+            let first = [ga.token_begin * row_stride + LANES * g, gb.token_begin * row_stride + LANES * g];
+            // SAFETY: AVX2 is present; every base is a table start within
+            // lut; each words has its nwords + LANES entries; the rows of
+            // both segments lie within out (asserted above).
+            pos = unsafe {
+                let o = out.as_mut_ptr();
+                simd::decode_rounds_values2(
+                    [&mut xa, &mut xb],
+                    &base,
+                    lut,
+                    [&scratch.words[..], &scratch.words_b[..]],
+                    [na, nb],
+                    pos,
+                    [o.add(2 * first[0]) as *mut u16, o.add(2 * first[1]) as *mut u16],
+                    row_stride,
+                    tokens,
+                )
+            }
+            .ok_or(Error::Corrupt("segment word count does not match its symbols"))?;
+        }
+        finish_segment(ga, &xa, pos[0], na)?;
+        return finish_segment(gb, &xb, pos[1], nb);
+    }
+    let _ = paired;
+    decode_segment_values(ga, bytes[0], luts, &lut_index, scratch, out, row_stride, allow_simd)?;
+    decode_segment_values(gb, bytes[1], luts, &lut_index, scratch, out, row_stride, allow_simd)
+}
+
+#[cfg(target_arch = "x86_64")]
+fn simd_enabled_cpu() -> bool {
+    std::arch::is_x86_feature_detected!("avx2")
 }
 
 /// The scalar decoder: for each round (token), lane by lane, decode a symbol
@@ -403,6 +631,124 @@ mod simd {
         }
         for v in 0..4 {
             _mm256_storeu_si256(x.as_mut_ptr().add(8 * v) as *mut __m256i, state[v]);
+        }
+        Some(pos)
+    }
+
+    /// `decode_rounds` with valued lookup entries (prob_bits 8, see
+    /// `PlaneLuts::build_valued`): row `r`'s 32 values go to `out + r *
+    /// row_stride`. Returns the new word position, or None once it runs
+    /// past `nwords`.
+    ///
+    /// # Safety
+    /// AVX2; every `base[l]` is a table start within `lut`; `words` has
+    /// `nwords + LANES` entries; `out + r * row_stride .. + 32` is writable
+    /// for every `r < rows`.
+    #[target_feature(enable = "avx2")]
+    #[allow(clippy::too_many_arguments, clippy::needless_range_loop)]
+    pub unsafe fn decode_rounds_values(x: &mut [u32; LANES], base: &[u32; LANES], lut: &[u32], words: &[u16], nwords: usize, mut pos: usize, out: *mut u16, row_stride: usize, rows: usize) -> Option<usize> {
+        let mask = _mm256_set1_epi32(0xff);
+        let one = _mm256_set1_epi32(1);
+        let low16 = _mm256_set1_epi32(0xffff);
+        let mut state = [_mm256_setzero_si256(); 4];
+        let mut lut_base = [_mm256_setzero_si256(); 4];
+        for v in 0..4 {
+            state[v] = _mm256_loadu_si256(x.as_ptr().add(8 * v) as *const __m256i);
+            lut_base[v] = _mm256_loadu_si256(base.as_ptr().add(8 * v) as *const __m256i);
+        }
+        let lut_ptr = lut.as_ptr() as *const i32;
+        for r in 0..rows {
+            // A round takes at most LANES words; words has nwords + LANES.
+            if pos > nwords {
+                return None;
+            }
+            let mut vals = [_mm256_setzero_si256(); 4];
+            for v in 0..4 {
+                let xv = state[v];
+                let slot = _mm256_and_si256(xv, mask);
+                let e = _mm256_i32gather_epi32(lut_ptr, _mm256_add_epi32(lut_base[v], slot), 4);
+                vals[v] = e;
+                let freq = _mm256_add_epi32(_mm256_and_si256(_mm256_srli_epi32(e, 16), mask), one);
+                let xn = _mm256_add_epi32(_mm256_mullo_epi32(freq, _mm256_srli_epi32(xv, 8)), _mm256_srli_epi32(e, 24));
+                let need = _mm256_cmpeq_epi32(_mm256_srli_epi32(xn, 16), _mm256_setzero_si256());
+                let m = _mm256_movemask_ps(_mm256_castsi256_ps(need)) as usize;
+                let w = _mm256_cvtepu16_epi32(_mm_loadu_si128(words.as_ptr().add(pos) as *const __m128i));
+                let w = _mm256_permutevar8x32_epi32(w, _mm256_loadu_si256(PERM[m].as_ptr() as *const __m256i));
+                let refilled = _mm256_or_si256(_mm256_slli_epi32(xn, 16), w);
+                state[v] = _mm256_blendv_epi8(xn, refilled, need);
+                pos += (m as u32).count_ones() as usize;
+            }
+            // Low 16 bits of each entry, lanes in order: packus interleaves
+            // the 128-bit halves, permute4x64 puts them back.
+            let dst = out.add(r * row_stride);
+            for h in 0..2 {
+                let a = _mm256_and_si256(vals[2 * h], low16);
+                let b = _mm256_and_si256(vals[2 * h + 1], low16);
+                let p = _mm256_permute4x64_epi64(_mm256_packus_epi32(a, b), 0b11_01_10_00);
+                _mm256_storeu_si256(dst.add(16 * h) as *mut __m256i, p);
+            }
+        }
+        for v in 0..4 {
+            _mm256_storeu_si256(x.as_mut_ptr().add(8 * v) as *mut __m256i, state[v]);
+        }
+        Some(pos)
+    }
+
+    /// `decode_rounds_values` of two segments in lockstep (the same
+    /// tables, rows of each segment at its own `out`); returns both word
+    /// positions, or None once either runs past its word count.
+    ///
+    /// # Safety
+    /// As `decode_rounds_values`, for each segment.
+    #[target_feature(enable = "avx2")]
+    #[allow(clippy::too_many_arguments, clippy::needless_range_loop)]
+    pub unsafe fn decode_rounds_values2(x: [&mut [u32; LANES]; 2], base: &[u32; LANES], lut: &[u32], words: [&[u16]; 2], nwords: [usize; 2], mut pos: [usize; 2], out: [*mut u16; 2], row_stride: usize, rows: usize) -> Option<[usize; 2]> {
+        let mask = _mm256_set1_epi32(0xff);
+        let one = _mm256_set1_epi32(1);
+        let low16 = _mm256_set1_epi32(0xffff);
+        let mut state = [[_mm256_setzero_si256(); 4]; 2];
+        let mut lut_base = [_mm256_setzero_si256(); 4];
+        for v in 0..4 {
+            for s in 0..2 {
+                state[s][v] = _mm256_loadu_si256(x[s].as_ptr().add(8 * v) as *const __m256i);
+            }
+            lut_base[v] = _mm256_loadu_si256(base.as_ptr().add(8 * v) as *const __m256i);
+        }
+        let lut_ptr = lut.as_ptr() as *const i32;
+        for r in 0..rows {
+            if pos[0] > nwords[0] || pos[1] > nwords[1] {
+                return None;
+            }
+            for s in 0..2 {
+                let mut vals = [_mm256_setzero_si256(); 4];
+                for v in 0..4 {
+                    let xv = state[s][v];
+                    let slot = _mm256_and_si256(xv, mask);
+                    let e = _mm256_i32gather_epi32(lut_ptr, _mm256_add_epi32(lut_base[v], slot), 4);
+                    vals[v] = e;
+                    let freq = _mm256_add_epi32(_mm256_and_si256(_mm256_srli_epi32(e, 16), mask), one);
+                    let xn = _mm256_add_epi32(_mm256_mullo_epi32(freq, _mm256_srli_epi32(xv, 8)), _mm256_srli_epi32(e, 24));
+                    let need = _mm256_cmpeq_epi32(_mm256_srli_epi32(xn, 16), _mm256_setzero_si256());
+                    let m = _mm256_movemask_ps(_mm256_castsi256_ps(need)) as usize;
+                    let w = _mm256_cvtepu16_epi32(_mm_loadu_si128(words[s].as_ptr().add(pos[s]) as *const __m128i));
+                    let w = _mm256_permutevar8x32_epi32(w, _mm256_loadu_si256(PERM[m].as_ptr() as *const __m256i));
+                    let refilled = _mm256_or_si256(_mm256_slli_epi32(xn, 16), w);
+                    state[s][v] = _mm256_blendv_epi8(xn, refilled, need);
+                    pos[s] += (m as u32).count_ones() as usize;
+                }
+                let dst = out[s].add(r * row_stride);
+                for h in 0..2 {
+                    let a = _mm256_and_si256(vals[2 * h], low16);
+                    let b = _mm256_and_si256(vals[2 * h + 1], low16);
+                    let p = _mm256_permute4x64_epi64(_mm256_packus_epi32(a, b), 0b11_01_10_00);
+                    _mm256_storeu_si256(dst.add(16 * h) as *mut __m256i, p);
+                }
+            }
+        }
+        for v in 0..4 {
+            for s in 0..2 {
+                _mm256_storeu_si256(x[s].as_mut_ptr().add(8 * v) as *mut __m256i, state[s][v]);
+            }
         }
         Some(pos)
     }

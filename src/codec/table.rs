@@ -46,12 +46,12 @@ impl FreqTable {
 /// 15, a symbol `k` half-octaves rarer gets `15 - k` (at least 1); absent
 /// symbols get 0. Returns `(lo, codes)` trimmed to the non-zero range.
 pub fn codes_from_histogram(hist: &[u32]) -> (u8, Vec<u8>) {
-    let first = hist.iter().position(|&c| c > 0);
+    let first = first_nonzero(hist);
     let Some(first) = first else {
         // Empty histogram: a single symbol 0 carries all probability.
         return (0, vec![15]);
     };
-    let last = hist.iter().rposition(|&c| c > 0).unwrap();
+    let last = last_nonzero(hist).unwrap();
     let max = *hist.iter().max().unwrap() as f64;
     let code = |c: u32| {
         let half_octaves = (2.0 * (max / c as f64).log2()).round();
@@ -74,6 +74,29 @@ pub fn codes_from_histogram(hist: &[u32]) -> (u8, Vec<u8>) {
         })
         .collect();
     (first as u8, codes)
+}
+
+/// `hist.iter().position(|&c| c > 0)`, 16 counts at a time (a histogram
+/// of quantized symbols is empty for about half its length on each side).
+fn first_nonzero(hist: &[u32]) -> Option<usize> {
+    let mut chunks = hist.chunks_exact(16);
+    let mut at = 0;
+    for ch in &mut chunks {
+        if ch.iter().fold(0, |a, &c| a | c) != 0 {
+            break;
+        }
+        at += 16;
+    }
+    hist[at..].iter().position(|&c| c > 0).map(|i| at + i)
+}
+
+/// `hist.iter().rposition(|&c| c > 0)`, 16 counts at a time.
+fn last_nonzero(hist: &[u32]) -> Option<usize> {
+    let mut end = hist.len();
+    while end >= 16 && hist[end - 16..end].iter().fold(0, |a, &c| a | c) == 0 {
+        end -= 16;
+    }
+    hist[..end].iter().rposition(|&c| c > 0)
 }
 
 /// Normalise integer weights to frequencies summing to `1 << prob_bits`,
@@ -132,11 +155,47 @@ fn settle(freq: &mut [u16], mut assigned: u64, total: u64) {
 /// a compact table has at most 15 distinct weights, so at most 15
 /// divisions instead of one per symbol (tests compare the two).
 pub fn table_from_codes(lo: u8, codes: &[u8], prob_bits: u32) -> Result<FreqTable, Error> {
+    let mut freq = Vec::with_capacity(codes.len());
+    freqs_from_codes(codes, prob_bits, &mut freq)?;
+    Ok(FreqTable { lo, freq })
+}
+
+/// `floor(WEIGHT_OF_CODE[q] << prob_bits / sum)` for every code `q`, for
+/// `sum` in `1..=2^16` (at most 256 weights of at most 256) and `prob_bits`
+/// up to 15: an f64 multiply by `1 / sum`, then an exact integer
+/// correction by one either way (numerators below 2^24, so every product
+/// fits 32 bits). No division per code; a test compares it with the integer
+/// division for every sum and precision.
+#[inline]
+fn code_quotients(sum: u32, prob_bits: u32) -> [u32; 16] {
+    debug_assert!((1..=1 << 16).contains(&sum) && prob_bits <= 15);
+    let inv = 1.0 / sum as f64;
+    std::array::from_fn(|q| {
+        let a = WEIGHT_OF_CODE[q] << prob_bits;
+        let q0 = (a as f64 * inv) as u32;
+        let q0 = q0 - (q0 * sum > a) as u32;
+        q0 + ((q0 + 1) * sum <= a) as u32
+    })
+}
+
+/// `table_from_codes`, appending the frequencies to `out` (no allocation
+/// per table: a stream has one table per channel of every plane). On error
+/// `out` is unchanged.
+pub fn freqs_from_codes(codes: &[u8], prob_bits: u32, out: &mut Vec<u16>) -> Result<(), Error> {
     let total: u64 = 1 << prob_bits;
-    let mut count = [0u64; 16];
-    for &q in codes {
-        count[q as usize & 15] += 1;
+    // Four sets of counters, so that runs of one code do not wait on each
+    // other's increments.
+    let mut counts = [[0u32; 16]; 4];
+    let mut quads = codes.chunks_exact(4);
+    for q4 in &mut quads {
+        for (k, &q) in q4.iter().enumerate() {
+            counts[k][q as usize & 15] += 1;
+        }
     }
+    for &q in quads.remainder() {
+        counts[0][q as usize & 15] += 1;
+    }
+    let count: [u64; 16] = std::array::from_fn(|q| (counts[0][q] + counts[1][q] + counts[2][q] + counts[3][q]) as u64);
     let nonzero: u64 = count[1..].iter().sum();
     let sum: u64 = (1..16).map(|q| count[q] * WEIGHT_OF_CODE[q] as u64).sum();
     if nonzero == 0 {
@@ -145,18 +204,25 @@ pub fn table_from_codes(lo: u8, codes: &[u8], prob_bits: u32) -> Result<FreqTabl
     if nonzero > total / 2 {
         return Err(Error::Corrupt("frequency table has more symbols than prob_bits allows"));
     }
-    let mut of_code = [0u16; 16];
-    let mut assigned = 0u64;
-    for q in 1..16 {
-        if count[q] > 0 {
-            let f = ((WEIGHT_OF_CODE[q] as u64 * total) / sum).max(1);
-            of_code[q] = f as u16;
-            assigned += count[q] * f;
-        }
+    // Computed for every code without a branch (absent codes get 0).
+    let quot = code_quotients(sum as u32, prob_bits);
+    let of_code: [u16; 16] = std::array::from_fn(|q| if q > 0 && count[q] > 0 { quot[q].max(1) as u16 } else { 0 });
+    let assigned: u64 = (1..16).map(|q| count[q] * of_code[q] as u64).sum();
+    let mut assigned = assigned;
+    let start = out.len();
+    out.extend(codes.iter().map(|&q| of_code[q as usize & 15]));
+    let freq = &mut out[start..];
+    if assigned < total {
+        // settle's first step without its scan over the symbols: the
+        // largest frequency is the largest of the present codes' (absent
+        // codes have 0), at the first symbol whose code has it.
+        let fmax = of_code.iter().copied().max().unwrap_or(0);
+        let imax = codes.iter().position(|&q| of_code[q as usize & 15] == fmax).unwrap_or(0);
+        freq[imax] += (total - assigned) as u16;
+        assigned = total;
     }
-    let mut freq: Vec<u16> = codes.iter().map(|&q| of_code[q as usize & 15]).collect();
-    settle(&mut freq, assigned, total);
-    Ok(FreqTable { lo, freq })
+    settle(freq, assigned, total);
+    Ok(())
 }
 
 /// Serialised size of a compact table with `n` symbols.
@@ -180,6 +246,14 @@ pub fn write_compact(out: &mut Vec<u8>, lo: u8, codes: &[u8]) {
 /// Parse one compact table at `buf[*pos..]`, checking it fits an alphabet
 /// of `nsym` symbols. Advances `pos`.
 pub fn read_compact(buf: &[u8], pos: &mut usize, nsym: usize, prob_bits: u32) -> Result<FreqTable, Error> {
+    let mut freq = Vec::new();
+    let lo = read_compact_into(buf, pos, nsym, prob_bits, &mut freq)?;
+    Ok(FreqTable { lo, freq })
+}
+
+/// `read_compact`, appending the table's frequencies to `freq` and
+/// returning its `lo` (the same checks; on error `freq` is unchanged).
+pub fn read_compact_into(buf: &[u8], pos: &mut usize, nsym: usize, prob_bits: u32, freq: &mut Vec<u16>) -> Result<u8, Error> {
     let head = buf.get(*pos..*pos + 2).ok_or(Error::Corrupt("table section truncated"))?;
     let lo = head[0];
     let n = head[1] as usize + 1;
@@ -193,11 +267,13 @@ pub fn read_compact(buf: &[u8], pos: &mut usize, nsym: usize, prob_bits: u32) ->
         return Err(Error::Corrupt("table padding nibble is not zero"));
     }
     let mut codes = [0u8; 256];
-    for (i, c) in codes[..n].iter_mut().enumerate() {
-        *c = if i % 2 == 0 { body[i / 2] >> 4 } else { body[i / 2] & 15 };
+    for (pair, &b) in codes.chunks_exact_mut(2).zip(body) {
+        pair[0] = b >> 4;
+        pair[1] = b & 15;
     }
     *pos += compact_len(n);
-    table_from_codes(lo, &codes[..n], prob_bits)
+    freqs_from_codes(&codes[..n], prob_bits, freq)?;
+    Ok(lo)
 }
 
 /// How a table section stores its tables.
@@ -406,6 +482,41 @@ mod tests {
                     (Err(_), Err(_)) => {}
                     (w, g) => panic!("codes {codes:?} pb {pb}: normalize {w:?}, table_from_codes {g:?}"),
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn code_quotients_match_integer_division_exhaustively() {
+        // Every weight of a code, every possible sum of up to 256 weights,
+        // every precision: `code_quotients` is exact.
+        for sum in 1..=256u32 * 256 {
+            for pb in 8..=15u32 {
+                let got = code_quotients(sum, pb);
+                for (q, &w) in WEIGHT_OF_CODE.iter().enumerate() {
+                    assert_eq!(got[q], (w << pb) / sum, "w {w} sum {sum} pb {pb}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn nonzero_scans_match_position_and_rposition() {
+        let mut state = 0x9e3779b97f4a7c15u64;
+        for len in [0usize, 1, 15, 16, 17, 31, 32, 33, 255, 256] {
+            for _ in 0..500 {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                let mut h = vec![0u32; len];
+                if len > 0 {
+                    for k in 0..(state % 4) {
+                        let i = ((state >> (8 * k + 3)) as usize) % len;
+                        h[i] = (state >> 40) as u32 | 1;
+                    }
+                }
+                assert_eq!(first_nonzero(&h), h.iter().position(|&c| c > 0), "{h:?}");
+                assert_eq!(last_nonzero(&h), h.iter().rposition(|&c| c > 0), "{h:?}");
             }
         }
     }
