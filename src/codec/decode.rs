@@ -74,9 +74,10 @@ impl<'a> Container<'a> {
 
     /// The frequency table that channel `c` of plane `p` is decoded with
     /// (a plane's one shared table, or the channel's own).
-    pub fn table(&self, p: usize, c: usize) -> &FreqTable {
-        let t = &self.tables[p];
-        &t[if t.len() == 1 { 0 } else { c }]
+    pub fn table(&self, p: usize, c: usize) -> FreqTable {
+        let (first, n) = self.tables.plane(p);
+        let (lo, freq) = self.tables.get(first + if n == 1 { 0 } else { c });
+        FreqTable { lo, freq: freq.to_vec() }
     }
 
     /// Sizes of the sections, for `inspect` and the benchmark.

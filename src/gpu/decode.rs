@@ -1536,7 +1536,7 @@ mod tests {
                     let (plane, c) = (i / channels, i % channels);
                     let mut pos = o as usize;
                     let t = crate::codec::table::read_compact(&b, &mut pos, lay.planes[plane].nsym(), lay.header.prob_bits).unwrap();
-                    assert_eq!(&t, cpu.table(plane, c), "{level:?} plane {plane} channel {c}");
+                    assert_eq!(t, cpu.table(plane, c), "{level:?} plane {plane} channel {c}");
                 }
                 // Without the set, or with another one: the CPU decoder's errors.
                 assert!(matches!(prepare(&b, 0, DecodeLimits::default(), None), Err(GpuError::Codec { source: CodecError::MissingTables(_), .. })));
