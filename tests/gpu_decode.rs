@@ -391,6 +391,20 @@ fn streams_with_external_tables_match_the_cpu() {
 }
 
 #[test]
+fn many_batches_alternating_between_two_streams_match_the_cpu() {
+    let Some(dec) = decoder() else { return };
+    // Every chunk its own batch: batches alternate between the call's stream
+    // and the decoder's second one, each waiting for its own copy.
+    let mut small = GpuDecoder::new(dec.gpu()).unwrap();
+    small.batch_bytes = 1;
+    for level in [Level::Default, Level::Lossless] {
+        let streams: Vec<Vec<u8>> = (0..7).map(|i| encode(&synthetic(shape_for(Kind::FlashAttn(false), 40 + 31 * i), Dtype::F16, 60 + i as u64), &EncodeOptions::level(level)).unwrap()).collect();
+        check(&small, Kind::FlashAttn(false), &streams, &format!("7 batches {level:?}"));
+        check(&small, Kind::TrtPool(true), &streams, &format!("7 batches {level:?}"));
+    }
+}
+
+#[test]
 fn external_table_errors_are_the_cpu_decoders() {
     let Some(dec) = decoder() else { return };
     let shape = shape_for(Kind::FlashAttn(false), 64);

@@ -31,7 +31,7 @@
 //! `--level` picks the level (default: the default level).
 //!
 //! Usage: cachegen-gpu-bench [--fixture PATH] [--tokens 8192,32768] [--repeat N] [--out FILE.json] [--skip-decode] [--skip-encode]
-//!        [--level compact|default|high|lossless] [--tables-from PATH]
+//!        [--level compact|default|high|lossless] [--tables-from PATH] [--batch-mb N (the decoder's batch size, default 48)]
 
 use std::time::Instant;
 
@@ -120,7 +120,10 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         Err(e) => return Err(e.into()),
     };
     let t = Instant::now();
-    let dec = GpuDecoder::new(&gpu)?;
+    let mut dec = GpuDecoder::new(&gpu)?;
+    if let Some(mb) = arg("--batch-mb") {
+        dec.batch_bytes = mb.parse::<usize>()? << 20;
+    }
     let compile_ms = t.elapsed().as_secs_f64() * 1e3;
     let (maj, min) = gpu.compute_capability();
     println!("device: {} (sm_{maj}{min}, {} SMs); kernels compiled in {compile_ms:.0} ms (NVRTC {:?})", gpu.name(), gpu.multiprocessors(), cachegen::gpu::nvrtc::version()?);
@@ -364,6 +367,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         "fixture": fixture,
         "shape": {"layers": LAYERS, "kv_heads": HEADS, "head_dim": HEAD_DIM, "chunk_tokens": CHUNK, "block_size": BLOCK, "dtype": "f16", "layout": "vLLM flash-attn NHD"},
         "level": level.name(),
+        "batch_bytes": dec.batch_bytes,
         "compression_ratio_vs_f16": ratio,
         "cpu_threads": threads,
         "cpu_decode_gsym_s_1_thread": chunk_syms / cpu_1t / 1e9,

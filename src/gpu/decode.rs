@@ -612,6 +612,12 @@ struct State {
     errors: Option<DeviceBuffer>,
     copy: Stream,
     own: Stream,
+    /// Second compute stream: every other batch of a one-launch decode runs
+    /// on it, so that a batch's kernel fills the SMs its predecessor's tail
+    /// leaves idle (`fork`/`join` order it inside the call's stream).
+    aux: Stream,
+    fork: Event,
+    join: Event,
     batch_events: Vec<Event>,
     start: Event,
     end: Event,
@@ -665,6 +671,9 @@ impl GpuDecoder {
             errors: None,
             copy: Stream::new()?,
             own: Stream::new()?,
+            aux: Stream::new()?,
+            fork: Event::new(false)?,
+            join: Event::new(false)?,
             batch_events: Vec::new(),
             start: Event::new(true)?,
             end: Event::new(true)?,
@@ -1192,7 +1201,7 @@ impl GpuDecoder {
             st.resident = 0;
         }
         // Decode segments `lo..hi` of batch `b` and its exact rows of tensors `t_lo..t_hi`.
-        let launch_range = |b: &Batch, lo: u32, hi: u32, t_lo: u32, t_hi: u32, exact_work: u64| -> Result<(), GpuError> {
+        let launch_range = |on: &Stream, b: &Batch, lo: u32, hi: u32, t_lo: u32, t_hi: u32, exact_work: u64| -> Result<(), GpuError> {
             let base = region + b.off as u64;
             let mut p_region = base;
             let mut p_chunks = base + b.chunks_off as u64;
@@ -1225,7 +1234,7 @@ impl GpuDecoder {
                 // SAFETY: the parameters match cg_decode's signature; the descriptors
                 // in the region address only the region, and the destination is the
                 // caller's promise.
-                unsafe { driver::launch(self.f_decode, (nsegs.div_ceil(w), 1, 1), (32 * w, 1, 1), smem, compute, &mut params)? };
+                unsafe { driver::launch(self.f_decode, (nsegs.div_ceil(w), 1, 1), (32 * w, 1, 1), smem, on, &mut params)? };
             }
             if exact_work > 0 {
                 let (mut t_lo, mut t_hi) = (t_lo, t_hi);
@@ -1238,11 +1247,19 @@ impl GpuDecoder {
                 ];
                 let gx = (exact_work.div_ceil(256)).clamp(1, 4096) as u32;
                 // SAFETY: as above, for cg_exact.
-                unsafe { driver::launch(self.f_exact, (gx, b.nchunks, 1), (256, 1, 1), 0, compute, &mut params)? };
+                unsafe { driver::launch(self.f_exact, (gx, b.nchunks, 1), (256, 1, 1), 0, on, &mut params)? };
             }
             Ok(())
         };
+        // One-launch decodes alternate batches between the call's stream and
+        // `aux` (forked from it here, joined back below).
+        let two = !layered && staged.batches.len() > 1;
+        if two {
+            st.fork.record(compute)?;
+            st.aux.wait(&st.fork)?;
+        }
         for (bi, b) in staged.batches.iter().enumerate() {
+            let on = if two && bi % 2 == 1 { &st.aux } else { compute };
             if upload {
                 let base = region + b.off as u64;
                 // SAFETY: the image range is inside the region allocation; the
@@ -1250,11 +1267,15 @@ impl GpuDecoder {
                 // the layered call's events borrow it).
                 unsafe { driver::copy_htod(base, &staged.bytes()[b.off..b.off + b.len], &st.copy)? };
                 st.batch_events[bi].record(&st.copy)?;
-                compute.wait(&st.batch_events[bi])?;
+                on.wait(&st.batch_events[bi])?;
             }
             if !layered {
-                launch_range(b, 0, b.nsegs, 0, u32::MAX, b.exact_work)?;
+                launch_range(on, b, 0, b.nsegs, 0, u32::MAX, b.exact_work)?;
             }
+        }
+        if two {
+            st.join.record(&st.aux)?;
+            compute.wait(&st.join)?;
         }
         if layered {
             let streams = staged.shapes.first().map(|s| s.0.kind.streams()).unwrap_or(1) as u32;
@@ -1262,7 +1283,7 @@ impl GpuDecoder {
                 for b in &staged.batches {
                     let (lo, hi) = (b.layer_first[l], b.layer_first[l + 1]);
                     let t_lo = l as u32 * streams;
-                    launch_range(b, lo, hi, t_lo, t_lo + streams, b.exact_work.div_ceil(layers as u64))?;
+                    launch_range(compute, b, lo, hi, t_lo, t_lo + streams, b.exact_work.div_ceil(layers as u64))?;
                 }
                 ev.record(compute)?;
             }
