@@ -1128,19 +1128,19 @@ impl GpuDecoder {
             return Err(GpuError::Invalid("decode_resident: this staged set is not on the device".into()));
         }
         let need = staged.len;
-        if st.region.as_ref().is_none_or(|r| r.len() < need) {
+        if st.region.as_ref().map_or(true, |r| r.len() < need) {
             st.region = None;
             st.resident = 0;
             st.region = Some(self.gpu.alloc(need)?);
         }
-        if st.dest.as_ref().is_none_or(|r| r.len() < dest_data.len()) {
+        if st.dest.as_ref().map_or(true, |r| r.len() < dest_data.len()) {
             st.dest = None;
             st.dest = Some(self.gpu.alloc(dest_data.len().max(4096))?);
             st.dest_host = None;
             st.dest_host = Some(self.gpu.alloc_pinned(dest_data.len().max(4096))?);
         }
         let nchunks = staged.chunks();
-        if st.errors.as_ref().is_none_or(|r| r.len() < 4 * nchunks) {
+        if st.errors.as_ref().map_or(true, |r| r.len() < 4 * nchunks) {
             st.errors = None;
             st.errors = Some(self.gpu.alloc(4 * nchunks)?);
         }

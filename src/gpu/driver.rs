@@ -103,7 +103,7 @@ impl DeviceBuffer {
     }
     /// Copy `dst.len()` bytes from offset `off` to the host (synchronous).
     pub fn read(&self, off: usize, dst: &mut [u8]) -> Result<(), GpuError> {
-        if off.checked_add(dst.len()).is_none_or(|e| e > self.len) {
+        if off.checked_add(dst.len()).map_or(true, |e| e > self.len) {
             return Err(GpuError::Invalid("device read out of range".into()));
         }
         self.ctx.bind()?;
@@ -112,7 +112,7 @@ impl DeviceBuffer {
     }
     /// Copy `src` to offset `off` (synchronous).
     pub fn write(&self, off: usize, src: &[u8]) -> Result<(), GpuError> {
-        if off.checked_add(src.len()).is_none_or(|e| e > self.len) {
+        if off.checked_add(src.len()).map_or(true, |e| e > self.len) {
             return Err(GpuError::Invalid("device write out of range".into()));
         }
         self.ctx.bind()?;

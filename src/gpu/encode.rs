@@ -552,7 +552,7 @@ impl GpuEncoder {
             staged += word(ci, 6) as usize;
         }
         let mut pin = self.staging.lock().unwrap_or_else(|e| e.into_inner());
-        if pin.as_ref().is_none_or(|b| b.len() < staged) {
+        if pin.as_ref().map_or(true, |b| b.len() < staged) {
             *pin = None;
             *pin = Some(g.alloc_pinned(staged)?);
         }

@@ -127,13 +127,13 @@ impl GpuGather {
         self.gpu.bind()?;
         let mut g = self.bufs.lock().unwrap_or_else(|p| p.into_inner());
         let b = &mut *g;
-        if b.out.as_ref().is_none_or(|o| o.len() < total) {
+        if b.out.as_ref().map_or(true, |o| o.len() < total) {
             b.out = None;
             b.out = Some(self.gpu.alloc(total)?);
             b.host = None;
             b.host = Some(self.gpu.alloc_pinned(total)?);
         }
-        if b.args.as_ref().is_none_or(|o| o.len() < args.len()) {
+        if b.args.as_ref().map_or(true, |o| o.len() < args.len()) {
             b.args = None;
             b.args = Some(self.gpu.alloc(args.len().max(4096))?);
         }
