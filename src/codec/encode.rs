@@ -112,6 +112,18 @@ impl TableSet {
 /// Apply a stream's table patches (count, then per patch a u32 global table
 /// index, ascending, and a compact table) to tables from a set.
 pub fn apply_patches(bytes: &[u8], plan: &[PlaneKind], channels: usize, prob_bits: u32, tables: &mut [Vec<FreqTable>]) -> Result<(), Error> {
+    walk_patches(bytes, plan, channels, |plane, k, mut pos| {
+        tables[plane][k] = table::read_compact(bytes, &mut pos, plan[plane].nsym(), prob_bits)?;
+        Ok(pos)
+    })
+}
+
+/// Walk a patch section: check its count, the order and range of its table
+/// indices, and that its bytes are consumed exactly; for each patch call
+/// `table(plane, table index within the plane, position of its compact
+/// table)`, which reads (or checks) that table and returns where it ends.
+/// Shared by [`apply_patches`] and the GPU decoder's host checks.
+pub fn walk_patches(bytes: &[u8], plan: &[PlaneKind], channels: usize, mut table: impl FnMut(usize, usize, usize) -> Result<usize, Error>) -> Result<(), Error> {
     let count = u32::from_le_bytes(bytes.get(..4).ok_or(Error::Corrupt("patch count missing"))?.try_into().unwrap()) as usize;
     let total: usize = plan.iter().map(|p| p.tables(channels)).sum();
     // Each patch is at least 4 + 3 bytes: refuse impossible counts up front.
@@ -120,6 +132,9 @@ pub fn apply_patches(bytes: &[u8], plan: &[PlaneKind], channels: usize, prob_bit
     }
     let mut pos = 4;
     let mut prev: Option<usize> = None;
+    // The plane holding the current index and its first global index
+    // (indices ascend, so the search only moves forward).
+    let (mut plane, mut base) = (0usize, 0usize);
     for _ in 0..count {
         let idx = u32::from_le_bytes(bytes.get(pos..pos + 4).ok_or(Error::Corrupt("patch truncated"))?.try_into().unwrap()) as usize;
         pos += 4;
@@ -127,14 +142,11 @@ pub fn apply_patches(bytes: &[u8], plan: &[PlaneKind], channels: usize, prob_bit
             return Err(Error::Corrupt("patch indices are not ascending and in range"));
         }
         prev = Some(idx);
-        // Find the plane holding global table `idx`.
-        let mut base = 0;
-        let mut plane = 0;
         while base + plan[plane].tables(channels) <= idx {
             base += plan[plane].tables(channels);
             plane += 1;
         }
-        tables[plane][idx - base] = table::read_compact(bytes, &mut pos, plan[plane].nsym(), prob_bits)?;
+        pos = table(plane, idx - base, pos)?;
     }
     if pos != bytes.len() {
         return Err(Error::Corrupt("patch section has trailing bytes"));

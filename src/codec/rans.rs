@@ -139,9 +139,7 @@ impl PlaneLuts {
         for t in 0..count {
             let (lo, freq) = table(t);
             // Check the table before writing: frequencies sum to exactly n.
-            if freq.iter().map(|&f| f as usize).sum::<usize>() != n || lo as usize + freq.len() > 256 {
-                return Err(Error::Corrupt("table frequencies do not sum to 2^prob_bits"));
-            }
+            check_table(lo, freq, n)?;
             let mut at = self.data[t * n..].as_mut_ptr();
             let mut sym = lo as u32;
             for &f in freq {
@@ -186,9 +184,7 @@ impl PlaneLuts {
         const IOTA: [u32; 8] = [0, 1 << 24, 2 << 24, 3 << 24, 4 << 24, 5 << 24, 6 << 24, 7 << 24];
         for t in 0..count {
             let (lo, freq) = table(t);
-            if freq.iter().map(|&f| f as usize).sum::<usize>() != N || lo as usize + freq.len() > 256 {
-                return Err(Error::Corrupt("table frequencies do not sum to 2^prob_bits"));
-            }
+            check_table(lo, freq, N)?;
             let mut at = self.data[t * N..].as_mut_ptr();
             for (i, &f) in freq.iter().enumerate() {
                 // f <= 256 (the sum), so f - 1 and every j < f fit 8 bits.
@@ -225,6 +221,15 @@ impl PlaneLuts {
         let n = 1usize << self.prob_bits;
         &self.data[t * n..(t + 1) * n]
     }
+}
+
+/// A table the lookup builders can write: frequencies summing to exactly
+/// `n` over symbols that fit a byte (the runs they write rely on both).
+fn check_table(lo: u8, freq: &[u16], n: usize) -> Result<(), Error> {
+    if freq.iter().map(|&f| f as usize).sum::<usize>() != n || lo as usize + freq.len() > 256 {
+        return Err(Error::Corrupt("table frequencies do not sum to 2^prob_bits"));
+    }
+    Ok(())
 }
 
 /// Decoder scratch, reused across segments: the segment's words and a tile

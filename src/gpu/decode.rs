@@ -36,6 +36,7 @@ use std::sync::{Arc, Mutex, Weak};
 use bytes::Bytes;
 
 use crate::codec::decode::check_scales;
+use crate::codec::encode::walk_patches;
 use crate::codec::format::{self, PlaneKind};
 use crate::codec::rans::RANS_L;
 use crate::codec::{DecodeLimits, Dtype, Error as CodecError, KvShape, TableSet};
@@ -256,46 +257,25 @@ fn prepare(bytes: &[u8], index: usize, limits: DecodeLimits, set: Option<&SetInf
     let mut tab = Vec::with_capacity(lay.planes.len() * channels);
     let mut max_nz = 1u32;
     if external {
-        // The patch section (encode::apply_patches): a count, then ascending
-        // (global table index, compact table) pairs. Unpatched channels read
-        // the set's prebuilt lookups.
+        // The patch section (encode::walk_patches, as encode::apply_patches
+        // reads it). Unpatched channels read the set's prebuilt lookups.
         let set = set.expect("checked above");
         max_nz = set.kmax.min(set_shared_rows());
         tab.resize(lay.planes.len() * channels, FROM_SET);
-        let total: usize = lay.planes.iter().map(|p| p.tables(channels)).sum();
-        let count = u32::from_le_bytes(tb.get(..4).ok_or_else(|| err(CodecError::Corrupt("patch count missing")))?.try_into().unwrap()) as usize;
-        if count > total || count.saturating_mul(7) > tb.len() - 4 {
-            return Err(err(CodecError::Corrupt("patch count out of range")));
-        }
-        let mut pos = 4;
-        let mut prev: Option<usize> = None;
-        let (mut plane, mut first) = (0usize, 0usize);
-        for _ in 0..count {
-            let idx = u32::from_le_bytes(tb.get(pos..pos + 4).ok_or_else(|| err(CodecError::Corrupt("patch truncated")))?.try_into().unwrap()) as usize;
-            pos += 4;
-            if idx >= total || prev.is_some_and(|p| idx <= p) {
-                return Err(err(CodecError::Corrupt("patch indices are not ascending and in range")));
-            }
-            prev = Some(idx);
-            while first + lay.planes[plane].tables(channels) <= idx {
-                first += lay.planes[plane].tables(channels);
-                plane += 1;
-            }
+        walk_patches(tb, &lay.planes, channels, |plane, k, pos| {
             let p = &lay.planes[plane];
-            let (nz, len) = check_compact(tb, pos, p.nsym(), half).map_err(&err)?;
+            let (nz, len) = check_compact(tb, pos, p.nsym(), half)?;
             max_nz = max_nz.max(nz);
             let at = (lay.tables.start + pos) as u32;
             if p.tables(channels) == channels {
-                tab[plane * channels + idx - first] = at;
+                tab[plane * channels + k] = at;
             } else {
                 // One table for the plane: every channel uses the patch.
                 tab[plane * channels..(plane + 1) * channels].fill(at);
             }
-            pos += len;
-        }
-        if pos != tb.len() {
-            return Err(err(CodecError::Corrupt("patch section has trailing bytes")));
-        }
+            Ok(pos + len)
+        })
+        .map_err(&err)?;
         tab = patch_index(&tab, lay.planes.len(), channels);
     } else {
         // Table offsets, and the checks of table::read_compact and
@@ -370,6 +350,16 @@ fn prepare(bytes: &[u8], index: usize, limits: DecodeLimits, set: Option<&SetInf
         pad: [0; 2],
     };
     Ok(Prep { desc, planes, segs, tab, payload_start, shape, dtype: h.dtype, symbols, max_nz: max_nz.min(256), tables: None })
+}
+
+/// [`prepare`] against a table set on the device: the result keeps the set
+/// when the chunk references it (the kernel launch needs its lookups).
+fn prepare_with(bytes: &[u8], index: usize, limits: DecodeLimits, tables: Option<&GpuTableSet>) -> Result<Prep, GpuError> {
+    let mut prep = prepare(bytes, index, limits, tables.map(|t| &t.inner.info))?;
+    if prep.desc.external != 0 {
+        prep.tables = tables.cloned();
+    }
+    Ok(prep)
 }
 
 /// A model's table set ([`TableSet`]) on the device, as prebuilt lookups:
@@ -496,10 +486,7 @@ impl PreparedChunk {
     /// (a model's table set on the device) instead of embedding its own.
     pub fn with_tables(bytes: impl Into<Bytes>, limits: DecodeLimits, tables: Option<&GpuTableSet>) -> Result<PreparedChunk, GpuError> {
         let bytes = bytes.into();
-        let mut prep = prepare(&bytes, 0, limits, tables.map(|t| &t.inner.info))?;
-        if prep.desc.external != 0 {
-            prep.tables = tables.cloned();
-        }
+        let prep = prepare_with(&bytes, 0, limits, tables)?;
         Ok(PreparedChunk { bytes, prep })
     }
     /// The container's bytes.
@@ -761,12 +748,7 @@ impl GpuDecoder {
                 let base = t * chunks.len().div_ceil(threads);
                 s.spawn(move || {
                     for (j, slot) in part.iter_mut().enumerate() {
-                        *slot = Some(prepare(chunks[base + j], base + j, DecodeLimits::default(), tables.map(|t| &t.inner.info)).map(|mut p| {
-                            if p.desc.external != 0 {
-                                p.tables = tables.cloned();
-                            }
-                            p
-                        }));
+                        *slot = Some(prepare_with(chunks[base + j], base + j, DecodeLimits::default(), tables));
                     }
                 });
             }
