@@ -32,6 +32,8 @@ pub struct Namespace {
     pub chunk_tokens: u32,
     /// Codec level the chunks are stored at.
     pub level: u8,
+    /// Id of the model-level table set the chunks reference, if any.
+    pub tables: Option<u64>,
 }
 
 impl Namespace {
@@ -48,6 +50,11 @@ impl Namespace {
             b.extend_from_slice(&v.to_le_bytes());
         }
         b.push(self.level);
+        // Appended only when set, so namespaces without a set keep their ids.
+        if let Some(id) = self.tables {
+            b.extend_from_slice(b"tables");
+            b.extend_from_slice(&id.to_le_bytes());
+        }
         xxh3_128(&b).to_le_bytes()
     }
 }

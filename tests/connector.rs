@@ -197,6 +197,7 @@ fn a_stalled_tier_ends_in_failed_blocks_within_the_timeout() {
         timeout: Duration::from_millis(300),
         tiers: TierStack::new(vec![Arc::new(StalledTier)]),
         limits: Default::default(),
+        tables: Default::default(),
         on_fetched: None,
     });
     assert!(job.wait(Stage::Done, Some(Duration::from_secs(1))), "the load must end at its timeout");
@@ -224,6 +225,7 @@ fn cancelling_a_load_fails_what_is_not_written() {
         timeout: Duration::from_secs(60),
         tiers: TierStack::new(vec![Arc::new(StalledTier)]),
         limits: Default::default(),
+        tables: Default::default(),
         on_fetched: None,
     });
     std::thread::sleep(Duration::from_millis(50));
@@ -365,4 +367,99 @@ fn many_threads_store_lookup_and_load_at_once() {
 
 fn kv_fixture_shape(shape: codec::KvShape) -> KvTensors {
     KvTensors { shape, dtype: codec::Dtype::F16, tensors: Vec::new() }
+}
+
+#[test]
+fn a_table_set_shrinks_chunks_and_a_chunk_of_another_set_is_failed() {
+    let kv = fixture();
+    let dir = tempfile::tempdir().unwrap();
+    // Calibrated once per model and level, on other chunks than most of those stored.
+    let samples: Vec<KvTensors> = (1..5).map(|c| slice_tokens(&kv, c * CHUNK, (c + 1) * CHUNK)).collect();
+    let refs: Vec<&KvTensors> = samples.iter().collect();
+    let set = codec::calibrate_tables(&refs, &EncodeOptions::level(Level::Default)).unwrap();
+    let set_path = dir.path().join("default.cgts");
+    std::fs::write(&set_path, set.to_bytes()).unwrap();
+    let disk = dir.path().join("disk");
+    let tiers = format!(r#", "tiers": {{"disk": {{"path": "{}", "bytes": 100000000}}}}"#, disk.display());
+    let with = config(&format!(r#"{tiers}, "tables": {{"default": "{}"}}"#, set_path.display()));
+    let without = config(&tiers);
+    let toks = tokens(320, 11);
+    let blocks: Vec<u32> = (0..20).collect();
+    let mut src = Engine::vllm(&kv, 20, false);
+    src.fill(&kv, &blocks, 320);
+
+    let mut stored = Vec::new();
+    for cfg in [&with, &without] {
+        let ctx = Context::from_json(cfg).unwrap();
+        let job = unsafe { ctx.store(Arc::clone(&src.layout), &toks, &blocks, b"") }.unwrap();
+        assert!(job.wait(Stage::Done, Some(Duration::from_secs(60))));
+        let p = job.progress();
+        // The set is part of the namespace: the second context finds none of the first one's chunks.
+        assert_eq!((p.chunks_ok, p.chunks_skipped, p.chunks_failed), (5, 0, 0), "{:?}", p.errors);
+        let stats: serde_json::Value = serde_json::from_str(&ctx.stats_json()).unwrap();
+        stored.push(stats["counters"]["store_bytes_encoded"].as_u64().unwrap());
+    }
+    // 64-token chunks carry tables worth a large share of their bytes.
+    assert!((stored[0] as f64) < 0.85 * stored[1] as f64, "with the set {} bytes, embedded {}", stored[0], stored[1]);
+
+    // Every stored chunk references the set, and loads decode it to what the codec gives.
+    let ctx = Context::from_json(&with).unwrap();
+    let ns = ctx.config().key_namespace();
+    assert_eq!(ns.tables, Some(set.id()));
+    let chain = cachegen::keys::chunk_chain(&ns, b"", &toks);
+    let keys: Vec<_> = chain.iter().map(|h| cachegen::keys::shard_key(h, 0)).collect();
+    {
+        let tier = DiskTier::open(&disk, 100_000_000).unwrap();
+        for k in &keys {
+            let h = codec::format::Header::parse(&tier.get(k).unwrap().unwrap()).unwrap();
+            assert!(h.external_tables() && h.table_id == set.id());
+        }
+    }
+    let want = expected(&kv, 5, Level::Default);
+    let mut dst = Engine::vllm(&kv, 20, true);
+    let job = unsafe { ctx.load(Arc::clone(&dst.layout), &toks, &blocks, 0, b"", 0) }.unwrap();
+    assert!(job.wait(Stage::Done, Some(Duration::from_secs(60))));
+    let p = job.progress();
+    assert_eq!((p.chunks_ok, p.chunks_failed), (5, 0), "{:?}", p.errors);
+    assert_eq!(dst.read(&blocks, 320), want, "a table-set chunk must decode to the same values as an embedded one");
+    drop(ctx);
+
+    // A chunk that references a set the context does not hold (here written
+    // under its key by hand) is a failed chunk, never decoded with other tables.
+    let other = codec::calibrate_tables(&[&samples[3]], &EncodeOptions::level(Level::Default)).unwrap();
+    assert_ne!(other.id(), set.id());
+    let part = slice_tokens(&kv, 2 * CHUNK, 3 * CHUNK);
+    let bad = codec::encode(&part, &EncodeOptions { tables: codec::Tables::External(&other), ..EncodeOptions::level(Level::Default) }).unwrap();
+    DiskTier::open(&disk, 100_000_000).unwrap().put(&keys[2], &bad).unwrap();
+    let ctx = Context::from_json(&with).unwrap();
+    for t in &mut dst.bufs {
+        t.fill(0);
+    }
+    let job = unsafe { ctx.load(Arc::clone(&dst.layout), &toks, &blocks, 0, b"", 0) }.unwrap();
+    assert!(job.wait(Stage::Done, Some(Duration::from_secs(60))));
+    let p = job.progress();
+    assert_eq!(p.failed_blocks, (8..12).collect::<Vec<u32>>(), "{:?}", p.errors);
+    assert!(p.errors.iter().any(|e| e.contains(&format!("{:016x}", other.id()))), "{:?}", p.errors);
+    let got = dst.read(&blocks, 320);
+    assert_eq!(slice_tokens(&got, 0, 128), slice_tokens(&want, 0, 128));
+    assert_eq!(slice_tokens(&got, 192, 320), slice_tokens(&want, 192, 320));
+
+    // A set calibrated for another shape is refused at the first store or load.
+    let mut narrow = kv.clone();
+    narrow.shape.heads = 1;
+    narrow.tensors = kv.tensors.iter().map(|t| t.chunks(kv.shape.channels() * 2).flat_map(|row| row[..kv.shape.head_dim * 2].to_vec()).collect()).collect();
+    let small = Engine::vllm(&narrow, 20, false);
+    let err = unsafe { ctx.load(Arc::clone(&small.layout), &toks, &blocks, 0, b"", 0) }.err().expect("refused");
+    assert!(err.to_string().contains("table set"), "{err}");
+    dst.bufs.clear();
+
+    // Config errors name the field.
+    for (json, want) in [
+        (format!(r#", "tables": {{"high": "{}"}}"#, set_path.display()), "not stored"),
+        (r#", "tables": {"default": "/nonexistent.cgts"}"#.to_string(), "tables.default"),
+        (format!(r#", "tables": {{"default": "{}"}}"#, dir.path().join("disk").display()), "tables.default"),
+    ] {
+        let err = Context::from_json(&config(&json)).err().expect("refused").to_string();
+        assert!(err.contains(want), "{err}");
+    }
 }

@@ -5,7 +5,7 @@ use cachegen::keys::{chunk_chain, shard_key, Namespace};
 use cachegen::store::key_hex;
 
 fn ns() -> Namespace {
-    Namespace { model: "SmolLM2-135M-Instruct@b179c952".into(), kv_dtype: "f16".into(), tp_world_size: 2, block_size: 16, chunk_tokens: 256, level: 2 }
+    Namespace { model: "SmolLM2-135M-Instruct@b179c952".into(), kv_dtype: "f16".into(), tp_world_size: 2, block_size: 16, chunk_tokens: 256, level: 2, tables: None }
 }
 
 fn tokens(n: usize, seed: u32) -> Vec<u32> {
@@ -50,6 +50,8 @@ fn namespace_salt_and_rank_separate_entries() {
         Namespace { tp_world_size: 4, ..ns() },
         Namespace { block_size: 32, ..ns() },
         Namespace { level: 3, ..ns() },
+        Namespace { tables: Some(0x1234), ..ns() },
+        Namespace { tables: Some(0), ..ns() },
     ];
     for v in &variants {
         assert_ne!(chunk_chain(v, b"", &t)[0], base[0], "{v:?}");

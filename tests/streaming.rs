@@ -244,6 +244,7 @@ fn a_link_that_stalls_mid_load_ends_in_recompute_within_the_slo() {
             timeout: Duration::from_secs(30),
             tiers: TierStack::new(vec![tier]),
             limits: Default::default(),
+            tables: Default::default(),
             on_fetched: Some(Box::new(move || f2.store(true, Ordering::SeqCst))),
         },
         StreamPlan {
@@ -326,6 +327,7 @@ fn load_behind(dir: &std::path::Path, toks: &[u32], link: &Arc<Link>, slo: Durat
             timeout: Duration::from_secs(30),
             tiers: TierStack::new(vec![tier]),
             limits: Default::default(),
+            tables: Default::default(),
             on_fetched: None,
         },
         StreamPlan {

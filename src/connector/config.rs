@@ -7,6 +7,7 @@
 //!   "chunk_tokens": 256,
 //!   "level": "default",
 //!   "profile": "profiles/smollm2-135m-instruct.json",
+//!   "tables": {"default": "tables/smollm2-default.cgts"},
 //!   "tiers": {"memory": {"bytes": 1073741824},
 //!             "disk": {"path": "/var/cache/cachegen", "bytes": 10737418240},
 //!             "redis": {"url": "redis://127.0.0.1:6379", "timeout_ms": 500}},
@@ -15,6 +16,13 @@
 //!   "adaptive": {"ttft_slo_ms": 1000, "prefill_tokens_per_s": 30000}
 //! }
 //! ```
+//!
+//! `tables` names, per level, a model-level table set file (`cachegen
+//! calibrate`; docs/FORMAT.md section 8): chunks stored at that level
+//! reference the set instead of carrying their own tables (smaller chunks,
+//! less work per load). The set's id is part of the level's key namespace:
+//! chunks stored with another set (or none) are never found, rather than
+//! found and undecodable; a recalibrated set starts a new namespace.
 //!
 //! `levels` stores every chunk at each of these levels (keys of one
 //! namespace per level); `adaptive` makes loads pick a level per chunk (or
@@ -32,7 +40,9 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::codec::{Dtype, Level};
+use std::sync::Arc;
+
+use crate::codec::{Dtype, Level, TableSet};
 use crate::keys::Namespace;
 
 /// A validated configuration.
@@ -54,6 +64,8 @@ pub struct Config {
     pub levels: Vec<Level>,
     /// Bandwidth-adaptive loads (per-chunk level choice and recompute).
     pub adaptive: Option<AdaptiveConfig>,
+    /// Model-level table sets per level, already loaded.
+    pub tables: Vec<(Level, Arc<TableSet>)>,
 }
 
 /// `"adaptive"`: the loader's time-to-first-token target.
@@ -157,6 +169,8 @@ struct RawConfig {
     #[serde(default)]
     profile: Option<PathBuf>,
     #[serde(default)]
+    tables: Option<std::collections::BTreeMap<String, PathBuf>>,
+    #[serde(default)]
     tiers: Option<TiersConfig>,
     #[serde(default = "default_io")]
     io_threads: usize,
@@ -164,6 +178,27 @@ struct RawConfig {
     decode_threads: usize,
     #[serde(default = "default_timeout")]
     load_timeout_ms: u64,
+}
+
+/// Reads the table sets named in `tables` (level name → file).
+fn load_tables(raw: &std::collections::BTreeMap<String, PathBuf>, levels: &[Level]) -> Result<Vec<(Level, Arc<TableSet>)>, String> {
+    let mut out: Vec<(Level, Arc<TableSet>)> = Vec::new();
+    for (name, path) in raw {
+        let level = Level::parse(name).map_err(|e| format!("config: tables: {e}"))?;
+        if !levels.contains(&level) {
+            return Err(format!("config: tables: level {} is not stored (see levels)", level.name()));
+        }
+        if level == Level::Lossless {
+            return Err("config: tables: the lossless level codes raw bytes and takes no table set".into());
+        }
+        if out.iter().any(|(l, _)| *l == level) {
+            return Err(format!("config: tables: level {} is named twice", level.name()));
+        }
+        let bytes = std::fs::read(path).map_err(|e| format!("config: tables.{name}: {}: {e}", path.display()))?;
+        let set = TableSet::from_bytes(&bytes).map_err(|e| format!("config: tables.{name}: {}: not a table set: {e}", path.display()))?;
+        out.push((level, Arc::new(set)));
+    }
+    Ok(out)
 }
 
 fn default_dtype() -> String {
@@ -280,6 +315,10 @@ impl Config {
                 Some(crate::profile::Profile::from_json(&text).map_err(|e| format!("config: profile {}: {e}", p.display()))?)
             }
         };
+        let tables = match &raw.tables {
+            None => Vec::new(),
+            Some(t) => load_tables(t, &levels)?,
+        };
         let tiers = raw.tiers.unwrap_or(TiersConfig { memory: Some(MemoryConfig { bytes: 1 << 30, link: None }), disk: None, redis: None });
         for link in [tiers.memory.as_ref().and_then(|t| t.link.as_ref()), tiers.disk.as_ref().and_then(|t| t.link.as_ref()), tiers.redis.as_ref().and_then(|t| t.link.as_ref())].into_iter().flatten() {
             if !(link.gbps > 0.0 && link.gbps.is_finite()) || !(link.latency_ms >= 0.0 && link.latency_ms.is_finite()) {
@@ -311,6 +350,7 @@ impl Config {
             load_timeout: Duration::from_millis(raw.load_timeout_ms),
             levels,
             adaptive: raw.adaptive,
+            tables,
         })
     }
 
@@ -334,6 +374,7 @@ impl Config {
             block_size: self.namespace.block_size,
             chunk_tokens: self.chunk_tokens as u32,
             level: level.number(),
+            tables: self.tables.iter().find(|(l, _)| *l == level).map(|(_, s)| s.id()),
         }
     }
 }

@@ -27,7 +27,7 @@ use crate::codec::{DecodeLimits, Dtype, Level};
 use crate::keys::{chunk_chain, shard_key, Namespace};
 use crate::gpu::GpuError;
 use crate::layout::{KvLayout, LayoutError, Memory};
-use crate::pipeline::{DeviceSide, DeviceTarget, Job, LoadChunk, LoadSpec, Pipeline, StatsSnapshot, StoreChunk, StoreSpec, StreamPlan};
+use crate::pipeline::{DeviceSide, DeviceTarget, Job, LoadChunk, LoadSpec, Pipeline, StatsSnapshot, StoreChunk, StoreSpec, StreamPlan, TableSets};
 use crate::store::{DiskTier, Key, MemoryTier, RedisOptions, RedisTier, StoreError, Tier, TierStack};
 use crate::streaming::adaptive::Planner;
 use crate::streaming::{Estimator, Link, ShapedTier, StreamStats};
@@ -114,6 +114,8 @@ pub struct Context {
     estimator: Arc<Estimator>,
     /// GPU kernels per CUDA device, opened at the first job on that device.
     devices: Mutex<HashMap<usize, Arc<DeviceSide>>>,
+    /// Model-level table sets from the config.
+    tables: Arc<TableSets>,
 }
 
 /// `tier` behind an emulated link, if the config gives it one.
@@ -171,6 +173,7 @@ impl Context {
             pipeline,
             leases: Arc::new(Mutex::new(Leases::default())),
             devices: Mutex::new(HashMap::new()),
+            tables: Arc::new(TableSets::new(&config.tables)),
             config,
         })
     }
@@ -221,6 +224,21 @@ impl Context {
                 layout.dtype.name(),
                 self.dtype.name()
             )));
+        }
+        // A table set fits only the shape it was calibrated for.
+        let shape = layout.chunk_shape(1);
+        for (level, set) in &self.config.tables {
+            if set.channels != shape.channels() || set.plan != level.plan(&shape, self.dtype) {
+                return Err(ConnectorError::InvalidArgument(format!(
+                    "the {} table set {:016x} was calibrated for {} channels and {} planes of another coding; this layout has {} channels and {} tensors",
+                    level.name(),
+                    set.id(),
+                    set.channels,
+                    set.plan.len(),
+                    shape.channels(),
+                    shape.tensors()
+                )));
+            }
         }
         Ok(())
     }
@@ -418,6 +436,7 @@ impl Context {
             tiers: self.tiers.clone(),
             level: self.config.level,
             multipliers,
+            tables: self.tables.for_store(self.config.level).cloned(),
         }))
     }
 
@@ -453,6 +472,7 @@ impl Context {
                 tiers: self.tiers.clone(),
                 multipliers,
                 sstats: Arc::clone(&self.sstats),
+                tables: Arc::clone(&self.tables),
             },
         ))
     }
@@ -548,6 +568,7 @@ impl Context {
             tiers: self.tiers.clone(),
             limits: DecodeLimits::default(),
             on_fetched,
+            tables: Arc::clone(&self.tables),
         };
         if !streamed {
             return Ok(self.pipeline.load(spec));

@@ -2,9 +2,13 @@
 //! into device blocks), the encoder and the gather kernel (stores from device
 //! blocks), compiled once and shared by every job on that device.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
-use crate::gpu::{Event, Gpu, GpuDecoder, GpuEncoder, GpuError, GpuGather};
+use parking_lot::Mutex;
+
+use crate::codec::TableSet;
+use crate::gpu::{Event, Gpu, GpuDecoder, GpuEncoder, GpuError, GpuGather, GpuTableSet};
 
 /// One device's kernels.
 pub struct DeviceSide {
@@ -16,6 +20,8 @@ pub struct DeviceSide {
     /// Stores the GPU encoder does not take (the lossless level): gathered
     /// on the device, encoded on the host.
     pub gather: GpuGather,
+    /// The context's table sets as device lookups, uploaded at first use.
+    uploaded: Mutex<HashMap<u64, GpuTableSet>>,
 }
 
 impl DeviceSide {
@@ -30,7 +36,20 @@ impl DeviceSide {
         decoder.batch_bytes = usize::MAX;
         let gather = GpuGather::new(&gpu)?;
         let encoder = GpuEncoder::new(&gpu)?;
-        Ok(Arc::new(DeviceSide { gpu, decoder: Arc::new(decoder), encoder, gather }))
+        Ok(Arc::new(DeviceSide { gpu, decoder: Arc::new(decoder), encoder, gather, uploaded: Mutex::new(HashMap::new()) }))
+    }
+
+    /// `set` on this device, uploaded once (a few MB) and kept for the
+    /// context's life.
+    pub fn tables(&self, set: &TableSet) -> Result<GpuTableSet, GpuError> {
+        let id = set.id();
+        let mut up = self.uploaded.lock();
+        if let Some(t) = up.get(&id) {
+            return Ok(t.clone());
+        }
+        let t = self.decoder.upload_tables(set)?;
+        up.insert(id, t.clone());
+        Ok(t)
     }
 
     /// An event recorded now on the engine's `stream`, so that the job's

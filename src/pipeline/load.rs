@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::Sender;
 use parking_lot::Mutex;
 
-use super::{guarded, Deadline, DeviceTarget, Expire, Job, JobKind, Pipeline, Stats, Task};
+use super::{guarded, Deadline, DeviceTarget, Expire, Job, JobKind, Pipeline, Stats, TableSets, Task};
 use crate::codec::{Container, DecodeLimits, Dtype, KvShape, Level};
 use crate::gpu::PreparedChunk;
 use crate::layout::KvLayout;
@@ -42,6 +42,8 @@ pub struct LoadSpec {
     pub on_fetched: Option<Box<dyn FnOnce() + Send>>,
     /// Set when `layout` is in GPU memory: decode there, not on the host.
     pub device: Option<DeviceTarget>,
+    /// The model-level table sets chunks may reference.
+    pub tables: Arc<TableSets>,
 }
 
 /// How a load chooses among the levels a chunk is stored at (see
@@ -92,16 +94,23 @@ enum ParsedChunk {
 }
 
 impl ParsedChunk {
-    fn parse(bytes: Bytes, limits: DecodeLimits, device: bool) -> Result<ParsedChunk, String> {
-        if device {
-            return PreparedChunk::new(bytes, limits).map(ParsedChunk::Device).map_err(|e| e.to_string());
+    fn parse(bytes: Bytes, limits: DecodeLimits, device: Option<&DeviceTarget>, tables: &TableSets) -> Result<ParsedChunk, String> {
+        // The set the chunk references, if this context holds it (else the
+        // parsers report the missing set).
+        let set = tables.for_container(&bytes).cloned();
+        if let Some(dev) = device {
+            let gpu_set = match &set {
+                Some(s) => Some(dev.side.tables(s).map_err(|e| format!("uploading table set {:016x}: {e}", s.id()))?),
+                None => None,
+            };
+            return PreparedChunk::with_tables(bytes, limits, gpu_set.as_ref()).map(ParsedChunk::Device).map_err(|e| e.to_string());
         }
         // SAFETY: the slice points into the shared allocation, which is
         // immutable and never moves or is freed while `_bytes` holds it, and `container` (the only
         // holder of the reference) is dropped first and never handed out
         // with the 'static lifetime (see `container()`).
         let view: &'static [u8] = unsafe { std::slice::from_raw_parts(bytes.as_ptr(), bytes.len()) };
-        let container = Container::parse(view, None, limits).map_err(|e| e.to_string())?;
+        let container = Container::parse(view, set.as_deref(), limits).map_err(|e| e.to_string())?;
         Ok(ParsedChunk::Host { container, _bytes: bytes })
     }
 
@@ -162,6 +171,7 @@ struct LoadRun {
     st: Mutex<LoadState>,
     stream: Option<StreamRun>,
     device: Option<DeviceTarget>,
+    tables: Arc<TableSets>,
     /// This run, for tasks started from `&self` contexts.
     me: Weak<LoadRun>,
 }
@@ -206,6 +216,7 @@ impl Pipeline {
         let run = Arc::new_cyclic(|me| LoadRun {
             me: me.clone(),
             device: spec.device,
+            tables: spec.tables,
             job: Arc::clone(&job),
             layout: spec.layout,
             chunk_tokens: spec.chunk_tokens,
@@ -326,7 +337,7 @@ impl LoadRun {
     fn verify(&self, c: usize, key: Key, f: Fetched) -> Result<(ParsedChunk, usize, usize), String> {
         guarded(|| {
             let bytes = f.value.len();
-            let parsed = ParsedChunk::parse(f.value, self.limits, self.device.is_some()).map_err(|e| format!("chunk {}: {e}", key_hex(&key)))?;
+            let parsed = ParsedChunk::parse(f.value, self.limits, self.device.as_ref(), &self.tables).map_err(|e| format!("chunk {}: {e}", key_hex(&key)))?;
             let (dtype, shape) = parsed.shape();
             let want = self.layout.chunk_shape(self.chunk_tokens);
             if dtype != self.layout.dtype || shape != want {

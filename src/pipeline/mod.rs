@@ -30,6 +30,7 @@ mod job;
 mod load;
 mod stats;
 mod store;
+mod tables;
 
 use std::collections::BinaryHeap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -44,6 +45,7 @@ pub use job::{Job, JobKind, Progress, Stage};
 pub use load::{LoadChunk, LoadSpec, StreamPlan};
 pub use stats::{Stats, StatsSnapshot};
 pub use store::{StoreChunk, StoreSpec};
+pub use tables::TableSets;
 
 pub(crate) type Task = Box<dyn FnOnce() + Send + 'static>;
 

@@ -6,7 +6,7 @@ use std::time::Instant;
 use parking_lot::Mutex;
 
 use super::{guarded, DeviceTarget, Job, JobKind, Pipeline, Stats};
-use crate::codec::{encode, EncodeOptions, KvTensors, Level};
+use crate::codec::{encode, EncodeOptions, KvTensors, Level, TableSet, Tables};
 use crate::layout::KvLayout;
 use crate::store::{Key, TierStack};
 
@@ -32,6 +32,8 @@ pub struct StoreSpec {
     pub multipliers: Option<Vec<f32>>,
     /// Set when `layout` is in GPU memory: gather there, encode here.
     pub device: Option<DeviceTarget>,
+    /// The model-level table set to encode with (none: embedded tables).
+    pub tables: Option<Arc<TableSet>>,
 }
 
 struct StoreRun {
@@ -110,17 +112,22 @@ impl Pipeline {
 }
 
 impl StoreRun {
-    fn options(&self) -> EncodeOptions<'static> {
-        EncodeOptions { level: Some(self.spec.level), profile: self.spec.multipliers.clone(), ..Default::default() }
+    fn options(&self) -> EncodeOptions<'_> {
+        let tables = match &self.spec.tables {
+            Some(set) => Tables::External(set),
+            None => Tables::Embedded,
+        };
+        EncodeOptions { level: Some(self.spec.level), profile: self.spec.multipliers.clone(), tables, ..Default::default() }
     }
 
     /// Stores from GPU memory at a lossy level: every chunk encoded on the
     /// device at once (then the blocks are reusable), written by the io
     /// threads. Returns false when the host path must run instead (host
-    /// memory, or the lossless level, which the GPU encoder does not take).
+    /// memory, the lossless level or a table set, which the GPU encoder does
+    /// not take: gathered on the device, encoded on the host).
     fn gpu_encode(self: &Arc<Self>, io: &crossbeam_channel::Sender<super::Task>) -> bool {
         let Some(dev) = &self.spec.device else { return false };
-        if self.spec.level == Level::Lossless {
+        if self.spec.level == Level::Lossless || self.spec.tables.is_some() {
             return false;
         }
         let t0 = Instant::now();

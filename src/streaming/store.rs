@@ -7,9 +7,9 @@ use std::time::Instant;
 use parking_lot::Mutex;
 
 use super::StreamStats;
-use crate::codec::{encode, EncodeOptions, KvTensors, Level};
+use crate::codec::{encode, EncodeOptions, KvTensors, Level, Tables};
 use crate::layout::KvLayout;
-use crate::pipeline::{guarded, Job, JobKind, Pipeline, Stats};
+use crate::pipeline::{guarded, Job, JobKind, Pipeline, Stats, TableSets};
 use crate::store::{Key, TierStack};
 
 pub(crate) struct LevelChunk {
@@ -26,6 +26,8 @@ pub(crate) struct LevelStoreSpec {
     pub tiers: TierStack,
     pub multipliers: Option<Vec<f32>>,
     pub sstats: Arc<StreamStats>,
+    /// The model-level table sets (per level, the one stores encode with).
+    pub tables: Arc<TableSets>,
 }
 
 struct Run {
@@ -100,7 +102,11 @@ impl Run {
         let (level, key) = self.spec.chunks[i].keys[li];
         let t0 = Instant::now();
         let encoded = guarded(|| {
-            let opts = EncodeOptions { level: Some(level), profile: self.spec.multipliers.clone(), ..Default::default() };
+            let tables = match self.spec.tables.for_store(level) {
+                Some(set) => Tables::External(set),
+                None => Tables::Embedded,
+            };
+            let opts = EncodeOptions { level: Some(level), profile: self.spec.multipliers.clone(), tables, ..Default::default() };
             encode(kv, &opts).map_err(|e| format!("encode {}: {e}", level.name()))
         });
         Stats::add(&self.stats.encode_ns, t0.elapsed().as_nanos() as u64);

@@ -79,7 +79,7 @@ fn gsym(elems: usize, s: Option<f64>) -> Option<f64> {
     s.map(|s| elems as f64 / s / 1e9)
 }
 
-fn split_chunks(kv: &KvTensors, chunk: usize) -> Vec<KvTensors> {
+pub fn split_chunks(kv: &KvTensors, chunk: usize) -> Vec<KvTensors> {
     let s = kv.shape;
     let row = s.channels() * kv.dtype.size();
     (0..s.tokens)

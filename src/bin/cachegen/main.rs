@@ -30,11 +30,43 @@ enum Command {
         /// `value` step multipliers; see profiles/).
         #[arg(long)]
         profile: Option<PathBuf>,
+        /// Reference this model-level table set (`cachegen calibrate`)
+        /// instead of embedding tables: smaller, but no longer
+        /// self-contained (decode needs the same set).
+        #[arg(long)]
+        tables: Option<PathBuf>,
         input: PathBuf,
         output: PathBuf,
     },
     /// Decode a .cg stream back to safetensors (same names, shapes and dtype).
-    Decode { input: PathBuf, output: PathBuf },
+    Decode {
+        /// The table set a stream encoded with `--tables` references.
+        #[arg(long)]
+        tables: Option<PathBuf>,
+        input: PathBuf,
+        output: PathBuf,
+    },
+    /// Calibrate a model-level table set (.cgts, docs/FORMAT.md section 8)
+    /// from KV caches of the model, for one level: chunks encoded with it
+    /// carry no tables. Name it in the connector config's `tables`.
+    Calibrate {
+        /// Quality level: 1/compact, 2/default, 3/high.
+        #[arg(long, default_value = "default")]
+        level: String,
+        /// The profile the chunks will be encoded with (the connector's `profile`).
+        #[arg(long)]
+        profile: Option<PathBuf>,
+        /// Tokens per calibration sample: the connector's `chunk_tokens`
+        /// (a shorter tail of an input is left out).
+        #[arg(long, default_value_t = 256)]
+        chunk_tokens: usize,
+        /// Where to write the set.
+        #[arg(long, short)]
+        output: PathBuf,
+        /// KV caches of the model (safetensors), all of one shape per token and dtype.
+        #[arg(required = true)]
+        inputs: Vec<PathBuf>,
+    },
     /// Print a JSON summary of a .cg stream's header and section sizes.
     Inspect { input: PathBuf },
     /// Measure size, speed (and quality, with the model harness) against baselines.
@@ -65,12 +97,22 @@ pub fn load_profile(path: Option<&Path>, shape: &codec::KvShape) -> Result<Optio
     p.multipliers(shape).map(Some).map_err(|e| format!("{}: {e}", path.display()))
 }
 
+fn load_set(path: Option<&Path>) -> Result<Option<codec::TableSet>, String> {
+    let Some(path) = path else { return Ok(None) };
+    codec::TableSet::from_bytes(&read(path)?).map(Some).map_err(|e| format!("{}: not a table set: {e}", path.display()))
+}
+
 fn run(cli: Cli) -> Result<(), String> {
     match cli.command {
-        Command::Encode { level, profile, input, output } => {
+        Command::Encode { level, profile, tables, input, output } => {
             let level = Level::parse(&level).map_err(|e| e.to_string())?;
             let kv = load_kv(&input)?.kv;
-            let opts = EncodeOptions { level: Some(level), profile: load_profile(profile.as_deref(), &kv.shape)?, ..Default::default() };
+            let set = load_set(tables.as_deref())?;
+            let tables = match &set {
+                Some(s) => codec::Tables::External(s),
+                None => codec::Tables::Embedded,
+            };
+            let opts = EncodeOptions { level: Some(level), profile: load_profile(profile.as_deref(), &kv.shape)?, tables, ..Default::default() };
             let bytes = codec::encode(&kv, &opts).map_err(|e| format!("{}: {e}", input.display()))?;
             write(&output, &bytes)?;
             let raw = kv.shape.elems() * 2;
@@ -85,11 +127,46 @@ fn run(cli: Cli) -> Result<(), String> {
             );
             Ok(())
         }
-        Command::Decode { input, output } => {
+        Command::Decode { tables, input, output } => {
             let bytes = read(&input)?;
-            let kv = codec::decode(&bytes, None).map_err(|e| format!("{}: {e}", input.display()))?;
+            let set = load_set(tables.as_deref())?;
+            let kv = codec::decode(&bytes, set.as_ref()).map_err(|e| format!("{}: {e}", input.display()))?;
             let st = interchange::to_safetensors(&kv, None).map_err(|e| e.to_string())?;
             write(&output, &st)
+        }
+        Command::Calibrate { level, profile, chunk_tokens, output, inputs } => {
+            let level = Level::parse(&level).map_err(|e| e.to_string())?;
+            if level == Level::Lossless {
+                return Err("the lossless level codes raw bytes and takes no table set".into());
+            }
+            if chunk_tokens == 0 {
+                return Err("--chunk-tokens must be positive".into());
+            }
+            let mut samples = Vec::new();
+            for path in &inputs {
+                let kv = load_kv(path)?.kv;
+                let before = samples.len();
+                samples.extend(bench::split_chunks(&kv, chunk_tokens).into_iter().filter(|c| c.shape.tokens == chunk_tokens));
+                if samples.len() == before {
+                    return Err(format!("{}: {} tokens, fewer than one {chunk_tokens}-token sample", path.display(), kv.shape.tokens));
+                }
+            }
+            let opts = EncodeOptions { level: Some(level), profile: load_profile(profile.as_deref(), &samples[0].shape)?, ..Default::default() };
+            let refs: Vec<&codec::KvTensors> = samples.iter().collect();
+            let set = codec::calibrate_tables(&refs, &opts).map_err(|e| e.to_string())?;
+            let bytes = set.to_bytes();
+            write(&output, &bytes)?;
+            eprintln!(
+                "{}: table set {:016x} for level {}, {} channels, {} planes, from {} samples of {chunk_tokens} tokens ({} bytes)",
+                output.display(),
+                set.id(),
+                level.name(),
+                set.channels,
+                set.plan.len(),
+                samples.len(),
+                bytes.len()
+            );
+            Ok(())
         }
         Command::Inspect { input } => {
             let bytes = read(&input)?;
