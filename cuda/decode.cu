@@ -51,8 +51,9 @@ struct Chunk {
     u32 prob_bits, planes_per_tensor, streams, exact_n;
     u32 scales_off, exact_idx_off, exact_rows_off, plane_first; // container offsets; index into planes[]
     u32 tab_first, index, dtype_size, is_bf16;                  // index into tab_off[]; chunk index of the call
-    u32 tensors, external, pad1, pad2;                          // layers * streams; 1: tables from the model's set
+    u32 tensors, external, set_kmax, set_off;                   // layers * streams; 1: tables from a table set: its rows per block, its offset
 };
+static_assert(sizeof(Chunk) == 104, "Chunk mirrors ChunkDesc in src/gpu/decode.rs");
 
 // tab_off entry of a channel whose table comes from the uploaded table set
 // (a chunk with external tables and no patch for that channel).
@@ -262,14 +263,15 @@ __device__ __forceinline__ u32 lookup(const u32* lutw, const u32* symt, const u3
 // largest prob_bits and largest number of non-zero symbols in a table.
 // Dynamic shared memory per warp: 32 * (2^max_prob_bits / 4 + kmax) u32 of
 // lookups, then the word ring (RING_UNITS u32).
-// `set_luts`/`set_kmax`: the model's table set as prebuilt lookups (one block
-// per (plane, 32-channel group): the `lutw` words then `set_kmax` rows of
-// `symt`, both lane-interleaved as in shared memory), for chunks whose
-// `external` is set; null and 0 otherwise.
+// A chunk whose `external` is set reads its table set's prebuilt lookups at
+// `set_luts + set_off` (u32 words; one block per (plane, 32-channel group):
+// the `lutw` words then `set_kmax` rows of `symt`, both lane-interleaved as
+// in shared memory). `set_luts` is the lowest set address of the call (null
+// when no chunk has a set); a call may mix sets (an adaptive load's levels).
 extern "C" __global__ void cg_decode(
     const u8* __restrict__ region, const Chunk* __restrict__ chunks, const Plane* __restrict__ planes,
     const Seg* __restrict__ segs, const u32* __restrict__ tab_off, u32 nsegs, u32 geo,
-    Dest dest, u32* __restrict__ errors, const u32* __restrict__ set_luts, u32 set_kmax)
+    Dest dest, u32* __restrict__ errors, const u32* __restrict__ set_luts)
 {
     extern __shared__ u32 smem[];
     const u32 lane = threadIdx.x & 31u;
@@ -361,7 +363,8 @@ extern "C" __global__ void cg_decode(
             // global memory), then let the lanes with a patched table build
             // their own column over them.
             const u32 slw = (LANES << prob_bits) >> 2;
-            const u32* blk = set_luts + (size_t)(sg.plane * ch.groups + g) * (slw + LANES * set_kmax);
+            const u32 set_kmax = ch.set_kmax;
+            const u32* blk = set_luts + ch.set_off + (size_t)(sg.plane * ch.groups + g) * (slw + LANES * set_kmax);
             const uint4* src = (const uint4*)blk;
             uint4* dl = (uint4*)wbase_smem;
             for (u32 i = lane; i < slw / 4; i += 32) dl[i] = src[i];

@@ -295,3 +295,83 @@ fn device_layouts_without_a_gpu_or_with_host_pointers_are_refused() {
     assert!(out.is_null());
     assert!(msg.contains("CG_MEMORY_CUDA"), "{msg}");
 }
+
+#[test]
+fn table_set_chunks_load_on_the_gpu_as_on_the_host_mixing_sets_in_one_load() {
+    let Some(gpu) = gpu() else { return };
+    use cachegen::codec::{calibrate_tables, EncodeOptions, KvTensors, Level};
+    use cachegen::store::{DiskTier, Tier};
+    let kv = fixture();
+    let dir = tempfile::tempdir().unwrap();
+    let samples: Vec<KvTensors> = (1..5).map(|c| slice_tokens(&kv, c * CHUNK, (c + 1) * CHUNK)).collect();
+    let refs: Vec<&KvTensors> = samples.iter().collect();
+    let mut entries = Vec::new();
+    for level in [Level::Compact, Level::Default] {
+        let set = calibrate_tables(&refs, &EncodeOptions::level(level)).unwrap();
+        let path = dir.path().join(format!("{}.cgts", level.name()));
+        std::fs::write(&path, set.to_bytes()).unwrap();
+        entries.push(format!(r#""{}": "{}""#, level.name(), path.display()));
+    }
+    let tables = entries.join(", ");
+    let toks = tokens(320, 8);
+    let blocks: Vec<u32> = (0..20).collect();
+    let mut src = Engine::vllm(&kv, 20, false);
+    src.fill(&kv, &blocks, 320);
+    let dev_src = DeviceEngine::mirror(gpu, &src);
+    let disk = |d: &std::path::Path| format!(r#", "tiers": {{"disk": {{"path": "{}", "bytes": 100000000}}}}"#, d.display());
+
+    // One level: a store from device memory (gathered there, encoded on the
+    // host with the set) writes what a store from host memory writes.
+    let (gdir, hdir) = (dir.path().join("g"), dir.path().join("h"));
+    let one = |d: &std::path::Path| config(&format!(r#"{}, "tables": {{{}}}"#, disk(d), entries[1]));
+    let ctx = Context::from_json(&one(&gdir)).unwrap();
+    let job = unsafe { ctx.store_on(Arc::clone(&dev_src.layout), &toks, &blocks, b"", Some(0)) }.unwrap();
+    assert!(job.wait(Stage::Done, Some(Duration::from_secs(60))));
+    assert_eq!(job.progress().chunks_ok, 5, "{:?}", job.progress().errors);
+    let hctx = Context::from_json(&one(&hdir)).unwrap();
+    let job = unsafe { hctx.store(Arc::clone(&src.layout), &toks, &blocks, b"") }.unwrap();
+    assert!(job.wait(Stage::Done, Some(Duration::from_secs(60))));
+    let files = |d: &std::path::Path| -> Vec<(std::path::PathBuf, Vec<u8>)> {
+        let mut v: Vec<_> = walk(d).into_iter().map(|p| (p.strip_prefix(d).unwrap().to_path_buf(), std::fs::read(&p).unwrap())).collect();
+        v.sort();
+        v
+    };
+    let (g, h) = (files(&gdir), files(&hdir));
+    assert!(g.len() >= 5 && g == h, "GPU-side store with a set differs from the host store ({} and {} files)", g.len(), h.len());
+
+    // Two levels, each with its set; the default level of chunks 1 and 3 is
+    // gone, so the load takes them at the compact level: one device call
+    // decodes chunks of both sets.
+    let mdir = dir.path().join("m");
+    let multi = config(&format!(r#"{}, "tables": {{{tables}}}, "levels": ["compact", "default"], "level": "default""#, disk(&mdir)));
+    {
+        let ctx = Context::from_json(&multi).unwrap();
+        let job = unsafe { ctx.store(Arc::clone(&src.layout), &toks, &blocks, b"") }.unwrap();
+        assert!(job.wait(Stage::Done, Some(Duration::from_secs(60))));
+        assert_eq!(job.progress().chunks_ok, 5, "{:?}", job.progress().errors);
+        let ns = ctx.config().level_namespace(Level::Default);
+        let chain = cachegen::keys::chunk_chain(&ns, b"", &toks);
+        let tier = DiskTier::open(&mdir, 100_000_000).unwrap();
+        for c in [1, 3] {
+            tier.remove(&cachegen::keys::shard_key(&chain[c], 0)).unwrap();
+        }
+    }
+    let ctx = Context::from_json(&multi).unwrap();
+    for hnd in [false, true] {
+        let mut host = Engine::vllm(&kv, 24, hnd);
+        for b in &mut host.bufs {
+            b.fill(0x3c);
+        }
+        let dev = DeviceEngine::mirror(gpu, &host);
+        let job = unsafe { ctx.load(Arc::clone(&host.layout), &toks, &blocks, 0, b"", 0) }.unwrap();
+        assert!(job.wait(Stage::Done, Some(Duration::from_secs(60))));
+        assert_eq!(job.progress().chunks_ok, 5, "{:?}", job.progress().errors);
+        let levels: Vec<_> = job.chunk_decisions().iter().map(|d| format!("{:?}", d.outcome)).collect();
+        assert_eq!(levels.iter().filter(|l| l.contains("Compact")).count(), 2, "{levels:?}");
+        let job = unsafe { ctx.load_on(Arc::clone(&dev.layout), &toks, &blocks, 0, b"", 0, Some(0)) }.unwrap();
+        assert!(job.wait(Stage::Done, Some(Duration::from_secs(60))));
+        let p = job.progress();
+        assert_eq!((p.chunks_ok, p.chunks_failed), (5, 0), "{:?}", p.errors);
+        assert!(dev.download() == host.bufs, "GPU load of two sets' chunks (hnd={hnd}) differs from the host load");
+    }
+}

@@ -160,14 +160,22 @@ fn check(dec: &GpuDecoder, kind: Kind, streams: &[Vec<u8>], what: &str) {
 /// [`check`] for streams that may reference a table set (CPU: the set;
 /// GPU: its uploaded lookups).
 fn check_with(dec: &GpuDecoder, kind: Kind, streams: &[Vec<u8>], what: &str, set: Option<(&codec::TableSet, &GpuTableSet)>) {
-    let cpu_decode = |b: &[u8]| codec::Container::parse(b, set.map(|s| s.0), Default::default()).and_then(|c| c.decode()).unwrap();
+    check_sets(dec, kind, streams, what, set.as_slice(), false)
+}
+
+/// [`check_with`] for chunks that may reference any of `sets`: staged with
+/// [`GpuDecoder::stage_with_tables`] (at most one set), or, with `prepared`,
+/// each chunk prepared with the set it references and all staged together.
+fn check_sets(dec: &GpuDecoder, kind: Kind, streams: &[Vec<u8>], what: &str, sets: &[(&codec::TableSet, &GpuTableSet)], prepared: bool) {
+    let set_of = |b: &[u8]| {
+        let h = codec::format::Header::parse(b).unwrap();
+        sets.iter().find(|s| h.external_tables() && s.0.id() == h.table_id).copied()
+    };
+    let cpu_decode = |b: &[u8]| codec::Container::parse(b, set_of(b).map(|s| s.0), Default::default()).and_then(|c| c.decode()).unwrap();
     let first = cpu_decode(&streams[0]);
     let s = first.shape;
     let block_size = 16;
-    let per_chunk: Vec<usize> = streams
-        .iter()
-        .map(|b| codec::Container::parse(b, set.map(|s| s.0), Default::default()).unwrap().header().shape.tokens.div_ceil(block_size))
-        .collect();
+    let per_chunk: Vec<usize> = streams.iter().map(|b| codec::format::Header::parse(b).unwrap().shape.tokens.div_ceil(block_size)).collect();
     let num_blocks = per_chunk.iter().sum::<usize>() + 3;
     let (layout, size) = make_layout(kind, s.layers, num_blocks, block_size, s.heads, s.head_dim, first.dtype);
     let mut rnd = xorshift(size as u64);
@@ -185,7 +193,14 @@ fn check_with(dec: &GpuDecoder, kind: Kind, streams: &[Vec<u8>], what: &str, set
     }
     let refs: Vec<&[u8]> = streams.iter().map(|b| b.as_slice()).collect();
     let id_refs: Vec<&[u32]> = ids.iter().map(|v| v.as_slice()).collect();
-    let staged = dec.stage_with_tables(&refs, set.map(|s| s.1)).unwrap_or_else(|e| panic!("{what} {kind:?}: {e}"));
+    let staged = if prepared {
+        let preps: Vec<PreparedChunk> = streams.iter().map(|b| PreparedChunk::with_tables(b.clone(), Default::default(), set_of(b).map(|s| s.1)).unwrap()).collect();
+        dec.stage_prepared(&preps.iter().collect::<Vec<_>>())
+    } else {
+        assert!(sets.len() <= 1);
+        dec.stage_with_tables(&refs, sets.first().map(|s| s.1))
+    }
+    .unwrap_or_else(|e| panic!("{what} {kind:?}: {e}"));
     // SAFETY: the arena holds the whole layout and nothing else uses it.
     unsafe { dec.decode_staged(&staged, &dev_layout, &id_refs, None) }.unwrap_or_else(|e| panic!("{what} {kind:?}: {e}"));
     let mut got = vec![0u8; size];
@@ -410,19 +425,35 @@ fn external_table_errors_are_the_cpu_decoders() {
     let shape = shape_for(Kind::FlashAttn(false), 64);
     let set = calibrate_tables(&[&synthetic(shape, Dtype::F16, 4)], &EncodeOptions::level(Level::Default)).unwrap();
     let other = calibrate_tables(&[&synthetic(shape, Dtype::F16, 8)], &EncodeOptions::level(Level::Default)).unwrap();
-    let (gset, gother) = (dec.upload_tables(&set).unwrap(), dec.upload_tables(&other).unwrap());
+    let gother = dec.upload_tables(&other).unwrap();
     let opts = EncodeOptions { level: Some(Level::Default), tables: Tables::External(&set), ..Default::default() };
     let s = encode(&synthetic(shape, Dtype::F16, 5), &opts).unwrap();
     let e = dec.stage(&[&s]).err().expect("a stream that references a set needs it");
     assert!(matches!(e, GpuError::Codec { chunk: 0, source: codec::Error::MissingTables(_) }), "{e}");
     let e = dec.stage_with_tables(&[&s], Some(&gother)).err().expect("another set is refused");
     assert!(matches!(e, GpuError::Codec { chunk: 0, source: codec::Error::WrongTables { .. } }), "{e}");
-    // Chunks checked against two different sets cannot share a call.
-    let s2 = encode(&synthetic(shape, Dtype::F16, 6), &EncodeOptions { tables: Tables::External(&other), ..opts.clone() }).unwrap();
-    let a = PreparedChunk::with_tables(s, Default::default(), Some(&gset)).unwrap();
-    let b = PreparedChunk::with_tables(s2, Default::default(), Some(&gother)).unwrap();
-    let e = dec.stage_prepared(&[&a, &b]).err().expect("two sets in one call");
-    assert!(matches!(e, GpuError::Invalid(_)), "{e}");
+}
+
+#[test]
+fn one_call_decodes_chunks_of_several_table_sets() {
+    let Some(dec) = decoder() else { return };
+    // An adaptive load mixes levels, each with its own set (and chunks with
+    // embedded tables), in one call: every chunk reads its own set.
+    for kind in [Kind::FlashAttn(false), Kind::TrtPool(true), Kind::Mla] {
+        let levels = [Level::Compact, Level::Default, Level::High];
+        let sets: Vec<codec::TableSet> =
+            levels.iter().enumerate().map(|(i, &l)| calibrate_tables(&[&synthetic(shape_for(kind, 40 + 60 * i), Dtype::F16, 70 + i as u64)], &EncodeOptions::level(l)).unwrap()).collect();
+        let gsets: Vec<GpuTableSet> = sets.iter().map(|s| dec.upload_tables(s).unwrap()).collect();
+        let pairs: Vec<(&codec::TableSet, &GpuTableSet)> = sets.iter().zip(&gsets).collect();
+        let mut streams = Vec::new();
+        for (i, t) in [256usize, 77, 130, 64, 200, 33].into_iter().enumerate() {
+            let l = i % 3;
+            let kv = synthetic(shape_for(kind, t), Dtype::F16, 80 + i as u64);
+            let opts = if i == 4 { EncodeOptions::level(levels[l]) } else { EncodeOptions { tables: Tables::External(&sets[l]), ..EncodeOptions::level(levels[l]) } };
+            streams.push(encode(&kv, &opts).unwrap());
+        }
+        check_sets(dec, kind, &streams, "three sets and embedded tables in one call", &pairs, true);
+    }
 }
 
 #[test]

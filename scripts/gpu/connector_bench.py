@@ -14,8 +14,14 @@ wrap around), placed in vLLM FlashAttention NHD paged blocks on the GPU
 - baseline in the same run: copying the same KV as raw f16 from pinned host
   memory into the GPU (what loading uncompressed KV from CPU memory costs).
 
+With `--tables SET.cgts` (a default-level table set for this shape, made
+with scripts/gpu/tile_kv.py and `cachegen calibrate` from another text's
+KV), every size runs twice in the same process: chunks with embedded
+tables, then chunks referencing the set (config `tables`). Stores with a
+set gather on the GPU and encode on the host.
+
 Usage (on a GPU machine; CACHEGEN_LIBRARY names libcachegen.so):
-    python3 scripts/gpu/connector_bench.py --tokens 8192,32768 --repeat 5 --out result.json
+    python3 scripts/gpu/connector_bench.py --tokens 8192,32768 --repeat 5 --out result.json [--tables SET.cgts]
 """
 
 import argparse
@@ -70,7 +76,7 @@ def ms(t0):
     return (time.perf_counter() - t0) * 1e3
 
 
-def run(tokens, repeat, fixture):
+def run(tokens, repeat, fixture, tables=None):
     kv = tiled(fixture, tokens)  # host, f16
     nb = tokens // BS
     rng = np.random.default_rng(tokens)
@@ -88,7 +94,9 @@ def run(tokens, repeat, fixture):
         "chunk_tokens": CHUNK,
         "tiers": {"memory": {"bytes": 8 << 30}},
     }
-    out = {"tokens": tokens, "raw_bytes": int(kv.nbytes)}
+    if tables:
+        cfg["tables"] = {"default": tables}
+    out = {"tokens": tokens, "raw_bytes": int(kv.nbytes), "tables": tables or "embedded"}
     stream = torch.cuda.current_stream()
     with cachegen.Context(cfg) as ctx:
         slayout = cachegen.Layout.from_tensors(src, AXES)
@@ -150,14 +158,15 @@ def main():
     ap.add_argument("--tokens", default="8192,32768")
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--out")
+    ap.add_argument("--tables", help="a default-level table set (.cgts) for the Llama-3-8B shape: also run with it")
     a = ap.parse_args()
     fixture = read_fixture()
     res = {"device": torch.cuda.get_device_name(0), "library": cachegen.library_path(), "results": []}
-    for t in [int(x) for x in a.tokens.split(",")]:
-        r = run(t, a.repeat, fixture)
+    for t, tables in [(int(x), tb) for x in a.tokens.split(",") for tb in ([None, a.tables] if a.tables else [None])]:
+        r = run(t, a.repeat, fixture, tables)
         res["results"].append(r)
         print(
-            f"{t} tokens: {r['raw_bytes'] / 1e9:.2f} GB f16, stored {r['stored_bytes'] / 1e6:.1f} MB ({r['ratio_vs_f16']:.2f}x); "
+            f"{t} tokens, tables {r['tables']}: {r['raw_bytes'] / 1e9:.2f} GB f16, stored {r['stored_bytes'] / 1e6:.1f} MB ({r['ratio_vs_f16']:.2f}x); "
             f"store {r['store_reusable_ms']:.1f} ms to reusable, {r['store_done_ms']:.1f} ms to done; "
             f"load: layer 0 {r['load_layer0_ms_median']:.1f} ms, all layers {r['load_all_layers_ms_median']:.1f} ms (median of {a.repeat}); "
             f"raw f16 H2D from pinned {r['raw_f16_h2d_ms_median']:.1f} ms; max abs error {r['max_abs_error_layers_0_and_last']:.4f}",

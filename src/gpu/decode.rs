@@ -78,10 +78,17 @@ struct ChunkDesc {
     dtype_size: u32,
     is_bf16: u32,
     tensors: u32,
-    /// 1: the chunk's tables come from the batch's table set (FROM_SET entries in `tab`).
+    /// 1: the chunk's tables come from its table set (FROM_SET entries in `tab`).
     external: u32,
-    pad: [u32; 2],
+    /// The set's symbol rows per block, and where its lookups start, in u32
+    /// words from the call's lowest set address: a call may mix chunks of
+    /// several sets (an adaptive load's levels).
+    set_kmax: u32,
+    set_off: u32,
 }
+
+// cuda/decode.cu's `Chunk` is 104 bytes.
+const _: () = assert!(std::mem::size_of::<ChunkDesc>() == 104);
 
 #[repr(C)]
 #[derive(Clone, Copy, Default, Debug)]
@@ -347,7 +354,8 @@ fn prepare(bytes: &[u8], index: usize, limits: DecodeLimits, set: Option<&SetInf
         is_bf16: (h.dtype == Dtype::Bf16) as u32,
         tensors: shape.tensors() as u32,
         external: external as u32,
-        pad: [0; 2],
+        set_kmax: 0,
+        set_off: 0,
     };
     Ok(Prep { desc, planes, segs, tab, payload_start, shape, dtype: h.dtype, symbols, max_nz: max_nz.min(256), tables: None })
 }
@@ -538,8 +546,10 @@ pub struct Staged {
     shapes: Vec<(KvShape, Dtype)>,
     compressed: usize,
     symbols: u64,
-    /// The table set of its external-tables chunks (kept on the device while staged).
-    tables: Option<GpuTableSet>,
+    /// The table sets of its external-tables chunks (kept on the device while staged).
+    _tables: Vec<GpuTableSet>,
+    /// The lowest of their addresses (chunks hold offsets from it).
+    set_base: u64,
 }
 
 impl Staged {
@@ -779,15 +789,24 @@ impl GpuDecoder {
 
     /// Batches, offsets and the pinned image of checked containers.
     fn assemble(&self, mut preps: Vec<Prep>, chunks: &[&[u8]]) -> Result<Staged, GpuError> {
-        // One table set per call: the kernel takes one set pointer.
-        let mut tables: Option<GpuTableSet> = None;
+        // The sets the chunks read (kept on the device while staged). The
+        // kernel takes the lowest set address as a read-only parameter and
+        // each chunk its set's offset from it (a pointer in the descriptor
+        // made the kernel's loads of it slower).
+        let mut tables: Vec<GpuTableSet> = Vec::new();
         for p in &preps {
             if let Some(t) = &p.tables {
-                match &tables {
-                    Some(have) if have.id() != t.id() => return Err(GpuError::Invalid("chunks of one call reference different table sets".into())),
-                    Some(_) => {}
-                    None => tables = Some(t.clone()),
+                if !tables.iter().any(|have| have.id() == t.id()) {
+                    tables.push(t.clone());
                 }
+            }
+        }
+        let set_base = tables.iter().map(|t| t.ptr()).min().unwrap_or(0);
+        for p in &mut preps {
+            if let Some(t) = &p.tables {
+                let words = (t.ptr() - set_base) / 4;
+                p.desc.set_off = u32::try_from(words).map_err(|_| GpuError::Unsupported("table sets more than 16 GiB apart in device memory; decode their chunks in separate calls".into()))?;
+                p.desc.set_kmax = t.inner.info.kmax;
             }
         }
         let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).min(chunks.len());
@@ -928,7 +947,8 @@ impl GpuDecoder {
             shapes: preps.iter().map(|p| (p.shape, p.dtype)).collect(),
             compressed: chunks.iter().map(|c| c.len()).sum(),
             symbols: preps.iter().map(|p| p.symbols).sum(),
-            tables,
+            _tables: tables,
+            set_base,
         })
     }
 
@@ -1194,13 +1214,12 @@ impl GpuDecoder {
             let mut geo = b.max_prob_bits | b.kmax << 8;
             let mut d = desc;
             let mut p_errors = errors;
-            let mut p_set = staged.tables.as_ref().map(|t| t.ptr()).unwrap_or(0);
-            let mut set_kmax = staged.tables.as_ref().map(|t| t.inner.info.kmax).unwrap_or(0);
+            let mut p_set = staged.set_base;
             let per_warp = self.smem_per_warp(b.max_prob_bits, b.kmax);
             let w = self.warps_per_block(per_warp);
             let smem = w * per_warp;
             if nsegs > 0 {
-                let mut params: [*mut c_void; 11] = [
+                let mut params: [*mut c_void; 10] = [
                     &mut p_region as *mut _ as *mut c_void,
                     &mut p_chunks as *mut _ as *mut c_void,
                     &mut p_planes as *mut _ as *mut c_void,
@@ -1211,7 +1230,6 @@ impl GpuDecoder {
                     &mut d as *mut _ as *mut c_void,
                     &mut p_errors as *mut _ as *mut c_void,
                     &mut p_set as *mut _ as *mut c_void,
-                    &mut set_kmax as *mut _ as *mut c_void,
                 ];
                 // SAFETY: the parameters match cg_decode's signature; the descriptors
                 // in the region address only the region, and the destination is the

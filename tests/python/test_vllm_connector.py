@@ -25,11 +25,15 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
+
+REPO = Path(__file__).resolve().parents[2]
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
@@ -321,11 +325,32 @@ def connector_namespace(engine: Engine) -> dict:
 # ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("layout", ["NHD", "HND"])
-def test_store_then_load_through_scheduler(model_dir, distributed, tmp_path, layout):
+def calibrated_tables(tmp_path: Path) -> Path:
+    """A default-level table set for this model's KV shape, made by `cachegen
+    calibrate` from KV of the same kind as the test kernel's (N(0, 1) values)."""
+    sys.path.insert(0, str(REPO / "scripts/model"))
+    import kvfile
+
+    rng = np.random.default_rng(7)
+    kv = {}
+    for i in range(LAYERS):
+        for part in ("key", "value"):
+            kv[f"layers.{i}.{part}"] = rng.standard_normal((4 * CHUNK, KV_HEADS, HEAD_DIM)).astype(np.float32)
+    src, out = tmp_path / "calib.safetensors", tmp_path / "default.cgts"
+    kvfile.write_kv(src, kv, "f16")
+    subprocess.run([str(REPO / "target/release/cachegen"), "calibrate", "--level", "default", "--chunk-tokens", str(CHUNK),
+                    "-o", str(out), str(src)], check=True, capture_output=True)
+    return out
+
+
+@pytest.mark.parametrize("layout,tables", [("NHD", False), ("HND", False), ("NHD", True)])
+def test_store_then_load_through_scheduler(model_dir, distributed, tmp_path, layout, tables):
     rng = np.random.default_rng(1)
     prompt_a = [int(t) for t in rng.integers(2, VOCAB - 2, 100)]
     extra = lib_config(tmp_path / "tier")
+    if tables:
+        # Chunks reference a model-level table set (passed through to the library).
+        extra["tables"] = {"default": str(calibrated_tables(tmp_path))}
 
     # Engine 1 computes request A; its full chunks (3 x 32 tokens) are stored.
     e1 = Engine(model_dir, extra, layout)
@@ -345,6 +370,10 @@ def test_store_then_load_through_scheduler(model_dir, distributed, tmp_path, lay
     e1.run_until_done()
     wait_store_durable(e1.worker.stats, 3)
     e1.close()
+    if tables:
+        # The set is part of the namespace: a context without it finds nothing.
+        with cachegen.Context(dict(extra, tables={}, namespace=dict(ns))) as plain:
+            assert plain.lookup(prompt_a[:96])[0] == 0
 
     # Engine 2: a fresh instance on the same storage (the disk tier is found
     # again on open), with different KV memory.
