@@ -463,3 +463,60 @@ fn a_table_set_shrinks_chunks_and_a_chunk_of_another_set_is_failed() {
         assert!(err.contains(want), "{err}");
     }
 }
+
+#[test]
+fn levels_with_their_own_table_sets_load_each_chunk_with_its_levels_set() {
+    let kv = fixture();
+    let dir = tempfile::tempdir().unwrap();
+    let samples: Vec<KvTensors> = (1..5).map(|c| slice_tokens(&kv, c * CHUNK, (c + 1) * CHUNK)).collect();
+    let refs: Vec<&KvTensors> = samples.iter().collect();
+    let mut entries = Vec::new();
+    for level in [Level::Compact, Level::Default] {
+        let set = codec::calibrate_tables(&refs, &EncodeOptions::level(level)).unwrap();
+        let path = dir.path().join(format!("{}.cgts", level.name()));
+        std::fs::write(&path, set.to_bytes()).unwrap();
+        entries.push(format!(r#""{}": "{}""#, level.name(), path.display()));
+    }
+    let disk = dir.path().join("disk");
+    let cfg = config(&format!(
+        r#", "tiers": {{"disk": {{"path": "{}", "bytes": 100000000}}}}, "levels": ["compact", "default"], "tables": {{{}}}"#,
+        disk.display(),
+        entries.join(", ")
+    ));
+    let toks = tokens(320, 12);
+    let blocks: Vec<u32> = (0..20).collect();
+    {
+        let ctx = Context::from_json(&cfg).unwrap();
+        let mut src = Engine::vllm(&kv, 20, false);
+        src.fill(&kv, &blocks, 320);
+        let job = unsafe { ctx.store(Arc::clone(&src.layout), &toks, &blocks, b"") }.unwrap();
+        assert!(job.wait(Stage::Done, Some(Duration::from_secs(60))));
+        assert_eq!(job.progress().chunks_ok, 5, "{:?}", job.progress().errors);
+        // Chunk 1 is gone at the default level: the load takes it at compact.
+        let ns = ctx.config().level_namespace(Level::Default);
+        let chain = cachegen::keys::chunk_chain(&ns, b"", &toks);
+        let tier = DiskTier::open(&disk, 100_000_000).unwrap();
+        tier.remove(&cachegen::keys::shard_key(&chain[1], 0)).unwrap();
+        // Each level's chunks reference that level's set.
+        for (i, level) in [Level::Compact, Level::Default].into_iter().enumerate() {
+            let ns = ctx.config().level_namespace(level);
+            let key = cachegen::keys::shard_key(&cachegen::keys::chunk_chain(&ns, b"", &toks)[0], 0);
+            let h = codec::format::Header::parse(&tier.get(&key).unwrap().unwrap()).unwrap();
+            assert!(h.external_tables() && Some(h.table_id) == ns.tables && h.level == level.number(), "{i}");
+        }
+    }
+    let ctx = Context::from_json(&cfg).unwrap();
+    let mut dst = Engine::vllm(&kv, 20, false);
+    let job = unsafe { ctx.load(Arc::clone(&dst.layout), &toks, &blocks, 0, b"", 0) }.unwrap();
+    assert!(job.wait(Stage::Done, Some(Duration::from_secs(60))));
+    let p = job.progress();
+    assert_eq!((p.chunks_ok, p.chunks_failed), (5, 0), "{:?}", p.errors);
+    let got = dst.read(&blocks, 320);
+    for c in 0..5 {
+        let level = if c == 1 { Level::Compact } else { Level::Default };
+        let part = slice_tokens(&kv, c * CHUNK, (c + 1) * CHUNK);
+        let want = codec::decode(&codec::encode(&part, &EncodeOptions::level(level)).unwrap(), None).unwrap();
+        assert_eq!(slice_tokens(&got, c * CHUNK, (c + 1) * CHUNK), want, "chunk {c} at {level:?}");
+    }
+    dst.bufs.clear();
+}

@@ -258,6 +258,13 @@ impl Context {
                         GpuError::NoGpu(m) => ConnectorError::NoGpu(format!("no GPU: {m}")),
                         e => ConnectorError::NoGpu(format!("GPU device {device} cannot be used: {e}")),
                     })?;
+                    // Upload the table sets now: the first job on the device
+                    // (usually a store) pays for it, not the first load.
+                    for (level, set) in &self.config.tables {
+                        if let Err(e) = s.tables(set) {
+                            tracing::warn!(device, level = level.name(), error = %e, "table set upload failed; loads of its chunks will retry");
+                        }
+                    }
                     tracing::info!(device, name = s.gpu.name(), "GPU path ready");
                     devs.insert(device, Arc::clone(&s));
                     s
