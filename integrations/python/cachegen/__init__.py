@@ -910,6 +910,7 @@ class Context:
         {"namespace": {"model": "...", "kv_dtype": "f16", "tp_world_size": 1,
                        "tp_rank": 0, "block_size": 16},
          "chunk_tokens": 256, "level": "default", "profile": "path.json",
+         "tables": {"default": "set.cgts"},
          "tiers": {"memory": {"bytes": N}, "disk": {"path": "...", "bytes": N},
                    "redis": {"url": "redis://host:6379", "timeout_ms": 500}},
          "io_threads": 4, "decode_threads": 0, "load_timeout_ms": 30000}
