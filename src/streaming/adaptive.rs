@@ -343,15 +343,29 @@ pub const PROBE_RECOMPUTE_SHARE: f64 = 0.25;
 
 /// Before [`PROBE_MIN_S`], from [`PROBE_EARLY_MIN_S`] after the first byte
 /// on, a chunk is already abandoned when it would be even at
-/// [`EARLY_SLOW_MARGIN`] times its measured rate ([`Planner::probe_decision`]):
+/// [`early_slow_margin`] times its measured rate ([`Planner::probe_decision`]):
 /// a slow chunk (the usual case on a link whose rate jumps) then costs the
-/// latency and about 0.1 ms, not the latency and 1 ms. The margin keeps a
-/// reader delayed by up to a third of the time measured from abandoning a
-/// chunk that is in fact fast; a chunk that would be kept is only judged at
-/// the full decision point.
+/// latency and 0.1-0.3 ms, not the latency and 1 ms. The margin keeps a
+/// reader that reports a piece up to [`EARLY_READER_DELAY_S`] late from
+/// abandoning a chunk that is in fact fast; a chunk that would be kept is
+/// only judged at the full decision point.
 pub const PROBE_EARLY_MIN_S: f64 = 0.0001;
-/// See [`PROBE_EARLY_MIN_S`].
-pub const EARLY_SLOW_MARGIN: f64 = 1.5;
+/// See [`early_slow_margin`]: a third of [`PROBE_EARLY_MIN_S`].
+pub const EARLY_READER_DELAY_S: f64 = PROBE_EARLY_MIN_S / 3.0;
+
+/// The margin of an early abandon `since_first_byte_s` after the first byte
+/// ([`PROBE_EARLY_MIN_S`]): a reader woken up `d` late reports, at time `t`,
+/// the bytes that had arrived by `t - d` (the link kept sending; the pieces
+/// behind them are reported right after), so its measured rate is at worst
+/// the link's times `(t - d) / t`. With `d` up to [`EARLY_READER_DELAY_S`],
+/// a chunk is abandoned early only when it would be even at `t / (t - d)`
+/// times its measured rate: 1.5 at 0.1 ms, 1.2 at 0.2 ms, 1.07 at 0.5 ms.
+/// (Until 2026-11-29 the margin was 1.5 at every time before the decision
+/// point, which kept chunks a little slower than needed, 3-6 Gbps on the
+/// benchmark's traces, to the 1 ms decision point.)
+pub fn early_slow_margin(since_first_byte_s: f64) -> f64 {
+    since_first_byte_s / (since_first_byte_s - EARLY_READER_DELAY_S).max(1e-9)
+}
 
 /// See [`Planner::probe_level`]: on a steady link, one chunk in this many
 /// planned for recompute is still probed.
@@ -443,7 +457,7 @@ impl Planner {
         if probe_done(read as usize, since_first_byte_s) {
             return Some(self.after_probe(&at(rate), probed, read, total));
         }
-        if since_first_byte_s < PROBE_EARLY_MIN_S || self.after_probe(&at(rate * EARLY_SLOW_MARGIN), probed, read, total) == AfterProbe::Continue {
+        if since_first_byte_s < PROBE_EARLY_MIN_S || self.after_probe(&at(rate * early_slow_margin(since_first_byte_s)), probed, read, total) == AfterProbe::Continue {
             return None;
         }
         let a = self.after_probe(&at(rate), probed, read, total);
