@@ -550,6 +550,16 @@ fn probe_rule_keeps_fits_trades_down_and_recomputes() {
     // recomputed unread (the spread is only measured on reads).
     assert_eq!(pl.probe_level(&inp(0.01e9), &p, 0.0, REPROBE_AFTER - 1), None);
     assert_eq!(pl.probe_level(&inp(0.01e9), &p, 0.0, REPROBE_AFTER), Some(0));
+    // ... or, on a link that looks steady but not perfectly so, when the
+    // load is behind (recomputing every chunk left misses the SLO: here
+    // 10 x 10 ms against 100 ms, from the start) and a probe may pay: at a
+    // spread of 0.2 the chunk is fast enough with probability at most
+    // 0.2 / 0.98, saving at most 9.8 ms, against a probe of the latency and
+    // its first piece at 10 MB/s.
+    assert_eq!(pl.probe_level(&inp(0.01e9), &p, 0.2, 0), Some(0));
+    assert_eq!(pl.probe_level(&inp(0.01e9), &p, 0.05, 0), None);
+    let ahead = Planner { slo_s: 0.2, ..pl.clone() };
+    assert_eq!(ahead.probe_level(&inp(0.01e9), &ahead.plan(&inp(0.01e9)), 0.2, 0), None);
     // A planned level is probed at that level.
     let p = pl.plan(&inp(10e9));
     assert_eq!(p.choice, Choice::Level(Level::Default));

@@ -403,8 +403,10 @@ impl Planner {
     /// Which level (index in `levels`) to start reading chunk `inp` at, after
     /// [`Planner::plan`] gave `plan` from the running estimate: the planned
     /// level; for a planned recompute, the lowest level when the link is not
-    /// steady (`spread`, see [`Estimator::spread`]) and a probe is cheap
-    /// against recompute, else `None` (recompute without reading).
+    /// steady (`spread`, see [`Estimator::spread`]), or when the load is
+    /// behind and a probe may pay ([`Planner::behind_and_probe_may_pay`]),
+    /// and a probe is cheap against recompute, else `None` (recompute
+    /// without reading).
     ///
     /// `unread`: chunks left for recompute in a row without any read. After
     /// [`REPROBE_AFTER`] of them a chunk is probed even on a link that
@@ -418,11 +420,43 @@ impl Planner {
             Choice::Recompute => {
                 let probe_s = inp.latency_s + PROBE_MIN_S;
                 let worth = !(self.levels.is_empty() || self.recompute_suffix && inp.after_recompute)
-                    && (spread > STEADY_SPREAD || unread >= REPROBE_AFTER)
+                    && (spread > STEADY_SPREAD || unread >= REPROBE_AFTER || self.behind_and_probe_may_pay(inp, spread))
                     && probe_s <= PROBE_RECOMPUTE_SHARE * self.recompute_s();
                 worth.then_some(0)
             }
         }
+    }
+
+    /// Whether a chunk planned for recompute is worth probing although the
+    /// link looks steady (spread at most [`STEADY_SPREAD`]; see
+    /// [`Planner::probe_level`]), when the load is behind: recomputing every
+    /// chunk left, this one included, would miss the SLO, so only fetches
+    /// faster than recompute can still meet it (ahead of that point not
+    /// probing cannot cause a miss). A spread that dropped below
+    /// [`STEADY_SPREAD`] after a few similar rates on a link whose rate jumps
+    /// left such loads recomputing chunks unread that were fast.
+    ///
+    /// The test is an optimistic bound of a probe's expected gain against
+    /// its cost. With the chunk's time per byte the estimate times `X`,
+    /// `E|X - 1|` about `spread` ([`Estimator::spread`]), the lowest level
+    /// beats recompute only if `X < x = (recompute - latency) / fetch`
+    /// (`fetch`: its expected transfer time), which by Markov's inequality
+    /// has a probability of at most `spread / (1 - x)`; it then saves at
+    /// most `recompute - latency`. A probe of a slow chunk costs the latency
+    /// and the first piece or [`PROBE_EARLY_MIN_S`], whichever is later. On
+    /// a steady link (spread about 0) the bound is about 0: no probe.
+    pub fn behind_and_probe_may_pay(&self, inp: &PlanInput, spread: f64) -> bool {
+        let rc = self.recompute_s();
+        let Some(&low) = inp.sizes.first() else { return false };
+        if inp.elapsed_s < self.give_up_s(inp.recomputed, inp.chunks_left, self.decode_s(inp)) {
+            return false;
+        }
+        let rate = inp.bytes_per_s.max(1.0);
+        let gain = rc - inp.latency_s;
+        let x = gain / (low / rate);
+        let p = if x >= 1.0 { 1.0 } else { (spread / (1.0 - x)).min(1.0) };
+        let cost = inp.latency_s + (PROBE_BYTES as f64 / rate).max(PROBE_EARLY_MIN_S);
+        p * gain >= cost
     }
 
     /// Latest moment (s after the start) the probe of a chunk planned for
