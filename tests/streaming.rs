@@ -552,6 +552,16 @@ fn probe_rule_keeps_fits_trades_down_and_recomputes() {
     // recomputed unread (the spread is only measured on reads).
     assert_eq!(pl.probe_level(&inp(0.01e9), &p, 0.0, REPROBE_AFTER - 1), None);
     assert_eq!(pl.probe_level(&inp(0.01e9), &p, 0.0, REPROBE_AFTER), Some(0));
+    // ... or, on a link that looks steady but not perfectly so, when the
+    // load is behind (recomputing every chunk left misses the SLO: here
+    // 10 x 10 ms against 100 ms, from the start) and a probe may pay: at a
+    // spread of 0.2 the chunk is fast enough with probability at most
+    // 0.2 / 0.98, saving at most 9.8 ms, against a probe of the latency and
+    // its first piece at 10 MB/s.
+    assert_eq!(pl.probe_level(&inp(0.01e9), &p, 0.2, 0), Some(0));
+    assert_eq!(pl.probe_level(&inp(0.01e9), &p, 0.05, 0), None);
+    let ahead = Planner { slo_s: 0.2, ..pl.clone() };
+    assert_eq!(ahead.probe_level(&inp(0.01e9), &ahead.plan(&inp(0.01e9)), 0.2, 0), None);
     // A planned level is probed at that level.
     let p = pl.plan(&inp(10e9));
     assert_eq!(p.choice, Choice::Level(Level::Default));
@@ -562,7 +572,7 @@ fn probe_rule_keeps_fits_trades_down_and_recomputes() {
 /// after it.
 #[test]
 fn probe_decision_abandons_slow_chunks_early_and_keeps_fast_ones_to_the_decision_point() {
-    use cachegen::streaming::adaptive::{AfterProbe, PlanInput, PROBE_EARLY_MIN_S, PROBE_MIN_S};
+    use cachegen::streaming::adaptive::{early_slow_margin, AfterProbe, PlanInput, PROBE_EARLY_MIN_S, PROBE_MIN_S};
     const MB: f64 = 1e6;
     // 10 chunks left, 100 ms of SLO: 10 ms a chunk; recompute 10 ms.
     let pl = Planner { slo_s: 0.1, prefill_tokens_per_s: 25_600.0, chunk_tokens: 256, levels: vec![Level::Compact, Level::Default, Level::High], recompute_suffix: false };
@@ -585,14 +595,19 @@ fn probe_decision_abandons_slow_chunks_early_and_keeps_fast_ones_to_the_decision
     // 16 KiB in 0.5 ms (33 MB/s): compact would take 150 ms; even at 1.5x
     // that rate nothing fits: abandoned at once for recompute, not at 1 ms.
     assert_eq!(pl.probe_decision(&inp, li, p, total, 0.0005), Some(AfterProbe::Recompute));
-    // 0.4 GB/s: the rest takes ~11.5 ms, over the 10 ms share (recompute,
-    // 10 ms, is faster), but at 1.5x that rate it would fit: no early
-    // verdict (a delayed reader must not throw a fast chunk away)...
-    let read = 0.4e9 * 0.0004;
-    assert_eq!(pl.probe_decision(&inp, li, read, total, 0.0004), None);
-    // ... it is decided at the decision point, at the measured rate.
+    // 0.4 GB/s: the rest takes ~12 ms, over the 10 ms share (recompute,
+    // 10 ms, is faster). At 0.12 ms the margin against a delayed reader
+    // (early_slow_margin: 0.12 / (0.12 - 0.033) = 1.38) would make it fit:
+    // no early verdict (a delayed reader must not throw a fast chunk away)...
+    assert!((early_slow_margin(0.00012) - 1.385).abs() < 0.01 && (early_slow_margin(PROBE_EARLY_MIN_S) - 1.5).abs() < 1e-9);
+    assert_eq!(pl.probe_decision(&inp, li, 0.4e9 * 0.00012, total, 0.00012), None);
+    // ... at 0.4 ms (margin 1.09) it would not: abandoned then, not at 1 ms.
+    assert_eq!(pl.probe_decision(&inp, li, 0.4e9 * 0.0004, total, 0.0004), Some(AfterProbe::Recompute));
+    // At the decision point it is decided at the measured rate.
     let read = 0.4e9 * PROBE_MIN_S;
     assert_eq!(pl.probe_decision(&inp, li, read, total, PROBE_MIN_S), Some(AfterProbe::Recompute));
+    // 0.5 GB/s (the rest takes ~9.7 ms, fits) is never abandoned early.
+    assert_eq!(pl.probe_decision(&inp, li, 0.5e9 * 0.0004, total, 0.0004), None);
     // A fast chunk is only kept at the decision point.
     assert_eq!(pl.probe_decision(&inp, li, 1e9 * 0.0004, total, 0.0004), None);
     assert_eq!(pl.probe_decision(&inp, li, 1e9 * PROBE_MIN_S, total, PROBE_MIN_S), Some(AfterProbe::Continue));

@@ -20,9 +20,16 @@
 //! adaptive's time went (abandoned probes, fetches slower than recompute,
 //! give-ups, chunks recomputed unread though a fetch was faster) for the
 //! loads that met and missed the SLO; `--dump N` the chunk-by-chunk log of
-//! the first N loads per row that missed it (stderr).
+//! the first N loads per row that missed it (stderr). `--online-bound`
+//! prints (stderr, and the JSON's `online_bound`), for the 4K and 8K trace
+//! rows where some method misses the SLO and not every one does, the
+//! violation rate of the best online loader ([`online_bound`]: a dynamic
+//! program that knows the rate distribution but must request a chunk to
+//! learn its rate), with three probe costs: the latency only, and the
+//! latency plus the decision delay of the 16 KiB / 0.1 ms and 4 KiB / 0.05 ms
+//! probes at an exactly measured rate.
 //!
-//! Usage: cachegen-stream-bench [--fixture PATH] [--traces N] [--prefill-tps TOKENS_PER_S] [--json FILE] [--diagnose] [--dump N]
+//! Usage: cachegen-stream-bench [--fixture PATH] [--traces N] [--prefill-tps TOKENS_PER_S] [--json FILE] [--diagnose] [--dump N] [--online-bound]
 //!
 //! `--prefill-tps`: the recompute rate (default: the H100 anchors, see
 //! [`prefill_s`]); e.g. 7500 for the CacheGen artifact's 0.2 s per
@@ -364,6 +371,93 @@ fn oracle_min(sz: &Sizes, n: usize, bw: &[f64], rate: f64) -> f64 {
     total + dec
 }
 
+/// The best any online loader can do on per-chunk traces uniform in
+/// `lo..hi` bytes/s (`--online-bound`): a dynamic program over (chunk,
+/// time used, whether the last fetched chunk's decode is still pending) for
+/// a loader that knows the rate distribution and every chunk's size, but
+/// learns a chunk's rate only by requesting it: a request costs the latency
+/// plus `delay(rate)` after the first byte before the rate is known (0: at
+/// the first byte), after which the loader reads the rest (the chunk's
+/// compact level; fetches and decodes pipelined as in [`adaptive`]) or
+/// abandons it for recompute; or it leaves the chunk to recompute unread.
+/// Times are rounded down to a 2 us grid (in the loader's favour, at most
+/// `n` x 2 us in all). Returns the probability of violating the SLO (exact
+/// over the distribution, up to the grid and `M` rate points) and the DP
+/// policy's violations on the given traces (the same traces as the table).
+fn online_bound(sz: &Sizes, n: usize, slo: f64, rate: f64, lo: f64, hi: f64, delay: &dyn Fn(f64) -> f64, traces: &[Vec<f64>]) -> (f64, usize) {
+    const H: f64 = 2e-6;
+    const M: usize = 1000;
+    let dec = sz.syms / GPU_SYM_PER_S;
+    let rc = CHUNK as f64 / rate;
+    let kmax = (slo / H).floor() as usize;
+    let rates: Vec<f64> = (0..M).map(|j| lo + (hi - lo) * (j as f64 + 0.5) / M as f64).collect();
+    // v[c][f][k]: probability of meeting the SLO from chunk c at time k*H,
+    // f = 1 when the last fetched chunk's decode is pending (it ends `dec`
+    // after its fetch; hidden by any later request, which takes >= LATENCY).
+    let mut v: Vec<[Vec<f32>; 2]> = (0..=n).map(|_| [vec![0f32; kmax + 1], vec![0f32; kmax + 1]]).collect();
+    for f in 0..2 {
+        for k in 0..=kmax {
+            v[n][f][k] = (k as f64 * H + f as f64 * dec <= slo) as u8 as f32;
+        }
+    }
+    let idx = |t: f64| -> Option<usize> { let k = (t / H).floor(); (k <= kmax as f64).then_some(k as usize) };
+    let at = |v: &[Vec<f32>; 2], f: usize, t: f64| idx(t).map_or(0.0, |k| v[f][k]);
+    let fastest = |c: usize| (LATENCY + sz.level_bytes[c % sz.level_bytes.len()][0] / hi).min(rc);
+    for c in (0..n).rev() {
+        let s = sz.level_bytes[c % sz.level_bytes.len()][0];
+        let min_rest: f64 = (c..n).map(fastest).sum();
+        let (next, cur) = { let (a, b) = v.split_at_mut(c + 1); (&b[0], &mut a[c]) };
+        for f in 0..2 {
+            for k in 0..=kmax {
+                let t = k as f64 * H;
+                if t + (n - c) as f64 * rc + f as f64 * dec <= slo {
+                    cur[f][k] = 1.0; // recompute the rest: met
+                    continue;
+                }
+                if t + min_rest > slo {
+                    cur[f][k] = 0.0;
+                    continue;
+                }
+                let recompute = at(next, f, t + rc);
+                let mut probe = 0.0f64;
+                for &r in &rates {
+                    let keep = at(next, 1, t + LATENCY + s / r) as f64;
+                    let drop = at(next, 0, t + LATENCY + delay(r).min(s / r) + rc) as f64;
+                    probe += keep.max(drop);
+                }
+                cur[f][k] = (recompute as f64).max(probe / M as f64) as f32;
+            }
+        }
+    }
+    let p_violate = 1.0 - v[0][0][0] as f64;
+    // The DP's policy on the traces (prefers recompute on ties).
+    let mut violated = 0;
+    for bw in traces {
+        let (mut t, mut f) = (0.0f64, 0usize);
+        for c in 0..n {
+            let s = sz.level_bytes[c % sz.level_bytes.len()][0];
+            let recompute = at(&v[c + 1], f, t + rc) as f64;
+            let probe = rates.iter().map(|&r| (at(&v[c + 1], 1, t + LATENCY + s / r) as f64).max(at(&v[c + 1], 0, t + LATENCY + delay(r).min(s / r) + rc) as f64)).sum::<f64>() / M as f64;
+            if recompute >= probe {
+                t += rc;
+                continue;
+            }
+            let r = bw[c];
+            let keep = at(&v[c + 1], 1, t + LATENCY + s / r);
+            let drop = at(&v[c + 1], 0, t + LATENCY + delay(r).min(s / r) + rc);
+            if keep >= drop && (keep > drop || s / r <= delay(r).min(s / r) + rc) {
+                t += LATENCY + s / r;
+                f = 1;
+            } else {
+                t += LATENCY + delay(r).min(s / r) + rc;
+                f = 0;
+            }
+        }
+        violated += (t + f as f64 * dec > slo) as usize;
+    }
+    (p_violate, violated)
+}
+
 fn fixed(sz: &Sizes, n: usize, bw: &[f64], li: usize) -> f64 {
     let dec = sz.syms / GPU_SYM_PER_S;
     let fetch: Vec<f64> = (0..n).map(|c| LATENCY + sz.level_bytes[c % sz.level_bytes.len()][li] / bw[c]).collect();
@@ -389,6 +483,7 @@ fn main() {
     let mut prefill_tps: Option<f64> = None;
     let mut diagnose = false;
     let mut dump = 0usize;
+    let mut bound = false;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
@@ -396,10 +491,11 @@ fn main() {
             "--traces" => traces = args.next().and_then(|v| v.parse().ok()).expect("--traces N"),
             "--json" => json_out = args.next(),
             "--diagnose" => diagnose = true,
+            "--online-bound" => bound = true,
             "--dump" => dump = args.next().and_then(|v| v.parse().ok()).expect("--dump N"),
             "--prefill-tps" => prefill_tps = Some(args.next().and_then(|v| v.parse().ok()).filter(|r: &f64| *r > 0.0).expect("--prefill-tps TOKENS_PER_S")),
             _ => {
-                eprintln!("usage: cachegen-stream-bench [--fixture PATH] [--traces N] [--prefill-tps TOKENS_PER_S] [--json FILE] [--diagnose] [--dump N]");
+                eprintln!("usage: cachegen-stream-bench [--fixture PATH] [--traces N] [--prefill-tps TOKENS_PER_S] [--json FILE] [--diagnose] [--dump N] [--online-bound]");
                 std::process::exit(2);
             }
         }
@@ -508,8 +604,12 @@ fn main() {
             // between loads (half-life 10 s) cannot be modelled, and a load
             // that recomputes every chunk measures nothing.
             let harmonic = gbps(9.9 / 100f64.ln());
+            let mut all_bw = Vec::new();
             for _ in 0..traces {
                 let bw: Vec<f64> = (0..n).map(|_| gbps(0.1 + 9.9 * rng.next())).collect();
+                if bound && n <= 32 {
+                    all_bw.push(bw.clone());
+                }
                 if dumped < dump {
                     LOG.with(|l| *l.borrow_mut() = Some(Vec::new()));
                 }
@@ -556,8 +656,25 @@ fn main() {
             if diagnose {
                 diag.print(ctx, x);
             }
+            let mut online = serde_json::Value::Null;
+            // Rows where some online method could miss the SLO and not every
+            // method does (elsewhere the bound says nothing).
+            if bound && n <= 32 && vm < traces && (va > 0 || vo > 0 || vm > 0) {
+                let variants: [(&str, &dyn Fn(f64) -> f64); 3] = [
+                    ("latency only", &|_| 0.0),
+                    ("+ max(16 KiB, 0.1 ms)", &|r| (16384.0 / r).max(1e-4)),
+                    ("+ max(4 KiB, 0.05 ms)", &|r| (4096.0 / r).max(5e-5)),
+                ];
+                let mut o = serde_json::Map::new();
+                for (name, d) in variants {
+                    let (pv, vt) = online_bound(&sz, n, slo, rate, gbps(0.1), gbps(10.0), d, &all_bw);
+                    eprintln!("online bound {ctx} x={x} ({name}): {:.2}% (exact over the distribution); its policy on these traces {:.1}%", pv * 100.0, pct(vt));
+                    o.insert(name.to_string(), serde_json::json!({"exact": pv * 100.0, "traces": pct(vt)}));
+                }
+                online = serde_json::Value::Object(o);
+            }
             trace_json.push(serde_json::json!({"tokens": ctx, "slo_x": x, "slo_s": slo, "adaptive": pct(va), "default": pct(vd), "oracle": pct(vo),
-                "bound": pct(vm), "recompute": pct(vr), "adaptive_noprobe": pct(vl), "probes_abandoned_per_load": probes as f64 / traces as f64, "target_vs_oracle_met": vs_oracle, "target_vs_default_met": vs_default}));
+                "bound": pct(vm), "recompute": pct(vr), "adaptive_noprobe": pct(vl), "probes_abandoned_per_load": probes as f64 / traces as f64, "target_vs_oracle_met": vs_oracle, "target_vs_default_met": vs_default, "online_bound": online}));
         }
     }
     if let Some(p) = json_out {

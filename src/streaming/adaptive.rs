@@ -343,15 +343,29 @@ pub const PROBE_RECOMPUTE_SHARE: f64 = 0.25;
 
 /// Before [`PROBE_MIN_S`], from [`PROBE_EARLY_MIN_S`] after the first byte
 /// on, a chunk is already abandoned when it would be even at
-/// [`EARLY_SLOW_MARGIN`] times its measured rate ([`Planner::probe_decision`]):
+/// [`early_slow_margin`] times its measured rate ([`Planner::probe_decision`]):
 /// a slow chunk (the usual case on a link whose rate jumps) then costs the
-/// latency and about 0.1 ms, not the latency and 1 ms. The margin keeps a
-/// reader delayed by up to a third of the time measured from abandoning a
-/// chunk that is in fact fast; a chunk that would be kept is only judged at
-/// the full decision point.
+/// latency and 0.1-0.3 ms, not the latency and 1 ms. The margin keeps a
+/// reader that reports a piece up to [`EARLY_READER_DELAY_S`] late from
+/// abandoning a chunk that is in fact fast; a chunk that would be kept is
+/// only judged at the full decision point.
 pub const PROBE_EARLY_MIN_S: f64 = 0.0001;
-/// See [`PROBE_EARLY_MIN_S`].
-pub const EARLY_SLOW_MARGIN: f64 = 1.5;
+/// See [`early_slow_margin`]: a third of [`PROBE_EARLY_MIN_S`].
+pub const EARLY_READER_DELAY_S: f64 = PROBE_EARLY_MIN_S / 3.0;
+
+/// The margin of an early abandon `since_first_byte_s` after the first byte
+/// ([`PROBE_EARLY_MIN_S`]): a reader woken up `d` late reports, at time `t`,
+/// the bytes that had arrived by `t - d` (the link kept sending; the pieces
+/// behind them are reported right after), so its measured rate is at worst
+/// the link's times `(t - d) / t`. With `d` up to [`EARLY_READER_DELAY_S`],
+/// a chunk is abandoned early only when it would be even at `t / (t - d)`
+/// times its measured rate: 1.5 at 0.1 ms, 1.2 at 0.2 ms, 1.07 at 0.5 ms.
+/// (Until 2026-11-29 the margin was 1.5 at every time before the decision
+/// point, which kept chunks a little slower than needed, 3-6 Gbps on the
+/// benchmark's traces, to the 1 ms decision point.)
+pub fn early_slow_margin(since_first_byte_s: f64) -> f64 {
+    since_first_byte_s / (since_first_byte_s - EARLY_READER_DELAY_S).max(1e-9)
+}
 
 /// See [`Planner::probe_level`]: on a steady link, one chunk in this many
 /// planned for recompute is still probed.
@@ -389,8 +403,10 @@ impl Planner {
     /// Which level (index in `levels`) to start reading chunk `inp` at, after
     /// [`Planner::plan`] gave `plan` from the running estimate: the planned
     /// level; for a planned recompute, the lowest level when the link is not
-    /// steady (`spread`, see [`Estimator::spread`]) and a probe is cheap
-    /// against recompute, else `None` (recompute without reading).
+    /// steady (`spread`, see [`Estimator::spread`]), or when the load is
+    /// behind and a probe may pay ([`Planner::behind_and_probe_may_pay`]),
+    /// and a probe is cheap against recompute, else `None` (recompute
+    /// without reading).
     ///
     /// `unread`: chunks left for recompute in a row without any read. After
     /// [`REPROBE_AFTER`] of them a chunk is probed even on a link that
@@ -404,11 +420,43 @@ impl Planner {
             Choice::Recompute => {
                 let probe_s = inp.latency_s + PROBE_MIN_S;
                 let worth = !(self.levels.is_empty() || self.recompute_suffix && inp.after_recompute)
-                    && (spread > STEADY_SPREAD || unread >= REPROBE_AFTER)
+                    && (spread > STEADY_SPREAD || unread >= REPROBE_AFTER || self.behind_and_probe_may_pay(inp, spread))
                     && probe_s <= PROBE_RECOMPUTE_SHARE * self.recompute_s();
                 worth.then_some(0)
             }
         }
+    }
+
+    /// Whether a chunk planned for recompute is worth probing although the
+    /// link looks steady (spread at most [`STEADY_SPREAD`]; see
+    /// [`Planner::probe_level`]), when the load is behind: recomputing every
+    /// chunk left, this one included, would miss the SLO, so only fetches
+    /// faster than recompute can still meet it (ahead of that point not
+    /// probing cannot cause a miss). A spread that dropped below
+    /// [`STEADY_SPREAD`] after a few similar rates on a link whose rate jumps
+    /// left such loads recomputing chunks unread that were fast.
+    ///
+    /// The test is an optimistic bound of a probe's expected gain against
+    /// its cost. With the chunk's time per byte the estimate times `X`,
+    /// `E|X - 1|` about `spread` ([`Estimator::spread`]), the lowest level
+    /// beats recompute only if `X < x = (recompute - latency) / fetch`
+    /// (`fetch`: its expected transfer time), which by Markov's inequality
+    /// has a probability of at most `spread / (1 - x)`; it then saves at
+    /// most `recompute - latency`. A probe of a slow chunk costs the latency
+    /// and the first piece or [`PROBE_EARLY_MIN_S`], whichever is later. On
+    /// a steady link (spread about 0) the bound is about 0: no probe.
+    pub fn behind_and_probe_may_pay(&self, inp: &PlanInput, spread: f64) -> bool {
+        let rc = self.recompute_s();
+        let Some(&low) = inp.sizes.first() else { return false };
+        if inp.elapsed_s < self.give_up_s(inp.recomputed, inp.chunks_left, self.decode_s(inp)) {
+            return false;
+        }
+        let rate = inp.bytes_per_s.max(1.0);
+        let gain = rc - inp.latency_s;
+        let x = gain / (low / rate);
+        let p = if x >= 1.0 { 1.0 } else { (spread / (1.0 - x)).min(1.0) };
+        let cost = inp.latency_s + (PROBE_BYTES as f64 / rate).max(PROBE_EARLY_MIN_S);
+        p * gain >= cost
     }
 
     /// Latest moment (s after the start) the probe of a chunk planned for
@@ -443,7 +491,7 @@ impl Planner {
         if probe_done(read as usize, since_first_byte_s) {
             return Some(self.after_probe(&at(rate), probed, read, total));
         }
-        if since_first_byte_s < PROBE_EARLY_MIN_S || self.after_probe(&at(rate * EARLY_SLOW_MARGIN), probed, read, total) == AfterProbe::Continue {
+        if since_first_byte_s < PROBE_EARLY_MIN_S || self.after_probe(&at(rate * early_slow_margin(since_first_byte_s)), probed, read, total) == AfterProbe::Continue {
             return None;
         }
         let a = self.after_probe(&at(rate), probed, read, total);
