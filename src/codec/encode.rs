@@ -188,10 +188,18 @@ struct PlaneSymbols {
     codes: Vec<(u8, Vec<u8>)>,
 }
 
+/// One channel's histogram while counting, padded to 1056 bytes: with
+/// 1024-byte histograms the same symbol of channels 4 apart sits at the same
+/// address modulo 4 KiB, and the CPU then stalls each count's load on the
+/// unrelated store before it (4K aliasing).
+#[derive(Clone, Copy)]
+#[repr(C)]
+struct PaddedHist([u32; 256], [u32; 8]);
+
 /// Quantize one tensor and count each channel's symbols (into `hist`, one
 /// histogram per channel, which must be zero) in the same pass, while the
 /// row is in cache.
-fn quantize_tensor(values: &[f32], shape: &KvShape, spec: &QuantSpec, rule: StepRule, exact: &[usize], hist: &mut [[u32; 256]]) -> Result<(Vec<u8>, Vec<u8>), Error> {
+fn quantize_tensor(values: &[f32], shape: &KvShape, spec: &QuantSpec, rule: StepRule, exact: &[usize], hist: &mut [PaddedHist]) -> Result<(Vec<u8>, Vec<u8>), Error> {
     let (t, c, d) = (shape.tokens, shape.channels(), shape.head_dim);
     let params = quant::group_params_with(values, t, c, d, spec, rule, exact)?;
     let symbols = match spec.group {
@@ -205,7 +213,7 @@ fn quantize_tensor(values: &[f32], shape: &KvShape, spec: &QuantSpec, rule: Step
                     quant::quantize_row(row, params[spec.group.index(tt, 0, c, d)], spec, dst);
                 }
                 for (h, &s) in hist.iter_mut().zip(dst.iter()) {
-                    h[s as usize] += 1;
+                    h.0[s as usize] += 1;
                 }
             }
             out
@@ -214,7 +222,7 @@ fn quantize_tensor(values: &[f32], shape: &KvShape, spec: &QuantSpec, rule: Step
             let out = quant::quantize_plane_skip(values, t, c, d, spec, &params, exact);
             for row in out.chunks_exact(c) {
                 for (h, &s) in hist.iter_mut().zip(row) {
-                    h[s as usize] += 1;
+                    h.0[s as usize] += 1;
                 }
             }
             out
@@ -335,16 +343,16 @@ fn plane_symbols(kv: &KvTensors, plan: &Plan, keep_hist: bool) -> Result<(Vec<Pl
         Vec::new()
     };
     let mut out = Vec::with_capacity(plan.planes.len());
-    let mut hist = vec![[0u32; 256]; c];
+    let mut hist = vec![PaddedHist([0; 256], [0; 8]); c];
     for ((p, rule), x) in plan.planes.iter().zip(&plan.rules).zip(&kv.tensors) {
         let PlaneKind::Quantized(spec) = p else { unreachable!("checked by plan_for") };
         quant::to_f32_into(kv.dtype, x, &mut values);
         for h in hist.iter_mut() {
-            h.fill(0);
+            h.0.fill(0);
         }
         let (symbols, scales) = quantize_tensor(&values, shape, spec, *rule, &exact, &mut hist)?;
-        let codes = hist.iter().map(|h| table::codes_from_histogram(&h[..p.nsym()])).collect();
-        out.push(PlaneSymbols { symbols, scales, hist: if keep_hist { hist.clone() } else { Vec::new() }, codes });
+        let codes = hist.iter().map(|h| table::codes_from_histogram(&h.0[..p.nsym()])).collect();
+        out.push(PlaneSymbols { symbols, scales, hist: if keep_hist { hist.iter().map(|h| h.0).collect() } else { Vec::new() }, codes });
     }
     let row = c * kv.dtype.size();
     let mut exact_bytes: Vec<u8> = exact.iter().flat_map(|&t| (t as u32).to_le_bytes()).collect();

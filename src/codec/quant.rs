@@ -249,15 +249,21 @@ pub fn quantize_row(row: &[f32], p: GroupParams, spec: &QuantSpec, dst: &mut [u8
     }
     let top = 2.0 * spec.max as f32;
     let step = p.step;
+    // Clamping before rounding gives the same integer as `quantize_value`'s
+    // round-then-clamp (the bounds are integers), and adding 2^23 to a
+    // value in [0, 254] rounds it half-to-even into the low bits (the ulp
+    // at 2^23 is 1): so the same byte, with a conversion that vectorises
+    // (a saturating `f32 as u8` does not).
+    const MAGIC: f32 = 8_388_608.0;
     if spec.asymmetric {
         let offset = p.offset;
         for (d, &v) in dst.iter_mut().zip(row) {
-            *d = ((v - offset) / step).round_ties_even().clamp(0.0, top) as u8;
+            *d = (((v - offset) / step).clamp(0.0, top) + MAGIC).to_bits() as u8;
         }
     } else {
         let centre = spec.max as f32;
         for (d, &v) in dst.iter_mut().zip(row) {
-            *d = (v / step + centre).round_ties_even().clamp(0.0, top) as u8;
+            *d = ((v / step + centre).clamp(0.0, top) + MAGIC).to_bits() as u8;
         }
     }
 }
@@ -486,6 +492,38 @@ fn as_bytes(v: &[u16; 32]) -> &[u8; 64] {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn quantize_row_matches_quantize_value() {
+        // Ties (k + 0.5 steps), values just beside them, both clamps, signed
+        // zeros and huge values, under both symmetries and several alphabets.
+        let mut vals = vec![0.0f32, -0.0, 1e30, -1e30, f32::MAX, f32::MIN, 1e-40, -1e-40];
+        for k in -300..300 {
+            let x = k as f32 * 0.5;
+            vals.extend([x, f32::from_bits(x.to_bits() + 1), f32::from_bits(x.to_bits().wrapping_sub(1))]);
+        }
+        let mut state = 0x2545f4914f6cdd1du64;
+        for _ in 0..20_000 {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            vals.push(f32::from_bits(state as u32) % 1000.0);
+        }
+        vals.retain(|v| v.is_finite());
+        for max in [1u8, 7, 15, 127] {
+            for asymmetric in [false, true] {
+                let spec = QuantSpec { group: ScaleGroup::PerTensor, max, asymmetric };
+                for (step, offset) in [(1.0f32, 0.0f32), (0.5, -3.0), (0.37, 1.25), (3.0e-39, 0.0), (1e-3, -0.5)] {
+                    let p = GroupParams { offset: if asymmetric { offset } else { 0.0 }, step };
+                    let mut got = vec![0u8; vals.len()];
+                    quantize_row(&vals, p, &spec, &mut got);
+                    for (&v, &g) in vals.iter().zip(&got) {
+                        assert_eq!(g, quantize_value(v, p, &spec), "v {v} step {step} max {max} asym {asymmetric}");
+                    }
+                }
+            }
+        }
+    }
 
     #[test]
     fn bf16_rounding_brackets_value() {
