@@ -4,7 +4,7 @@ use xxhash_rust::xxh3::xxh3_64;
 
 use super::format::{self, Header, PlaneKind, FLAG_EXTERNAL_TABLES, MAX_PROB_BITS, MIN_PROB_BITS};
 use super::quant::{self, GroupParams, QuantSpec, ScaleGroup, StepRule};
-use super::rans::{encode_segment, LANES};
+use super::rans::{self, encode_segment, encode_segment_flat, FlatEncTables, LANES};
 use super::table::{self, EncTable, FreqTable, TableEncoding};
 use super::{Error, KvShape, KvTensors, Level};
 
@@ -496,7 +496,26 @@ pub fn encode(kv: &KvTensors, opts: &EncodeOptions) -> Result<Vec<u8>, Error> {
     let mut payload = Vec::new();
     let mut ends = Vec::with_capacity(per_plane * plan.len());
     let mut words = Vec::new();
+    // The vectorised encoder on flat tables where the CPU has AVX2; the
+    // reference encoder otherwise (or with CACHEGEN_NO_SIMD=1). Same bytes.
+    let simd = rans::simd_enabled();
+    let mut flat = FlatEncTables::new();
+    let mut lane_base = Vec::with_capacity(channels);
     for ((p, ps), tabs) in plan.iter().zip(&planes).zip(&tables) {
+        if simd {
+            flat.build(tabs, prob_bits);
+            lane_base.clear();
+            lane_base.extend((0..channels).map(|c| flat.base(p.table_index(c))));
+            for k in 0..per_plane {
+                let geo = header.segment_geometry(k);
+                encode_segment_flat(&geo, &ps.symbols, channels, &flat, &lane_base, &mut payload, &mut words);
+                if payload.len() > u32::MAX as usize {
+                    return Err(Error::Invalid("encoded chunk exceeds 4 GiB; use smaller chunks".into()));
+                }
+                ends.push(payload.len() as u32);
+            }
+            continue;
+        }
         let enc: Vec<EncTable> = tabs.iter().map(|t| EncTable::new(t, prob_bits)).collect();
         let by_channel: Vec<&EncTable> = (0..channels).map(|c| &enc[p.table_index(c)]).collect();
         for k in 0..per_plane {

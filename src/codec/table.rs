@@ -373,25 +373,30 @@ fn reciprocals(prob_bits: u32) -> Option<&'static [(u32, u32)]> {
     all.get(prob_bits.checked_sub(8)? as usize).map(|v| &v[..])
 }
 
+/// The constants of a symbol at `start` with frequency `freq > 0`: those of
+/// `EncSymbol::new`, the reciprocal taken from a precomputed table where
+/// there is one.
+#[inline]
+pub fn enc_symbol(start: u32, freq: u32, prob_bits: u32) -> EncSymbol {
+    match reciprocals(prob_bits) {
+        // Same constants as EncSymbol::new (tests compare them).
+        Some(r) if freq < (1 << prob_bits) && freq > 1 => {
+            let (rcp_freq, rcp_shift) = r[freq as usize];
+            EncSymbol { rcp_freq, rcp_shift, bias: start, freq: freq as u16, cmpl_freq: ((1u32 << prob_bits) - freq) as u16 }
+        }
+        _ => EncSymbol::new(start, freq, prob_bits),
+    }
+}
+
 impl EncTable {
     pub fn new(t: &FreqTable, prob_bits: u32) -> EncTable {
-        let rcp = reciprocals(prob_bits);
         let mut start = 0u32;
         let symbols = t
             .freq
             .iter()
             .map(|&f| {
-                let f32_ = f as u32;
-                let e = match (f, rcp) {
-                    (0, _) => EncSymbol::default(),
-                    // Same constants as EncSymbol::new (tests compare them).
-                    (_, Some(r)) if f32_ < (1 << prob_bits) && f32_ > 1 => {
-                        let (rcp_freq, rcp_shift) = r[f32_ as usize];
-                        EncSymbol { rcp_freq, rcp_shift, bias: start, freq: f, cmpl_freq: ((1u32 << prob_bits) - f32_) as u16 }
-                    }
-                    _ => EncSymbol::new(start, f32_, prob_bits),
-                };
-                start += f32_;
+                let e = if f == 0 { EncSymbol::default() } else { enc_symbol(start, f as u32, prob_bits) };
+                start += f as u32;
                 e
             })
             .collect();
