@@ -115,27 +115,32 @@ impl FlatEncTables {
 
     /// Rebuild from `tables` (reusing the allocations).
     pub fn build(&mut self, tables: &[FreqTable], prob_bits: u32) {
-        debug_assert!((8..=10).contains(&prob_bits));
+        self.build_with(tables.len(), prob_bits, |k| (tables[k].lo, &tables[k].freq[..]));
+    }
+
+    /// `build` from tables given as `table(k) = (lo, freq)`, `k < count`;
+    /// the frequencies must sum to `2^prob_bits` (prob_bits 8 to 10).
+    pub fn build_with<'t>(&mut self, count: usize, prob_bits: u32, table: impl Fn(usize) -> (u8, &'t [u16])) {
+        assert!((8..=10).contains(&prob_bits));
+        let consts = super::table::flat_constants(prob_bits);
         self.prob_bits = prob_bits;
         self.packed.clear();
         self.rcp.clear();
         self.base.clear();
         self.packed.resize(FLAT_PAD, 0);
         self.rcp.resize(FLAT_PAD, 0);
-        for t in tables {
-            self.base.push(self.packed.len() as i32 - t.lo as i32);
+        for k in 0..count {
+            let (lo, freq) = table(k);
+            self.base.push(self.packed.len() as i32 - lo as i32);
             let mut start = 0u32;
-            for &f in &t.freq {
-                let (p, r) = if f == 0 {
-                    (0, 0)
-                } else {
-                    let e = super::table::enc_symbol(start, f as u32, prob_bits);
-                    ((f as u32 - 1) | (e.bias << 10) | (e.rcp_shift << 21), e.rcp_freq)
-                };
-                self.packed.push(p);
+            for &f in freq {
+                // Absent symbols (f = 0) get an entry that is never used.
+                let (p, r) = consts[f as usize];
+                self.packed.push(p + (start << 10));
                 self.rcp.push(r);
                 start += f as u32;
             }
+            assert!(start == 1 << prob_bits, "frequencies must sum to 2^prob_bits");
         }
         self.packed.resize(self.packed.len() + FLAT_PAD, 0);
         self.rcp.resize(self.rcp.len() + FLAT_PAD, 0);

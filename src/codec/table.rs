@@ -46,16 +46,24 @@ impl FreqTable {
 /// 15, a symbol `k` half-octaves rarer gets `15 - k` (at least 1); absent
 /// symbols get 0. Returns `(lo, codes)` trimmed to the non-zero range.
 pub fn codes_from_histogram(hist: &[u32]) -> (u8, Vec<u8>) {
+    let mut codes = Vec::new();
+    let lo = codes_from_histogram_into(hist, &mut codes);
+    (lo, codes)
+}
+
+/// `codes_from_histogram`, appending the codes to `out` and returning `lo`.
+pub fn codes_from_histogram_into(hist: &[u32], out: &mut Vec<u8>) -> u8 {
     let first = first_nonzero(hist);
     let Some(first) = first else {
         // Empty histogram: a single symbol 0 carries all probability.
-        return (0, vec![15]);
+        out.push(15);
+        return 0;
     };
     let last = last_nonzero(hist).unwrap();
     let max_count = hist[first..=last].iter().fold(0, |a, &c| a.max(c));
     let max = max_count as f64;
-    let codes = hist[first..=last].iter().map(|&c| if c == 0 { 0 } else { code_of_count(max, c) }).collect();
-    (first as u8, codes)
+    out.extend(hist[first..=last].iter().map(|&c| if c == 0 { 0 } else { code_of_count(max, c) }));
+    first as u8
 }
 
 /// The weight code of a non-zero count `c` under the histogram's largest
@@ -400,6 +408,31 @@ pub fn enc_symbol(start: u32, freq: u32, prob_bits: u32) -> EncSymbol {
         }
         _ => EncSymbol::new(start, freq, prob_bits),
     }
+}
+
+/// For the flat encoder tables (`rans::FlatEncTables`): per frequency `f`
+/// in `0..=2^prob_bits`, the entry word without the start (`f - 1`, the
+/// bias beyond the start in bits 10-20, the reciprocal's shift in bits
+/// 21-24) and the reciprocal, both from `EncSymbol::new`; `f = 0` gives
+/// zeros. The entry of a symbol at `start` is `word + (start << 10)`.
+pub fn flat_constants(prob_bits: u32) -> &'static [(u32, u32)] {
+    static TABLES: std::sync::OnceLock<Vec<Vec<(u32, u32)>>> = std::sync::OnceLock::new();
+    let all = TABLES.get_or_init(|| {
+        (8..=10u32)
+            .map(|pb| {
+                (0..=1u32 << pb)
+                    .map(|f| {
+                        if f == 0 {
+                            return (0, 0);
+                        }
+                        let e = EncSymbol::new(0, f, pb);
+                        ((f - 1) | (e.bias << 10) | (e.rcp_shift << 21), e.rcp_freq)
+                    })
+                    .collect()
+            })
+            .collect()
+    });
+    &all[(prob_bits - 8) as usize]
 }
 
 impl EncTable {
