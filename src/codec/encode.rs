@@ -390,12 +390,17 @@ fn plane_symbols(kv: &KvTensors, plan: &Plan, keep_hist: bool) -> Result<(Vec<Pl
     for ((p, rule), x) in plan.planes.iter().zip(&plan.rules).zip(&kv.tensors) {
         let PlaneKind::Quantized(spec) = p else { unreachable!("checked by plan_for") };
         quant::to_f32_into(kv.dtype, x, &mut values);
-        for h in hist.iter_mut() {
-            h.0.fill(0);
-        }
         let (symbols, scales) = quantize_tensor(&values, shape, spec, *rule, &exact, &mut hist)?;
         let kept = if keep_hist { hist.iter().map(|h| h.0).collect() } else { Vec::new() };
-        out.push(PlaneSymbols::new(symbols, scales, kept, &mut hist.iter().map(|h| &h.0[..p.nsym()])));
+        let ps = PlaneSymbols::new(symbols, scales, kept, &mut hist.iter().map(|h| &h.0[..p.nsym()]));
+        // Zero the histograms for the next plane: only their non-zero
+        // ranges, which the codes cover (not 1 KiB per channel).
+        let starts = std::iter::once(0).chain(ps.code_tabs.iter().map(|&(_, e)| e as usize));
+        for (h, (&(lo, end), start)) in hist.iter_mut().zip(ps.code_tabs.iter().zip(starts)) {
+            h.0[lo as usize..lo as usize + (end as usize - start)].fill(0);
+        }
+        debug_assert!(hist.iter().all(|h| h.0.iter().all(|&c| c == 0)));
+        out.push(ps);
     }
     let row = c * kv.dtype.size();
     let mut exact_bytes: Vec<u8> = exact.iter().flat_map(|&t| (t as u32).to_le_bytes()).collect();

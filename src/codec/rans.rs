@@ -782,6 +782,9 @@ mod simd {
         while t > tb {
             t -= 1;
             let row = symbols.as_ptr().add(t * stride + c0);
+            // The rows are walked downwards: fetch a few ahead (a hint only,
+            // so an address before the plane is harmless).
+            _mm_prefetch(row.wrapping_sub(8 * stride) as *const i8, _MM_HINT_T0);
             for v in (0..4).rev() {
                 let s = _mm256_cvtepu8_epi32(_mm_loadl_epi64(row.add(8 * v) as *const __m128i));
                 let idx = _mm256_add_epi32(base[v], s);
