@@ -191,10 +191,15 @@ pub fn encode_segment_flat_with(geo: &SegmentGeometry, symbols: &[u8], channels_
     // Every index base + byte stays inside the padded arrays.
     assert!(lane_base[..geo.channels].iter().all(|&b| b >= 0 && b as usize + 256 <= tables.packed.len()));
     let n = geo.symbols();
-    words.clear();
-    // 8 words of slack below: a vector stores 8 words ending at the write position.
-    words.resize(n + 8, 0);
-    let mut pos = words.len();
+    // 8 words of slack below: a vector stores 8 words ending at the write
+    // position. Only words written here are read back, so the buffer is
+    // not cleared between segments.
+    let end = n + 8;
+    if words.len() < end {
+        words.resize(end, 0);
+    }
+    let words = &mut words[..end];
+    let mut pos = end;
     let mut x = [RANS_L; LANES];
     let mut g = geo.group_end;
     while g > geo.group_begin {
@@ -217,14 +222,24 @@ pub fn encode_segment_flat_with(geo: &SegmentGeometry, symbols: &[u8], channels_
         }
     }
     let lanes = geo.lanes();
-    out.reserve(4 * lanes + 2 * (words.len() - pos));
+    out.reserve(4 * lanes + 2 * (end - pos));
     for &state in &x[..lanes] {
         out.extend_from_slice(&state.to_le_bytes());
     }
-    let start = out.len();
-    out.resize(start + 2 * (words.len() - pos), 0);
-    for (d, w) in out[start..].chunks_exact_mut(2).zip(&words[pos..]) {
-        d.copy_from_slice(&w.to_le_bytes());
+    extend_u16_le(out, &words[pos..]);
+}
+
+/// Append `words` as little-endian bytes.
+fn extend_u16_le(out: &mut Vec<u8>, words: &[u16]) {
+    #[cfg(target_endian = "little")]
+    {
+        // SAFETY: u16 has no padding and any byte pattern is a valid u8;
+        // on a little-endian target the memory is the little-endian bytes.
+        out.extend_from_slice(unsafe { std::slice::from_raw_parts(words.as_ptr() as *const u8, 2 * words.len()) });
+    }
+    #[cfg(not(target_endian = "little"))]
+    for &w in words {
+        out.extend_from_slice(&w.to_le_bytes());
     }
 }
 
