@@ -4,7 +4,7 @@ use xxhash_rust::xxh3::xxh3_64;
 
 use super::format::{self, Header, PlaneKind, FLAG_EXTERNAL_TABLES, MAX_PROB_BITS, MIN_PROB_BITS};
 use super::quant::{self, GroupParams, QuantSpec, ScaleGroup, StepRule};
-use super::rans::{encode_segment, LANES};
+use super::rans::{self, encode_segment, encode_segment_flat, FlatEncTables, LANES};
 use super::table::{self, EncTable, FreqTable, TableEncoding};
 use super::{Error, KvShape, KvTensors, Level};
 
@@ -185,13 +185,63 @@ struct PlaneSymbols {
     symbols: Vec<u8>,
     scales: Vec<u8>,
     hist: Vec<[u32; 256]>,
-    codes: Vec<(u8, Vec<u8>)>,
+    /// Every table's codes, one after another (no allocation per table).
+    codes: Vec<u8>,
+    /// Each table's `lo` and the end of its codes in `codes`.
+    code_tabs: Vec<(u8, u32)>,
 }
+
+impl PlaneSymbols {
+    /// The weight codes of each table, in order.
+    fn table_codes(&self) -> impl Iterator<Item = (u8, &[u8])> + '_ {
+        let starts = std::iter::once(0).chain(self.code_tabs.iter().map(|&(_, e)| e as usize));
+        self.code_tabs.iter().zip(starts).map(|(&(lo, end), start)| (lo, &self.codes[start..end as usize]))
+    }
+
+    fn new(symbols: Vec<u8>, scales: Vec<u8>, hist: Vec<[u32; 256]>, hists: &mut dyn Iterator<Item = &[u32]>) -> PlaneSymbols {
+        let mut codes = Vec::new();
+        let mut code_tabs = Vec::new();
+        for h in hists {
+            let lo = table::codes_from_histogram_into(h, &mut codes);
+            code_tabs.push((lo, codes.len() as u32));
+        }
+        PlaneSymbols { symbols, scales, hist, codes, code_tabs }
+    }
+}
+
+/// The frequencies of one plane's tables, one after another.
+#[derive(Default)]
+struct PlaneFreqs {
+    lo: Vec<u8>,
+    /// End of table `k`'s frequencies in `freq`.
+    end: Vec<u32>,
+    freq: Vec<u16>,
+}
+
+impl PlaneFreqs {
+    fn clear(&mut self) {
+        self.lo.clear();
+        self.end.clear();
+        self.freq.clear();
+    }
+    fn table(&self, k: usize) -> (u8, &[u16]) {
+        let start = if k == 0 { 0 } else { self.end[k - 1] as usize };
+        (self.lo[k], &self.freq[start..self.end[k] as usize])
+    }
+}
+
+/// One channel's histogram while counting, padded to 1056 bytes: with
+/// 1024-byte histograms the same symbol of channels 4 apart sits at the same
+/// address modulo 4 KiB, and the CPU then stalls each count's load on the
+/// unrelated store before it (4K aliasing).
+#[derive(Clone, Copy)]
+#[repr(C)]
+struct PaddedHist([u32; 256], [u32; 8]);
 
 /// Quantize one tensor and count each channel's symbols (into `hist`, one
 /// histogram per channel, which must be zero) in the same pass, while the
 /// row is in cache.
-fn quantize_tensor(values: &[f32], shape: &KvShape, spec: &QuantSpec, rule: StepRule, exact: &[usize], hist: &mut [[u32; 256]]) -> Result<(Vec<u8>, Vec<u8>), Error> {
+fn quantize_tensor(values: &[f32], shape: &KvShape, spec: &QuantSpec, rule: StepRule, exact: &[usize], hist: &mut [PaddedHist]) -> Result<(Vec<u8>, Vec<u8>), Error> {
     let (t, c, d) = (shape.tokens, shape.channels(), shape.head_dim);
     let params = quant::group_params_with(values, t, c, d, spec, rule, exact)?;
     let symbols = match spec.group {
@@ -205,7 +255,7 @@ fn quantize_tensor(values: &[f32], shape: &KvShape, spec: &QuantSpec, rule: Step
                     quant::quantize_row(row, params[spec.group.index(tt, 0, c, d)], spec, dst);
                 }
                 for (h, &s) in hist.iter_mut().zip(dst.iter()) {
-                    h[s as usize] += 1;
+                    h.0[s as usize] += 1;
                 }
             }
             out
@@ -214,7 +264,7 @@ fn quantize_tensor(values: &[f32], shape: &KvShape, spec: &QuantSpec, rule: Step
             let out = quant::quantize_plane_skip(values, t, c, d, spec, &params, exact);
             for row in out.chunks_exact(c) {
                 for (h, &s) in hist.iter_mut().zip(row) {
-                    h[s as usize] += 1;
+                    h.0[s as usize] += 1;
                 }
             }
             out
@@ -309,8 +359,9 @@ fn plane_symbols(kv: &KvTensors, plan: &Plan, keep_hist: bool) -> Result<(Vec<Pl
                 PlaneKind::Raw { index, .. } => {
                     let symbols = raw_byte_plane(&kv.tensors[i / per_tensor], kv.dtype.size(), *index as usize);
                     let hist = histograms(&symbols, p, shape.channels());
-                    let codes = hist.iter().map(|h| table::codes_from_histogram(&h[..p.nsym()])).collect();
-                    PlaneSymbols { symbols, scales: Vec::new(), hist: if keep_hist { hist } else { Vec::new() }, codes }
+                    let mut hists = hist.iter().map(|h| &h[..p.nsym()]);
+                    let ps = PlaneSymbols::new(symbols, Vec::new(), Vec::new(), &mut hists);
+                    PlaneSymbols { hist: if keep_hist { hist } else { Vec::new() }, ..ps }
                 }
                 PlaneKind::Quantized(_) => unreachable!("checked by plan_for"),
             })
@@ -335,16 +386,21 @@ fn plane_symbols(kv: &KvTensors, plan: &Plan, keep_hist: bool) -> Result<(Vec<Pl
         Vec::new()
     };
     let mut out = Vec::with_capacity(plan.planes.len());
-    let mut hist = vec![[0u32; 256]; c];
+    let mut hist = vec![PaddedHist([0; 256], [0; 8]); c];
     for ((p, rule), x) in plan.planes.iter().zip(&plan.rules).zip(&kv.tensors) {
         let PlaneKind::Quantized(spec) = p else { unreachable!("checked by plan_for") };
         quant::to_f32_into(kv.dtype, x, &mut values);
-        for h in hist.iter_mut() {
-            h.fill(0);
-        }
         let (symbols, scales) = quantize_tensor(&values, shape, spec, *rule, &exact, &mut hist)?;
-        let codes = hist.iter().map(|h| table::codes_from_histogram(&h[..p.nsym()])).collect();
-        out.push(PlaneSymbols { symbols, scales, hist: if keep_hist { hist.clone() } else { Vec::new() }, codes });
+        let kept = if keep_hist { hist.iter().map(|h| h.0).collect() } else { Vec::new() };
+        let ps = PlaneSymbols::new(symbols, scales, kept, &mut hist.iter().map(|h| &h.0[..p.nsym()]));
+        // Zero the histograms for the next plane: only their non-zero
+        // ranges, which the codes cover (not 1 KiB per channel).
+        let starts = std::iter::once(0).chain(ps.code_tabs.iter().map(|&(_, e)| e as usize));
+        for (h, (&(lo, end), start)) in hist.iter_mut().zip(ps.code_tabs.iter().zip(starts)) {
+            h.0[lo as usize..lo as usize + (end as usize - start)].fill(0);
+        }
+        debug_assert!(hist.iter().all(|h| h.0.iter().all(|&c| c == 0)));
+        out.push(ps);
     }
     let row = c * kv.dtype.size();
     let mut exact_bytes: Vec<u8> = exact.iter().flat_map(|&t| (t as u32).to_le_bytes()).collect();
@@ -367,7 +423,7 @@ pub fn plane_symbols_for(kv: &KvTensors, opts: &EncodeOptions) -> Result<Vec<Vec
 /// The most distinct symbols any table of the chunk needs.
 fn max_used_symbols(planes: &[PlaneSymbols]) -> usize {
     // A code is non-zero exactly where the histogram is (codes_from_histogram).
-    planes.iter().flat_map(|ps| ps.codes.iter()).map(|(_, q)| q.iter().filter(|&&c| c > 0).count()).max().unwrap_or(1)
+    planes.iter().flat_map(|ps| ps.table_codes()).map(|(_, q)| q.iter().filter(|&&c| c > 0).count()).max().unwrap_or(1)
 }
 
 /// Smallest precision whose normalisation can hold `symbols` distinct symbols.
@@ -418,18 +474,15 @@ pub fn encode(kv: &KvTensors, opts: &EncodeOptions) -> Result<Vec<u8>, Error> {
 
     // Probability tables: from this chunk, or the external set.
     let mut table_bytes = Vec::new();
-    let tables: Vec<Vec<FreqTable>> = match opts.tables {
+    // Embedded tables are built plane by plane below, from the codes.
+    let external: Option<Vec<Vec<FreqTable>>> = match opts.tables {
         Tables::Embedded => {
-            let mut all = Vec::with_capacity(plan.len());
             for ps in &planes {
-                let mut tabs = Vec::with_capacity(ps.codes.len());
-                for (lo, codes) in &ps.codes {
-                    table::write_compact(&mut table_bytes, *lo, codes);
-                    tabs.push(table::table_from_codes(*lo, codes, prob_bits)?);
+                for (lo, codes) in ps.table_codes() {
+                    table::write_compact(&mut table_bytes, lo, codes);
                 }
-                all.push(tabs);
             }
-            all
+            None
         }
         Tables::External(set) => {
             if set.channels != channels || set.plan != plan {
@@ -462,7 +515,7 @@ pub fn encode(kv: &KvTensors, opts: &EncodeOptions) -> Result<Vec<u8>, Error> {
                 table_bytes.extend_from_slice(&idx.to_le_bytes());
                 table_bytes.extend_from_slice(&b);
             }
-            all
+            Some(all)
         }
     };
 
@@ -488,8 +541,51 @@ pub fn encode(kv: &KvTensors, opts: &EncodeOptions) -> Result<Vec<u8>, Error> {
     let mut payload = Vec::new();
     let mut ends = Vec::with_capacity(per_plane * plan.len());
     let mut words = Vec::new();
-    for ((p, ps), tabs) in plan.iter().zip(&planes).zip(&tables) {
-        let enc: Vec<EncTable> = tabs.iter().map(|t| EncTable::new(t, prob_bits)).collect();
+    // The vectorised encoder on flat tables where the CPU has AVX2; the
+    // reference encoder otherwise (or with CACHEGEN_NO_SIMD=1). Same bytes.
+    let simd = rans::simd_enabled();
+    let mut flat = FlatEncTables::new();
+    let mut lane_base = Vec::with_capacity(channels);
+    let mut freqs = PlaneFreqs::default();
+    for (i, (p, ps)) in plan.iter().zip(&planes).enumerate() {
+        freqs.clear();
+        match &external {
+            None => {
+                for (lo, codes) in ps.table_codes() {
+                    table::freqs_from_codes(codes, prob_bits, &mut freqs.freq)?;
+                    freqs.lo.push(lo);
+                    freqs.end.push(freqs.freq.len() as u32);
+                }
+            }
+            Some(all) => {
+                for t in &all[i] {
+                    freqs.freq.extend_from_slice(&t.freq);
+                    freqs.lo.push(t.lo);
+                    freqs.end.push(freqs.freq.len() as u32);
+                }
+            }
+        }
+        let ntab = freqs.lo.len();
+        if simd {
+            flat.build_with(ntab, prob_bits, |k| freqs.table(k));
+            lane_base.clear();
+            lane_base.extend((0..channels).map(|c| flat.base(p.table_index(c))));
+            for k in 0..per_plane {
+                let geo = header.segment_geometry(k);
+                encode_segment_flat(&geo, &ps.symbols, channels, &flat, &lane_base, &mut payload, &mut words);
+                if payload.len() > u32::MAX as usize {
+                    return Err(Error::Invalid("encoded chunk exceeds 4 GiB; use smaller chunks".into()));
+                }
+                ends.push(payload.len() as u32);
+            }
+            continue;
+        }
+        let enc: Vec<EncTable> = (0..ntab)
+            .map(|k| {
+                let (lo, freq) = freqs.table(k);
+                EncTable::new(&FreqTable { lo, freq: freq.to_vec() }, prob_bits)
+            })
+            .collect();
         let by_channel: Vec<&EncTable> = (0..channels).map(|c| &enc[p.table_index(c)]).collect();
         for k in 0..per_plane {
             let geo = header.segment_geometry(k);

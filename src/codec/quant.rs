@@ -141,46 +141,87 @@ pub fn group_params_with(plane: &[f32], tokens: usize, channels: usize, head_dim
     let mut hi = vec![f32::NEG_INFINITY; n];
     let mut sq = vec![0f64; n];
     let mut cnt = vec![0u64; n];
-    for t in 0..tokens {
-        let row = &plane[t * channels..(t + 1) * channels];
-        // A fold, not `any`: no early exit, so the check vectorises.
-        if row.iter().fold(false, |bad, v| bad | !v.is_finite()) {
-            return Err(Error::NonFinite);
-        }
-        if skip.contains(&t) {
-            continue;
-        }
-        match spec.group {
-            // One group per row: reduce the row in f32 lanes, then once into f64.
-            ScaleGroup::PerToken | ScaleGroup::PerTensor => {
-                let g = spec.group.index(t, 0, channels, head_dim);
-                let (mut l8, mut h8, mut s8) = ([f32::INFINITY; 8], [f32::NEG_INFINITY; 8], [0f32; 8]);
-                let chunks = row.chunks_exact(8);
-                let rest = chunks.remainder();
-                for ch in chunks {
-                    for k in 0..8 {
-                        l8[k] = l8[k].min(ch[k]);
-                        h8[k] = h8[k].max(ch[k]);
-                        s8[k] += ch[k] * ch[k];
-                    }
+    if !spec.asymmetric && matches!(spec.group, ScaleGroup::PerToken | ScaleGroup::PerTensor) {
+        // Symmetric steps need only each group's absmax (and sum of
+        // squares): the largest `|v|`, which is `max(|lo|, |hi|)` of the
+        // general loop below, found as the largest of the bit patterns with
+        // the sign cleared (ordered like the values for finite floats), so
+        // the loop vectorises; a pattern at or above infinity's is a
+        // non-finite value. The squares are summed exactly as below.
+        let mut absmax = vec![0u32; n];
+        for t in 0..tokens {
+            let row = &plane[t * channels..(t + 1) * channels];
+            let (mut m8, mut s8) = ([0u32; 8], [0f32; 8]);
+            let chunks = row.chunks_exact(8);
+            let rest = chunks.remainder();
+            for ch in chunks {
+                for k in 0..8 {
+                    m8[k] = m8[k].max(ch[k].to_bits() & 0x7fff_ffff);
+                    s8[k] += ch[k] * ch[k];
                 }
-                for (k, &v) in rest.iter().enumerate() {
-                    l8[k] = l8[k].min(v);
-                    h8[k] = h8[k].max(v);
-                    s8[k] += v * v;
-                }
-                lo[g] = l8.iter().fold(lo[g], |a, &b| a.min(b));
-                hi[g] = h8.iter().fold(hi[g], |a, &b| a.max(b));
-                sq[g] += s8.iter().map(|&v| v as f64).sum::<f64>();
-                cnt[g] += channels as u64;
             }
-            _ => {
-                for (c, &v) in row.iter().enumerate() {
-                    let g = spec.group.index(t, c, channels, head_dim);
-                    lo[g] = lo[g].min(v);
-                    hi[g] = hi[g].max(v);
-                    sq[g] += (v as f64) * (v as f64);
-                    cnt[g] += 1;
+            for (k, &v) in rest.iter().enumerate() {
+                m8[k] = m8[k].max(v.to_bits() & 0x7fff_ffff);
+                s8[k] += v * v;
+            }
+            let m = m8.iter().fold(0, |a, &b| a.max(b));
+            if m >= 0x7f80_0000 {
+                return Err(Error::NonFinite);
+            }
+            if skip.contains(&t) {
+                continue;
+            }
+            let g = spec.group.index(t, 0, channels, head_dim);
+            absmax[g] = absmax[g].max(m);
+            sq[g] += s8.iter().map(|&v| v as f64).sum::<f64>();
+            cnt[g] += channels as u64;
+        }
+        for g in 0..n {
+            hi[g] = f32::from_bits(absmax[g]);
+            lo[g] = -hi[g];
+        }
+    } else {
+        for t in 0..tokens {
+            let row = &plane[t * channels..(t + 1) * channels];
+            // A fold, not `any`: no early exit, so the check vectorises.
+            if row.iter().fold(false, |bad, v| bad | !v.is_finite()) {
+                return Err(Error::NonFinite);
+            }
+            if skip.contains(&t) {
+                continue;
+            }
+            match spec.group {
+                // One group per row: reduce the row in f32 lanes, then once into f64.
+                ScaleGroup::PerToken | ScaleGroup::PerTensor => {
+                    let g = spec.group.index(t, 0, channels, head_dim);
+                    let (mut l8, mut h8, mut s8) = ([f32::INFINITY; 8], [f32::NEG_INFINITY; 8], [0f32; 8]);
+                    let chunks = row.chunks_exact(8);
+                    let rest = chunks.remainder();
+                    for ch in chunks {
+                        for k in 0..8 {
+                            l8[k] = l8[k].min(ch[k]);
+                            h8[k] = h8[k].max(ch[k]);
+                            s8[k] += ch[k] * ch[k];
+                        }
+                    }
+                    for (k, &v) in rest.iter().enumerate() {
+                        l8[k] = l8[k].min(v);
+                        h8[k] = h8[k].max(v);
+                        s8[k] += v * v;
+                    }
+                    lo[g] = l8.iter().fold(lo[g], |a, &b| a.min(b));
+                    hi[g] = h8.iter().fold(hi[g], |a, &b| a.max(b));
+                    sq[g] += s8.iter().map(|&v| v as f64).sum::<f64>();
+                    cnt[g] += channels as u64;
+                }
+                _ => {
+                    for (c, &v) in row.iter().enumerate() {
+                        let g = spec.group.index(t, c, channels, head_dim);
+                        lo[g] = lo[g].min(v);
+                        hi[g] = hi[g].max(v);
+                        sq[g] += (v as f64) * (v as f64);
+                        cnt[g] += 1;
+                    }
                 }
             }
         }
@@ -249,15 +290,21 @@ pub fn quantize_row(row: &[f32], p: GroupParams, spec: &QuantSpec, dst: &mut [u8
     }
     let top = 2.0 * spec.max as f32;
     let step = p.step;
+    // Clamping before rounding gives the same integer as `quantize_value`'s
+    // round-then-clamp (the bounds are integers), and adding 2^23 to a
+    // value in [0, 254] rounds it half-to-even into the low bits (the ulp
+    // at 2^23 is 1): so the same byte, with a conversion that vectorises
+    // (a saturating `f32 as u8` does not).
+    const MAGIC: f32 = 8_388_608.0;
     if spec.asymmetric {
         let offset = p.offset;
         for (d, &v) in dst.iter_mut().zip(row) {
-            *d = ((v - offset) / step).round_ties_even().clamp(0.0, top) as u8;
+            *d = (((v - offset) / step).clamp(0.0, top) + MAGIC).to_bits() as u8;
         }
     } else {
         let centre = spec.max as f32;
         for (d, &v) in dst.iter_mut().zip(row) {
-            *d = (v / step + centre).round_ties_even().clamp(0.0, top) as u8;
+            *d = ((v / step + centre).clamp(0.0, top) + MAGIC).to_bits() as u8;
         }
     }
 }
@@ -399,6 +446,12 @@ pub fn to_f32_into(dtype: Dtype, bytes: &[u8], out: &mut Vec<f32>) {
     out.resize(n, 0.0);
     match dtype {
         Dtype::F16 => {
+            #[cfg(target_arch = "x86_64")]
+            if std::arch::is_x86_feature_detected!("f16c") && std::arch::is_x86_feature_detected!("avx") {
+                // SAFETY: the features are present; `bytes` holds 2 * n bytes.
+                unsafe { f16_to_f32_f16c(&bytes[..2 * n], out) };
+                return;
+            }
             const N: usize = 64;
             for (src, dst) in bytes.chunks(2 * N).zip(out.chunks_mut(N)) {
                 let mut h = [f16::ZERO; N];
@@ -418,6 +471,30 @@ pub fn to_f32_into(dtype: Dtype, bytes: &[u8], out: &mut Vec<f32>) {
                 *d = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
             }
         }
+    }
+}
+
+/// Little-endian f16 bytes to f32 with F16C, 8 values per instruction
+/// straight from the bytes (the `half` slice conversion went through two
+/// copies). The same values: the conversion is exact (a NaN may come out
+/// quiet, and the encoder rejects NaN anyway).
+///
+/// # Safety
+/// F16C and AVX; `bytes.len() == 2 * out.len()`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "f16c,avx")]
+unsafe fn f16_to_f32_f16c(bytes: &[u8], out: &mut [f32]) {
+    use std::arch::x86_64::*;
+    debug_assert_eq!(bytes.len(), 2 * out.len());
+    let n = out.len();
+    let mut i = 0;
+    while i + 8 <= n {
+        let h = _mm_loadu_si128(bytes.as_ptr().add(2 * i) as *const __m128i);
+        _mm256_storeu_ps(out.as_mut_ptr().add(i), _mm256_cvtph_ps(h));
+        i += 8;
+    }
+    for (d, b) in out[i..].iter_mut().zip(bytes[2 * i..].chunks_exact(2)) {
+        *d = f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32();
     }
 }
 
@@ -486,6 +563,51 @@ fn as_bytes(v: &[u16; 32]) -> &[u8; 64] {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn f16_conversion_matches_half_on_every_value() {
+        // Every f16 bit pattern, at an odd length so the scalar tail runs too.
+        let bytes: Vec<u8> = (0..=u16::MAX).chain([0x3c00, 0x8001, 0x7bff]).flat_map(|b| b.to_le_bytes()).collect();
+        let mut out = Vec::new();
+        to_f32_into(Dtype::F16, &bytes, &mut out);
+        assert_eq!(out.len(), bytes.len() / 2);
+        for (b, &v) in bytes.chunks_exact(2).zip(&out) {
+            let want = f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32();
+            assert!(want.to_bits() == v.to_bits() || (want.is_nan() && v.is_nan()), "{b:?}");
+        }
+    }
+
+    #[test]
+    fn quantize_row_matches_quantize_value() {
+        // Ties (k + 0.5 steps), values just beside them, both clamps, signed
+        // zeros and huge values, under both symmetries and several alphabets.
+        let mut vals = vec![0.0f32, -0.0, 1e30, -1e30, f32::MAX, f32::MIN, 1e-40, -1e-40];
+        for k in -300..300 {
+            let x = k as f32 * 0.5;
+            vals.extend([x, f32::from_bits(x.to_bits() + 1), f32::from_bits(x.to_bits().wrapping_sub(1))]);
+        }
+        let mut state = 0x2545f4914f6cdd1du64;
+        for _ in 0..20_000 {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            vals.push(f32::from_bits(state as u32) % 1000.0);
+        }
+        vals.retain(|v| v.is_finite());
+        for max in [1u8, 7, 15, 127] {
+            for asymmetric in [false, true] {
+                let spec = QuantSpec { group: ScaleGroup::PerTensor, max, asymmetric };
+                for (step, offset) in [(1.0f32, 0.0f32), (0.5, -3.0), (0.37, 1.25), (3.0e-39, 0.0), (1e-3, -0.5)] {
+                    let p = GroupParams { offset: if asymmetric { offset } else { 0.0 }, step };
+                    let mut got = vec![0u8; vals.len()];
+                    quantize_row(&vals, p, &spec, &mut got);
+                    for (&v, &g) in vals.iter().zip(&got) {
+                        assert_eq!(g, quantize_value(v, p, &spec), "v {v} step {step} max {max} asym {asymmetric}");
+                    }
+                }
+            }
+        }
+    }
 
     #[test]
     fn bf16_rounding_brackets_value() {

@@ -91,6 +91,158 @@ pub fn encode_segment(
     }
 }
 
+/// Encoder constants of one plane's tables in two flat arrays, for the
+/// vectorised encoder (one gather per array and 8 lanes): symbol `s` of
+/// table `k` is entry `base(k) + s`. An entry packs `freq - 1` (bits 0-9),
+/// the bias of `EncSymbol::encode` (bits 10-20) and the reciprocal's shift
+/// (bits 21-24); `rcp` holds the reciprocal. The same constants as
+/// `EncTable` (tests compare the encoders' bytes). 256 entries of padding
+/// on each side keep every `base(k) + s` (any byte `s`) inside the arrays.
+#[derive(Default)]
+pub struct FlatEncTables {
+    prob_bits: u32,
+    packed: Vec<u32>,
+    rcp: Vec<u32>,
+    base: Vec<i32>,
+}
+
+const FLAT_PAD: usize = 256;
+
+impl FlatEncTables {
+    pub fn new() -> FlatEncTables {
+        FlatEncTables::default()
+    }
+
+    /// Rebuild from `tables` (reusing the allocations).
+    pub fn build(&mut self, tables: &[FreqTable], prob_bits: u32) {
+        self.build_with(tables.len(), prob_bits, |k| (tables[k].lo, &tables[k].freq[..]));
+    }
+
+    /// `build` from tables given as `table(k) = (lo, freq)`, `k < count`;
+    /// the frequencies must sum to `2^prob_bits` (prob_bits 8 to 10).
+    pub fn build_with<'t>(&mut self, count: usize, prob_bits: u32, table: impl Fn(usize) -> (u8, &'t [u16])) {
+        assert!((8..=10).contains(&prob_bits));
+        let consts = super::table::flat_constants(prob_bits);
+        self.prob_bits = prob_bits;
+        self.packed.clear();
+        self.rcp.clear();
+        self.base.clear();
+        self.packed.resize(FLAT_PAD, 0);
+        self.rcp.resize(FLAT_PAD, 0);
+        for k in 0..count {
+            let (lo, freq) = table(k);
+            self.base.push(self.packed.len() as i32 - lo as i32);
+            let mut start = 0u32;
+            for &f in freq {
+                // Absent symbols (f = 0) get an entry that is never used.
+                let (p, r) = consts[f as usize];
+                self.packed.push(p + (start << 10));
+                self.rcp.push(r);
+                start += f as u32;
+            }
+            assert!(start == 1 << prob_bits, "frequencies must sum to 2^prob_bits");
+        }
+        self.packed.resize(self.packed.len() + FLAT_PAD, 0);
+        self.rcp.resize(self.rcp.len() + FLAT_PAD, 0);
+    }
+
+    /// Entry index base of table `k`.
+    pub fn base(&self, k: usize) -> i32 {
+        self.base[k]
+    }
+
+    /// One coder step of a lane on the flat constants (the scalar form of
+    /// the vector step): flush a word to `words[*pos - 1]` when due.
+    #[inline(always)]
+    fn step(&self, x: u32, idx: usize, words: &mut [u16], pos: &mut usize) -> u32 {
+        let a = self.packed[idx];
+        let r = self.rcp[idx];
+        let mut x = x;
+        if (x >> (32 - self.prob_bits)) > (a & 0x3ff) {
+            *pos -= 1;
+            words[*pos] = x as u16;
+            x >>= 16;
+        }
+        let t = ((x as u64 * r as u64) >> 32) as u32;
+        let q = (t + ((x - t) >> 1)) >> (a >> 21);
+        let cmpl = (1u32 << self.prob_bits) - 1 - (a & 0x3ff);
+        x.wrapping_add((a >> 10) & 0x7ff).wrapping_add(q.wrapping_mul(cmpl))
+    }
+}
+
+/// `encode_segment` on flat tables: channel `c` uses table
+/// `lane_table[c]`'s entries (`lane_base[c] = tables.base(table of c)`).
+/// Takes the AVX2 path where `simd_enabled()`, else a scalar loop; both
+/// write exactly the bytes of `encode_segment`. The words are written
+/// backwards into `words` (the decoder's order), so there is no reversal
+/// pass. Symbols must lie in their tables' ranges (as for
+/// `encode_segment`); others give wrong bytes, never an out-of-bounds access.
+pub fn encode_segment_flat(geo: &SegmentGeometry, symbols: &[u8], channels_stride: usize, tables: &FlatEncTables, lane_base: &[i32], out: &mut Vec<u8>, words: &mut Vec<u16>) {
+    encode_segment_flat_with(geo, symbols, channels_stride, tables, lane_base, out, words, simd_enabled())
+}
+
+/// `encode_segment_flat`, choosing the path (`allow_simd`; tests compare them).
+#[allow(clippy::too_many_arguments)]
+pub fn encode_segment_flat_with(geo: &SegmentGeometry, symbols: &[u8], channels_stride: usize, tables: &FlatEncTables, lane_base: &[i32], out: &mut Vec<u8>, words: &mut Vec<u16>, allow_simd: bool) {
+    let (tb, te) = (geo.token_begin, geo.token_end);
+    assert!(te > tb && geo.group_end > geo.group_begin);
+    assert!(symbols.len() >= (te - 1) * channels_stride + geo.channels && channels_stride >= geo.channels);
+    assert!(lane_base.len() >= geo.channels);
+    // Every index base + byte stays inside the padded arrays.
+    assert!(lane_base[..geo.channels].iter().all(|&b| b >= 0 && b as usize + 256 <= tables.packed.len()));
+    let n = geo.symbols();
+    // 8 words of slack below: a vector stores 8 words ending at the write
+    // position. Only words written here are read back, so the buffer is
+    // not cleared between segments.
+    let end = n + 8;
+    if words.len() < end {
+        words.resize(end, 0);
+    }
+    let words = &mut words[..end];
+    let mut pos = end;
+    let mut x = [RANS_L; LANES];
+    let mut g = geo.group_end;
+    while g > geo.group_begin {
+        g -= 1;
+        let active = geo.lanes_in_group(g);
+        let c0 = LANES * g;
+        #[cfg(target_arch = "x86_64")]
+        if allow_simd && active == LANES {
+            // SAFETY: AVX2 is present (simd_enabled); rows t in [tb, te) have
+            // 32 symbols from c0 (asserted above); indices stay in the arrays.
+            unsafe { simd::encode_group(&mut x, symbols, channels_stride, c0, tb, te, tables, &lane_base[c0..c0 + LANES], words, &mut pos) };
+            continue;
+        }
+        for t in (tb..te).rev() {
+            let row = &symbols[t * channels_stride + c0..t * channels_stride + c0 + active];
+            for l in (0..active).rev() {
+                let idx = (lane_base[c0 + l] + row[l] as i32) as usize;
+                x[l] = tables.step(x[l], idx, words, &mut pos);
+            }
+        }
+    }
+    let lanes = geo.lanes();
+    out.reserve(4 * lanes + 2 * (end - pos));
+    for &state in &x[..lanes] {
+        out.extend_from_slice(&state.to_le_bytes());
+    }
+    extend_u16_le(out, &words[pos..]);
+}
+
+/// Append `words` as little-endian bytes.
+fn extend_u16_le(out: &mut Vec<u8>, words: &[u16]) {
+    #[cfg(target_endian = "little")]
+    {
+        // SAFETY: u16 has no padding and any byte pattern is a valid u8;
+        // on a little-endian target the memory is the little-endian bytes.
+        out.extend_from_slice(unsafe { std::slice::from_raw_parts(words.as_ptr() as *const u8, 2 * words.len()) });
+    }
+    #[cfg(not(target_endian = "little"))]
+    for &w in words {
+        out.extend_from_slice(&w.to_le_bytes());
+    }
+}
+
 /// Largest `prob_bits` the packed lookup entries can hold.
 pub const MAX_DECODE_PROB_BITS: u32 = 10;
 
@@ -584,6 +736,100 @@ mod simd {
         t
     }
     static PERM: [[u32; 8]; 256] = refill_permutations();
+
+    /// For each 8-bit flush mask: the byte shuffle that moves the low 16
+    /// bits of the flushing lanes (as 8 words in lane order) to the top of
+    /// a 16-byte vector, in ascending lane order; the rest is zeroed.
+    const fn compress_shuffles() -> [[u8; 16]; 256] {
+        let mut t = [[0x80u8; 16]; 256];
+        let mut m = 0;
+        while m < 256 {
+            let k = (m as u32).count_ones() as usize;
+            let mut j = 8 - k;
+            let mut lane = 0;
+            while lane < 8 {
+                if m & (1 << lane) != 0 {
+                    t[m][2 * j] = 2 * lane as u8;
+                    t[m][2 * j + 1] = 2 * lane as u8 + 1;
+                    j += 1;
+                }
+                lane += 1;
+            }
+            m += 1;
+        }
+        t
+    }
+    static COMPRESS: [[u8; 16]; 256] = compress_shuffles();
+
+    /// Encode one full 32-lane channel group of a segment (tokens `te - 1`
+    /// down to `tb`, lanes 31 down to 0 as in `encode_segment`), eight lanes
+    /// per vector: the per-symbol constants by two gathers, the division by
+    /// the reciprocal multiply on even and odd lanes, and the flushed words
+    /// of a vector packed by a shuffle chosen by the flush mask and stored
+    /// below `*pos` (the words are written backwards).
+    ///
+    /// # Safety
+    /// AVX2; rows `t` in `[tb, te)` have 32 symbols at `t * stride + c0`;
+    /// every `lane_base[l] + byte` indexes `tables`' arrays; `*pos - 8 >=
+    /// 0` and at least 32 words per token fit below `*pos` plus 8 of slack.
+    #[target_feature(enable = "avx2")]
+    #[allow(clippy::too_many_arguments, clippy::needless_range_loop)]
+    pub unsafe fn encode_group(x: &mut [u32; LANES], symbols: &[u8], stride: usize, c0: usize, tb: usize, te: usize, tables: &super::FlatEncTables, lane_base: &[i32], words: &mut [u16], pos: &mut usize) {
+        debug_assert!(lane_base.len() == LANES && symbols.len() >= (te - 1) * stride + c0 + LANES);
+        debug_assert!(*pos >= 32 * (te - tb) + 8);
+        let pb = tables.prob_bits;
+        let shr = _mm_cvtsi32_si128(32 - pb as i32);
+        let fm1_mask = _mm256_set1_epi32(0x3ff);
+        let bias_mask = _mm256_set1_epi32(0x7ff);
+        let m_minus_1 = _mm256_set1_epi32((1i32 << pb) - 1);
+        let lo16 = _mm256_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, -1, -1, -1, -1, -1, -1, -1, -1, 0, 1, 4, 5, 8, 9, 12, 13, -1, -1, -1, -1, -1, -1, -1, -1);
+        let packed = tables.packed.as_ptr() as *const i32;
+        let rcp = tables.rcp.as_ptr() as *const i32;
+        let mut state = [_mm256_setzero_si256(); 4];
+        let mut base = [_mm256_setzero_si256(); 4];
+        for v in 0..4 {
+            state[v] = _mm256_loadu_si256(x.as_ptr().add(8 * v) as *const __m256i);
+            base[v] = _mm256_loadu_si256(lane_base.as_ptr().add(8 * v) as *const __m256i);
+        }
+        let out = words.as_mut_ptr();
+        let mut p = *pos;
+        let mut t = te;
+        while t > tb {
+            t -= 1;
+            let row = symbols.as_ptr().add(t * stride + c0);
+            // The rows are walked downwards: fetch a few ahead (a hint only,
+            // so an address before the plane is harmless).
+            _mm_prefetch(row.wrapping_sub(8 * stride) as *const i8, _MM_HINT_T0);
+            for v in (0..4).rev() {
+                let s = _mm256_cvtepu8_epi32(_mm_loadl_epi64(row.add(8 * v) as *const __m128i));
+                let idx = _mm256_add_epi32(base[v], s);
+                let a = _mm256_i32gather_epi32(packed, idx, 4);
+                let r = _mm256_i32gather_epi32(rcp, idx, 4);
+                let fm1 = _mm256_and_si256(a, fm1_mask);
+                let xv = state[v];
+                // x >> (32 - prob_bits) >= freq: flush the low 16 bits.
+                let flush = _mm256_cmpgt_epi32(_mm256_srl_epi32(xv, shr), fm1);
+                let m = _mm256_movemask_ps(_mm256_castsi256_ps(flush)) as usize;
+                let w = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(xv, lo16), 0b00_00_10_00);
+                let w = _mm_shuffle_epi8(_mm256_castsi256_si128(w), _mm_loadu_si128(COMPRESS[m].as_ptr() as *const __m128i));
+                _mm_storeu_si128(out.add(p - 8) as *mut __m128i, w);
+                p -= m.count_ones() as usize;
+                let xv = _mm256_blendv_epi8(xv, _mm256_srli_epi32(xv, 16), flush);
+                // q = x / freq: the high half of x * rcp on even and odd lanes.
+                let even = _mm256_srli_epi64(_mm256_mul_epu32(xv, r), 32);
+                let odd = _mm256_mul_epu32(_mm256_srli_epi64(xv, 32), _mm256_srli_epi64(r, 32));
+                let th = _mm256_blend_epi32(even, odd, 0b1010_1010);
+                let q = _mm256_srlv_epi32(_mm256_add_epi32(th, _mm256_srli_epi32(_mm256_sub_epi32(xv, th), 1)), _mm256_srli_epi32(a, 21));
+                let bias = _mm256_and_si256(_mm256_srli_epi32(a, 10), bias_mask);
+                let cmpl = _mm256_sub_epi32(m_minus_1, fm1);
+                state[v] = _mm256_add_epi32(_mm256_add_epi32(xv, bias), _mm256_mullo_epi32(q, cmpl));
+            }
+        }
+        *pos = p;
+        for v in 0..4 {
+            _mm256_storeu_si256(x.as_mut_ptr().add(8 * v) as *mut __m256i, state[v]);
+        }
+    }
 
     /// Whether to take the AVX2 path: the CPU has it, and it was not
     /// turned off with CACHEGEN_NO_SIMD=1 (to compare the two paths).

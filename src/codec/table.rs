@@ -46,34 +46,56 @@ impl FreqTable {
 /// 15, a symbol `k` half-octaves rarer gets `15 - k` (at least 1); absent
 /// symbols get 0. Returns `(lo, codes)` trimmed to the non-zero range.
 pub fn codes_from_histogram(hist: &[u32]) -> (u8, Vec<u8>) {
+    let mut codes = Vec::new();
+    let lo = codes_from_histogram_into(hist, &mut codes);
+    (lo, codes)
+}
+
+/// `codes_from_histogram`, appending the codes to `out` and returning `lo`.
+pub fn codes_from_histogram_into(hist: &[u32], out: &mut Vec<u8>) -> u8 {
     let first = first_nonzero(hist);
     let Some(first) = first else {
         // Empty histogram: a single symbol 0 carries all probability.
-        return (0, vec![15]);
+        out.push(15);
+        return 0;
     };
     let last = last_nonzero(hist).unwrap();
-    let max = *hist.iter().max().unwrap() as f64;
-    let code = |c: u32| {
-        let half_octaves = (2.0 * (max / c as f64).log2()).round();
-        (15.0 - half_octaves).clamp(1.0, 15.0) as u8
-    };
-    // Small counts repeat within a histogram: compute each one's code once
-    // (the same expression on the same values, so the same codes).
-    let mut small = [0u8; 64];
-    let codes = hist[first..=last]
-        .iter()
-        .map(|&c| match c {
-            0 => 0,
-            1..=63 => {
-                if small[c as usize] == 0 {
-                    small[c as usize] = code(c);
-                }
-                small[c as usize]
-            }
-            _ => code(c),
-        })
-        .collect();
-    (first as u8, codes)
+    let max_count = hist[first..=last].iter().fold(0, |a, &c| a.max(c));
+    let max = max_count as f64;
+    out.extend(hist[first..=last].iter().map(|&c| if c == 0 { 0 } else { code_of_count(max, c) }));
+    first as u8
+}
+
+/// The weight code of a non-zero count `c` under the histogram's largest
+/// count `max`: `clamp(15 - round(2 * log2(max / c)), 1, 15)`, evaluated in
+/// f64 as written (`code_exact`). `r = max / c` is at least 1; with `r = m *
+/// 2^e` (`m` in [1, 2)), `2 * log2(r) = 2e + 2 * log2(m)`, which rounds to
+/// `2e + [m >= 2^(1/4)] + [m >= 2^(3/4)]`. So the mantissa of `r` is
+/// compared with the two constants instead of calling `log2`, except
+/// within 1e-9 (relative) of either, where `log2`'s rounding could decide
+/// and the formula itself is evaluated (never on the fixture's counts; a
+/// test compares the two on every count pair up to 4096 and on random
+/// large ones).
+#[inline]
+fn code_of_count(max: f64, c: u32) -> u8 {
+    const Q1: f64 = 1.189_207_115_002_721; // 2^(1/4)
+    const Q3: f64 = 1.681_792_830_507_429; // 2^(3/4)
+    const GUARD: f64 = 1e-9;
+    let r = max / c as f64;
+    let bits = r.to_bits();
+    let e = ((bits >> 52) as i64 - 1023) as i32;
+    let m = f64::from_bits((bits & ((1u64 << 52) - 1)) | (1023u64 << 52));
+    if (m - Q1).abs() < GUARD || (m - Q3).abs() < GUARD {
+        return code_exact(max, c);
+    }
+    let half_octaves = 2 * e + (m >= Q1) as i32 + (m >= Q3) as i32;
+    (15 - half_octaves).clamp(1, 15) as u8
+}
+
+/// `codes_from_histogram`'s formula for one non-zero count, through `log2`.
+fn code_exact(max: f64, c: u32) -> u8 {
+    let half_octaves = (2.0 * (max / c as f64).log2()).round();
+    (15.0 - half_octaves).clamp(1.0, 15.0) as u8
 }
 
 /// `hist.iter().position(|&c| c > 0)`, 16 counts at a time (a histogram
@@ -373,25 +395,55 @@ fn reciprocals(prob_bits: u32) -> Option<&'static [(u32, u32)]> {
     all.get(prob_bits.checked_sub(8)? as usize).map(|v| &v[..])
 }
 
+/// The constants of a symbol at `start` with frequency `freq > 0`: those of
+/// `EncSymbol::new`, the reciprocal taken from a precomputed table where
+/// there is one.
+#[inline]
+pub fn enc_symbol(start: u32, freq: u32, prob_bits: u32) -> EncSymbol {
+    match reciprocals(prob_bits) {
+        // Same constants as EncSymbol::new (tests compare them).
+        Some(r) if freq < (1 << prob_bits) && freq > 1 => {
+            let (rcp_freq, rcp_shift) = r[freq as usize];
+            EncSymbol { rcp_freq, rcp_shift, bias: start, freq: freq as u16, cmpl_freq: ((1u32 << prob_bits) - freq) as u16 }
+        }
+        _ => EncSymbol::new(start, freq, prob_bits),
+    }
+}
+
+/// For the flat encoder tables (`rans::FlatEncTables`): per frequency `f`
+/// in `0..=2^prob_bits`, the entry word without the start (`f - 1`, the
+/// bias beyond the start in bits 10-20, the reciprocal's shift in bits
+/// 21-24) and the reciprocal, both from `EncSymbol::new`; `f = 0` gives
+/// zeros. The entry of a symbol at `start` is `word + (start << 10)`.
+pub fn flat_constants(prob_bits: u32) -> &'static [(u32, u32)] {
+    static TABLES: std::sync::OnceLock<Vec<Vec<(u32, u32)>>> = std::sync::OnceLock::new();
+    let all = TABLES.get_or_init(|| {
+        (8..=10u32)
+            .map(|pb| {
+                (0..=1u32 << pb)
+                    .map(|f| {
+                        if f == 0 {
+                            return (0, 0);
+                        }
+                        let e = EncSymbol::new(0, f, pb);
+                        ((f - 1) | (e.bias << 10) | (e.rcp_shift << 21), e.rcp_freq)
+                    })
+                    .collect()
+            })
+            .collect()
+    });
+    &all[(prob_bits - 8) as usize]
+}
+
 impl EncTable {
     pub fn new(t: &FreqTable, prob_bits: u32) -> EncTable {
-        let rcp = reciprocals(prob_bits);
         let mut start = 0u32;
         let symbols = t
             .freq
             .iter()
             .map(|&f| {
-                let f32_ = f as u32;
-                let e = match (f, rcp) {
-                    (0, _) => EncSymbol::default(),
-                    // Same constants as EncSymbol::new (tests compare them).
-                    (_, Some(r)) if f32_ < (1 << prob_bits) && f32_ > 1 => {
-                        let (rcp_freq, rcp_shift) = r[f32_ as usize];
-                        EncSymbol { rcp_freq, rcp_shift, bias: start, freq: f, cmpl_freq: ((1u32 << prob_bits) - f32_) as u16 }
-                    }
-                    _ => EncSymbol::new(start, f32_, prob_bits),
-                };
-                start += f32_;
+                let e = if f == 0 { EncSymbol::default() } else { enc_symbol(start, f as u32, prob_bits) };
+                start += f as u32;
                 e
             })
             .collect();
@@ -402,6 +454,25 @@ impl EncTable {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn code_of_count_matches_the_log2_formula() {
+        for max in 1..=4096u32 {
+            for c in 1..=max {
+                assert_eq!(code_of_count(max as f64, c), code_exact(max as f64, c), "max {max} c {c}");
+            }
+        }
+        let mut state = 0x9e3779b97f4a7c15u64;
+        for _ in 0..2_000_000 {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            let max = (state >> 32) as u32 >> (state % 24) as u32;
+            let c = ((state as u32) % max.max(1)).max(1).min(max.max(1));
+            let max = max.max(c);
+            assert_eq!(code_of_count(max as f64, c), code_exact(max as f64, c), "max {max} c {c}");
+        }
+    }
 
     #[test]
     fn normalize_sums_to_total_and_keeps_every_symbol() {
