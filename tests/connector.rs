@@ -374,14 +374,12 @@ fn a_table_set_shrinks_chunks_and_a_chunk_of_another_set_is_failed() {
     let kv = fixture();
     let dir = tempfile::tempdir().unwrap();
     // Calibrated once per model and level, on other chunks than most of those stored.
-    let samples: Vec<KvTensors> = (1..5).map(|c| slice_tokens(&kv, c * CHUNK, (c + 1) * CHUNK)).collect();
-    let refs: Vec<&KvTensors> = samples.iter().collect();
-    let set = codec::calibrate_tables(&refs, &EncodeOptions::level(Level::Default)).unwrap();
+    let (mut sets, entries) = table_set_files(&kv, dir.path(), &[Level::Default]);
+    let set = sets.remove(0);
     let set_path = dir.path().join("default.cgts");
-    std::fs::write(&set_path, set.to_bytes()).unwrap();
     let disk = dir.path().join("disk");
     let tiers = format!(r#", "tiers": {{"disk": {{"path": "{}", "bytes": 100000000}}}}"#, disk.display());
-    let with = config(&format!(r#"{tiers}, "tables": {{"default": "{}"}}"#, set_path.display()));
+    let with = config(&format!(r#"{tiers}, "tables": {{{}}}"#, entries[0]));
     let without = config(&tiers);
     let toks = tokens(320, 11);
     let blocks: Vec<u32> = (0..20).collect();
@@ -426,7 +424,7 @@ fn a_table_set_shrinks_chunks_and_a_chunk_of_another_set_is_failed() {
 
     // A chunk that references a set the context does not hold (here written
     // under its key by hand) is a failed chunk, never decoded with other tables.
-    let other = codec::calibrate_tables(&[&samples[3]], &EncodeOptions::level(Level::Default)).unwrap();
+    let other = codec::calibrate_tables(&[&slice_tokens(&kv, 4 * CHUNK, 5 * CHUNK)], &EncodeOptions::level(Level::Default)).unwrap();
     assert_ne!(other.id(), set.id());
     let part = slice_tokens(&kv, 2 * CHUNK, 3 * CHUNK);
     let bad = codec::encode(&part, &EncodeOptions { tables: codec::Tables::External(&other), ..EncodeOptions::level(Level::Default) }).unwrap();
@@ -468,15 +466,7 @@ fn a_table_set_shrinks_chunks_and_a_chunk_of_another_set_is_failed() {
 fn levels_with_their_own_table_sets_load_each_chunk_with_its_levels_set() {
     let kv = fixture();
     let dir = tempfile::tempdir().unwrap();
-    let samples: Vec<KvTensors> = (1..5).map(|c| slice_tokens(&kv, c * CHUNK, (c + 1) * CHUNK)).collect();
-    let refs: Vec<&KvTensors> = samples.iter().collect();
-    let mut entries = Vec::new();
-    for level in [Level::Compact, Level::Default] {
-        let set = codec::calibrate_tables(&refs, &EncodeOptions::level(level)).unwrap();
-        let path = dir.path().join(format!("{}.cgts", level.name()));
-        std::fs::write(&path, set.to_bytes()).unwrap();
-        entries.push(format!(r#""{}": "{}""#, level.name(), path.display()));
-    }
+    let (_, entries) = table_set_files(&kv, dir.path(), &[Level::Compact, Level::Default]);
     let disk = dir.path().join("disk");
     let cfg = config(&format!(
         r#", "tiers": {{"disk": {{"path": "{}", "bytes": 100000000}}}}, "levels": ["compact", "default"], "tables": {{{}}}"#,

@@ -299,19 +299,11 @@ fn device_layouts_without_a_gpu_or_with_host_pointers_are_refused() {
 #[test]
 fn table_set_chunks_load_on_the_gpu_as_on_the_host_mixing_sets_in_one_load() {
     let Some(gpu) = gpu() else { return };
-    use cachegen::codec::{calibrate_tables, EncodeOptions, KvTensors, Level};
+    use cachegen::codec::Level;
     use cachegen::store::{DiskTier, Tier};
     let kv = fixture();
     let dir = tempfile::tempdir().unwrap();
-    let samples: Vec<KvTensors> = (1..5).map(|c| slice_tokens(&kv, c * CHUNK, (c + 1) * CHUNK)).collect();
-    let refs: Vec<&KvTensors> = samples.iter().collect();
-    let mut entries = Vec::new();
-    for level in [Level::Compact, Level::Default] {
-        let set = calibrate_tables(&refs, &EncodeOptions::level(level)).unwrap();
-        let path = dir.path().join(format!("{}.cgts", level.name()));
-        std::fs::write(&path, set.to_bytes()).unwrap();
-        entries.push(format!(r#""{}": "{}""#, level.name(), path.display()));
-    }
+    let (_, entries) = table_set_files(&kv, dir.path(), &[Level::Compact, Level::Default]);
     let tables = entries.join(", ");
     let toks = tokens(320, 8);
     let blocks: Vec<u32> = (0..20).collect();

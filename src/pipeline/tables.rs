@@ -39,6 +39,10 @@ impl TableSets {
     /// holds. `None` for embedded tables, an unknown id or an unreadable
     /// header (the parser then reports why).
     pub fn for_container(&self, bytes: &[u8]) -> Option<&Arc<TableSet>> {
+        // Most contexts have no sets: skip the header parse per chunk.
+        if self.is_empty() {
+            return None;
+        }
         let h = Header::parse(bytes).ok()?;
         if !h.external_tables() {
             return None;

@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use cachegen::codec::{self, EncodeOptions, KvTensors, Level};
+use cachegen::codec::{self, EncodeOptions, KvTensors, Level, TableSet};
 use cachegen::layout::KvLayout;
 
 pub const FIXTURE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/smollm2-kernel-doc-320.safetensors");
@@ -87,4 +87,22 @@ pub fn expected(kv: &KvTensors, chunks: usize, level: Level) -> KvTensors {
 /// Deterministic token ids (a different prompt per seed).
 pub fn tokens(n: usize, seed: u32) -> Vec<u32> {
     (0..n as u32).map(|i| i.wrapping_mul(2654435761).wrapping_add(seed) % 49152).collect()
+}
+
+/// One table set per level, calibrated on the fixture's chunks 1..5 (the
+/// model's, not the request's) and written to `dir/<level>.cgts`; returns the
+/// sets and, per level, the config's `"tables"` entry (`"<level>": "<path>"`).
+pub fn table_set_files(kv: &KvTensors, dir: &std::path::Path, levels: &[Level]) -> (Vec<TableSet>, Vec<String>) {
+    let samples: Vec<KvTensors> = (1..5).map(|c| slice_tokens(kv, c * CHUNK, (c + 1) * CHUNK)).collect();
+    let refs: Vec<&KvTensors> = samples.iter().collect();
+    let mut sets = Vec::new();
+    let mut entries = Vec::new();
+    for &level in levels {
+        let set = codec::calibrate_tables(&refs, &EncodeOptions::level(level)).unwrap();
+        let path = dir.join(format!("{}.cgts", level.name()));
+        std::fs::write(&path, set.to_bytes()).unwrap();
+        entries.push(format!(r#""{}": "{}""#, level.name(), path.display()));
+        sets.push(set);
+    }
+    (sets, entries)
 }
