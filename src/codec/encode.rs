@@ -48,16 +48,26 @@ pub struct TableSet {
     pub prob_bits: u32,
     pub channels: usize,
     pub plan: Vec<PlaneKind>,
-    /// Exact tables of every plane, in plane order.
-    pub table_bytes: Vec<u8>,
+    /// Exact tables of every plane, in plane order (private: `id` is
+    /// derived from them once, at construction).
+    table_bytes: Vec<u8>,
+    /// XXH3-64 of `table_bytes`. Every chunk encoded or decoded with the set
+    /// checks it; hashing megabytes of tables per chunk would cost more than
+    /// the chunk's header and patches.
+    id: u64,
 }
 
 const TABLESET_MAGIC: [u8; 4] = *b"CGTS";
 
 impl TableSet {
+    fn new(prob_bits: u32, channels: usize, plan: Vec<PlaneKind>, table_bytes: Vec<u8>) -> TableSet {
+        let id = xxh3_64(&table_bytes);
+        TableSet { prob_bits, channels, plan, table_bytes, id }
+    }
+
     /// XXH3-64 of the table bytes: what streams store as `table_id`.
     pub fn id(&self) -> u64 {
-        xxh3_64(&self.table_bytes)
+        self.id
     }
 
     /// Parse into per-plane tables.
@@ -103,7 +113,7 @@ impl TableSet {
         if desc_end + 4 + tlen != body {
             return Err(Error::Corrupt("table set length does not match"));
         }
-        let set = TableSet { prob_bits, channels, plan, table_bytes: b[desc_end + 4..body].to_vec() };
+        let set = TableSet::new(prob_bits, channels, plan, b[desc_end + 4..body].to_vec());
         set.tables()?;
         Ok(set)
     }
@@ -659,5 +669,5 @@ pub fn calibrate_tables(samples: &[&KvTensors], opts: &EncodeOptions) -> Result<
         let freq = table::normalize(&weights, prob_bits)?;
         table::write_exact(&mut table_bytes, &FreqTable { lo: lo as u8, freq });
     }
-    Ok(TableSet { prob_bits, channels, plan, table_bytes })
+    Ok(TableSet::new(prob_bits, channels, plan, table_bytes))
 }
