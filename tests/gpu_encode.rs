@@ -114,7 +114,11 @@ fn slice_tokens(kv: &KvTensors, t0: usize, t1: usize) -> KvTensors {
 /// encode the chunks on the GPU and each chunk on the CPU; compare.
 /// Returns the GPU containers.
 fn check(kind: Kind, kv: &KvTensors, chunk: usize, block_size: usize, opts: &EncodeOptions, what: &str) -> Vec<Vec<u8>> {
-    let (enc, _) = coders().unwrap();
+    check_on(&coders().unwrap().0, kind, kv, chunk, block_size, opts, what)
+}
+
+/// [`check`] with a given encoder.
+fn check_on(enc: &GpuEncoder, kind: Kind, kv: &KvTensors, chunk: usize, block_size: usize, opts: &EncodeOptions, what: &str) -> Vec<Vec<u8>> {
     let s = kv.shape;
     let cuts: Vec<(usize, usize)> = (0..s.tokens.div_ceil(chunk)).map(|i| (i * chunk, ((i + 1) * chunk).min(s.tokens))).collect();
     let per_chunk: Vec<usize> = cuts.iter().map(|(a, b)| (b - a).div_ceil(block_size)).collect();
@@ -275,6 +279,51 @@ fn gpu_encode_real_fixture_and_round_trips() {
         let mut got = vec![0u8; size];
         arena.read(0, &mut got).unwrap();
         assert!(got == want, "fixture {level:?}: GPU decode of the GPU-encoded chunks differs from the CPU decode");
+    }
+}
+
+/// A call cut into many batches (one chunk each: more batches than device
+/// arenas in the ring and pinned staging slots, so both are reused) gives
+/// the CPU encoder's containers, and a bad chunk in a late batch is reported
+/// with its own index.
+#[test]
+fn gpu_encode_in_many_batches_equals_the_cpu_encoder() {
+    let Some((enc, _)) = coders() else { return };
+    let small = GpuEncoder::new(enc.gpu()).unwrap().with_batch_symbols(1);
+    let kv = cachegen::interchange::from_safetensors(&std::fs::read("fixtures/smollm2-kernel-doc-320.safetensors").unwrap()).unwrap().kv;
+    for level in lossy() {
+        let opts = EncodeOptions::level(level);
+        // 32-token chunks of 320 tokens: 10 chunks, one call, 10 batches.
+        let many = check_on(&small, Kind::FlashAttn(false), &kv, 32, 16, &opts, &format!("10 batches {level:?}"));
+        let one = check(Kind::FlashAttn(false), &kv, 32, 16, &opts, &format!("1 batch {level:?}"));
+        assert_eq!(many.len(), 10);
+        assert!(many == one, "{level:?}: containers depend on the batching");
+    }
+    let (layout, size) = make_layout(Kind::FlashAttn(false), 1, 12, 16, 2, 64, Dtype::F16);
+    let kv = synthetic(KvShape { kind: KvKind::KeyValue, layers: 1, tokens: 160, heads: 2, head_dim: 64 }, Dtype::F16, 5);
+    let mut bad = kv.clone();
+    // Token 7 * 16 + 3: chunk 7 of 10.
+    bad.tensors[0][(7 * 16 + 3) * 256 + 10..(7 * 16 + 3) * 256 + 12].copy_from_slice(&half::f16::INFINITY.to_le_bytes());
+    let ids: Vec<u32> = (0..10).rev().collect();
+    let mut host = vec![0u8; size];
+    layout.scatter(&mut host, &ids, &bad).unwrap();
+    let dev = enc.gpu().alloc(size).unwrap();
+    dev.write(0, &host).unwrap();
+    let mut dl = layout.clone();
+    dl.layer_base[0] += dev.ptr() as usize;
+    let req: Vec<(&[u32], usize)> = ids.chunks(1).map(|b| (b, 16)).collect();
+    // SAFETY: the arena holds the layout.
+    let e = unsafe { small.encode_blocks(&dl, &req, &EncodeOptions::level(Level::Default), None) }.unwrap_err();
+    assert!(matches!(e, GpuError::Codec { chunk: 7, source: codec::Error::NonFinite }), "{e}");
+    // The encoder is usable after the failed call.
+    host.fill(0);
+    layout.scatter(&mut host, &ids, &kv).unwrap();
+    dev.write(0, &host).unwrap();
+    // SAFETY: as above.
+    let got = unsafe { small.encode_blocks(&dl, &req, &EncodeOptions::level(Level::Default), None) }.unwrap();
+    for (i, g) in got.iter().enumerate() {
+        let want = encode(&slice_tokens(&kv, 16 * i, 16 * i + 16), &EncodeOptions::level(Level::Default)).unwrap();
+        assert!(*g == want, "chunk {i} after a failed call differs from the CPU encoder's");
     }
 }
 

@@ -30,7 +30,7 @@
 //! text (tiled the same way), uploaded once as prebuilt lookups.
 //! `--level` picks the level (default: the default level).
 //!
-//! Usage: cachegen-gpu-bench [--fixture PATH] [--tokens 8192,32768] [--repeat N] [--out FILE.json] [--skip-decode] [--skip-encode]
+//! Usage: cachegen-gpu-bench [--fixture PATH] [--tokens 8192,32768] [--repeat N] [--out FILE.json] [--skip-decode] [--skip-encode] [--encode-batch-symbols N]
 //!        [--level compact|default|high|lossless] [--tables-from PATH] [--batch-mb N (the decoder's batch size, default 48)]
 
 use std::time::Instant;
@@ -358,7 +358,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         results.push(r);
     }
     }
-    let encode_results = if skip_encode { Vec::new() } else { bench_encode(&gpu, &src, &distinct, &sizes, repeat, threads, level)? };
+    let encode_results = if skip_encode { Vec::new() } else { bench_encode(&gpu, &src, &distinct, &sizes, repeat, threads, level, arg("--encode-batch-symbols").map(|s| s.parse()).transpose()?)? };
     let doc = json!({
         "device": gpu.name(),
         "compute_capability": format!("{maj}.{min}"),
@@ -386,9 +386,13 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
 }
 
 /// GPU encode straight from paged blocks vs the CPU encoder (see the top).
-fn bench_encode(gpu: &Gpu, src: &KvTensors, distinct: &[Vec<u8>], sizes: &[usize], repeat: usize, threads: usize, level: Level) -> Result<Vec<serde_json::Value>, Box<dyn std::error::Error>> {
+#[allow(clippy::too_many_arguments)]
+fn bench_encode(gpu: &Gpu, src: &KvTensors, distinct: &[Vec<u8>], sizes: &[usize], repeat: usize, threads: usize, level: Level, batch_symbols: Option<u64>) -> Result<Vec<serde_json::Value>, Box<dyn std::error::Error>> {
     let t = Instant::now();
-    let enc = GpuEncoder::new(gpu)?;
+    let mut enc = GpuEncoder::new(gpu)?;
+    if let Some(n) = batch_symbols {
+        enc = enc.with_batch_symbols(n);
+    }
     println!("encode kernels compiled in {:.0} ms", t.elapsed().as_secs_f64() * 1e3);
     let opts = EncodeOptions::level(level);
     let chunks: Vec<KvTensors> = (0..5).map(|i| tile(src, i * CHUNK, CHUNK)).collect();
@@ -440,6 +444,8 @@ fn bench_encode(gpu: &Gpu, src: &KvTensors, distinct: &[Vec<u8>], sizes: &[usize
         println!("{tokens} tokens: GPU containers {} the CPU encoder's", if identical { "identical to" } else { "DIFFER from" });
         let (mut kern, mut wall, mut setup, mut finish) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         let mut per_kernel: Vec<Vec<f64>> = vec![Vec::new(); 8];
+        let mut batches = 0;
+        let mut waits: Vec<[f64; 5]> = Vec::new();
         for _ in 0..repeat {
             let t = Instant::now();
             // SAFETY: as above.
@@ -452,6 +458,8 @@ fn bench_encode(gpu: &Gpu, src: &KvTensors, distinct: &[Vec<u8>], sizes: &[usize
             }
             setup.push(tm.setup_ms);
             finish.push(tm.finish_ms);
+            batches = tm.batches;
+            waits.push([tm.wait_gpu_ms, tm.wait_copy_ms, tm.wait_workers_ms, tm.worker_busy_ms, tm.workers as f64]);
         }
         let syms = chunk_syms * nchunks as f64;
         let (k, w) = (median(kern.clone()), median(wall.clone()));
@@ -460,15 +468,19 @@ fn bench_encode(gpu: &Gpu, src: &KvTensors, distinct: &[Vec<u8>], sizes: &[usize
         println!("{tokens} tokens encode, per kernel (ms): {}", names.iter().zip(&per_kernel).map(|(n, v)| format!("{n} {:.2}", median(v.clone()))).collect::<Vec<_>>().join(", "));
         println!(
             "{tokens} tokens encode ({nchunks} chunks, {:.1} MB out): kernels {k:.2} ms = {:.1} Gsym/s; end to end {w:.2} ms = {:.1} Gsym/s \
-             (setup {:.2} ms, D2H + header + hashes {:.2} ms); CPU encoder {:.0} ms on {threads} threads = {:.2} Gsym/s",
+             (setup {:.2} ms, after the last kernel {:.2} ms, {} batches); CPU encoder {:.0} ms on {threads} threads = {:.2} Gsym/s",
             compressed as f64 / 1e6,
             syms / k / 1e6,
             syms / w / 1e6,
             median(setup.clone()),
             median(finish.clone()),
+            batches,
             cpu_all * 1e3 * nchunks as f64,
             chunk_syms / cpu_all / 1e9,
         );
+        if let Some(w) = waits.last() {
+            println!("{tokens} tokens encode, last call: launcher waited {:.1} ms for kernels, {:.1} ms for copies, {:.1} ms for workers; workers busy {:.1} ms in all ({} workers)", w[0], w[1], w[2], w[3], w[4]);
+        }
         results.push(json!({
             "tokens": tokens,
             "chunks": nchunks,
@@ -484,6 +496,8 @@ fn bench_encode(gpu: &Gpu, src: &KvTensors, distinct: &[Vec<u8>], sizes: &[usize
             "e2e_gsym_s": syms / w / 1e6,
             "setup_ms_median": median(setup),
             "finish_ms_median": median(finish),
+            "batches": batches,
+            "launcher_wait_gpu_copy_workers_ms_and_worker_busy_ms_and_workers": waits,
             "cpu_encode_gsym_s_1_thread": chunk_syms / cpu_1t / 1e9,
             "cpu_encode_gsym_s_all_threads": chunk_syms / cpu_all / 1e9,
             "cpu_encode_ms_all_threads_estimate": cpu_all * 1e3 * nchunks as f64,

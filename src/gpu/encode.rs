@@ -3,7 +3,7 @@
 //! chunk with the same [`EncodeOptions`].
 //!
 //! Kernels (`cuda/encode.cu`, compiled at run time with NVRTC), all on one
-//! stream, for every chunk of the call at once:
+//! stream, for every chunk of a batch at once:
 //!
 //! 1. `cg_enc_rows`: per (tensor, token) row, gathered through the layout:
 //!    the two sums of squares the CPU makes (8 f32 lanes summed in f64, for
@@ -22,6 +22,13 @@
 //! over the table section, and the trailing checksum): that is the only
 //! host step, no compaction.
 //!
+//! A call is cut into batches of about [`BATCH_SYMBOLS`] symbols, run as a
+//! pipeline: while the GPU runs the kernels of later batches, a copy stream
+//! brings batch b's containers into pinned memory and host threads finish
+//! them. At most [`RING`] batches hold device scratch at once (each batch
+//! reuses the arena of the batch `RING` before it), so a call's device
+//! memory is bounded by the batch size, not by the call's length.
+//!
 //! Supported: the lossy levels (Compact, Default, High) with embedded tables,
 //! with or without a profile (per-tensor step multipliers), outlier
 //! protection on or off, `prob_bits` overrides; f16, bf16, f32; K/V and MLA
@@ -37,7 +44,7 @@ use std::ffi::c_void;
 use std::sync::Mutex;
 use std::time::Instant;
 
-use xxhash_rust::xxh3::xxh3_64;
+use xxhash_rust::xxh3::{xxh3_64, Xxh3};
 
 use crate::codec::encode::choose_segments;
 use crate::codec::format::Header;
@@ -147,14 +154,29 @@ fn as_bytes<T: Copy>(v: &[T]) -> &[u8] {
 /// What one call measured (milliseconds).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct EncodeTimings {
-    /// Host checks, descriptors, device allocation and uploads.
+    /// Host checks, descriptors, device allocation and uploads, before the
+    /// first launch.
     pub setup_ms: f64,
-    /// All kernels, by device events.
+    /// From the first batch's start to the last batch's last kernel, by
+    /// device events (includes any wait of the GPU for the host).
     pub kernels_ms: f64,
-    /// Each kernel (rows, outliers, steps, quant, rans, sizes, sections, payload).
+    /// Each kernel (rows, outliers, steps, quant, rans, sizes, sections,
+    /// payload), summed over the batches.
     pub per_kernel_ms: [f64; 8],
-    /// Device-to-host copies of the containers plus header and hashes.
+    /// After the last kernel: that batch's copy to the host, headers and
+    /// hashes (the part the pipeline cannot hide).
     pub finish_ms: f64,
+    /// Batches the call was cut into.
+    pub batches: usize,
+    /// Time the launching thread waited for kernels, for device-to-host
+    /// copies, and for host workers to free a staging slot.
+    pub wait_gpu_ms: f64,
+    pub wait_copy_ms: f64,
+    pub wait_workers_ms: f64,
+    /// Host workers' time finishing containers, summed over the workers.
+    pub worker_busy_ms: f64,
+    /// Host workers.
+    pub workers: usize,
 }
 
 /// GPU encoder; see the module documentation.
@@ -163,10 +185,13 @@ pub struct GpuEncoder {
     _module: Module,
     f: [cudarc::driver::sys::CUfunction; 8],
     thresholds: DeviceBuffer,
-    stream: Mutex<Stream>,
-    /// Pinned staging for the device-to-host copy of the containers, kept
+    /// The kernels' stream (when the caller passes none) and the copy stream.
+    stream: Mutex<(Stream, Stream)>,
+    /// Pinned staging (two slots) for the device-to-host copy of the containers, kept
     /// between calls (pinning is slow) and grown as needed.
-    staging: Mutex<Option<super::PinnedBuffer>>,
+    staging: Mutex<[Option<super::PinnedBuffer>; SLOTS]>,
+    /// Symbols per batch ([`BATCH_SYMBOLS`] unless set).
+    batch_symbols: u64,
 }
 
 // SAFETY: CUfunction handles are usable from any thread with the context current;
@@ -278,7 +303,16 @@ impl GpuEncoder {
         let th = code_thresholds()?;
         let thresholds = gpu.alloc(8 * 14)?;
         thresholds.write(0, as_bytes(&th))?;
-        Ok(GpuEncoder { gpu: gpu.clone(), _module: module, f, thresholds, stream: Mutex::new(Stream::new()?), staging: Mutex::new(None) })
+        Ok(GpuEncoder { gpu: gpu.clone(), _module: module, f, thresholds, stream: Mutex::new((Stream::new()?, Stream::new()?)), staging: Mutex::new(Default::default()), batch_symbols: BATCH_SYMBOLS })
+    }
+
+    /// Cut calls into batches of at most `symbols` symbols (at least one
+    /// chunk each) instead of [`BATCH_SYMBOLS`]: smaller batches hold less
+    /// device memory and overlap more, larger ones launch fewer kernels.
+    /// The containers do not depend on it.
+    pub fn with_batch_symbols(mut self, symbols: u64) -> GpuEncoder {
+        self.batch_symbols = symbols.max(1);
+        self
     }
 
     /// The device.
@@ -327,12 +361,10 @@ impl GpuEncoder {
         let groups = c.div_ceil(32);
         let bs = layout.block_size;
 
-        // Per-chunk geometry and the offsets of everything in the device buffers.
-        let mut descs = Vec::with_capacity(chunks.len());
-        let mut segs: Vec<SegDesc> = Vec::new();
-        let mut ids: Vec<u32> = Vec::new();
-        let (mut out_len, mut words_len, mut sym_len, mut rows, mut toks) = (0u64, 0u64, 0u64, 0u64, 0u64);
-        let mut region = Vec::with_capacity(chunks.len());
+        // Every chunk is checked before anything is launched; then the chunks
+        // are cut into batches (see BATCH_SYMBOLS).
+        let mut batches: Vec<Batch> = Vec::new();
+        let mut batch = Batch::default();
         for (ci, &(blocks, tokens)) in chunks.iter().enumerate() {
             if tokens == 0 || tokens > layout.capacity(blocks.len()) {
                 return Err(GpuError::Invalid(format!("chunk {ci}: {tokens} tokens do not fit in {} blocks of {bs} tokens (or are zero)", blocks.len())));
@@ -356,75 +388,62 @@ impl GpuEncoder {
             if 2 * syms + 128 * s as u64 > u32::MAX as u64 || worst > u32::MAX as u64 {
                 return Err(GpuError::Unsupported(format!("chunk {ci}: {tokens} tokens could exceed a 4 GiB container; use smaller chunks")));
             }
-            descs.push(EChunk {
-                block_ids: 4 * ids.len() as u64, // made absolute below
-                out: out_len,
-                words: words_len,
-                sym: sym_len,
+            if !batch.descs.is_empty() && batch.sym_len + syms > self.batch_symbols {
+                let next = Batch { first: ci, ..Default::default() };
+                batches.push(std::mem::replace(&mut batch, next));
+            }
+            // Offsets are relative to the batch's own buffers, chunk and
+            // segment indices to the batch (each batch is launched alone).
+            batch.descs.push(EChunk {
+                block_ids: 4 * batch.ids.len() as u64, // made absolute at launch
+                out: batch.out_len,
+                words: batch.words_len,
+                sym: batch.sym_len,
                 tokens: tokens as u32,
                 seg_tokens: seg_tokens as u32,
                 seg_groups: seg_groups as u32,
                 token_blocks: tb as u32,
                 spp: spp as u32,
-                seg_first: segs.len() as u32,
-                row_first: rows as u32,
-                tok_first: toks as u32,
+                seg_first: batch.segs.len() as u32,
+                row_first: batch.rows as u32,
+                tok_first: batch.toks as u32,
                 seg_words: seg_words as u32,
                 segs: s as u32,
                 ..Default::default()
             });
-            region.push((out_len, seg_tokens, seg_groups));
+            batch.region.push((batch.out_len, seg_tokens, seg_groups));
+            let bc = (ci - batch.first) as u32;
             for plane in 0..p {
                 for k in 0..spp {
-                    segs.push(SegDesc { chunk: ci as u32, plane: plane as u32, k: k as u32 });
+                    batch.segs.push(SegDesc { chunk: bc, plane: plane as u32, k: k as u32 });
                 }
             }
-            ids.extend_from_slice(&blocks[..used]);
-            out_len += worst.div_ceil(16) * 16;
-            words_len += (s * seg_words) as u64;
-            sym_len += syms;
-            rows += (p * tokens) as u64;
-            toks += tokens as u64;
+            batch.ids.extend_from_slice(&blocks[..used]);
+            batch.out_len += worst.div_ceil(16) * 16;
+            batch.words_len += (s * seg_words) as u64;
+            batch.sym_len += syms;
+            batch.rows += (p * tokens) as u64;
+            batch.toks += tokens as u64;
+            batch.max_t = batch.max_t.max(tokens as u32);
+            if batch.rows > u32::MAX as u64 || batch.segs.len() as u64 > u32::MAX as u64 || batch.toks > u32::MAX as u64 || (batch.descs.len() * p * c) as u64 > u32::MAX as u64 {
+                return Err(GpuError::Unsupported("a chunk too large for one kernel launch; use smaller chunks".into()));
+            }
         }
-        if rows > u32::MAX as u64 || segs.len() as u64 > u32::MAX as u64 || toks > u32::MAX as u64 {
-            return Err(GpuError::Unsupported("too many chunks in one call; split it".into()));
-        }
+        batches.push(batch);
         let n = chunks.len();
-        let nt = (n * p * c) as u64;
-        // The kernels index tables with u32.
-        if nt > u32::MAX as u64 {
-            return Err(GpuError::Unsupported("too many chunks in one call; split it".into()));
+        for b in &mut batches {
+            b.arena = arena_layout(b, p, c);
         }
+        let arena_len = batches.iter().map(|b| b.arena.total).max().unwrap_or(0);
+
         let g = &self.gpu;
         g.bind()?;
-        let alloc = |len: u64| g.alloc(len as usize);
-        let d_base = alloc(8 * layout.layers as u64)?;
-        let d_alpha = alloc(4 * p as u64)?;
-        let d_ids = alloc(4 * ids.len() as u64)?;
-        for d in descs.iter_mut() {
-            d.block_ids += d_ids.ptr();
-        }
-        let d_chunks = alloc(std::mem::size_of_val(&descs[..]) as u64)?;
-        let d_segs = alloc(std::mem::size_of_val(&segs[..]) as u64)?;
-        let d_info = alloc(32 * n as u64)?;
-        let d_rowsq = alloc(8 * rows)?;
-        let d_rownorm = alloc(8 * rows)?;
-        let d_rowabs = alloc(4 * rows)?;
-        let d_score = alloc(8 * toks)?;
-        let d_isx = alloc(toks)?;
-        let d_exact = alloc(4 * toks)?;
-        let d_step = alloc(4 * (n * p) as u64)?;
-        let d_sym = alloc(sym_len)?;
-        let d_codes = alloc(nt * TAB_STRIDE)?;
-        let d_tablen = alloc(4 * nt)?;
-        let d_taboff = alloc(4 * nt)?;
-        let d_words = alloc(2 * words_len)?;
-        let ns = segs.len() as u64;
-        let d_states = alloc(128 * ns)?;
-        let d_seglen = alloc(4 * ns)?;
-        let d_segn = alloc(4 * ns)?;
-        let d_segoff = alloc(4 * ns)?;
-        let d_out = alloc(out_len)?;
+        let d_base = g.alloc(8 * layout.layers)?;
+        let d_alpha = g.alloc(4 * p)?;
+        // At most RING batches hold device scratch at once: batch b reuses
+        // the arena of batch b - RING, launched only after that batch's
+        // containers were copied out.
+        let arenas: Vec<DeviceBuffer> = (0..RING.min(batches.len())).map(|_| g.alloc(arena_len as usize)).collect::<Result<_, _>>()?;
 
         let bases: Vec<u64> = layout.layer_base.iter().map(|&b| b as u64).collect();
         let mut geo = Geo {
@@ -445,7 +464,6 @@ impl GpuEncoder {
             protect: plan.protect as u32,
             base_pb: plan.prob_bits,
             max: 127,
-            nchunks: n as u32,
             stride_block: layout.stride_block as i64,
             stride_kv: if layout.kind == KvKind::Latent { 0 } else { layout.stride_kv as i64 },
             stride_token: layout.stride_token as i64,
@@ -462,164 +480,407 @@ impl GpuEncoder {
         geo.vec16 = (layout.head_dim % 8 == 0) as u32
             & (0..layout.layers).all(|l| a16(bases[l] as i64 + l as i64 * geo.stride_layer)) as u32
             & [geo.stride_block, geo.stride_kv, geo.stride_token, geo.stride_head].iter().all(|&v| a16(v)) as u32;
-        let mut bufs = Bufs {
-            chunks: d_chunks.ptr(),
-            segs: d_segs.ptr(),
-            info: d_info.ptr(),
-            rowsq: d_rowsq.ptr(),
-            rownorm: d_rownorm.ptr(),
-            rowabs: d_rowabs.ptr(),
-            score: d_score.ptr(),
-            isx: d_isx.ptr(),
-            exact_idx: d_exact.ptr(),
-            step: d_step.ptr(),
-            sym: d_sym.ptr(),
-            codes: d_codes.ptr(),
-            tablen: d_tablen.ptr(),
-            taboff: d_taboff.ptr(),
-            words: d_words.ptr(),
-            states: d_states.ptr(),
-            seglen: d_seglen.ptr(),
-            segn: d_segn.ptr(),
-            segoff: d_segoff.ptr(),
-            out: d_out.ptr(),
-        };
-        let own = self.stream.lock().unwrap_or_else(|e| e.into_inner());
+
+        let streams = self.stream.lock().unwrap_or_else(|e| e.into_inner());
+        let (own, copy) = (&streams.0, &streams.1);
         let borrowed;
         let s: &Stream = match stream {
             Some(raw) => {
                 borrowed = Stream::borrowed(raw);
                 &borrowed
             }
-            None => &own,
+            None => own,
         };
-        let ev: Vec<Event> = (0..9).map(|_| Event::new(true)).collect::<Result<_, _>>()?;
-        // SAFETY: every destination was allocated above with at least the
-        // copied length; the host sources live until the stream is synchronised below.
+        // Per batch: its start, then the end of each of its 8 kernels.
+        let ev: Vec<Vec<Event>> = (0..batches.len()).map(|_| (0..9).map(|_| Event::new(true)).collect::<Result<_, _>>()).collect::<Result<_, _>>()?;
+        // SAFETY: both destinations were allocated above with these lengths;
+        // the sources outlive the synchronisation at the end of this call.
         unsafe {
             driver::copy_htod(d_base.ptr(), as_bytes(&bases), s)?;
             driver::copy_htod(d_alpha.ptr(), as_bytes(&plan.alpha), s)?;
-            driver::copy_htod(d_ids.ptr(), as_bytes(&ids), s)?;
-            driver::copy_htod(d_chunks.ptr(), as_bytes(&descs), s)?;
-            driver::copy_htod(d_segs.ptr(), as_bytes(&segs), s)?;
-            driver::memset(d_info.ptr(), 0, 32 * n, s)?;
         }
         let setup_ms = t_setup.elapsed().as_secs_f64() * 1e3;
-        ev[0].record(s)?;
-        let max_t = chunks.iter().map(|c| c.1).max().unwrap_or(1) as u32;
-        let n32 = n as u32;
-        let mut params = [&mut geo as *mut Geo as *mut c_void, &mut bufs as *mut Bufs as *mut c_void];
-        let launches: [((u32, u32, u32), u32); 8] = [
-            (((p as u32 * max_t).div_ceil(128), n32, 1), 128),
-            ((n32, 1, 1), 256),
-            (((p as u32).div_ceil(128), n32, 1), 128),
-            ((groups as u32, p as u32, n32), 256),
-            ((segs.len() as u32, 1, 1), 32),
-            ((n32, 1, 1), 1024),
-            ((64, n32, 1), 256),
-            ((segs.len() as u32, 1, 1), 128),
-        ];
-        for (k, (f, (grid, block))) in self.f.iter().zip(launches).enumerate() {
-            // SAFETY: every kernel takes (Geo, Bufs) by value; the buffers
-            // above are sized for the indices the kernels compute from them.
-            unsafe { driver::launch(*f, grid, (block, 1, 1), 0, s, &mut params)? };
-            ev[k + 1].record(s)?;
-        }
-        ev[8].sync()?;
-        let kernels_ms = ev[8].since(&ev[0])? as f64;
-        let mut per_kernel_ms = [0f64; 8];
-        for (k, slot) in per_kernel_ms.iter_mut().enumerate() {
-            *slot = ev[k + 1].since(&ev[k])? as f64;
-        }
-        let t_finish = Instant::now();
-        let mut info = vec![0u8; 32 * n];
-        d_info.read(0, &mut info)?;
-        let word = |ci: usize, k: usize| u32::from_le_bytes(info[32 * ci + 4 * k..32 * ci + 4 * k + 4].try_into().unwrap());
-        // Sizes and errors first; then every container into pinned memory
-        // (one asynchronous copy each, exact length), then header and hashes
-        // on all cores.
-        let mut at = Vec::with_capacity(n);
-        let mut staged = 0usize;
-        for ci in 0..n {
-            let err = word(ci, 0);
-            if err & ERR_NONFINITE != 0 {
-                return Err(GpuError::Codec { chunk: ci, source: CodecError::NonFinite });
+
+        // Launch batch `bi` into arena `bi % RING` (uploads, 8 kernels, events).
+        let launch_batch = |bi: usize| -> Result<(), GpuError> {
+            let b = &batches[bi];
+            let base = arenas[bi % RING].ptr();
+            let a = &b.arena;
+            let at = |o: u64| base + o;
+            let mut descs = b.descs.clone();
+            for d in descs.iter_mut() {
+                d.block_ids += at(a.ids);
             }
-            if err != 0 {
-                return Err(GpuError::Driver(format!("chunk {ci}: encode kernel error bits {err:#x}")));
-            }
-            at.push(staged);
-            staged += word(ci, 6) as usize;
-        }
-        let mut pin = self.staging.lock().unwrap_or_else(|e| e.into_inner());
-        if pin.as_ref().map_or(true, |b| b.len() < staged) {
-            *pin = None;
-            *pin = Some(g.alloc_pinned(staged)?);
-        }
-        let host = pin.as_mut().expect("allocated above").as_mut_slice();
-        for ci in 0..n {
-            let total = word(ci, 6) as usize;
-            let dst = &mut host[at[ci]..at[ci] + total];
-            let src = d_out.ptr() + region[ci].0;
-            // SAFETY: the device range lies in the chunk's region of d_out
-            // (total <= its worst case); dst is pinned and outlives the sync below.
-            driver::call("cuMemcpyDtoHAsync", || unsafe { cudarc::driver::result::memcpy_dtoh_async(dst, src, s.raw) })?;
-        }
-        driver::call("cuStreamSynchronize", || unsafe { cudarc::driver::result::stream::synchronize(s.raw) })?;
-        let host: &[u8] = host;
-        let finish_one = |ci: usize| -> Vec<u8> {
-            let tokens = chunks[ci].1;
-            let (exact, prob_bits, tables_len, payload_len, total) = (word(ci, 2) as usize, word(ci, 3), word(ci, 4) as usize, word(ci, 5) as usize, word(ci, 6) as usize);
-            let (_, seg_tokens, seg_groups) = region[ci];
-            let mut bytes = Vec::with_capacity(total + 8);
-            bytes.extend_from_slice(&host[at[ci]..at[ci] + total]);
-            let tables_at = 64 + 6 * p + 4 * exact + exact * p * c * es;
-            let header = Header {
-                flags: 0,
-                dtype: layout.dtype,
-                shape: layout.chunk_shape(tokens),
-                level: plan.level.number(),
-                prob_bits,
-                seg_tokens,
-                seg_groups,
-                table_id: xxh3_64(&bytes[tables_at..tables_at + tables_len]),
-                planes: p,
-                scales_len: 2 * p,
-                tables_len,
-                segments: descs[ci].segs as usize,
-                payload_len,
-                exact_tokens: exact,
+            let nb = b.descs.len() as u32;
+            ev[bi][0].record(s)?;
+            let mut geo = geo;
+            geo.nchunks = nb;
+            let mut bufs = Bufs {
+                chunks: at(a.chunks),
+                segs: at(a.segs),
+                info: at(a.info),
+                rowsq: at(a.rowsq),
+                rownorm: at(a.rownorm),
+                rowabs: at(a.rowabs),
+                score: at(a.score),
+                isx: at(a.isx),
+                exact_idx: at(a.exact),
+                step: at(a.step),
+                sym: at(a.sym),
+                codes: at(a.codes),
+                tablen: at(a.tablen),
+                taboff: at(a.taboff),
+                words: at(a.words),
+                states: at(a.states),
+                seglen: at(a.seglen),
+                segn: at(a.segn),
+                segoff: at(a.segoff),
+                out: at(a.out),
             };
-            let mut h = Vec::with_capacity(64);
-            header.write(&mut h);
-            bytes[..64].copy_from_slice(&h);
-            let sum = xxh3_64(&bytes);
-            bytes.extend_from_slice(&sum.to_le_bytes());
-            bytes
-        };
-        let threads = std::thread::available_parallelism().map_or(1, |t| t.get()).min(n);
-        let mut out: Vec<Vec<u8>> = vec![Vec::new(); n];
-        if threads <= 1 {
-            for (ci, o) in out.iter_mut().enumerate() {
-                *o = finish_one(ci);
+            // SAFETY: the arena holds every range (arena_layout); the host
+            // sources are copied (pageable memory) before the calls return.
+            unsafe {
+                driver::copy_htod(bufs.chunks, as_bytes(&descs), s)?;
+                driver::copy_htod(bufs.segs, as_bytes(&b.segs), s)?;
+                driver::copy_htod(at(a.ids), as_bytes(&b.ids), s)?;
+                driver::memset(bufs.info, 0, 32 * b.descs.len(), s)?;
             }
-        } else {
-            let per = n.div_ceil(threads);
-            std::thread::scope(|sc| {
-                for (k, part) in out.chunks_mut(per).enumerate() {
-                    let f = &finish_one;
-                    sc.spawn(move || {
-                        for (j, o) in part.iter_mut().enumerate() {
-                            *o = f(k * per + j);
+            let mut params = [&mut geo as *mut Geo as *mut c_void, &mut bufs as *mut Bufs as *mut c_void];
+            let launches: [((u32, u32, u32), u32); 8] = [
+                (((p as u32 * b.max_t).div_ceil(128), nb, 1), 128),
+                ((nb, 1, 1), 256),
+                (((p as u32).div_ceil(128), nb, 1), 128),
+                ((groups as u32, p as u32, nb), 256),
+                ((b.segs.len() as u32, 1, 1), 32),
+                ((nb, 1, 1), 1024),
+                ((64, nb, 1), 256),
+                ((b.segs.len() as u32, 1, 1), 128),
+            ];
+            for (k, (f, (grid, block))) in self.f.iter().zip(launches).enumerate() {
+                // SAFETY: every kernel takes (Geo, Bufs) by value; the arena
+                // is sized for the indices the kernels compute from them.
+                unsafe { driver::launch(*f, grid, (block, 1, 1), 0, s, &mut params)? };
+                ev[bi][k + 1].record(s)?;
+            }
+            Ok(())
+        };
+
+        // Pinned staging: batch b copies into slot b % SLOTS once the
+        // containers of batch b - SLOTS are finished. Kept between calls
+        // (pinning is slow), grown as needed.
+        let mut staging = self.staging.lock().unwrap_or_else(|e| e.into_inner());
+        // Host workers finish containers (header, hashes, copy out of the
+        // pinned slot) while this thread keeps the GPU and the copies fed;
+        // one core stays for it.
+        // CACHEGEN_NO_HUGE_PAGES=1: no huge-page hint (for comparison).
+        let huge_pages = std::env::var_os("CACHEGEN_NO_HUGE_PAGES").is_none();
+        let workers = std::thread::available_parallelism().map_or(1, |t| t.get()).saturating_sub(1).max(1);
+        let mut out: Vec<Vec<u8>> = vec![Vec::new(); n];
+        let mut per_kernel_ms = [0f64; 8];
+        let mut t_tail = Instant::now();
+        let (mut wait_gpu_ms, mut wait_copy_ms, mut wait_workers_ms) = (0f64, 0f64, 0f64);
+        let worker_busy_ns = std::sync::atomic::AtomicU64::new(0);
+        let run = std::thread::scope(|sc| -> Result<(), GpuError> {
+            let (job_tx, job_rx) = crossbeam_channel::unbounded::<Finish>();
+            let (done_tx, done_rx) = crossbeam_channel::unbounded::<(usize, usize, Vec<u8>)>();
+            for _ in 0..workers {
+                let (jobs, done, busy) = (job_rx.clone(), done_tx.clone(), &worker_busy_ns);
+                sc.spawn(move || {
+                    for job in jobs {
+                        let (bi, ci) = (job.batch, job.chunk);
+                        let t = Instant::now();
+                        // SAFETY: the slot is neither written nor freed until
+                        // this job's result is received (below, or at the end).
+                        let bytes = unsafe { job.run() };
+                        busy.fetch_add(t.elapsed().as_nanos() as u64, std::sync::atomic::Ordering::Relaxed);
+                        if done.send((bi, ci, bytes)).is_err() {
+                            return;
                         }
-                    });
+                    }
+                });
+            }
+            drop(done_tx);
+            let mut pending = vec![0usize; batches.len()];
+            let receive = |pending: &mut [usize], out: &mut [Vec<u8>]| -> Result<(), GpuError> {
+                let (bi, ci, bytes) = done_rx.recv().map_err(|_| GpuError::Driver("a thread finishing containers stopped".into()))?;
+                pending[bi] -= 1;
+                out[ci] = bytes;
+                Ok(())
+            };
+            for bi in 0..RING.min(batches.len()) {
+                launch_batch(bi)?;
+            }
+            for (bi, b) in batches.iter().enumerate() {
+                let nb = b.descs.len();
+                let t_wait = Instant::now();
+                ev[bi][8].sync()?;
+                wait_gpu_ms += t_wait.elapsed().as_secs_f64() * 1e3;
+                if bi + 1 == batches.len() {
+                    t_tail = Instant::now();
                 }
-            });
+                let arena = &arenas[bi % RING];
+                let mut info = vec![0u8; 32 * nb];
+                arena.read(b.arena.info as usize, &mut info)?;
+                let word = |ci: usize, k: usize| u32::from_le_bytes(info[32 * ci + 4 * k..32 * ci + 4 * k + 4].try_into().unwrap());
+                // Sizes and errors first.
+                let mut at = Vec::with_capacity(nb);
+                let mut staged = 0usize;
+                for ci in 0..nb {
+                    let err = word(ci, 0);
+                    if err & ERR_NONFINITE != 0 {
+                        return Err(GpuError::Codec { chunk: b.first + ci, source: CodecError::NonFinite });
+                    }
+                    if err != 0 {
+                        return Err(GpuError::Driver(format!("chunk {}: encode kernel error bits {err:#x}", b.first + ci)));
+                    }
+                    at.push(staged);
+                    staged += word(ci, 6) as usize;
+                }
+                let slot = bi % SLOTS;
+                let t_wait = Instant::now();
+                if bi >= SLOTS {
+                    while pending[bi - SLOTS] > 0 {
+                        receive(&mut pending, &mut out)?;
+                    }
+                }
+                wait_workers_ms += t_wait.elapsed().as_secs_f64() * 1e3;
+                if staging[slot].as_ref().map_or(true, |buf| buf.len() < staged) {
+                    staging[slot] = None;
+                    staging[slot] = Some(g.alloc_pinned(staged + staged / 4)?);
+                }
+                let host = staging[slot].as_mut().expect("allocated above").as_mut_slice();
+                for ci in 0..nb {
+                    let total = word(ci, 6) as usize;
+                    let dst = &mut host[at[ci]..at[ci] + total];
+                    let src = arena.ptr() + b.arena.out + b.region[ci].0;
+                    // SAFETY: the device range lies in the chunk's region of
+                    // the arena (total <= its worst case); the kernels that
+                    // wrote it are done (event above); dst is pinned and
+                    // outlives the synchronisation below.
+                    driver::call("cuMemcpyDtoHAsync", || unsafe { cudarc::driver::result::memcpy_dtoh_async(dst, src, copy.raw) })?;
+                }
+                let t_wait = Instant::now();
+                driver::call("cuStreamSynchronize", || unsafe { cudarc::driver::result::stream::synchronize(copy.raw) })?;
+                wait_copy_ms += t_wait.elapsed().as_secs_f64() * 1e3;
+                // The arena is free again: launch the batch that reuses it.
+                if bi + RING < batches.len() {
+                    launch_batch(bi + RING)?;
+                }
+                for (k, slot_ms) in per_kernel_ms.iter_mut().enumerate() {
+                    *slot_ms += ev[bi][k + 1].since(&ev[bi][k])? as f64;
+                }
+                for ci in 0..nb {
+                    let (exact, prob_bits, tables_len, payload_len, total) = (word(ci, 2) as usize, word(ci, 3), word(ci, 4) as usize, word(ci, 5) as usize, word(ci, 6) as usize);
+                    let (_, seg_tokens, seg_groups) = b.region[ci];
+                    let header = Header {
+                        flags: 0,
+                        dtype: layout.dtype,
+                        shape: layout.chunk_shape(b.descs[ci].tokens as usize),
+                        level: plan.level.number(),
+                        prob_bits,
+                        seg_tokens,
+                        seg_groups,
+                        table_id: 0, // set by the worker: a hash of the table section
+                        planes: p,
+                        scales_len: 2 * p,
+                        tables_len,
+                        segments: b.descs[ci].segs as usize,
+                        payload_len,
+                        exact_tokens: exact,
+                    };
+                    let tables_at = 64 + 6 * p + 4 * exact + exact * p * c * es;
+                    if tables_at + tables_len > total || total < 64 {
+                        return Err(GpuError::Driver(format!("chunk {}: encode kernels reported inconsistent sizes", b.first + ci)));
+                    }
+                    let job = Finish { batch: bi, chunk: b.first + ci, bytes: SendBytes(host[at[ci]..].as_ptr(), total), header, tables_at, huge_pages };
+                    job_tx.send(job).map_err(|_| GpuError::Driver("the threads finishing containers stopped".into()))?;
+                }
+                pending[bi] = nb;
+            }
+            drop(job_tx);
+            for _ in 0..pending.iter().sum::<usize>() {
+                receive(&mut pending, &mut out)?;
+            }
+            Ok(())
+        });
+        // Whatever happened, nothing may still run on the arenas when they are freed.
+        let synced = driver::call("cuStreamSynchronize", || unsafe { cudarc::driver::result::stream::synchronize(s.raw) });
+        run?;
+        synced?;
+        let kernels_ms = ev[batches.len() - 1][8].since(&ev[0][0])? as f64;
+        let finish_ms = t_tail.elapsed().as_secs_f64() * 1e3;
+        drop(staging);
+        drop(streams);
+        let worker_busy_ms = worker_busy_ns.into_inner() as f64 / 1e6;
+        Ok((out, EncodeTimings { setup_ms, kernels_ms, per_kernel_ms, finish_ms, batches: batches.len(), wait_gpu_ms, wait_copy_ms, wait_workers_ms, worker_busy_ms, workers }))
+    }
+}
+
+/// Symbols per batch (about 8 chunks of 256 tokens of a Llama-3-8B-shaped
+/// cache; 44 of SmolLM2's): big enough to fill the GPU, small enough that the
+/// copy and the host's work on one batch hide behind the kernels of the next.
+pub const BATCH_SYMBOLS: u64 = 1 << 27;
+/// Batches holding device scratch at once (launched ahead of the host).
+pub const RING: usize = 3;
+/// Pinned staging slots (batches copied to the host and not yet finished).
+const SLOTS: usize = 4;
+
+/// Chunks encoded by one launch of the kernels, with their descriptors.
+#[derive(Default)]
+struct Batch {
+    first: usize,
+    descs: Vec<EChunk>,
+    segs: Vec<SegDesc>,
+    ids: Vec<u32>,
+    /// Per chunk: output offset, segment tokens and groups.
+    region: Vec<(u64, usize, usize)>,
+    out_len: u64,
+    words_len: u64,
+    sym_len: u64,
+    rows: u64,
+    toks: u64,
+    max_t: u32,
+    arena: ArenaLayout,
+}
+
+/// Byte offsets of a batch's buffers in its arena (each 256-aligned).
+#[derive(Default)]
+struct ArenaLayout {
+    ids: u64,
+    chunks: u64,
+    segs: u64,
+    info: u64,
+    rowsq: u64,
+    rownorm: u64,
+    rowabs: u64,
+    score: u64,
+    isx: u64,
+    exact: u64,
+    step: u64,
+    sym: u64,
+    codes: u64,
+    tablen: u64,
+    taboff: u64,
+    words: u64,
+    states: u64,
+    seglen: u64,
+    segn: u64,
+    segoff: u64,
+    out: u64,
+    total: u64,
+}
+
+fn arena_layout(b: &Batch, p: usize, c: usize) -> ArenaLayout {
+    let n = b.descs.len() as u64;
+    let nt = n * (p * c) as u64;
+    let ns = b.segs.len() as u64;
+    let mut end = 0u64;
+    let mut take = |len: u64| {
+        let at = end;
+        end += len.max(1).div_ceil(256) * 256;
+        at
+    };
+    let mut a = ArenaLayout {
+        ids: take(4 * b.ids.len() as u64),
+        chunks: take(std::mem::size_of_val(&b.descs[..]) as u64),
+        segs: take(std::mem::size_of_val(&b.segs[..]) as u64),
+        info: take(32 * n),
+        rowsq: take(8 * b.rows),
+        rownorm: take(8 * b.rows),
+        rowabs: take(4 * b.rows),
+        score: take(8 * b.toks),
+        isx: take(b.toks),
+        exact: take(4 * b.toks),
+        step: take(4 * n * p as u64),
+        sym: take(b.sym_len),
+        codes: take(nt * TAB_STRIDE),
+        tablen: take(4 * nt),
+        taboff: take(4 * nt),
+        words: take(2 * b.words_len),
+        states: take(128 * ns),
+        seglen: take(4 * ns),
+        segn: take(4 * ns),
+        segoff: take(4 * ns),
+        out: take(b.out_len),
+        total: 0,
+    };
+    a.total = end;
+    a
+}
+
+/// One container to finish on a host worker: its bytes as copied from the
+/// device (header left blank), and its header but for `table_id`.
+struct Finish {
+    batch: usize,
+    chunk: usize,
+    bytes: SendBytes,
+    header: Header,
+    tables_at: usize,
+    huge_pages: bool,
+}
+
+/// Ask Linux for transparent huge pages over the whole 2 MiB pages inside
+/// `v`'s capacity: a fresh container is written once, end to end, and 4 KiB
+/// page faults were the host's largest cost in finishing them.
+fn advise_huge_pages(v: &mut Vec<u8>) {
+    #[cfg(target_os = "linux")]
+    {
+        const HUGE: usize = 2 << 20;
+        let start = v.as_mut_ptr() as usize;
+        let (first, end) = (start.next_multiple_of(HUGE), (start + v.capacity()) / HUGE * HUGE);
+        if end > first {
+            // SAFETY: the range lies inside v's allocation; MADV_HUGEPAGE only
+            // changes how the kernel backs it, never its contents. A failure
+            // (THP disabled) is harmless and ignored.
+            unsafe { libc::madvise(first as *mut libc::c_void, end - first, libc::MADV_HUGEPAGE) };
         }
-        drop(pin);
-        let finish_ms = t_finish.elapsed().as_secs_f64() * 1e3;
-        drop(own);
-        Ok((out, EncodeTimings { setup_ms, kernels_ms, per_kernel_ms, finish_ms }))
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = v;
+}
+
+impl Finish {
+    /// The finished container: header (with the table section's hash as
+    /// `table_id`) and trailing checksum.
+    ///
+    /// # Safety
+    /// `bytes` must be live and unwritten while this runs.
+    unsafe fn run(mut self) -> Vec<u8> {
+        // SAFETY: the caller's contract.
+        let src = unsafe { self.bytes.slice() };
+        self.header.table_id = xxh3_64(&src[self.tables_at..self.tables_at + self.header.tables_len]);
+        let mut h = Vec::with_capacity(64);
+        self.header.write(&mut h);
+        // One pass over the bytes: each piece is hashed while it is in cache
+        // from being copied (the containers are far larger than the caches).
+        let mut bytes = Vec::with_capacity(src.len() + 8);
+        if self.huge_pages {
+            advise_huge_pages(&mut bytes);
+        }
+        bytes.extend_from_slice(&h);
+        let mut sum = Xxh3::new();
+        sum.update(&h);
+        for piece in src[64..].chunks(1 << 16) {
+            bytes.extend_from_slice(piece);
+            sum.update(piece);
+        }
+        bytes.extend_from_slice(&sum.digest().to_le_bytes());
+        bytes
+    }
+}
+
+/// A staging slot's filled bytes, handed to the threads that finish a batch.
+#[derive(Clone, Copy)]
+struct SendBytes(*const u8, usize);
+// SAFETY: read-only pinned host memory; the owner keeps it alive and
+// unwritten until the reading threads are joined.
+unsafe impl Send for SendBytes {}
+impl SendBytes {
+    /// # Safety
+    /// The memory must be live and unwritten for the returned lifetime.
+    unsafe fn slice<'a>(self) -> &'a [u8] {
+        // SAFETY: the caller's contract.
+        unsafe { std::slice::from_raw_parts(self.0, self.1) }
     }
 }
 
