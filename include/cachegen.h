@@ -35,7 +35,7 @@
 // An output buffer is too small; the size needed was written.
 #define CG_ERR_BUFFER_TOO_SMALL -6
 
-// Something this build does not handle (e.g. a multi-level store from GPU memory).
+// Something this build does not handle (no current case; kept so status values stay stable).
 #define CG_ERR_UNSUPPORTED -7
 
 // A bug in libcachegen (a caught panic). The handle stays usable.

@@ -331,16 +331,25 @@ fn table_set_chunks_load_on_the_gpu_as_on_the_host_mixing_sets_in_one_load() {
     let (g, h) = (files(&gdir), files(&hdir));
     assert!(g.len() >= 5 && g == h, "GPU-side store with a set differs from the host store ({} and {} files)", g.len(), h.len());
 
-    // Two levels, each with its set; the default level of chunks 1 and 3 is
-    // gone, so the load takes them at the compact level: one device call
-    // decodes chunks of both sets.
-    let mdir = dir.path().join("m");
-    let multi = config(&format!(r#"{}, "tables": {{{tables}}}, "levels": ["compact", "default"], "level": "default""#, disk(&mdir)));
+    // Two levels, each with its set, stored from device memory (gathered
+    // there, every level encoded on the host): the same files as from host
+    // memory. Then the default level of chunks 1 and 3 is removed, so the
+    // load takes them at the compact level: one device call decodes chunks
+    // of both sets.
+    let (mdir, mhdir) = (dir.path().join("m"), dir.path().join("mh"));
+    let multi_in = |d: &std::path::Path| config(&format!(r#"{}, "tables": {{{tables}}}, "levels": ["compact", "default"], "level": "default""#, disk(d)));
+    let multi = multi_in(&mdir);
     {
-        let ctx = Context::from_json(&multi).unwrap();
-        let job = unsafe { ctx.store(Arc::clone(&src.layout), &toks, &blocks, b"") }.unwrap();
+        let hctx = Context::from_json(&multi_in(&mhdir)).unwrap();
+        let job = unsafe { hctx.store(Arc::clone(&src.layout), &toks, &blocks, b"") }.unwrap();
         assert!(job.wait(Stage::Done, Some(Duration::from_secs(60))));
         assert_eq!(job.progress().chunks_ok, 5, "{:?}", job.progress().errors);
+        let ctx = Context::from_json(&multi).unwrap();
+        let job = unsafe { ctx.store_on(Arc::clone(&dev_src.layout), &toks, &blocks, b"", Some(0)) }.unwrap();
+        assert!(job.wait(Stage::Done, Some(Duration::from_secs(60))));
+        assert_eq!(job.progress().chunks_ok, 5, "{:?}", job.progress().errors);
+        let (g, h) = (files(&mdir), files(&mhdir));
+        assert!(g.len() >= 10 && g == h, "multi-level store from device memory differs from the host's ({} and {} files)", g.len(), h.len());
         let ns = ctx.config().level_namespace(Level::Default);
         let chain = cachegen::keys::chunk_chain(&ns, b"", &toks);
         let tier = DiskTier::open(&mdir, 100_000_000).unwrap();

@@ -408,10 +408,7 @@ impl Context {
         self.check_layout(&layout)?;
         let _span = tracing::debug_span!("cachegen.store", tokens = tokens.len()).entered();
         if self.multi_level() {
-            if layout.memory != Memory::Host {
-                return Err(ConnectorError::Unsupported("multi-level stores (levels) from GPU memory; store from host memory or configure one level".into()));
-            }
-            return self.store_levels(layout, tokens, block_ids, salt);
+            return self.store_levels(layout, tokens, block_ids, salt, stream);
         }
         let chunk = self.chunk_tokens();
         let chain = chunk_chain(&self.ns, salt, tokens);
@@ -448,7 +445,9 @@ impl Context {
     }
 
     /// The multi-level store: every chunk at every configured level.
-    unsafe fn store_levels(&self, layout: Arc<KvLayout>, tokens: &[u32], block_ids: &[u32], salt: &[u8]) -> Result<Arc<Job>, ConnectorError> {
+    /// From GPU memory, the chunks are gathered on the device and every
+    /// level is encoded on the host.
+    unsafe fn store_levels(&self, layout: Arc<KvLayout>, tokens: &[u32], block_ids: &[u32], salt: &[u8], stream: Option<u64>) -> Result<Arc<Job>, ConnectorError> {
         let chunk = self.chunk_tokens();
         let mut chunks = Vec::new();
         let mut skipped = 0;
@@ -469,9 +468,11 @@ impl Context {
             Some(p) => Some(p.multipliers(&layout.chunk_shape(chunk)).map_err(ConnectorError::Config)?),
             None => None,
         };
+        let device = if chunks.is_empty() { None } else { self.device_target(&layout, stream)? };
         Ok(crate::streaming::store::store_levels(
             &self.pipeline,
             crate::streaming::store::LevelStoreSpec {
+                device,
                 layout,
                 chunk_tokens: chunk,
                 chunks,

@@ -43,7 +43,7 @@ pub const CG_ERR_STORAGE: i32 = -4;
 pub const CG_ERR_NO_GPU: i32 = -5;
 /// An output buffer is too small; the size needed was written.
 pub const CG_ERR_BUFFER_TOO_SMALL: i32 = -6;
-/// Something this build does not handle (e.g. a multi-level store from GPU memory).
+/// Something this build does not handle (no current case; kept so status values stay stable).
 pub const CG_ERR_UNSUPPORTED: i32 = -7;
 /// A bug in libcachegen (a caught panic). The handle stays usable.
 pub const CG_ERR_INTERNAL: i32 = -100;

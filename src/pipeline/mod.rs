@@ -45,6 +45,7 @@ pub use job::{Job, JobKind, Progress, Stage};
 pub use load::{LoadChunk, LoadSpec, StreamPlan};
 pub use stats::{Stats, StatsSnapshot};
 pub use store::{StoreChunk, StoreSpec};
+pub(crate) use store::gather_chunks;
 pub use tables::TableSets;
 
 pub(crate) type Task = Box<dyn FnOnce() + Send + 'static>;

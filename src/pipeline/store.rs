@@ -69,31 +69,10 @@ impl Pipeline {
                 return;
             }
             let t0 = Instant::now();
-            let gathered: Vec<Result<KvTensors, String>> = match &run.spec.device {
-                Some(dev) => {
-                    let blocks: Vec<&[u32]> = run.spec.chunks.iter().map(|c| c.blocks.as_slice()).collect();
-                    let after = dev.after.as_ref().map(|e| e.raw());
-                    // SAFETY: the context checked that the layout's memory is on
-                    // this device; the engine keeps the blocks unchanged until
-                    // this job is reusable (set below).
-                    match guarded(|| unsafe { dev.side.gather.gather(&run.spec.layout, &blocks, run.spec.chunk_tokens, after) }.map_err(|e| format!("GPU gather: {e}"))) {
-                        Ok(v) => v.into_iter().map(Ok).collect(),
-                        Err(why) => run.spec.chunks.iter().map(|_| Err(why.clone())).collect(),
-                    }
-                }
-                None => run
-                    .spec
-                    .chunks
-                    .iter()
-                    .map(|c| {
-                        guarded(|| {
-                            // SAFETY: the engine keeps the source blocks valid and
-                            // unchanged until this job is reusable (set below).
-                            unsafe { run.spec.layout.gather_raw(&c.blocks, run.spec.chunk_tokens) }.map_err(|e| e.to_string())
-                        })
-                    })
-                    .collect(),
-            };
+            let blocks: Vec<&[u32]> = run.spec.chunks.iter().map(|c| c.blocks.as_slice()).collect();
+            // SAFETY: the engine keeps the source blocks valid and unchanged
+            // until this job is reusable (set below).
+            let gathered = unsafe { gather_chunks(&run.spec.layout, &blocks, run.spec.chunk_tokens, run.spec.device.as_ref()) };
             Stats::add(&run.stats.gather_ns, t0.elapsed().as_nanos() as u64);
             run.job.update(|p| p.reusable = true);
             for (i, g) in gathered.into_iter().enumerate() {
@@ -108,6 +87,35 @@ impl Pipeline {
             }
         }));
         job
+    }
+}
+
+/// Gathers each chunk's blocks into host tensors: on the GPU for a device
+/// layout (`device`, after the engine's recorded work), else on this thread.
+///
+/// # Safety
+/// The layout's memory (host pointers, or device addresses of `device`'s GPU)
+/// must be valid and the blocks unchanged during the call.
+pub(crate) unsafe fn gather_chunks(layout: &KvLayout, blocks: &[&[u32]], chunk_tokens: usize, device: Option<&DeviceTarget>) -> Vec<Result<KvTensors, String>> {
+    match device {
+        Some(dev) => {
+            let after = dev.after.as_ref().map(|e| e.raw());
+            // SAFETY: the caller's contract; the context checked that the
+            // layout's memory is on this device.
+            match guarded(|| unsafe { dev.side.gather.gather(layout, blocks, chunk_tokens, after) }.map_err(|e| format!("GPU gather: {e}"))) {
+                Ok(v) => v.into_iter().map(Ok).collect(),
+                Err(why) => blocks.iter().map(|_| Err(why.clone())).collect(),
+            }
+        }
+        None => blocks
+            .iter()
+            .map(|b| {
+                guarded(|| {
+                    // SAFETY: the caller's contract.
+                    unsafe { layout.gather_raw(b, chunk_tokens) }.map_err(|e| e.to_string())
+                })
+            })
+            .collect(),
     }
 }
 

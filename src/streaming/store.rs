@@ -1,5 +1,6 @@
-//! Multi-level store: gather each chunk once, encode it at every configured
-//! level, write each level under its own key (one namespace per level).
+//! Multi-level store: gather each chunk once (on the GPU for a layout in
+//! device memory), encode it at every configured level on the host, write
+//! each level under its own key (one namespace per level).
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -9,7 +10,7 @@ use parking_lot::Mutex;
 use super::StreamStats;
 use crate::codec::{encode, EncodeOptions, KvTensors, Level, Tables};
 use crate::layout::KvLayout;
-use crate::pipeline::{guarded, Job, JobKind, Pipeline, Stats, TableSets};
+use crate::pipeline::{gather_chunks, guarded, DeviceTarget, Job, JobKind, Pipeline, Stats, TableSets};
 use crate::store::{Key, TierStack};
 
 pub(crate) struct LevelChunk {
@@ -28,6 +29,9 @@ pub(crate) struct LevelStoreSpec {
     pub sstats: Arc<StreamStats>,
     /// The model-level table sets (per level, the one stores encode with).
     pub tables: Arc<TableSets>,
+    /// Set when `layout` is in GPU memory: gather there, encode every level
+    /// here.
+    pub device: Option<DeviceTarget>,
 }
 
 struct Run {
@@ -60,18 +64,10 @@ pub(crate) fn store_levels(p: &Pipeline, spec: LevelStoreSpec) -> Arc<Job> {
     let cpu2 = cpu.clone();
     let _ = cpu.send(Box::new(move || {
         let t0 = Instant::now();
-        let gathered: Vec<Result<KvTensors, String>> = run
-            .spec
-            .chunks
-            .iter()
-            .map(|c| {
-                guarded(|| {
-                    // SAFETY: the engine keeps the source blocks valid and
-                    // unchanged until this job is reusable (set below).
-                    unsafe { run.spec.layout.gather_raw(&c.blocks, run.spec.chunk_tokens) }.map_err(|e| e.to_string())
-                })
-            })
-            .collect();
+        let blocks: Vec<&[u32]> = run.spec.chunks.iter().map(|c| c.blocks.as_slice()).collect();
+        // SAFETY: the engine keeps the source blocks valid and unchanged
+        // until this job is reusable (set below).
+        let gathered = unsafe { gather_chunks(&run.spec.layout, &blocks, run.spec.chunk_tokens, run.spec.device.as_ref()) };
         Stats::add(&run.stats.gather_ns, t0.elapsed().as_nanos() as u64);
         run.job.update(|pr| pr.reusable = true);
         for (i, g) in gathered.into_iter().enumerate() {

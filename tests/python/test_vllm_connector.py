@@ -343,14 +343,21 @@ def calibrated_tables(tmp_path: Path) -> Path:
     return out
 
 
-@pytest.mark.parametrize("layout,tables", [("NHD", False), ("HND", False), ("NHD", True)])
-def test_store_then_load_through_scheduler(model_dir, distributed, tmp_path, layout, tables):
+@pytest.mark.parametrize("layout,variant", [("NHD", ""), ("HND", ""), ("NHD", "tables"), ("NHD", "levels")])
+def test_store_then_load_through_scheduler(model_dir, distributed, tmp_path, layout, variant):
     rng = np.random.default_rng(1)
     prompt_a = [int(t) for t in rng.integers(2, VOCAB - 2, 100)]
     extra = lib_config(tmp_path / "tier")
+    tables = variant == "tables"
     if tables:
         # Chunks reference a model-level table set (passed through to the library).
         extra["tables"] = {"default": str(calibrated_tables(tmp_path))}
+    if variant == "levels":
+        # Every chunk stored at two levels (passed through to the library);
+        # loads take the configured level, and the reference load below
+        # (same config) must agree.
+        extra["levels"] = ["compact", "default"]
+        extra["level"] = "default"
 
     # Engine 1 computes request A; its full chunks (3 x 32 tokens) are stored.
     e1 = Engine(model_dir, extra, layout)
@@ -369,6 +376,9 @@ def test_store_then_load_through_scheduler(model_dir, distributed, tmp_path, lay
     assert e1.calls == ["bind_connector_metadata", *layer_hooks, "start_load_kv", *after]
     e1.run_until_done()
     wait_store_durable(e1.worker.stats, 3)
+    if variant == "levels":
+        stored = e1.worker.stats()["streaming"]["stored_chunks"]
+        assert (stored["compact"], stored["default"]) == (3, 3), stored
     e1.close()
     if tables:
         # The set is part of the namespace: a context without it finds nothing.
@@ -440,6 +450,9 @@ def test_store_then_load_through_scheduler(model_dir, distributed, tmp_path, lay
     stats = ctx_stats()
     c = stats["counters"]
     assert c["load_chunks_ok"] >= 3 and c.get("load_chunks_failed", 0) == 0, c
+    if variant == "levels":
+        loaded_levels = stats["streaming"]["loaded_chunks"]
+        assert loaded_levels["default"] >= 3 and loaded_levels["compact"] == 0, loaded_levels
     # Scheduler and worker share the context here, so each load carried a
     # lease; the loads ended them once their chunks were fetched.
     assert c["leases_granted"] == 2 and stats["leases_active"] == 0, stats

@@ -97,7 +97,7 @@ __all__ = ["CacheGenConnectorScheduler", "CacheGenConnectorWorker", "CacheGenTrt
 
 CONFIG_ENV = "CACHEGEN_TRTLLM_CONFIG"
 # Keys of the configuration passed through to libcachegen.
-_LIB_KEYS = ("chunk_tokens", "level", "profile", "tables", "tiers", "io_threads", "decode_threads", "load_timeout_ms")
+_LIB_KEYS = ("chunk_tokens", "level", "levels", "adaptive", "profile", "tables", "tiers", "io_threads", "decode_threads", "load_timeout_ms")
 # Keys this shim reads itself.
 _SHIM_KEYS = ("model_fingerprint", "kv_dtype", "head_dim", "kv_layout", "lease_ms", "layerwise", "load", "save")
 

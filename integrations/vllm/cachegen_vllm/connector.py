@@ -81,7 +81,7 @@ if TYPE_CHECKING:
 __all__ = ["CacheGenConnector", "CacheGenConnectorMetadata", "ReqMeta"]
 
 # Keys of kv_connector_extra_config passed through to libcachegen's config.
-_LIB_KEYS = ("chunk_tokens", "level", "profile", "tables", "tiers", "io_threads", "decode_threads", "load_timeout_ms")
+_LIB_KEYS = ("chunk_tokens", "level", "levels", "adaptive", "profile", "tables", "tiers", "io_threads", "decode_threads", "load_timeout_ms")
 # Keys this shim reads itself.
 _SHIM_KEYS = ("model_fingerprint", "namespace", "lease_ms", "layerwise", "load", "save")
 
