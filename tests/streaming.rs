@@ -525,6 +525,7 @@ fn probe_rule_keeps_fits_trades_down_and_recomputes() {
         chunks_left: 10,
         recomputed: 0,
         bytes_per_s: rate,
+        mean_bytes_per_s: rate,
         latency_s: 0.0002,
         sizes: vec![5.0 * MB, 8.0 * MB, 13.0 * MB],
         raw_bytes: 32.0 * MB,
@@ -585,6 +586,7 @@ fn probe_decision_abandons_slow_chunks_early_and_keeps_fast_ones_to_the_decision
         chunks_left: 10,
         recomputed: 0,
         bytes_per_s: 0.0, // ignored: the rate is measured
+        mean_bytes_per_s: 1e9,
         latency_s: 0.0002,
         sizes: vec![5.0 * MB, 8.0 * MB, 13.0 * MB],
         raw_bytes: 32.0 * MB,

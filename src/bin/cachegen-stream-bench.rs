@@ -192,6 +192,7 @@ fn adaptive(sz: &Sizes, n: usize, bw: &[f64], slo: f64, rate: f64, mode: Mode, e
             chunks_left: n - c,
             recomputed,
             bytes_per_s: if oracle { bw[c] } else { est.bandwidth(Some(0)) },
+            mean_bytes_per_s: if oracle { bw[c] } else { est.mean_bandwidth() },
             latency_s: match mode {
                 Mode::Oracle => LATENCY,
                 Mode::Probe => est.latency(),
