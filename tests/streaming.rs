@@ -505,9 +505,12 @@ fn link_shares_bandwidth_adds_latency_and_replays_traces() {
     link.transfer(1_250_000);
     let slow = t1.elapsed();
     assert!(fast >= Duration::from_millis(1) && fast < Duration::from_millis(60) && slow >= Duration::from_millis(100), "{fast:?} {slow:?}");
-    // Time slices: 0 for 30 ms (stalled), then 1 Gbps.
-    let link = Link::new(Schedule::TimeSlices { slice: Duration::from_millis(30), rates: vec![0.0, gbps(1.0)] }, Duration::ZERO);
+    // Time slices: 0 for 30 ms (stalled), then 1 Gbps. The slices start
+    // when the link is made: timed from before that (a thread descheduled
+    // between the two saw the stall end in under 31 ms, 1 run in 18 at load
+    // average 3-4).
     let t0 = Instant::now();
+    let link = Link::new(Schedule::TimeSlices { slice: Duration::from_millis(30), rates: vec![0.0, gbps(1.0)] }, Duration::ZERO);
     link.transfer(125_000);
     let t = t0.elapsed();
     assert!(t >= Duration::from_millis(31) && t < Duration::from_millis(500), "{t:?}");
