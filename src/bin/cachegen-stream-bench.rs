@@ -21,15 +21,17 @@
 //! give-ups, chunks recomputed unread though a fetch was faster) for the
 //! loads that met and missed the SLO; `--dump N` the chunk-by-chunk log of
 //! the first N loads per row that missed it (stderr). `--online-bound`
-//! prints (stderr, and the JSON's `online_bound`), for the 4K and 8K trace
-//! rows where some method misses the SLO and not every one does, the
+//! prints (stderr, and the JSON's `online_bound`), for the trace rows where
+//! some method misses the SLO and not every one does, the
 //! violation rate of the best online loader ([`online_bound`]: a dynamic
 //! program that knows the rate distribution but must request a chunk to
 //! learn its rate), with three probe costs: the latency only, and the
 //! latency plus the decision delay of the 16 KiB / 0.1 ms and 4 KiB / 0.05 ms
 //! probes at an exactly measured rate.
 //!
-//! Usage: cachegen-stream-bench [--fixture PATH] [--traces N] [--prefill-tps TOKENS_PER_S] [--json FILE] [--diagnose] [--dump N] [--online-bound]
+//! Usage: cachegen-stream-bench [--fixture PATH] [--traces N] [--prefill-tps TOKENS_PER_S] [--json FILE] [--diagnose] [--dump N] [--online-bound] [--rows TOKENS:X,...]
+//!
+//! `--rows 32768:1,4096:0.5`: only these trace rows (tokens:x).
 //!
 //! `--prefill-tps`: the recompute rate (default: the H100 anchors, see
 //! [`prefill_s`]); e.g. 7500 for the CacheGen artifact's 0.2 s per
@@ -190,6 +192,7 @@ fn adaptive(sz: &Sizes, n: usize, bw: &[f64], slo: f64, rate: f64, mode: Mode, e
             chunks_left: n - c,
             recomputed,
             bytes_per_s: if oracle { bw[c] } else { est.bandwidth(Some(0)) },
+            mean_bytes_per_s: if oracle { bw[c] } else { est.mean_bandwidth() },
             latency_s: match mode {
                 Mode::Oracle => LATENCY,
                 Mode::Probe => est.latency(),
@@ -380,27 +383,28 @@ fn oracle_min(sz: &Sizes, n: usize, bw: &[f64], rate: f64) -> f64 {
 /// the first byte), after which the loader reads the rest (the chunk's
 /// compact level; fetches and decodes pipelined as in [`adaptive`]) or
 /// abandons it for recompute; or it leaves the chunk to recompute unread.
-/// Times are rounded down to a 2 us grid (in the loader's favour, at most
-/// `n` x 2 us in all). Returns the probability of violating the SLO (exact
+/// Times are rounded down to a grid of 2 us (up to 32 chunks; 20 us above,
+/// where the SLO is seconds), in the loader's favour (at most `n` grid
+/// steps in all). Returns the probability of violating the SLO (exact
 /// over the distribution, up to the grid and `M` rate points) and the DP
 /// policy's violations on the given traces (the same traces as the table).
 fn online_bound(sz: &Sizes, n: usize, slo: f64, rate: f64, lo: f64, hi: f64, delay: &dyn Fn(f64) -> f64, traces: &[Vec<f64>]) -> (f64, usize) {
-    const H: f64 = 2e-6;
+    let h: f64 = if n <= 32 { 2e-6 } else { 2e-5 };
     const M: usize = 1000;
     let dec = sz.syms / GPU_SYM_PER_S;
     let rc = CHUNK as f64 / rate;
-    let kmax = (slo / H).floor() as usize;
+    let kmax = (slo / h).floor() as usize;
     let rates: Vec<f64> = (0..M).map(|j| lo + (hi - lo) * (j as f64 + 0.5) / M as f64).collect();
-    // v[c][f][k]: probability of meeting the SLO from chunk c at time k*H,
+    // v[c][f][k]: probability of meeting the SLO from chunk c at time k*h,
     // f = 1 when the last fetched chunk's decode is pending (it ends `dec`
     // after its fetch; hidden by any later request, which takes >= LATENCY).
     let mut v: Vec<[Vec<f32>; 2]> = (0..=n).map(|_| [vec![0f32; kmax + 1], vec![0f32; kmax + 1]]).collect();
     for f in 0..2 {
         for k in 0..=kmax {
-            v[n][f][k] = (k as f64 * H + f as f64 * dec <= slo) as u8 as f32;
+            v[n][f][k] = (k as f64 * h + f as f64 * dec <= slo) as u8 as f32;
         }
     }
-    let idx = |t: f64| -> Option<usize> { let k = (t / H).floor(); (k <= kmax as f64).then_some(k as usize) };
+    let idx = |t: f64| -> Option<usize> { let k = (t / h).floor(); (k <= kmax as f64).then_some(k as usize) };
     let at = |v: &[Vec<f32>; 2], f: usize, t: f64| idx(t).map_or(0.0, |k| v[f][k]);
     let fastest = |c: usize| (LATENCY + sz.level_bytes[c % sz.level_bytes.len()][0] / hi).min(rc);
     for c in (0..n).rev() {
@@ -409,7 +413,7 @@ fn online_bound(sz: &Sizes, n: usize, slo: f64, rate: f64, lo: f64, hi: f64, del
         let (next, cur) = { let (a, b) = v.split_at_mut(c + 1); (&b[0], &mut a[c]) };
         for f in 0..2 {
             for k in 0..=kmax {
-                let t = k as f64 * H;
+                let t = k as f64 * h;
                 if t + (n - c) as f64 * rc + f as f64 * dec <= slo {
                     cur[f][k] = 1.0; // recompute the rest: met
                     continue;
@@ -484,6 +488,7 @@ fn main() {
     let mut diagnose = false;
     let mut dump = 0usize;
     let mut bound = false;
+    let mut rows: Option<Vec<String>> = None;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
@@ -492,10 +497,11 @@ fn main() {
             "--json" => json_out = args.next(),
             "--diagnose" => diagnose = true,
             "--online-bound" => bound = true,
+            "--rows" => rows = Some(args.next().expect("--rows TOKENS:X,...").split(',').map(str::to_string).collect()),
             "--dump" => dump = args.next().and_then(|v| v.parse().ok()).expect("--dump N"),
             "--prefill-tps" => prefill_tps = Some(args.next().and_then(|v| v.parse().ok()).filter(|r: &f64| *r > 0.0).expect("--prefill-tps TOKENS_PER_S")),
             _ => {
-                eprintln!("usage: cachegen-stream-bench [--fixture PATH] [--traces N] [--prefill-tps TOKENS_PER_S] [--json FILE] [--diagnose] [--dump N] [--online-bound]");
+                eprintln!("usage: cachegen-stream-bench [--fixture PATH] [--traces N] [--prefill-tps TOKENS_PER_S] [--json FILE] [--diagnose] [--dump N] [--online-bound] [--rows TOKENS:X,...]");
                 std::process::exit(2);
             }
         }
@@ -589,6 +595,9 @@ fn main() {
         let t_rec = prefill_s(ctx, prefill_tps);
         let t_med = fixed(&sz, n, &vec![gbps(5.05); n], 1);
         for &x in &slo_x {
+            if rows.as_ref().is_some_and(|r| !r.iter().any(|e| *e == format!("{ctx}:{x}"))) {
+                continue;
+            }
             let slo = t_med * x;
             let mut rng = Lcg(42 + ctx as u64);
             let (mut va, mut vd, mut vo, mut vm, mut vl) = (0usize, 0usize, 0usize, 0usize, 0usize);
@@ -607,7 +616,7 @@ fn main() {
             let mut all_bw = Vec::new();
             for _ in 0..traces {
                 let bw: Vec<f64> = (0..n).map(|_| gbps(0.1 + 9.9 * rng.next())).collect();
-                if bound && n <= 32 {
+                if bound {
                     all_bw.push(bw.clone());
                 }
                 if dumped < dump {
@@ -659,7 +668,7 @@ fn main() {
             let mut online = serde_json::Value::Null;
             // Rows where some online method could miss the SLO and not every
             // method does (elsewhere the bound says nothing).
-            if bound && n <= 32 && vm < traces && (va > 0 || vo > 0 || vm > 0) {
+            if bound && vm < traces && (va > 0 || vo > 0 || vm > 0) {
                 let variants: [(&str, &dyn Fn(f64) -> f64); 3] = [
                     ("latency only", &|_| 0.0),
                     ("+ max(16 KiB, 0.1 ms)", &|r| (16384.0 / r).max(1e-4)),

@@ -384,6 +384,7 @@ impl LoadRun {
                 chunks_left: n - c,
                 recomputed,
                 bytes_per_s: est.bandwidth(tier),
+                mean_bytes_per_s: est.mean_bandwidth(),
                 latency_s: est.latency(),
                 sizes: levels.iter().map(|&l| est.size(l, s.raw_bytes)).collect(),
                 raw_bytes: s.raw_bytes as f64,

@@ -29,6 +29,12 @@
 //! 3. If no level fits, the cheaper of the lowest level and recompute
 //!    (`chunk_tokens / prefill rate`), so a load that is behind catches up
 //!    as fast as it can.
+//!
+//! On a link whose rate jumps from chunk to chunk, the level actually read
+//! ([`Planner::probe_level`]) is above the lowest only when that leaves a
+//! reserve against the variance of the chunks left
+//! ([`Planner::leaves_reserve`], judged at the long-run mean rate,
+//! [`Estimator::mean_bandwidth`]).
 
 use parking_lot::Mutex;
 
@@ -50,6 +56,9 @@ pub fn prior_ratio(l: Level) -> f64 {
 struct EstState {
     /// EWMA of fetch seconds per byte, overall and per tier index.
     spb: Option<f64>,
+    /// Slow EWMA of fetch seconds per byte (weight [`Estimator::slow_alpha`],
+    /// starting from the initial rate as a prior sample).
+    slow_spb: Option<f64>,
     tier_spb: Vec<Option<f64>>,
     /// EWMA of |sample - estimate| / estimate of the overall time per byte.
     spread: Option<f64>,
@@ -70,6 +79,9 @@ pub struct Estimator {
     initial: f64,
     /// Weight of the newest sample.
     pub alpha: f64,
+    /// Weight of the newest sample in the long-run mean
+    /// ([`Estimator::mean_bandwidth`]; 0.05: about the last 20 reads).
+    pub slow_alpha: f64,
     /// Without new fetches, the bandwidth estimate returns to `initial`
     /// with this half-life. Otherwise a context whose estimate collapsed
     /// (a stall) would leave every later load to recompute and, fetching
@@ -80,7 +92,7 @@ pub struct Estimator {
 impl Estimator {
     /// `initial`: bytes/s assumed before anything was measured.
     pub fn new(initial: f64) -> Estimator {
-        Estimator { st: Mutex::new(EstState::default()), initial, alpha: 0.5, half_life: std::time::Duration::from_secs(10) }
+        Estimator { st: Mutex::new(EstState::default()), initial, alpha: 0.5, slow_alpha: 0.05, half_life: std::time::Duration::from_secs(10) }
     }
 
     /// Records a fetch of `bytes` that took `secs` (latency included) from
@@ -100,6 +112,8 @@ impl Estimator {
             st.spread = Some(st.spread.map_or(dev, |d| a * dev + (1.0 - a) * d));
         }
         st.spb = Some(st.spb.map_or(r, |b| a * r + (1.0 - a) * b));
+        let prior = st.slow_spb.unwrap_or(1.0 / self.initial);
+        st.slow_spb = Some(self.slow_alpha * r + (1.0 - self.slow_alpha) * prior);
         st.last_fetch = Some(std::time::Instant::now());
         if st.tier_spb.len() <= tier {
             st.tier_spb.resize(tier + 1, None);
@@ -148,6 +162,22 @@ impl Estimator {
     pub fn bandwidth(&self, tier: Option<usize>) -> f64 {
         let st = self.st.lock();
         let Some(spb) = tier.and_then(|t| st.tier_spb.get(t).copied().flatten()).or(st.spb) else {
+            return self.initial;
+        };
+        let age = st.last_fetch.map_or(0.0, |t| t.elapsed().as_secs_f64());
+        let w = 0.5f64.powf(age / self.half_life.as_secs_f64().max(1e-9));
+        1.0 / (w * spb + (1.0 - w) / self.initial)
+    }
+
+    /// Long-run expected delivered bytes/s: like [`Estimator::bandwidth`]
+    /// (overall), from a slow EWMA of the time per byte (weight
+    /// [`Estimator::slow_alpha`], the initial rate counting as the first
+    /// sample). On a link whose rate jumps from chunk to chunk,
+    /// [`Estimator::bandwidth`] follows the last one or two chunks; this is
+    /// what the chunks after the next one are expected to get on average.
+    pub fn mean_bandwidth(&self) -> f64 {
+        let st = self.st.lock();
+        let Some(spb) = st.slow_spb else {
             return self.initial;
         };
         let age = st.last_fetch.map_or(0.0, |t| t.elapsed().as_secs_f64());
@@ -208,6 +238,9 @@ pub struct PlanInput {
     pub recomputed: usize,
     /// Expected bytes/s for this chunk.
     pub bytes_per_s: f64,
+    /// Expected bytes/s of the chunks after this one, on average
+    /// ([`Estimator::mean_bandwidth`]; see [`Planner::leaves_reserve`]).
+    pub mean_bytes_per_s: f64,
     /// Added per request.
     pub latency_s: f64,
     /// Expected stored bytes per level (same order as `Planner::levels`).
@@ -371,6 +404,13 @@ pub fn early_slow_margin(since_first_byte_s: f64) -> f64 {
 /// planned for recompute is still probed.
 pub const REPROBE_AFTER: usize = 8;
 
+/// See [`Planner::leaves_reserve`]: standard deviations of the time the
+/// chunks left will take that a level above the lowest must leave free on a
+/// link whose rate jumps. 2 (with [`Estimator::slow_alpha`] 0.05) was chosen
+/// on the benchmark's traces at 7,500 tokens/s (docs/BENCHMARKS.md); 1-3 and
+/// 0.03-0.1 give within 2 points of its violation rates.
+pub const RESERVE_SIGMAS: f64 = 2.0;
+
 /// See [`Planner::probe_deadline_s`].
 pub const PROBE_STALL_MIN_S: f64 = 0.05;
 
@@ -402,7 +442,10 @@ pub enum AfterProbe {
 impl Planner {
     /// Which level (index in `levels`) to start reading chunk `inp` at, after
     /// [`Planner::plan`] gave `plan` from the running estimate: the planned
-    /// level; for a planned recompute, the lowest level when the link is not
+    /// level (on a link measured to jump, spread above [`STEADY_SPREAD`] and
+    /// finite, the highest level up to it that leaves a reserve for the
+    /// chunks after it, [`Planner::leaves_reserve`], else the lowest); for a
+    /// planned recompute, the lowest level when the link is not
     /// steady (`spread`, see [`Estimator::spread`]), or when the load is
     /// behind and a probe may pay ([`Planner::behind_and_probe_may_pay`]),
     /// and a probe is cheap against recompute, else `None` (recompute
@@ -416,7 +459,14 @@ impl Planner {
     /// spread never change again).
     pub fn probe_level(&self, inp: &PlanInput, plan: &Plan, spread: f64, unread: usize) -> Option<usize> {
         match plan.choice {
-            Choice::Level(l) => self.levels.iter().position(|&x| x == l),
+            Choice::Level(l) => {
+                let i = self.levels.iter().position(|&x| x == l)?;
+                // Only on a link measured to jump (two reads or more).
+                if i == 0 || !(spread.is_finite() && spread > STEADY_SPREAD) {
+                    return Some(i);
+                }
+                Some((1..=i).rev().find(|&j| self.leaves_reserve(inp, j, spread)).unwrap_or(0))
+            }
             Choice::Recompute => {
                 let probe_s = inp.latency_s + PROBE_MIN_S;
                 let worth = !(self.levels.is_empty() || self.recompute_suffix && inp.after_recompute)
@@ -425,6 +475,30 @@ impl Planner {
                 worth.then_some(0)
             }
         }
+    }
+
+    /// Whether reading this chunk at level index `i` (above the lowest) on a
+    /// link whose rate jumps leaves a reserve for the chunks after it: the
+    /// time left after it must cover each of them at `mu`, the expected cost
+    /// of the lowest level at the long-run rate
+    /// ([`PlanInput::mean_bytes_per_s`]; at most a recompute, which a probe
+    /// falls back to), plus [`RESERVE_SIGMAS`] standard deviations of their
+    /// sum (per chunk `spread * mu`, at most half a recompute). The equal
+    /// share ([`Planner::plan`]) judges a level against the *expected* cost
+    /// of the rest, with the running estimate, which on such a link follows
+    /// the last one or two chunks: after a few fast chunks it took the
+    /// target level whenever it fitted, and the time those upgrades spent
+    /// was missing when slow chunks came (the 7,500 tokens/s trace rows of
+    /// docs/BENCHMARKS.md). See [`Planner::probe_level`].
+    pub fn leaves_reserve(&self, inp: &PlanInput, i: usize, spread: f64) -> bool {
+        let rc = self.recompute_s();
+        let Some(&low) = inp.sizes.first() else { return true };
+        let decode = self.decode_s(inp);
+        let left = self.slo_s - inp.elapsed_s - inp.recomputed as f64 * rc - decode;
+        let mu = (inp.latency_s + low / inp.mean_bytes_per_s.max(1.0)).max(decode).min(rc);
+        let sigma = (spread * mu).min(rc / 2.0);
+        let rest = inp.chunks_left.saturating_sub(1) as f64;
+        left - self.cost(inp, i) >= rest * mu + RESERVE_SIGMAS * sigma * rest.sqrt()
     }
 
     /// Whether a chunk planned for recompute is worth probing although the
@@ -572,6 +646,7 @@ mod tests {
             chunks_left: 10,
             recomputed: 0,
             bytes_per_s,
+            mean_bytes_per_s: bytes_per_s,
             latency_s: 0.0,
             sizes: vec![5.0 * MB, 8.0 * MB, 13.0 * MB],
             raw_bytes: 32.0 * MB,
@@ -655,6 +730,56 @@ mod tests {
             steady.observe_fetch(0, 1_000_000, 0.001);
         }
         assert_eq!(steady.spread(), 0.0);
+    }
+
+    #[test]
+    fn the_long_run_mean_moves_slowly() {
+        let e = Estimator::new(1e9);
+        assert_eq!(e.mean_bandwidth(), 1e9);
+        // One read at 10 GB/s: the running estimate follows it, the mean
+        // (the initial rate as a prior sample, weight 0.05 for the new one)
+        // barely moves: 1 / (0.05 / 10e9 + 0.95 / 1e9) = 1.05 GB/s.
+        e.observe_fetch(0, 1_000_000, 1e-4);
+        assert!((e.bandwidth(None) / 10e9 - 1.0).abs() < 1e-3, "{}", e.bandwidth(None));
+        assert!((e.mean_bandwidth() / 1.0471e9 - 1.0).abs() < 1e-3, "{}", e.mean_bandwidth());
+        // Many reads at 10 GB/s: the mean gets there too.
+        for _ in 0..200 {
+            e.observe_fetch(0, 1_000_000, 1e-4);
+        }
+        assert!(e.mean_bandwidth() > 9.9e9, "{}", e.mean_bandwidth());
+    }
+
+    #[test]
+    fn a_jumping_link_upgrades_only_with_a_reserve_for_the_chunks_left() {
+        // 100 ms for 10 chunks (10 ms each), recompute 10 ms a chunk. The
+        // running estimate says 2 GB/s (compact 2.5, default 4 ms): the plan
+        // is the default level.
+        let pl = planner(0.1);
+        let mut inp = input(2e9, None);
+        let plan = pl.plan(&inp);
+        assert_eq!(plan.choice, Choice::Level(Level::Default));
+        // The long-run mean agrees: the 9 chunks after this one at 2.5 ms
+        // plus 2 x 2.5 ms x 3 leave room: the planned level is read.
+        assert!(pl.leaves_reserve(&inp, 1, 1.0));
+        assert_eq!(pl.probe_level(&inp, &plan, 1.0, 0), Some(1));
+        // The long-run mean is 0.5 GB/s (compact 10 ms, as slow as a
+        // recompute): 9 x 10 ms + 2 x 5 ms x 3 = 120 ms > 96 ms. On a link
+        // whose rate jumps (spread 1) the chunk is read at the lowest level...
+        inp.mean_bytes_per_s = 0.5e9;
+        assert!(!pl.leaves_reserve(&inp, 1, 1.0));
+        assert_eq!(pl.probe_level(&inp, &plan, 1.0, 0), Some(0));
+        // ... on a steady link (or before two reads measured it) the plan stands.
+        assert_eq!(pl.probe_level(&inp, &plan, 0.1, 0), Some(1));
+        assert_eq!(pl.probe_level(&inp, &plan, f64::INFINITY, 0), Some(1));
+        // 96 ms - 90 ms leaves 6 ms for the reserve (2 x sigma x 3): a link
+        // with spread up to 0.1 (sigma 1 ms) gets the planned level.
+        assert!(pl.leaves_reserve(&inp, 1, 0.099) && !pl.leaves_reserve(&inp, 1, 0.11));
+        // The last chunk needs no reserve: it only has to fit.
+        inp.chunks_left = 1;
+        inp.elapsed_s = 0.09;
+        assert!(pl.leaves_reserve(&inp, 1, 1.0));
+        inp.elapsed_s = 0.097;
+        assert!(!pl.leaves_reserve(&inp, 1, 1.0));
     }
 
     #[test]
