@@ -204,7 +204,6 @@ fn code_quotients(sum: u32, prob_bits: u32) -> [u32; 16] {
 /// per table: a stream has one table per channel of every plane). On error
 /// `out` is unchanged.
 pub fn freqs_from_codes(codes: &[u8], prob_bits: u32, out: &mut Vec<u16>) -> Result<(), Error> {
-    let total: u64 = 1 << prob_bits;
     // Four sets of counters, so that runs of one code do not wait on each
     // other's increments.
     let mut counts = [[0u32; 16]; 4];
@@ -217,9 +216,49 @@ pub fn freqs_from_codes(codes: &[u8], prob_bits: u32, out: &mut Vec<u16>) -> Res
     for &q in quads.remainder() {
         counts[0][q as usize & 15] += 1;
     }
-    let count: [u64; 16] = std::array::from_fn(|q| (counts[0][q] + counts[1][q] + counts[2][q] + counts[3][q]) as u64);
-    let nonzero: u64 = count[1..].iter().sum();
-    let sum: u64 = (1..16).map(|q| count[q] * WEIGHT_OF_CODE[q] as u64).sum();
+    let count: [u32; 16] = std::array::from_fn(|q| counts[0][q] + counts[1][q] + counts[2][q] + counts[3][q]);
+    freqs_from_counts(&count, prob_bits, out, |of_code, out| out.extend(codes.iter().map(|&q| of_code[q as usize & 15])))
+}
+
+/// `freqs_from_codes` of the `n` codes packed two per byte in `body` (the
+/// compact form's body: high nibble first; when `n` is odd the last low
+/// nibble is padding, which must be zero), without unpacking them first.
+pub fn freqs_from_packed(body: &[u8], n: usize, prob_bits: u32, out: &mut Vec<u16>) -> Result<(), Error> {
+    debug_assert!(body.len() == n.div_ceil(2) && (n % 2 == 0 || body[n / 2] & 15 == 0));
+    let mut counts = [[0u32; 16]; 4];
+    let mut pairs = body.chunks_exact(2);
+    for p in &mut pairs {
+        counts[0][(p[0] >> 4) as usize] += 1;
+        counts[1][(p[0] & 15) as usize] += 1;
+        counts[2][(p[1] >> 4) as usize] += 1;
+        counts[3][(p[1] & 15) as usize] += 1;
+    }
+    for &b in pairs.remainder() {
+        counts[0][(b >> 4) as usize] += 1;
+        counts[1][(b & 15) as usize] += 1;
+    }
+    // A padding nibble counts as code 0, which no step below reads.
+    let count: [u32; 16] = std::array::from_fn(|q| counts[0][q] + counts[1][q] + counts[2][q] + counts[3][q]);
+    freqs_from_counts(&count, prob_bits, out, |of_code, out| {
+        let start = out.len();
+        out.resize(start + 2 * body.len(), 0);
+        for (d, &b) in out[start..].chunks_exact_mut(2).zip(body) {
+            d[0] = of_code[(b >> 4) as usize];
+            d[1] = of_code[(b & 15) as usize];
+        }
+        out.truncate(start + n);
+    })
+}
+
+/// The rest of `freqs_from_codes` from the number of each code (`count[0]`
+/// is not read): the checks, each code's frequency, then `extend(of_code,
+/// out)` appends `of_code[q]` for each code `q` in order, and the remainder
+/// is settled on what it appended.
+#[inline]
+fn freqs_from_counts(count: &[u32; 16], prob_bits: u32, out: &mut Vec<u16>, extend: impl FnOnce(&[u16; 16], &mut Vec<u16>)) -> Result<(), Error> {
+    let total: u64 = 1 << prob_bits;
+    let nonzero: u64 = count[1..].iter().map(|&c| c as u64).sum();
+    let sum: u64 = (1..16).map(|q| count[q] as u64 * WEIGHT_OF_CODE[q] as u64).sum();
     if nonzero == 0 {
         return Err(Error::Corrupt("frequency table has no symbol"));
     }
@@ -229,17 +268,16 @@ pub fn freqs_from_codes(codes: &[u8], prob_bits: u32, out: &mut Vec<u16>) -> Res
     // Computed for every code without a branch (absent codes get 0).
     let quot = code_quotients(sum as u32, prob_bits);
     let of_code: [u16; 16] = std::array::from_fn(|q| if q > 0 && count[q] > 0 { quot[q].max(1) as u16 } else { 0 });
-    let assigned: u64 = (1..16).map(|q| count[q] * of_code[q] as u64).sum();
-    let mut assigned = assigned;
+    let mut assigned: u64 = (1..16).map(|q| count[q] as u64 * of_code[q] as u64).sum();
     let start = out.len();
-    out.extend(codes.iter().map(|&q| of_code[q as usize & 15]));
+    extend(&of_code, out);
     let freq = &mut out[start..];
     if assigned < total {
-        // settle's first step without its scan over the symbols: the
+        // settle's first step without its scan for the largest: the
         // largest frequency is the largest of the present codes' (absent
-        // codes have 0), at the first symbol whose code has it.
+        // codes have 0), at the first symbol that has it.
         let fmax = of_code.iter().copied().max().unwrap_or(0);
-        let imax = codes.iter().position(|&q| of_code[q as usize & 15] == fmax).unwrap_or(0);
+        let imax = freq.iter().position(|&f| f == fmax).unwrap_or(0);
         freq[imax] += (total - assigned) as u16;
         assigned = total;
     }
@@ -288,13 +326,8 @@ pub fn read_compact_into(buf: &[u8], pos: &mut usize, nsym: usize, prob_bits: u3
     if n % 2 == 1 && body[n / 2] & 15 != 0 {
         return Err(Error::Corrupt("table padding nibble is not zero"));
     }
-    let mut codes = [0u8; 256];
-    for (pair, &b) in codes.chunks_exact_mut(2).zip(body) {
-        pair[0] = b >> 4;
-        pair[1] = b & 15;
-    }
     *pos += compact_len(n);
-    freqs_from_codes(&codes[..n], prob_bits, freq)?;
+    freqs_from_packed(body, n, prob_bits, freq)?;
     Ok(lo)
 }
 
@@ -553,6 +586,13 @@ mod tests {
                     (Err(_), Err(_)) => {}
                     (w, g) => panic!("codes {codes:?} pb {pb}: normalize {w:?}, table_from_codes {g:?}"),
                 }
+                // The packed form (the decoder's) gives the same frequencies and errors.
+                let packed: Vec<u8> = codes.chunks(2).map(|p| p[0] << 4 | p.get(1).copied().unwrap_or(0)).collect();
+                let (mut a, mut b) = (vec![9u16], vec![9u16]);
+                let ra = freqs_from_codes(&codes, pb, &mut a);
+                let rb = freqs_from_packed(&packed, n, pb, &mut b);
+                assert_eq!(format!("{ra:?}"), format!("{rb:?}"), "codes {codes:?} pb {pb}");
+                assert_eq!(a, b, "codes {codes:?} pb {pb}");
             }
         }
     }
