@@ -62,7 +62,24 @@ pub fn codes_from_histogram_into(hist: &[u32], out: &mut Vec<u8>) -> u8 {
     let last = last_nonzero(hist).unwrap();
     let max_count = hist[first..=last].iter().fold(0, |a, &c| a.max(c));
     let max = max_count as f64;
-    out.extend(hist[first..=last].iter().map(|&c| if c == 0 { 0 } else { code_of_count(max, c) }));
+    let range = &hist[first..=last];
+    let start = out.len();
+    out.resize(start + range.len(), 0);
+    let dst = &mut out[start..];
+    // Every count through `code_flat` without a branch (so the loop
+    // vectorises), absent symbols masked to 0; if any count lands in the
+    // guard band, the table again count by count through `code_of_count`.
+    let mut near = false;
+    for (d, &c) in dst.iter_mut().zip(range) {
+        let (code, n) = code_flat(max, c);
+        *d = if c == 0 { 0 } else { code };
+        near |= n & (c != 0);
+    }
+    if near {
+        for (d, &c) in dst.iter_mut().zip(range) {
+            *d = if c == 0 { 0 } else { code_of_count(max, c) };
+        }
+    }
     first as u8
 }
 
@@ -78,18 +95,28 @@ pub fn codes_from_histogram_into(hist: &[u32], out: &mut Vec<u8>) -> u8 {
 /// large ones).
 #[inline]
 fn code_of_count(max: f64, c: u32) -> u8 {
+    match code_flat(max, c) {
+        (_, true) => code_exact(max, c),
+        (code, false) => code,
+    }
+}
+
+/// `code_of_count`'s mantissa comparison, without its branch: the code,
+/// and whether the mantissa is within the guard band (where the code must
+/// come from `code_exact` instead). For `c = 0` (r infinite) both are
+/// meaningless but computed without a fault, so a loop can mask them.
+#[inline(always)]
+fn code_flat(max: f64, c: u32) -> (u8, bool) {
     const Q1: f64 = 1.189_207_115_002_721; // 2^(1/4)
     const Q3: f64 = 1.681_792_830_507_429; // 2^(3/4)
     const GUARD: f64 = 1e-9;
     let r = max / c as f64;
     let bits = r.to_bits();
-    let e = ((bits >> 52) as i64 - 1023) as i32;
+    let e = (bits >> 52) as i64 - 1023;
     let m = f64::from_bits((bits & ((1u64 << 52) - 1)) | (1023u64 << 52));
-    if (m - Q1).abs() < GUARD || (m - Q3).abs() < GUARD {
-        return code_exact(max, c);
-    }
-    let half_octaves = 2 * e + (m >= Q1) as i32 + (m >= Q3) as i32;
-    (15 - half_octaves).clamp(1, 15) as u8
+    let near = ((m - Q1).abs() < GUARD) | ((m - Q3).abs() < GUARD);
+    let half_octaves = 2 * e + (m >= Q1) as i64 + (m >= Q3) as i64;
+    ((15 - half_octaves).clamp(1, 15) as u8, near)
 }
 
 /// `codes_from_histogram`'s formula for one non-zero count, through `log2`.
