@@ -250,22 +250,14 @@ struct PaddedHist([u32; 256], [u32; 8]);
 
 /// Quantize one tensor and count each channel's symbols (into `hist`, one
 /// histogram per channel, which must be zero) in the same pass, while the
-/// row is in cache. The symbols go into `buf` (a recycled buffer; its
-/// contents are discarded).
-fn quantize_tensor(values: &[f32], shape: &KvShape, spec: &QuantSpec, rule: StepRule, exact: &[usize], hist: &mut [PaddedHist], buf: Vec<u8>) -> Result<(Vec<u8>, Vec<u8>), Error> {
+/// row is in cache.
+fn quantize_tensor(values: &[f32], shape: &KvShape, spec: &QuantSpec, rule: StepRule, exact: &[usize], hist: &mut [PaddedHist]) -> Result<(Vec<u8>, Vec<u8>), Error> {
     let (t, c, d) = (shape.tokens, shape.channels(), shape.head_dim);
     let params = quant::group_params_with(values, t, c, d, spec, rule, exact)?;
     let symbols = match spec.group {
         ScaleGroup::PerToken | ScaleGroup::PerTensor => {
-            // Grown a row at a time, so each row is cleared while in cache
-            // just before it is written (not the whole plane up front).
-            let mut out = buf;
-            out.clear();
-            out.reserve(t * c);
-            for (tt, row) in values.chunks_exact(c).enumerate() {
-                out.resize(out.len() + c, 0);
-                let at = out.len() - c;
-                let dst = &mut out[at..];
+            let mut out = vec![0u8; t * c];
+            for (tt, (row, dst)) in values.chunks_exact(c).zip(out.chunks_exact_mut(c)).enumerate() {
                 if exact.contains(&tt) {
                     // Stored exactly elsewhere: the symbol of zero.
                     dst.fill(if spec.asymmetric { 0 } else { spec.max });
@@ -367,11 +359,8 @@ fn plan_for(kv: &KvTensors, opts: &EncodeOptions) -> Result<Plan, Error> {
 /// Histograms are kept only with `keep_hist` (every plane gets its codes).
 /// After each plane, `each(planes so far)` runs (its last element is the
 /// new plane), so a caller can entropy-code a plane while its symbols are
-/// still in cache; if it returns false, no more planes are made. Without
-/// `keep_symbols`, a lossy plane's symbols are only there during its `each`
-/// (their buffer is reused for the next plane: it stays in cache, and
-/// fresh memory is not written).
-fn plane_symbols(kv: &KvTensors, plan: &Plan, keep_hist: bool, keep_symbols: bool, each: &mut dyn FnMut(&[PlaneSymbols]) -> Result<bool, Error>) -> Result<(Vec<PlaneSymbols>, Vec<u8>), Error> {
+/// still in cache.
+fn plane_symbols(kv: &KvTensors, plan: &Plan, keep_hist: bool, each: &mut dyn FnMut(&[PlaneSymbols]) -> Result<(), Error>) -> Result<(Vec<PlaneSymbols>, Vec<u8>), Error> {
     let shape = &kv.shape;
     let per_tensor = plan.planes.len() / shape.tensors();
     if per_tensor > 1 {
@@ -383,9 +372,7 @@ fn plane_symbols(kv: &KvTensors, plan: &Plan, keep_hist: bool, keep_symbols: boo
             let mut hists = hist.iter().map(|h| &h[..p.nsym()]);
             let ps = PlaneSymbols::new(symbols, Vec::new(), Vec::new(), &mut hists);
             out.push(PlaneSymbols { hist: if keep_hist { hist } else { Vec::new() }, ..ps });
-            if !each(&out)? {
-                break;
-            }
+            each(&out)?;
         }
         return Ok((out, Vec::new()));
     }
@@ -406,13 +393,12 @@ fn plane_symbols(kv: &KvTensors, plan: &Plan, keep_hist: bool, keep_symbols: boo
     } else {
         Vec::new()
     };
-    let mut out: Vec<PlaneSymbols> = Vec::with_capacity(plan.planes.len());
+    let mut out = Vec::with_capacity(plan.planes.len());
     let mut hist = vec![PaddedHist([0; 256], [0; 8]); c];
-    let mut spare = Vec::new();
     for ((p, rule), x) in plan.planes.iter().zip(&plan.rules).zip(&kv.tensors) {
         let PlaneKind::Quantized(spec) = p else { unreachable!("checked by plan_for") };
         quant::to_f32_into(kv.dtype, x, &mut values);
-        let (symbols, scales) = quantize_tensor(&values, shape, spec, *rule, &exact, &mut hist, std::mem::take(&mut spare))?;
+        let (symbols, scales) = quantize_tensor(&values, shape, spec, *rule, &exact, &mut hist)?;
         let kept = if keep_hist { hist.iter().map(|h| h.0).collect() } else { Vec::new() };
         let ps = PlaneSymbols::new(symbols, scales, kept, &mut hist.iter().map(|h| &h.0[..p.nsym()]));
         // Zero the histograms for the next plane: only their non-zero
@@ -423,13 +409,7 @@ fn plane_symbols(kv: &KvTensors, plan: &Plan, keep_hist: bool, keep_symbols: boo
         }
         debug_assert!(hist.iter().all(|h| h.0.iter().all(|&c| c == 0)));
         out.push(ps);
-        let more = each(&out)?;
-        if !keep_symbols {
-            spare = std::mem::take(&mut out.last_mut().unwrap().symbols);
-        }
-        if !more {
-            break;
-        }
+        each(&out)?;
     }
     let row = c * kv.dtype.size();
     let mut exact_bytes: Vec<u8> = exact.iter().flat_map(|&t| (t as u32).to_le_bytes()).collect();
@@ -446,7 +426,7 @@ fn plane_symbols(kv: &KvTensors, plan: &Plan, keep_hist: bool, keep_symbols: boo
 pub fn plane_symbols_for(kv: &KvTensors, opts: &EncodeOptions) -> Result<Vec<Vec<u8>>, Error> {
     kv.validate()?;
     let recipe = plan_for(kv, opts)?;
-    Ok(plane_symbols(kv, &recipe, false, true, &mut |_| Ok(true))?.0.into_iter().map(|p| p.symbols).collect())
+    Ok(plane_symbols(kv, &recipe, false, &mut |_| Ok(()))?.0.into_iter().map(|p| p.symbols).collect())
 }
 
 /// The most distinct symbols any table of the chunk needs.
@@ -605,34 +585,30 @@ pub fn encode(kv: &KvTensors, opts: &EncodeOptions) -> Result<Vec<u8>, Error> {
     let (planes, exact) = match opts.tables {
         Tables::Embedded => {
             // Each plane is entropy-coded as soon as it is quantized, while
-            // its symbols are in cache (and their buffer is reused). The
-            // precision must hold every table's distinct symbols
-            // (table::normalize needs at most half the slots): planes are
-            // coded at the level's precision until one needs more, and then
-            // the chunk is coded again from the start at the wider one, so
-            // the result is what coding all planes at the widest precision
-            // gives. (Lossless planes keep their symbols, as before.)
+            // its symbols are in cache. The precision must hold every
+            // table's distinct symbols (table::normalize needs at most half
+            // the slots): planes are coded at the level's precision until
+            // one needs more, and then every plane so far again at the
+            // wider one (the symbols are kept), so the result is what
+            // coding all planes at the widest precision gives. (Recycling
+            // one symbol buffer and restarting the chunk instead made the
+            // `high` level, which needs 9 bits on real KV, 20% slower.)
             let mut prob_bits = recipe.prob_bits;
             let plan = &recipe.planes;
             let head = &header;
-            let coded = loop {
-                let mut wider = None;
-                coder.reset();
-                let coded = plane_symbols(kv, &recipe, false, false, &mut |planes: &[PlaneSymbols]| {
-                    let i = planes.len() - 1;
-                    let need = needed_prob_bits(max_used_symbols(&planes[i..]));
-                    if need > prob_bits {
-                        wider = Some(need);
-                        return Ok(false);
+            let coded = plane_symbols(kv, &recipe, false, &mut |planes: &[PlaneSymbols]| {
+                let i = planes.len() - 1;
+                let need = needed_prob_bits(max_used_symbols(&planes[i..]));
+                if need > prob_bits {
+                    prob_bits = need;
+                    coder.reset();
+                    for (p, ps) in plan.iter().zip(planes) {
+                        coder.code(head, p, ps, prob_bits, None)?;
                     }
-                    coder.code(head, &plan[i], &planes[i], prob_bits, None)?;
-                    Ok(true)
-                })?;
-                match wider {
-                    Some(pb) => prob_bits = pb,
-                    None => break coded,
+                    return Ok(());
                 }
-            };
+                coder.code(head, &plan[i], &planes[i], prob_bits, None)
+            })?;
             header.prob_bits = prob_bits;
             for ps in &coded.0 {
                 for (lo, codes) in ps.table_codes() {
@@ -643,7 +619,7 @@ pub fn encode(kv: &KvTensors, opts: &EncodeOptions) -> Result<Vec<u8>, Error> {
         }
         Tables::External(set) => {
             // Patching against external tables reads the histograms.
-            let (planes, exact) = plane_symbols(kv, &recipe, true, true, &mut |_| Ok(true))?;
+            let (planes, exact) = plane_symbols(kv, &recipe, true, &mut |_| Ok(()))?;
             let plan = &recipe.planes;
             let prob_bits = recipe.prob_bits;
             if set.channels != channels || set.plan != *plan {
@@ -714,7 +690,7 @@ pub fn calibrate_tables(samples: &[&KvTensors], opts: &EncodeOptions) -> Result<
         if kv.shape.channels() != channels || kv.shape.tensors() != first.shape.tensors() || kv.dtype != first.dtype {
             return Err(Error::Invalid("calibration samples differ in shape or dtype".into()));
         }
-        let (planes, _) = plane_symbols(kv, &recipe, true, true, &mut |_| Ok(true))?;
+        let (planes, _) = plane_symbols(kv, &recipe, true, &mut |_| Ok(()))?;
         for (ps, hs) in planes.iter().zip(hist.iter_mut()) {
             for (k, h) in ps.hist.iter().enumerate() {
                 for s in 0..256 {
