@@ -357,25 +357,23 @@ fn plan_for(kv: &KvTensors, opts: &EncodeOptions) -> Result<Plan, Error> {
 
 /// Symbols of every plane, and the exact tokens (indices, then raw rows).
 /// Histograms are kept only with `keep_hist` (every plane gets its codes).
-fn plane_symbols(kv: &KvTensors, plan: &Plan, keep_hist: bool) -> Result<(Vec<PlaneSymbols>, Vec<u8>), Error> {
+/// After each plane, `each(planes so far)` runs (its last element is the
+/// new plane), so a caller can entropy-code a plane while its symbols are
+/// still in cache.
+fn plane_symbols(kv: &KvTensors, plan: &Plan, keep_hist: bool, each: &mut dyn FnMut(&[PlaneSymbols]) -> Result<(), Error>) -> Result<(Vec<PlaneSymbols>, Vec<u8>), Error> {
     let shape = &kv.shape;
     let per_tensor = plan.planes.len() / shape.tensors();
     if per_tensor > 1 {
-        let out = plan
-            .planes
-            .iter()
-            .enumerate()
-            .map(|(i, p)| match p {
-                PlaneKind::Raw { index, .. } => {
-                    let symbols = raw_byte_plane(&kv.tensors[i / per_tensor], kv.dtype.size(), *index as usize);
-                    let hist = histograms(&symbols, p, shape.channels());
-                    let mut hists = hist.iter().map(|h| &h[..p.nsym()]);
-                    let ps = PlaneSymbols::new(symbols, Vec::new(), Vec::new(), &mut hists);
-                    PlaneSymbols { hist: if keep_hist { hist } else { Vec::new() }, ..ps }
-                }
-                PlaneKind::Quantized(_) => unreachable!("checked by plan_for"),
-            })
-            .collect();
+        let mut out = Vec::with_capacity(plan.planes.len());
+        for (i, p) in plan.planes.iter().enumerate() {
+            let PlaneKind::Raw { index, .. } = p else { unreachable!("checked by plan_for") };
+            let symbols = raw_byte_plane(&kv.tensors[i / per_tensor], kv.dtype.size(), *index as usize);
+            let hist = histograms(&symbols, p, shape.channels());
+            let mut hists = hist.iter().map(|h| &h[..p.nsym()]);
+            let ps = PlaneSymbols::new(symbols, Vec::new(), Vec::new(), &mut hists);
+            out.push(PlaneSymbols { hist: if keep_hist { hist } else { Vec::new() }, ..ps });
+            each(&out)?;
+        }
         return Ok((out, Vec::new()));
     }
     let (t, c) = (shape.tokens, shape.channels());
@@ -411,6 +409,7 @@ fn plane_symbols(kv: &KvTensors, plan: &Plan, keep_hist: bool) -> Result<(Vec<Pl
         }
         debug_assert!(hist.iter().all(|h| h.0.iter().all(|&c| c == 0)));
         out.push(ps);
+        each(&out)?;
     }
     let row = c * kv.dtype.size();
     let mut exact_bytes: Vec<u8> = exact.iter().flat_map(|&t| (t as u32).to_le_bytes()).collect();
@@ -427,7 +426,7 @@ fn plane_symbols(kv: &KvTensors, plan: &Plan, keep_hist: bool) -> Result<(Vec<Pl
 pub fn plane_symbols_for(kv: &KvTensors, opts: &EncodeOptions) -> Result<Vec<Vec<u8>>, Error> {
     kv.validate()?;
     let recipe = plan_for(kv, opts)?;
-    Ok(plane_symbols(kv, &recipe, false)?.0.into_iter().map(|p| p.symbols).collect())
+    Ok(plane_symbols(kv, &recipe, false, &mut |_| Ok(()))?.0.into_iter().map(|p| p.symbols).collect())
 }
 
 /// The most distinct symbols any table of the chunk needs.
@@ -462,6 +461,96 @@ fn histograms(sym: &[u8], plane: &PlaneKind, channels: usize) -> Vec<[u32; 256]>
     h
 }
 
+/// Entropy-codes planes into one payload, reusing its buffers and tables
+/// from plane to plane.
+struct PlaneCoder {
+    payload: Vec<u8>,
+    ends: Vec<u32>,
+    words: Vec<u16>,
+    /// The vectorised encoder on flat tables where the CPU has AVX2; the
+    /// reference encoder otherwise (or with CACHEGEN_NO_SIMD=1). Same bytes.
+    simd: bool,
+    flat: FlatEncTables,
+    lane_base: Vec<i32>,
+    freqs: PlaneFreqs,
+}
+
+impl PlaneCoder {
+    fn new(channels: usize) -> PlaneCoder {
+        PlaneCoder {
+            payload: Vec::new(),
+            ends: Vec::new(),
+            words: Vec::new(),
+            simd: rans::simd_enabled(),
+            flat: FlatEncTables::new(),
+            lane_base: Vec::with_capacity(channels),
+            freqs: PlaneFreqs::default(),
+        }
+    }
+
+    /// Forget every plane coded so far.
+    fn reset(&mut self) {
+        self.payload.clear();
+        self.ends.clear();
+    }
+
+    /// Code every segment of plane `p` with its own tables (from the codes in
+    /// `ps`) or, when given, `tables`.
+    fn code(&mut self, header: &Header, p: &PlaneKind, ps: &PlaneSymbols, prob_bits: u32, tables: Option<&[FreqTable]>) -> Result<(), Error> {
+        let channels = header.shape.channels();
+        let per_plane = header.segments_per_plane();
+        let freqs = &mut self.freqs;
+        freqs.clear();
+        match tables {
+            None => {
+                for (lo, codes) in ps.table_codes() {
+                    table::freqs_from_codes(codes, prob_bits, &mut freqs.freq)?;
+                    freqs.lo.push(lo);
+                    freqs.end.push(freqs.freq.len() as u32);
+                }
+            }
+            Some(tabs) => {
+                for t in tabs {
+                    freqs.freq.extend_from_slice(&t.freq);
+                    freqs.lo.push(t.lo);
+                    freqs.end.push(freqs.freq.len() as u32);
+                }
+            }
+        }
+        let ntab = freqs.lo.len();
+        if self.simd {
+            self.flat.build_with(ntab, prob_bits, |k| freqs.table(k));
+            self.lane_base.clear();
+            self.lane_base.extend((0..channels).map(|c| self.flat.base(p.table_index(c))));
+            for k in 0..per_plane {
+                let geo = header.segment_geometry(k);
+                encode_segment_flat(&geo, &ps.symbols, channels, &self.flat, &self.lane_base, &mut self.payload, &mut self.words);
+                if self.payload.len() > u32::MAX as usize {
+                    return Err(Error::Invalid("encoded chunk exceeds 4 GiB; use smaller chunks".into()));
+                }
+                self.ends.push(self.payload.len() as u32);
+            }
+            return Ok(());
+        }
+        let enc: Vec<EncTable> = (0..ntab)
+            .map(|k| {
+                let (lo, freq) = freqs.table(k);
+                EncTable::new(&FreqTable { lo, freq: freq.to_vec() }, prob_bits)
+            })
+            .collect();
+        let by_channel: Vec<&EncTable> = (0..channels).map(|c| &enc[p.table_index(c)]).collect();
+        for k in 0..per_plane {
+            let geo = header.segment_geometry(k);
+            encode_segment(&geo, &ps.symbols, channels, &by_channel, prob_bits, &mut self.payload, &mut self.words);
+            if self.payload.len() > u32::MAX as usize {
+                return Err(Error::Invalid("encoded chunk exceeds 4 GiB; use smaller chunks".into()));
+            }
+            self.ends.push(self.payload.len() as u32);
+        }
+        Ok(())
+    }
+}
+
 /// Encode one chunk. With `Tables::External`, channels whose symbols fall
 /// outside the calibrated tables' support carry their own compact tables
 /// (patches), so encoding never fails for that reason.
@@ -471,31 +560,69 @@ pub fn encode(kv: &KvTensors, opts: &EncodeOptions) -> Result<Vec<u8>, Error> {
     let level = recipe.level;
     let shape = kv.shape;
     let channels = shape.channels();
-    // Patching against external tables reads the histograms.
-    let (planes, exact) = plane_symbols(kv, &recipe, matches!(opts.tables, Tables::External(_)))?;
-    let prob_bits = match opts.tables {
-        Tables::External(_) => recipe.prob_bits,
-        // A table needs at most half its slots for distinct symbols
-        // (table::normalize); widen the precision for unusually wide channels.
-        Tables::Embedded => recipe.prob_bits.max(needed_prob_bits(max_used_symbols(&planes))),
+    let (seg_tokens, seg_groups) = choose_segments(shape.tokens, channels);
+    let mut header = Header {
+        flags: 0,
+        dtype: kv.dtype,
+        shape,
+        level: level.number(),
+        prob_bits: recipe.prob_bits,
+        seg_tokens,
+        seg_groups,
+        table_id: 0,
+        planes: recipe.planes.len(),
+        scales_len: 0,
+        tables_len: 0,
+        segments: 0,
+        payload_len: 0,
+        exact_tokens: 0,
     };
-    let plan = recipe.planes;
-    let exact_tokens = if exact.is_empty() { 0 } else { exact.len() / (4 + shape.tensors() * channels * kv.dtype.size()) };
-
-    // Probability tables: from this chunk, or the external set.
+    let mut coder = PlaneCoder::new(channels);
+    // Room for about a byte per symbol (lossy levels need well under
+    // half), so the payload is not copied as it grows.
+    coder.payload.reserve(shape.tokens * channels * recipe.planes.len());
     let mut table_bytes = Vec::new();
-    // Embedded tables are built plane by plane below, from the codes.
-    let external: Option<Vec<Vec<FreqTable>>> = match opts.tables {
+    let (planes, exact) = match opts.tables {
         Tables::Embedded => {
-            for ps in &planes {
+            // Each plane is entropy-coded as soon as it is quantized, while
+            // its symbols are in cache. The precision must hold every
+            // table's distinct symbols (table::normalize needs at most half
+            // the slots): planes are coded at the level's precision until
+            // one needs more, and then every plane so far again at the
+            // wider one (the symbols are kept), so the result is what
+            // coding all planes at the widest precision gives. (Recycling
+            // one symbol buffer and restarting the chunk instead made the
+            // `high` level, which needs 9 bits on real KV, 20% slower.)
+            let mut prob_bits = recipe.prob_bits;
+            let plan = &recipe.planes;
+            let head = &header;
+            let coded = plane_symbols(kv, &recipe, false, &mut |planes: &[PlaneSymbols]| {
+                let i = planes.len() - 1;
+                let need = needed_prob_bits(max_used_symbols(&planes[i..]));
+                if need > prob_bits {
+                    prob_bits = need;
+                    coder.reset();
+                    for (p, ps) in plan.iter().zip(planes) {
+                        coder.code(head, p, ps, prob_bits, None)?;
+                    }
+                    return Ok(());
+                }
+                coder.code(head, &plan[i], &planes[i], prob_bits, None)
+            })?;
+            header.prob_bits = prob_bits;
+            for ps in &coded.0 {
                 for (lo, codes) in ps.table_codes() {
                     table::write_compact(&mut table_bytes, lo, codes);
                 }
             }
-            None
+            coded
         }
         Tables::External(set) => {
-            if set.channels != channels || set.plan != plan {
+            // Patching against external tables reads the histograms.
+            let (planes, exact) = plane_symbols(kv, &recipe, true, &mut |_| Ok(()))?;
+            let plan = &recipe.planes;
+            let prob_bits = recipe.prob_bits;
+            if set.channels != channels || set.plan != *plan {
                 return Err(Error::Invalid("table set was calibrated for another shape or level".into()));
             }
             // Channels whose symbols the calibrated table cannot code get a
@@ -525,89 +652,18 @@ pub fn encode(kv: &KvTensors, opts: &EncodeOptions) -> Result<Vec<u8>, Error> {
                 table_bytes.extend_from_slice(&idx.to_le_bytes());
                 table_bytes.extend_from_slice(&b);
             }
-            Some(all)
+            for ((p, ps), tabs) in plan.iter().zip(&planes).zip(&all) {
+                coder.code(&header, p, ps, prob_bits, Some(tabs))?;
+            }
+            (planes, exact)
         }
     };
-
-    // Entropy-code every segment.
-    let (seg_tokens, seg_groups) = choose_segments(shape.tokens, channels);
-    let mut header = Header {
-        flags: 0,
-        dtype: kv.dtype,
-        shape,
-        level: level.number(),
-        prob_bits,
-        seg_tokens,
-        seg_groups,
-        table_id: 0,
-        planes: plan.len(),
-        scales_len: planes.iter().map(|p| p.scales.len()).sum(),
-        tables_len: table_bytes.len(),
-        segments: 0,
-        payload_len: 0,
-        exact_tokens,
-    };
-    let per_plane = header.segments_per_plane();
-    let mut payload = Vec::new();
-    let mut ends = Vec::with_capacity(per_plane * plan.len());
-    let mut words = Vec::new();
-    // The vectorised encoder on flat tables where the CPU has AVX2; the
-    // reference encoder otherwise (or with CACHEGEN_NO_SIMD=1). Same bytes.
-    let simd = rans::simd_enabled();
-    let mut flat = FlatEncTables::new();
-    let mut lane_base = Vec::with_capacity(channels);
-    let mut freqs = PlaneFreqs::default();
-    for (i, (p, ps)) in plan.iter().zip(&planes).enumerate() {
-        freqs.clear();
-        match &external {
-            None => {
-                for (lo, codes) in ps.table_codes() {
-                    table::freqs_from_codes(codes, prob_bits, &mut freqs.freq)?;
-                    freqs.lo.push(lo);
-                    freqs.end.push(freqs.freq.len() as u32);
-                }
-            }
-            Some(all) => {
-                for t in &all[i] {
-                    freqs.freq.extend_from_slice(&t.freq);
-                    freqs.lo.push(t.lo);
-                    freqs.end.push(freqs.freq.len() as u32);
-                }
-            }
-        }
-        let ntab = freqs.lo.len();
-        if simd {
-            flat.build_with(ntab, prob_bits, |k| freqs.table(k));
-            lane_base.clear();
-            lane_base.extend((0..channels).map(|c| flat.base(p.table_index(c))));
-            for k in 0..per_plane {
-                let geo = header.segment_geometry(k);
-                encode_segment_flat(&geo, &ps.symbols, channels, &flat, &lane_base, &mut payload, &mut words);
-                if payload.len() > u32::MAX as usize {
-                    return Err(Error::Invalid("encoded chunk exceeds 4 GiB; use smaller chunks".into()));
-                }
-                ends.push(payload.len() as u32);
-            }
-            continue;
-        }
-        let enc: Vec<EncTable> = (0..ntab)
-            .map(|k| {
-                let (lo, freq) = freqs.table(k);
-                EncTable::new(&FreqTable { lo, freq: freq.to_vec() }, prob_bits)
-            })
-            .collect();
-        let by_channel: Vec<&EncTable> = (0..channels).map(|c| &enc[p.table_index(c)]).collect();
-        for k in 0..per_plane {
-            let geo = header.segment_geometry(k);
-            encode_segment(&geo, &ps.symbols, channels, &by_channel, prob_bits, &mut payload, &mut words);
-            if payload.len() > u32::MAX as usize {
-                return Err(Error::Invalid("encoded chunk exceeds 4 GiB; use smaller chunks".into()));
-            }
-            ends.push(payload.len() as u32);
-        }
-    }
-    header.segments = ends.len();
-    header.payload_len = payload.len();
+    let plan = recipe.planes;
+    header.exact_tokens = if exact.is_empty() { 0 } else { exact.len() / (4 + shape.tensors() * channels * kv.dtype.size()) };
+    header.scales_len = planes.iter().map(|p| p.scales.len()).sum();
+    header.tables_len = table_bytes.len();
+    header.segments = coder.ends.len();
+    header.payload_len = coder.payload.len();
     if let Tables::External(set) = opts.tables {
         header.flags |= FLAG_EXTERNAL_TABLES;
         header.table_id = set.id();
@@ -615,7 +671,7 @@ pub fn encode(kv: &KvTensors, opts: &EncodeOptions) -> Result<Vec<u8>, Error> {
         header.table_id = xxh3_64(&table_bytes);
     }
     let scales: Vec<u8> = planes.iter().flat_map(|p| p.scales.iter().copied()).collect();
-    Ok(format::assemble(&header, &plan, &scales, &exact, &table_bytes, &ends, &payload))
+    Ok(format::assemble(&header, &plan, &scales, &exact, &table_bytes, &coder.ends, &coder.payload))
 }
 
 /// Calibrate model-level tables from sample chunks (all of one shape and
@@ -634,7 +690,7 @@ pub fn calibrate_tables(samples: &[&KvTensors], opts: &EncodeOptions) -> Result<
         if kv.shape.channels() != channels || kv.shape.tensors() != first.shape.tensors() || kv.dtype != first.dtype {
             return Err(Error::Invalid("calibration samples differ in shape or dtype".into()));
         }
-        let (planes, _) = plane_symbols(kv, &recipe, true)?;
+        let (planes, _) = plane_symbols(kv, &recipe, true, &mut |_| Ok(()))?;
         for (ps, hs) in planes.iter().zip(hist.iter_mut()) {
             for (k, h) in ps.hist.iter().enumerate() {
                 for s in 0..256 {

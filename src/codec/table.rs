@@ -62,7 +62,24 @@ pub fn codes_from_histogram_into(hist: &[u32], out: &mut Vec<u8>) -> u8 {
     let last = last_nonzero(hist).unwrap();
     let max_count = hist[first..=last].iter().fold(0, |a, &c| a.max(c));
     let max = max_count as f64;
-    out.extend(hist[first..=last].iter().map(|&c| if c == 0 { 0 } else { code_of_count(max, c) }));
+    let range = &hist[first..=last];
+    let start = out.len();
+    out.resize(start + range.len(), 0);
+    let dst = &mut out[start..];
+    // Every count through `code_flat` without a branch (so the loop
+    // vectorises), absent symbols masked to 0; if any count lands in the
+    // guard band, the table again count by count through `code_of_count`.
+    let mut near = false;
+    for (d, &c) in dst.iter_mut().zip(range) {
+        let (code, n) = code_flat(max, c);
+        *d = if c == 0 { 0 } else { code };
+        near |= n & (c != 0);
+    }
+    if near {
+        for (d, &c) in dst.iter_mut().zip(range) {
+            *d = if c == 0 { 0 } else { code_of_count(max, c) };
+        }
+    }
     first as u8
 }
 
@@ -78,18 +95,28 @@ pub fn codes_from_histogram_into(hist: &[u32], out: &mut Vec<u8>) -> u8 {
 /// large ones).
 #[inline]
 fn code_of_count(max: f64, c: u32) -> u8 {
+    match code_flat(max, c) {
+        (_, true) => code_exact(max, c),
+        (code, false) => code,
+    }
+}
+
+/// `code_of_count`'s mantissa comparison, without its branch: the code,
+/// and whether the mantissa is within the guard band (where the code must
+/// come from `code_exact` instead). For `c = 0` (r infinite) both are
+/// meaningless but computed without a fault, so a loop can mask them.
+#[inline(always)]
+fn code_flat(max: f64, c: u32) -> (u8, bool) {
     const Q1: f64 = 1.189_207_115_002_721; // 2^(1/4)
     const Q3: f64 = 1.681_792_830_507_429; // 2^(3/4)
     const GUARD: f64 = 1e-9;
     let r = max / c as f64;
     let bits = r.to_bits();
-    let e = ((bits >> 52) as i64 - 1023) as i32;
+    let e = (bits >> 52) as i64 - 1023;
     let m = f64::from_bits((bits & ((1u64 << 52) - 1)) | (1023u64 << 52));
-    if (m - Q1).abs() < GUARD || (m - Q3).abs() < GUARD {
-        return code_exact(max, c);
-    }
-    let half_octaves = 2 * e + (m >= Q1) as i32 + (m >= Q3) as i32;
-    (15 - half_octaves).clamp(1, 15) as u8
+    let near = ((m - Q1).abs() < GUARD) | ((m - Q3).abs() < GUARD);
+    let half_octaves = 2 * e + (m >= Q1) as i64 + (m >= Q3) as i64;
+    ((15 - half_octaves).clamp(1, 15) as u8, near)
 }
 
 /// `codes_from_histogram`'s formula for one non-zero count, through `log2`.
@@ -204,7 +231,6 @@ fn code_quotients(sum: u32, prob_bits: u32) -> [u32; 16] {
 /// per table: a stream has one table per channel of every plane). On error
 /// `out` is unchanged.
 pub fn freqs_from_codes(codes: &[u8], prob_bits: u32, out: &mut Vec<u16>) -> Result<(), Error> {
-    let total: u64 = 1 << prob_bits;
     // Four sets of counters, so that runs of one code do not wait on each
     // other's increments.
     let mut counts = [[0u32; 16]; 4];
@@ -217,9 +243,49 @@ pub fn freqs_from_codes(codes: &[u8], prob_bits: u32, out: &mut Vec<u16>) -> Res
     for &q in quads.remainder() {
         counts[0][q as usize & 15] += 1;
     }
-    let count: [u64; 16] = std::array::from_fn(|q| (counts[0][q] + counts[1][q] + counts[2][q] + counts[3][q]) as u64);
-    let nonzero: u64 = count[1..].iter().sum();
-    let sum: u64 = (1..16).map(|q| count[q] * WEIGHT_OF_CODE[q] as u64).sum();
+    let count: [u32; 16] = std::array::from_fn(|q| counts[0][q] + counts[1][q] + counts[2][q] + counts[3][q]);
+    freqs_from_counts(&count, prob_bits, out, |of_code, out| out.extend(codes.iter().map(|&q| of_code[q as usize & 15])))
+}
+
+/// `freqs_from_codes` of the `n` codes packed two per byte in `body` (the
+/// compact form's body: high nibble first; when `n` is odd the last low
+/// nibble is padding, which must be zero), without unpacking them first.
+pub fn freqs_from_packed(body: &[u8], n: usize, prob_bits: u32, out: &mut Vec<u16>) -> Result<(), Error> {
+    debug_assert!(body.len() == n.div_ceil(2) && (n % 2 == 0 || body[n / 2] & 15 == 0));
+    let mut counts = [[0u32; 16]; 4];
+    let mut pairs = body.chunks_exact(2);
+    for p in &mut pairs {
+        counts[0][(p[0] >> 4) as usize] += 1;
+        counts[1][(p[0] & 15) as usize] += 1;
+        counts[2][(p[1] >> 4) as usize] += 1;
+        counts[3][(p[1] & 15) as usize] += 1;
+    }
+    for &b in pairs.remainder() {
+        counts[0][(b >> 4) as usize] += 1;
+        counts[1][(b & 15) as usize] += 1;
+    }
+    // A padding nibble counts as code 0, which no step below reads.
+    let count: [u32; 16] = std::array::from_fn(|q| counts[0][q] + counts[1][q] + counts[2][q] + counts[3][q]);
+    freqs_from_counts(&count, prob_bits, out, |of_code, out| {
+        let start = out.len();
+        out.resize(start + 2 * body.len(), 0);
+        for (d, &b) in out[start..].chunks_exact_mut(2).zip(body) {
+            d[0] = of_code[(b >> 4) as usize];
+            d[1] = of_code[(b & 15) as usize];
+        }
+        out.truncate(start + n);
+    })
+}
+
+/// The rest of `freqs_from_codes` from the number of each code (`count[0]`
+/// is not read): the checks, each code's frequency, then `extend(of_code,
+/// out)` appends `of_code[q]` for each code `q` in order, and the remainder
+/// is settled on what it appended.
+#[inline]
+fn freqs_from_counts(count: &[u32; 16], prob_bits: u32, out: &mut Vec<u16>, extend: impl FnOnce(&[u16; 16], &mut Vec<u16>)) -> Result<(), Error> {
+    let total: u64 = 1 << prob_bits;
+    let nonzero: u64 = count[1..].iter().map(|&c| c as u64).sum();
+    let sum: u64 = (1..16).map(|q| count[q] as u64 * WEIGHT_OF_CODE[q] as u64).sum();
     if nonzero == 0 {
         return Err(Error::Corrupt("frequency table has no symbol"));
     }
@@ -229,17 +295,16 @@ pub fn freqs_from_codes(codes: &[u8], prob_bits: u32, out: &mut Vec<u16>) -> Res
     // Computed for every code without a branch (absent codes get 0).
     let quot = code_quotients(sum as u32, prob_bits);
     let of_code: [u16; 16] = std::array::from_fn(|q| if q > 0 && count[q] > 0 { quot[q].max(1) as u16 } else { 0 });
-    let assigned: u64 = (1..16).map(|q| count[q] * of_code[q] as u64).sum();
-    let mut assigned = assigned;
+    let mut assigned: u64 = (1..16).map(|q| count[q] as u64 * of_code[q] as u64).sum();
     let start = out.len();
-    out.extend(codes.iter().map(|&q| of_code[q as usize & 15]));
+    extend(&of_code, out);
     let freq = &mut out[start..];
     if assigned < total {
-        // settle's first step without its scan over the symbols: the
+        // settle's first step without its scan for the largest: the
         // largest frequency is the largest of the present codes' (absent
-        // codes have 0), at the first symbol whose code has it.
+        // codes have 0), at the first symbol that has it.
         let fmax = of_code.iter().copied().max().unwrap_or(0);
-        let imax = codes.iter().position(|&q| of_code[q as usize & 15] == fmax).unwrap_or(0);
+        let imax = freq.iter().position(|&f| f == fmax).unwrap_or(0);
         freq[imax] += (total - assigned) as u16;
         assigned = total;
     }
@@ -288,13 +353,8 @@ pub fn read_compact_into(buf: &[u8], pos: &mut usize, nsym: usize, prob_bits: u3
     if n % 2 == 1 && body[n / 2] & 15 != 0 {
         return Err(Error::Corrupt("table padding nibble is not zero"));
     }
-    let mut codes = [0u8; 256];
-    for (pair, &b) in codes.chunks_exact_mut(2).zip(body) {
-        pair[0] = b >> 4;
-        pair[1] = b & 15;
-    }
     *pos += compact_len(n);
-    freqs_from_codes(&codes[..n], prob_bits, freq)?;
+    freqs_from_packed(body, n, prob_bits, freq)?;
     Ok(lo)
 }
 
@@ -553,6 +613,13 @@ mod tests {
                     (Err(_), Err(_)) => {}
                     (w, g) => panic!("codes {codes:?} pb {pb}: normalize {w:?}, table_from_codes {g:?}"),
                 }
+                // The packed form (the decoder's) gives the same frequencies and errors.
+                let packed: Vec<u8> = codes.chunks(2).map(|p| p[0] << 4 | p.get(1).copied().unwrap_or(0)).collect();
+                let (mut a, mut b) = (vec![9u16], vec![9u16]);
+                let ra = freqs_from_codes(&codes, pb, &mut a);
+                let rb = freqs_from_packed(&packed, n, pb, &mut b);
+                assert_eq!(format!("{ra:?}"), format!("{rb:?}"), "codes {codes:?} pb {pb}");
+                assert_eq!(a, b, "codes {codes:?} pb {pb}");
             }
         }
     }
