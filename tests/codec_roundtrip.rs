@@ -68,7 +68,11 @@ fn check_lossy(kv: &KvTensors, bytes: &[u8]) {
     let out = container.decode().unwrap();
     assert_eq!(out.shape, kv.shape);
     assert_eq!(out.dtype, kv.dtype);
-    // Error bound: half a step, plus rounding to the output dtype.
+    // Error bound: half a step; plus the f32 rounding of a value's position
+    // before it is rounded to a symbol (the encoder rounds v / step + centre,
+    // whose ulp is up to 2^-16 at 128..256, so a value within 2^-17 steps of
+    // a half-step boundary may go either way: up to 2^-16 steps allowed);
+    // plus rounding to the output dtype.
     let shape = kv.shape;
     let (c, d) = (shape.channels(), shape.head_dim);
     for (i, plane) in container.planes().iter().enumerate() {
@@ -91,8 +95,8 @@ fn check_lossy(kv: &KvTensors, bytes: &[u8]) {
                     Dtype::Bf16 => 1.0 / 128.0,
                     Dtype::F32 => 1e-6,
                 };
-                let bound = 0.5 * p.step * (1.0 + 1e-5) + dtype_eps * got[t * c + ch].abs().max(1e-4) + 1e-7;
-                assert!(e <= bound, "tensor {i} t {t} c {ch}: |{} - {}| = {e} > {bound}", orig[t * c + ch], got[t * c + ch]);
+                let bound = p.step * (0.5 + 1.0 / 65536.0) + dtype_eps * got[t * c + ch].abs().max(1e-4) + 1e-7;
+                assert!(e <= bound, "tensor {i} t {t} c {ch}: |{} - {}| = {e} > {bound} (step {}, offset {}, spec {:?})", orig[t * c + ch], got[t * c + ch], p.step, p.offset, spec);
             }
         }
     }
