@@ -411,7 +411,6 @@ impl GpuEncoder {
                 segs: s as u32,
                 ..Default::default()
             });
-            batch.region.push((batch.out_len, seg_tokens, seg_groups));
             let bc = (ci - batch.first) as u32;
             for plane in 0..p {
                 for k in 0..spp {
@@ -506,43 +505,21 @@ impl GpuEncoder {
             let b = &batches[bi];
             let base = arenas[bi % RING].ptr();
             let a = &b.arena;
-            let at = |o: u64| base + o;
             let mut descs = b.descs.clone();
             for d in descs.iter_mut() {
-                d.block_ids += at(a.ids);
+                d.block_ids += base + a.ids;
             }
             let nb = b.descs.len() as u32;
             ev[bi][0].record(s)?;
             let mut geo = geo;
             geo.nchunks = nb;
-            let mut bufs = Bufs {
-                chunks: at(a.chunks),
-                segs: at(a.segs),
-                info: at(a.info),
-                rowsq: at(a.rowsq),
-                rownorm: at(a.rownorm),
-                rowabs: at(a.rowabs),
-                score: at(a.score),
-                isx: at(a.isx),
-                exact_idx: at(a.exact),
-                step: at(a.step),
-                sym: at(a.sym),
-                codes: at(a.codes),
-                tablen: at(a.tablen),
-                taboff: at(a.taboff),
-                words: at(a.words),
-                states: at(a.states),
-                seglen: at(a.seglen),
-                segn: at(a.segn),
-                segoff: at(a.segoff),
-                out: at(a.out),
-            };
+            let mut bufs = a.bufs.rebased(base);
             // SAFETY: the arena holds every range (arena_layout); the host
             // sources are copied (pageable memory) before the calls return.
             unsafe {
                 driver::copy_htod(bufs.chunks, as_bytes(&descs), s)?;
                 driver::copy_htod(bufs.segs, as_bytes(&b.segs), s)?;
-                driver::copy_htod(at(a.ids), as_bytes(&b.ids), s)?;
+                driver::copy_htod(base + a.ids, as_bytes(&b.ids), s)?;
                 driver::memset(bufs.info, 0, 32 * b.descs.len(), s)?;
             }
             let mut params = [&mut geo as *mut Geo as *mut c_void, &mut bufs as *mut Bufs as *mut c_void];
@@ -620,7 +597,7 @@ impl GpuEncoder {
                 }
                 let arena = &arenas[bi % RING];
                 let mut info = vec![0u8; 32 * nb];
-                arena.read(b.arena.info as usize, &mut info)?;
+                arena.read(b.arena.bufs.info as usize, &mut info)?;
                 let word = |ci: usize, k: usize| u32::from_le_bytes(info[32 * ci + 4 * k..32 * ci + 4 * k + 4].try_into().unwrap());
                 // Sizes and errors first.
                 let mut at = Vec::with_capacity(nb);
@@ -652,7 +629,7 @@ impl GpuEncoder {
                 for ci in 0..nb {
                     let total = word(ci, 6) as usize;
                     let dst = &mut host[at[ci]..at[ci] + total];
-                    let src = arena.ptr() + b.arena.out + b.region[ci].0;
+                    let src = arena.ptr() + b.arena.bufs.out + b.descs[ci].out;
                     // SAFETY: the device range lies in the chunk's region of
                     // the arena (total <= its worst case); the kernels that
                     // wrote it are done (event above); dst is pinned and
@@ -671,15 +648,14 @@ impl GpuEncoder {
                 }
                 for ci in 0..nb {
                     let (exact, prob_bits, tables_len, payload_len, total) = (word(ci, 2) as usize, word(ci, 3), word(ci, 4) as usize, word(ci, 5) as usize, word(ci, 6) as usize);
-                    let (_, seg_tokens, seg_groups) = b.region[ci];
                     let header = Header {
                         flags: 0,
                         dtype: layout.dtype,
                         shape: layout.chunk_shape(b.descs[ci].tokens as usize),
                         level: plan.level.number(),
                         prob_bits,
-                        seg_tokens,
-                        seg_groups,
+                        seg_tokens: b.descs[ci].seg_tokens as usize,
+                        seg_groups: b.descs[ci].seg_groups as usize,
                         table_id: 0, // set by the worker: a hash of the table section
                         planes: p,
                         scales_len: 2 * p,
@@ -732,8 +708,6 @@ struct Batch {
     descs: Vec<EChunk>,
     segs: Vec<SegDesc>,
     ids: Vec<u32>,
-    /// Per chunk: output offset, segment tokens and groups.
-    region: Vec<(u64, usize, usize)>,
     out_len: u64,
     words_len: u64,
     sym_len: u64,
@@ -743,31 +717,25 @@ struct Batch {
     arena: ArenaLayout,
 }
 
-/// Byte offsets of a batch's buffers in its arena (each 256-aligned).
+/// Where a batch's buffers lie in its arena (byte offsets, each 256-aligned).
 #[derive(Default)]
 struct ArenaLayout {
+    /// The kernels' buffers, as offsets from the arena's start.
+    bufs: Bufs,
+    /// The batch's block ids.
     ids: u64,
-    chunks: u64,
-    segs: u64,
-    info: u64,
-    rowsq: u64,
-    rownorm: u64,
-    rowabs: u64,
-    score: u64,
-    isx: u64,
-    exact: u64,
-    step: u64,
-    sym: u64,
-    codes: u64,
-    tablen: u64,
-    taboff: u64,
-    words: u64,
-    states: u64,
-    seglen: u64,
-    segn: u64,
-    segoff: u64,
-    out: u64,
     total: u64,
+}
+
+impl Bufs {
+    /// These offsets as addresses in an arena starting at `base`.
+    fn rebased(mut self, base: u64) -> Bufs {
+        let Bufs { chunks, segs, info, rowsq, rownorm, rowabs, score, isx, exact_idx, step, sym, codes, tablen, taboff, words, states, seglen, segn, segoff, out } = &mut self;
+        for f in [chunks, segs, info, rowsq, rownorm, rowabs, score, isx, exact_idx, step, sym, codes, tablen, taboff, words, states, seglen, segn, segoff, out] {
+            *f += base;
+        }
+        self
+    }
 }
 
 fn arena_layout(b: &Batch, p: usize, c: usize) -> ArenaLayout {
@@ -780,8 +748,8 @@ fn arena_layout(b: &Batch, p: usize, c: usize) -> ArenaLayout {
         end += len.max(1).div_ceil(256) * 256;
         at
     };
-    let mut a = ArenaLayout {
-        ids: take(4 * b.ids.len() as u64),
+    let ids = take(4 * b.ids.len() as u64);
+    let bufs = Bufs {
         chunks: take(std::mem::size_of_val(&b.descs[..]) as u64),
         segs: take(std::mem::size_of_val(&b.segs[..]) as u64),
         info: take(32 * n),
@@ -790,7 +758,7 @@ fn arena_layout(b: &Batch, p: usize, c: usize) -> ArenaLayout {
         rowabs: take(4 * b.rows),
         score: take(8 * b.toks),
         isx: take(b.toks),
-        exact: take(4 * b.toks),
+        exact_idx: take(4 * b.toks),
         step: take(4 * n * p as u64),
         sym: take(b.sym_len),
         codes: take(nt * TAB_STRIDE),
@@ -802,10 +770,8 @@ fn arena_layout(b: &Batch, p: usize, c: usize) -> ArenaLayout {
         segn: take(4 * ns),
         segoff: take(4 * ns),
         out: take(b.out_len),
-        total: 0,
     };
-    a.total = end;
-    a
+    ArenaLayout { bufs, ids, total: end }
 }
 
 /// One container to finish on a host worker: its bytes as copied from the
