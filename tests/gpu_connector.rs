@@ -192,12 +192,7 @@ fn gpu_store_gathers_what_the_host_store_gathers() {
         let hctx = Context::from_json(&disk(&hdir)).unwrap();
         let job = unsafe { hctx.store(Arc::clone(&src.layout), &toks, &src_blocks, b"") }.unwrap();
         assert!(job.wait(Stage::Done, Some(Duration::from_secs(60))));
-        let files = |d: &tempfile::TempDir| -> Vec<(std::path::PathBuf, Vec<u8>)> {
-            let mut v: Vec<_> = walk(d.path()).into_iter().map(|p| (p.strip_prefix(d.path()).unwrap().to_path_buf(), std::fs::read(&p).unwrap())).collect();
-            v.sort();
-            v
-        };
-        let (g, h) = (files(&gdir), files(&hdir));
+        let (g, h) = (files(gdir.path()), files(hdir.path()));
         assert!(g.len() >= 5 && g == h, "GPU-encoded store differs from the host store ({} and {} files)", g.len(), h.len());
         let mut dst = Engine::vllm(&kv, 20, false);
         let dst_blocks: Vec<u32> = (0..20).collect();
@@ -206,6 +201,13 @@ fn gpu_store_gathers_what_the_host_store_gathers() {
         assert_eq!(dst.read(&dst_blocks, 320), expected(&kv, 5, cachegen::codec::Level::Default));
         dst.bufs.clear();
     }
+}
+
+/// Every file under `d` (path relative to `d`, contents), sorted.
+fn files(d: &std::path::Path) -> Vec<(std::path::PathBuf, Vec<u8>)> {
+    let mut v: Vec<_> = walk(d).into_iter().map(|p| (p.strip_prefix(d).unwrap().to_path_buf(), std::fs::read(&p).unwrap())).collect();
+    v.sort();
+    v
 }
 
 fn walk(d: &std::path::Path) -> Vec<std::path::PathBuf> {
@@ -323,11 +325,6 @@ fn table_set_chunks_load_on_the_gpu_as_on_the_host_mixing_sets_in_one_load() {
     let hctx = Context::from_json(&one(&hdir)).unwrap();
     let job = unsafe { hctx.store(Arc::clone(&src.layout), &toks, &blocks, b"") }.unwrap();
     assert!(job.wait(Stage::Done, Some(Duration::from_secs(60))));
-    let files = |d: &std::path::Path| -> Vec<(std::path::PathBuf, Vec<u8>)> {
-        let mut v: Vec<_> = walk(d).into_iter().map(|p| (p.strip_prefix(d).unwrap().to_path_buf(), std::fs::read(&p).unwrap())).collect();
-        v.sort();
-        v
-    };
     let (g, h) = (files(&gdir), files(&hdir));
     assert!(g.len() >= 5 && g == h, "GPU-side store with a set differs from the host store ({} and {} files)", g.len(), h.len());
 
