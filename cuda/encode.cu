@@ -25,17 +25,22 @@ typedef long long i64;
 // Error bits, OR-ed into info[chunk * 8 + 0].
 #define ERR_NONFINITE 1u  // NaN or infinity in the input, or a step that overflows (codec::Error::NonFinite)
 #define ERR_TABLE 2u      // normalisation did not converge (cannot happen for valid tables)
+#define ERR_FALLBACK 4u   // a patch has too many symbols for the table set's precision:
+                          // the CPU encoder codes such a chunk with embedded tables instead
+#define SET_STRIDE 260    // u16 per table of an uploaded table set: lo, n, then n + 1 starts
 
 // Same for every chunk of a call.
 struct Geo {
     u32 layers, streams, heads, head_dim;
     u32 channels, tensors, groups, dtype;   // dtype: 0 f16, 1 bf16, 2 f32
     u32 es, block_size, protect, base_pb;
-    u32 max, nchunks, vec16, pad1;       // vec16: rows may be read 16 bytes at a time (host-checked alignment)
+    u32 max, nchunks, vec16, ext;        // vec16: rows may be read 16 bytes at a time (host-checked alignment);
+                                         // ext: code with the table set at `set` (base_pb is its precision)
     i64 stride_block, stride_kv, stride_token, stride_head, stride_layer;
     u64 layer_base;   // device u64[layers]
     u64 alpha;        // device f32[tensors]: the Rms rule's alpha per tensor
     u64 thresholds;   // device f64[14]: smallest q with round(2 log2 q) >= k (host libm)
+    u64 set;          // device u16[tensors * channels * SET_STRIDE] when ext: the set's tables
 };
 
 // One chunk (one container).
@@ -54,7 +59,7 @@ struct SegDesc { u32 chunk, plane, k; };
 struct Bufs {
     const EChunk* chunks;
     const SegDesc* segs;
-    u32* info;        // 8 per chunk: err, max non-zero symbols, exact count, prob_bits, tables_len, payload_len, total, 0
+    u32* info;        // 8 per chunk: err, max non-zero symbols, exact count, prob_bits, tables_len, payload_len, total, patches
     double* rowsq;    // per (tensor, token) row: the 8-lane f32 sum of squares, summed in f64 (quant::group_params_with)
     double* rownorm;  // per row: sqrt of the sequential f64 sum of squares (quant::outlier_tokens)
     float* rowabs;    // per row: max |v|
@@ -64,7 +69,7 @@ struct Bufs {
     float* step;      // per (chunk, tensor)
     u8* sym;
     u8* codes;        // per table TAB_STRIDE bytes: the compact table
-    u32* tablen;      // per table
+    u32* tablen;      // per table: its bytes in the table section (with a table set: 0 unless patched)
     u32* taboff;      // per table: offset in the table section
     u16* words;
     u32* states;      // per segment 32
@@ -379,6 +384,19 @@ extern "C" __global__ void cg_enc_quant(Geo g, Bufs b) {
         const u32 tab = (ci * g.tensors + i) * C + c0 + lane;
         u8* dst = b.codes + (u64)tab * TAB_STRIDE;
         const double* th = (const double*)g.thresholds;
+        // With a table set, a channel keeps the set's table unless a symbol it
+        // uses has no frequency there; then its own compact table is a patch
+        // (encode.rs, Tables::External).
+        bool patched = true;
+        if (g.ext) {
+            const u16* st = (const u16*)g.set + (u64)(i * C + c0 + lane) * SET_STRIDE;
+            const u32 slo = st[0], sn = st[1];
+            // Symbols used lie in [first, last]: outside the set's support,
+            // or inside it at frequency 0 (the start does not advance).
+            patched = first >= 0 && ((u32)first < slo || (u32)last >= slo + sn);
+            for (int s = first; s >= 0 && s <= last && !patched; s++)
+                patched = h[s] && st[3 + s - slo] == st[2 + s - slo];
+        }
         if (first < 0) {
             // Empty histogram (cannot happen: every channel has tokens): symbol 0, code 15.
             dst[0] = 0; dst[1] = 0; dst[2] = 15 << 4;
@@ -396,6 +414,14 @@ extern "C" __global__ void cg_enc_quant(Geo g, Bufs b) {
             b.tablen[tab] = 2 + (n + 1) / 2;
         }
         atomicMax(&b.info[ci * 8 + 1], nz);
+        if (g.ext) {
+            // A patch is its u32 table index, then the compact table.
+            b.tablen[tab] = patched ? 4 + b.tablen[tab] : 0;
+            if (patched) {
+                atomicAdd(&b.info[ci * 8 + 7], 1u);
+                if (nz > (1u << g.base_pb) / 2) atomicOr(&b.info[ci * 8], ERR_FALLBACK);
+            }
+        }
     }
 }
 
@@ -403,6 +429,7 @@ __constant__ u32 WEIGHT_OF_CODE[16] = {0, 2, 3, 4, 6, 8, 11, 16, 23, 32, 45, 64,
 
 // Chunk's precision: the level's, widened so every table fits (encode.rs).
 __device__ __forceinline__ u32 chunk_prob_bits(const Geo& g, const Bufs& b, u32 ci) {
+    if (g.ext) return g.base_pb;   // the table set's
     u32 nz = b.info[ci * 8 + 1];
     u32 pb = 8;
     while ((1u << pb) / 2 < nz && pb < 10) pb++;
@@ -445,8 +472,15 @@ extern "C" __global__ void __launch_bounds__(32) cg_enc_rans(Geo g, Bufs b) {
         const u32 c = c0 + lane;
         u32 lo = 0;
         __syncwarp();
-        if (lane < active) {
-            const u8* tb = b.codes + (u64)((ci * g.tensors + sd.plane) * C + c) * TAB_STRIDE;
+        const u64 ti = (u64)(ci * g.tensors + sd.plane) * C + c;
+        if (lane < active && g.ext && b.tablen[ti] == 0) {
+            // The set's table: its starts as uploaded.
+            const u16* st = (const u16*)g.set + (u64)(sd.plane * C + c) * SET_STRIDE;
+            lo = st[0];
+            const u32 nn = st[1];
+            for (u32 j = 0; j <= nn; j++) tab[j * 32 + lane] = st[2 + j];
+        } else if (lane < active) {
+            const u8* tb = b.codes + ti * TAB_STRIDE;
             lo = tb[0];
             const u32 nn = tb[1] + 1;
             u64 sum = 0;
@@ -581,6 +615,7 @@ extern "C" __global__ void cg_enc_sizes(Geo g, Bufs b) {
     const EChunk ch = b.chunks[ci];
     const u32 nt = g.tensors * g.channels;
     u32 tl = block_scan(b.tablen + (u64)ci * nt, b.taboff + (u64)ci * nt, nt);
+    if (g.ext) tl += 4;   // the patch count leads the section
     u32 pl = block_scan(b.seglen + ch.seg_first, b.segoff + ch.seg_first, ch.segs);
     if (threadIdx.x == 0) {
         b.info[ci * 8 + 4] = tl;
@@ -622,12 +657,25 @@ extern "C" __global__ void cg_enc_sections(Geo g, Bufs b) {
         u8* dst = out + o.rows + (u64)k * g.es;
         for (u32 e = 0; e < g.es; e++) dst[e] = src[e];
     }
+    // Tables: every table's compact bytes; with a table set, the patch
+    // count, then (table index, compact bytes) for each patched table, in
+    // index order (k = plane * C + channel is the index).
     const u32 nt = P * C;
+    const u32 lead = g.ext ? 4 : 0;
+    if (g.ext && tid == 0) {
+        const u32 count = b.info[ci * 8 + 7];
+        for (int j = 0; j < 4; j++) out[o.tables + j] = (u8)(count >> (8 * j));
+    }
     for (u32 k = tid; k < nt; k += stride) {
         u64 tab = (u64)ci * nt + k;
         const u8* src = b.codes + tab * TAB_STRIDE;
-        u8* dst = out + o.tables + b.taboff[tab];
+        u8* dst = out + o.tables + lead + b.taboff[tab];
         u32 len = b.tablen[tab];
+        if (len && g.ext) {
+            for (int j = 0; j < 4; j++) dst[j] = (u8)(k >> (8 * j));
+            dst += 4;
+            len -= 4;
+        }
         for (u32 e = 0; e < len; e++) dst[e] = src[e];
     }
     for (u32 k = tid; k < ch.segs; k += stride) {

@@ -314,8 +314,8 @@ fn table_set_chunks_load_on_the_gpu_as_on_the_host_mixing_sets_in_one_load() {
     let dev_src = DeviceEngine::mirror(gpu, &src);
     let disk = |d: &std::path::Path| format!(r#", "tiers": {{"disk": {{"path": "{}", "bytes": 100000000}}}}"#, d.display());
 
-    // One level: a store from device memory (gathered there, encoded on the
-    // host with the set) writes what a store from host memory writes.
+    // One level: a store from device memory (encoded by the GPU encoder with
+    // the set) writes what a store from host memory writes.
     let (gdir, hdir) = (dir.path().join("g"), dir.path().join("h"));
     let one = |d: &std::path::Path| config(&format!(r#"{}, "tables": {{{}}}"#, disk(d), entries[1]));
     let ctx = Context::from_json(&one(&gdir)).unwrap();

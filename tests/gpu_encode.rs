@@ -165,7 +165,11 @@ fn check_on(enc: &GpuEncoder, kind: Kind, kv: &KvTensors, chunk: usize, block_si
             );
         }
         // GPU encode -> CPU decode.
-        let back = codec::decode(g, None).unwrap();
+        let set = match opts.tables {
+            codec::Tables::External(set) => Some(set),
+            codec::Tables::Embedded => None,
+        };
+        let back = codec::decode(g, set).unwrap();
         assert_eq!(back.shape.tokens, cuts[i].1 - cuts[i].0);
     }
     got
@@ -355,4 +359,78 @@ fn gpu_encode_rejects_bad_input() {
     assert!(matches!(e, GpuError::Unsupported(_)), "{e}");
     let e = unsafe { enc.encode_blocks(&dl, &[(&[2, 0], 20)], &EncodeOptions { profile: Some(vec![1.0]), ..opts.clone() }, None) }.unwrap_err();
     assert!(matches!(e, GpuError::Invalid(_)), "{e}");
+}
+
+/// Patch count of a table-set container (None: it carries its own tables).
+fn patches(b: &[u8]) -> Option<u32> {
+    let l = codec::format::parse(b, u64::MAX).unwrap();
+    (l.header.flags & codec::format::FLAG_EXTERNAL_TABLES != 0).then(|| u32::from_le_bytes(b[l.tables.start..l.tables.start + 4].try_into().unwrap()))
+}
+
+/// With a model-level table set the GPU gives the CPU encoder's containers:
+/// sets calibrated on other data (8 tokens: most channels patched; 200
+/// tokens: a few) and on the chunks themselves (no patches), across layouts
+/// and levels; GPU encode -> CPU decode with the set (in `check`).
+#[test]
+fn gpu_encode_with_a_table_set_equals_the_cpu_encoder() {
+    if coders().is_none() {
+        return;
+    }
+    let cases = [(Kind::FlashAttn(false), Dtype::F16, 3, 64), (Kind::CrossLayer(true), Dtype::Bf16, 2, 128), (Kind::Mla, Dtype::F16, 1, 192)];
+    for (n, &(kind, dtype, heads, head_dim)) in cases.iter().enumerate() {
+        let latent = matches!(kind, Kind::Mla);
+        let shape = KvShape { kind: if latent { KvKind::Latent } else { KvKind::KeyValue }, layers: 2, tokens: 300, heads, head_dim };
+        let kv = synthetic(shape, dtype, 40 + n as u64);
+        let other = synthetic(KvShape { tokens: 200, ..shape }, dtype, 90 + n as u64);
+        for level in lossy() {
+            let opts = EncodeOptions::level(level);
+            let sets = [
+                ("8 other tokens", codec::calibrate_tables(&[&slice_tokens(&other, 0, 8)], &opts).unwrap()),
+                ("200 other tokens", codec::calibrate_tables(&[&other], &opts).unwrap()),
+                ("the chunks", codec::calibrate_tables(&[&slice_tokens(&kv, 0, 256), &slice_tokens(&kv, 256, 300)], &opts).unwrap()),
+            ];
+            for (what, set) in &sets {
+                let o = EncodeOptions { tables: codec::Tables::External(set), ..opts.clone() };
+                let got = check(kind, &kv, 256, 16, &o, &format!("case {n} {level:?}, set from {what}"));
+                let counts: Vec<u32> = got.iter().map(|b| patches(b).expect("a table-set container")).collect();
+                match *what {
+                    "the chunks" => assert!(counts.iter().all(|&c| c == 0), "{level:?}: patches {counts:?} against a set calibrated on the same chunks"),
+                    "8 other tokens" => assert!(counts.iter().all(|&c| c > 0), "{level:?}: no patches against a set from 8 tokens"),
+                    _ => {}
+                }
+            }
+        }
+    }
+}
+
+/// A chunk whose patch has more distinct symbols than the set's precision
+/// holds is encoded with embedded tables, as the CPU encoder does, while the
+/// other chunk of the same call keeps the set.
+#[test]
+fn gpu_encode_falls_back_to_embedded_tables_as_the_cpu_does() {
+    if coders().is_none() {
+        return;
+    }
+    let shape = KvShape { kind: KvKind::KeyValue, layers: 1, tokens: 4096, heads: 1, head_dim: 64 };
+    // Every 8th token cycles through the 255 values (t * 37 + c) mod 255,
+    // the others are 0 (64 of the non-zero rows are stored exactly): about
+    // 160 distinct symbols per channel at the high level, more than the 128
+    // a set of 8-bit precision allows.
+    let mut wide = vec![0u8; 4096 * 64 * 2];
+    for t in (0..4096).step_by(8) {
+        for c in 0..64 {
+            let v = (((t * 37 + c) % 255) as f32 - 127.0) / 127.0;
+            quant::store(Dtype::F16, &mut wide, t * 64 + c, v);
+        }
+    }
+    // Then 2048 tokens of zeros, which a set calibrated on zeros codes as is.
+    let kv = KvTensors { shape: KvShape { tokens: 6144, ..shape }, dtype: Dtype::F16, tensors: vec![[wide, vec![0u8; 2048 * 64 * 2]].concat(); 2] };
+    let opts = EncodeOptions::level(Level::High);
+    let set = codec::calibrate_tables(&[&slice_tokens(&kv, 4096, 6144)], &opts).unwrap();
+    assert_eq!(set.prob_bits, 8);
+    let o = EncodeOptions { tables: codec::Tables::External(&set), ..opts };
+    // Chunks of 4096 tokens: the wide one, then the 2048 zeros.
+    let got = check(Kind::FlashAttn(false), &kv, 4096, 16, &o, "fallback");
+    assert_eq!(patches(&got[0]), None, "the wide chunk should carry its own tables");
+    assert_eq!(patches(&got[1]), Some(0), "the chunk the set was calibrated on");
 }

@@ -358,7 +358,15 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         results.push(r);
     }
     }
-    let encode_results = if skip_encode { Vec::new() } else { bench_encode(&gpu, &src, &distinct, &sizes, repeat, threads, level, arg("--encode-batch-symbols").map(|s| s.parse()).transpose()?)? };
+    let encode_results = if skip_encode {
+        Vec::new()
+    } else {
+        let mut variants: Vec<(&str, &[Vec<u8>], Option<&TableSet>)> = vec![("embedded tables", &distinct, None)];
+        if let Some((set, ext, _)) = &model_tables {
+            variants.push(("model-level tables", ext, Some(set)));
+        }
+        bench_encode(&gpu, &src, &variants, &sizes, repeat, threads, level, arg("--encode-batch-symbols").map(|s| s.parse()).transpose()?)?
+    };
     let doc = json!({
         "device": gpu.name(),
         "compute_capability": format!("{maj}.{min}"),
@@ -386,122 +394,128 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
 }
 
 /// GPU encode straight from paged blocks vs the CPU encoder (see the top).
+/// One row per (variant, size); a variant is (name, the CPU encoder's 5
+/// distinct containers, the table set or none for embedded tables).
 #[allow(clippy::too_many_arguments)]
-fn bench_encode(gpu: &Gpu, src: &KvTensors, distinct: &[Vec<u8>], sizes: &[usize], repeat: usize, threads: usize, level: Level, batch_symbols: Option<u64>) -> Result<Vec<serde_json::Value>, Box<dyn std::error::Error>> {
+fn bench_encode(gpu: &Gpu, src: &KvTensors, variants: &[(&str, &[Vec<u8>], Option<&TableSet>)], sizes: &[usize], repeat: usize, threads: usize, level: Level, batch_symbols: Option<u64>) -> Result<Vec<serde_json::Value>, Box<dyn std::error::Error>> {
     let t = Instant::now();
     let mut enc = GpuEncoder::new(gpu)?;
     if let Some(n) = batch_symbols {
         enc = enc.with_batch_symbols(n);
     }
     println!("encode kernels compiled in {:.0} ms", t.elapsed().as_secs_f64() * 1e3);
-    let opts = EncodeOptions::level(level);
-    let chunks: Vec<KvTensors> = (0..5).map(|i| tile(src, i * CHUNK, CHUNK)).collect();
-    let chunk_syms = (LAYERS * 2 * CHUNK * HEADS * HEAD_DIM) as f64;
-    // CPU encoder in the same run: one chunk on one thread, and all threads.
-    let reps = 3;
-    let t = Instant::now();
-    for i in 0..reps {
-        std::hint::black_box(encode(&chunks[i % 5], &opts)?);
-    }
-    let cpu_1t = t.elapsed().as_secs_f64() / reps as f64;
-    let njobs = threads * 2;
-    let t = Instant::now();
-    std::thread::scope(|s| {
-        for i in 0..threads {
-            let (chunks, opts) = (&chunks, &opts);
-            s.spawn(move || {
-                for j in (i..njobs).step_by(threads) {
-                    std::hint::black_box(encode(&chunks[j % 5], opts).unwrap());
-                }
-            });
-        }
-    });
-    let cpu_all = t.elapsed().as_secs_f64() / njobs as f64;
-    println!("CPU encode: {:.3} Gsym/s on 1 thread, {:.3} Gsym/s on {threads} threads", chunk_syms / cpu_1t / 1e9, chunk_syms / cpu_all / 1e9);
     let mut results = Vec::new();
-    for &tokens in sizes {
-        let nchunks = tokens / CHUNK;
-        let num_blocks = tokens / BLOCK;
-        let per_layer = 2 * num_blocks * BLOCK * HEADS * HEAD_DIM * 2;
-        let host_layout = KvLayout::vllm_flash_attn((0..LAYERS).map(|l| l * per_layer).collect(), num_blocks, BLOCK, HEADS, HEAD_DIM, Dtype::F16, false)?;
-        let perm = shuffled(num_blocks, tokens as u64 + 1);
-        let ids: Vec<&[u32]> = perm.chunks(CHUNK / BLOCK).collect();
-        let mut host = vec![0u8; per_layer * LAYERS];
-        for (c, b) in ids.iter().enumerate() {
-            host_layout.scatter(&mut host, b, &chunks[c % 5])?;
+    for &(variant, distinct, set) in variants {
+        let opts = EncodeOptions { tables: set.map_or(Tables::Embedded, Tables::External), ..EncodeOptions::level(level) };
+        println!("encode, {variant}:");
+        let chunks: Vec<KvTensors> = (0..5).map(|i| tile(src, i * CHUNK, CHUNK)).collect();
+        let chunk_syms = (LAYERS * 2 * CHUNK * HEADS * HEAD_DIM) as f64;
+        // CPU encoder in the same run: one chunk on one thread, and all threads.
+        let reps = 3;
+        let t = Instant::now();
+        for i in 0..reps {
+            std::hint::black_box(encode(&chunks[i % 5], &opts)?);
         }
-        let arena = gpu.alloc(host.len())?;
-        arena.write(0, &host)?;
-        drop(host);
-        let layout = KvLayout { layer_base: (0..LAYERS).map(|l| arena.ptr() as usize + l * per_layer).collect(), ..host_layout };
-        let req: Vec<(&[u32], usize)> = ids.iter().map(|b| (*b, CHUNK)).collect();
-        // First call: compared with the CPU encoder's containers, chunk by chunk.
-        // SAFETY: the arena holds the whole layout; nothing else writes it.
-        let (first, _) = unsafe { enc.encode_blocks_timed(&layout, &req, &opts, None)? };
-        let identical = first.iter().enumerate().all(|(c, b)| *b == distinct[c % 5]);
-        let compressed: usize = first.iter().map(|b| b.len()).sum();
-        drop(first);
-        println!("{tokens} tokens: GPU containers {} the CPU encoder's", if identical { "identical to" } else { "DIFFER from" });
-        let (mut kern, mut wall, mut setup, mut finish) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        let mut per_kernel: Vec<Vec<f64>> = vec![Vec::new(); 8];
-        let mut batches = 0;
-        let mut waits: Vec<[f64; 5]> = Vec::new();
-        for _ in 0..repeat {
-            let t = Instant::now();
-            // SAFETY: as above.
-            let (out, tm) = unsafe { enc.encode_blocks_timed(&layout, &req, &opts, None)? };
-            wall.push(t.elapsed().as_secs_f64() * 1e3);
-            std::hint::black_box(out);
-            kern.push(tm.kernels_ms);
-            for (v, &m) in per_kernel.iter_mut().zip(&tm.per_kernel_ms) {
-                v.push(m);
+        let cpu_1t = t.elapsed().as_secs_f64() / reps as f64;
+        let njobs = threads * 2;
+        let t = Instant::now();
+        std::thread::scope(|s| {
+            for i in 0..threads {
+                let (chunks, opts) = (&chunks, &opts);
+                s.spawn(move || {
+                    for j in (i..njobs).step_by(threads) {
+                        std::hint::black_box(encode(&chunks[j % 5], opts).unwrap());
+                    }
+                });
             }
-            setup.push(tm.setup_ms);
-            finish.push(tm.finish_ms);
-            batches = tm.batches;
-            waits.push([tm.wait_gpu_ms, tm.wait_copy_ms, tm.wait_workers_ms, tm.worker_busy_ms, tm.workers as f64]);
+        });
+        let cpu_all = t.elapsed().as_secs_f64() / njobs as f64;
+        println!("CPU encode: {:.3} Gsym/s on 1 thread, {:.3} Gsym/s on {threads} threads", chunk_syms / cpu_1t / 1e9, chunk_syms / cpu_all / 1e9);
+        for &tokens in sizes {
+            let nchunks = tokens / CHUNK;
+            let num_blocks = tokens / BLOCK;
+            let per_layer = 2 * num_blocks * BLOCK * HEADS * HEAD_DIM * 2;
+            let host_layout = KvLayout::vllm_flash_attn((0..LAYERS).map(|l| l * per_layer).collect(), num_blocks, BLOCK, HEADS, HEAD_DIM, Dtype::F16, false)?;
+            let perm = shuffled(num_blocks, tokens as u64 + 1);
+            let ids: Vec<&[u32]> = perm.chunks(CHUNK / BLOCK).collect();
+            let mut host = vec![0u8; per_layer * LAYERS];
+            for (c, b) in ids.iter().enumerate() {
+                host_layout.scatter(&mut host, b, &chunks[c % 5])?;
+            }
+            let arena = gpu.alloc(host.len())?;
+            arena.write(0, &host)?;
+            drop(host);
+            let layout = KvLayout { layer_base: (0..LAYERS).map(|l| arena.ptr() as usize + l * per_layer).collect(), ..host_layout };
+            let req: Vec<(&[u32], usize)> = ids.iter().map(|b| (*b, CHUNK)).collect();
+            // First call: compared with the CPU encoder's containers, chunk by chunk.
+            // SAFETY: the arena holds the whole layout; nothing else writes it.
+            let (first, _) = unsafe { enc.encode_blocks_timed(&layout, &req, &opts, None)? };
+            let identical = first.iter().enumerate().all(|(c, b)| *b == distinct[c % 5]);
+            let compressed: usize = first.iter().map(|b| b.len()).sum();
+            drop(first);
+            println!("{tokens} tokens: GPU containers {} the CPU encoder's", if identical { "identical to" } else { "DIFFER from" });
+            let (mut kern, mut wall, mut setup, mut finish) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+            let mut per_kernel: Vec<Vec<f64>> = vec![Vec::new(); 8];
+            let mut batches = 0;
+            let mut waits: Vec<[f64; 5]> = Vec::new();
+            for _ in 0..repeat {
+                let t = Instant::now();
+                // SAFETY: as above.
+                let (out, tm) = unsafe { enc.encode_blocks_timed(&layout, &req, &opts, None)? };
+                wall.push(t.elapsed().as_secs_f64() * 1e3);
+                std::hint::black_box(out);
+                kern.push(tm.kernels_ms);
+                for (v, &m) in per_kernel.iter_mut().zip(&tm.per_kernel_ms) {
+                    v.push(m);
+                }
+                setup.push(tm.setup_ms);
+                finish.push(tm.finish_ms);
+                batches = tm.batches;
+                waits.push([tm.wait_gpu_ms, tm.wait_copy_ms, tm.wait_workers_ms, tm.worker_busy_ms, tm.workers as f64]);
+            }
+            let syms = chunk_syms * nchunks as f64;
+            let (k, w) = (median(kern.clone()), median(wall.clone()));
+            let names = ["rows", "outliers", "steps", "quant", "rans", "sizes", "sections", "payload"];
+            let per: serde_json::Map<String, serde_json::Value> = names.iter().zip(&per_kernel).map(|(n, v)| (n.to_string(), json!(median(v.clone())))).collect();
+            println!("{tokens} tokens encode, per kernel (ms): {}", names.iter().zip(&per_kernel).map(|(n, v)| format!("{n} {:.2}", median(v.clone()))).collect::<Vec<_>>().join(", "));
+            println!(
+                "{tokens} tokens encode ({nchunks} chunks, {:.1} MB out): kernels {k:.2} ms = {:.1} Gsym/s; end to end {w:.2} ms = {:.1} Gsym/s \
+                 (setup {:.2} ms, after the last kernel {:.2} ms, {} batches); CPU encoder {:.0} ms on {threads} threads = {:.2} Gsym/s",
+                compressed as f64 / 1e6,
+                syms / k / 1e6,
+                syms / w / 1e6,
+                median(setup.clone()),
+                median(finish.clone()),
+                batches,
+                cpu_all * 1e3 * nchunks as f64,
+                chunk_syms / cpu_all / 1e9,
+            );
+            if let Some(w) = waits.last() {
+                println!("{tokens} tokens encode, last call: launcher waited {:.1} ms for kernels, {:.1} ms for copies, {:.1} ms for workers; workers busy {:.1} ms in all ({} workers)", w[0], w[1], w[2], w[3], w[4]);
+            }
+            results.push(json!({
+                "variant": variant,
+                "tokens": tokens,
+                "chunks": nchunks,
+                "symbols": syms,
+                "compressed_bytes": compressed,
+                "identical_to_cpu": identical,
+                "kernel_ms_median": k,
+                "kernel_ms_all": kern,
+                "kernel_ms_per_kernel_median": per,
+                "kernel_gsym_s": syms / k / 1e6,
+                "e2e_wall_ms_median": w,
+                "e2e_wall_ms_all": wall,
+                "e2e_gsym_s": syms / w / 1e6,
+                "setup_ms_median": median(setup),
+                "finish_ms_median": median(finish),
+                "batches": batches,
+                "launcher_wait_gpu_copy_workers_ms_and_worker_busy_ms_and_workers": waits,
+                "cpu_encode_gsym_s_1_thread": chunk_syms / cpu_1t / 1e9,
+                "cpu_encode_gsym_s_all_threads": chunk_syms / cpu_all / 1e9,
+                "cpu_encode_ms_all_threads_estimate": cpu_all * 1e3 * nchunks as f64,
+            }));
         }
-        let syms = chunk_syms * nchunks as f64;
-        let (k, w) = (median(kern.clone()), median(wall.clone()));
-        let names = ["rows", "outliers", "steps", "quant", "rans", "sizes", "sections", "payload"];
-        let per: serde_json::Map<String, serde_json::Value> = names.iter().zip(&per_kernel).map(|(n, v)| (n.to_string(), json!(median(v.clone())))).collect();
-        println!("{tokens} tokens encode, per kernel (ms): {}", names.iter().zip(&per_kernel).map(|(n, v)| format!("{n} {:.2}", median(v.clone()))).collect::<Vec<_>>().join(", "));
-        println!(
-            "{tokens} tokens encode ({nchunks} chunks, {:.1} MB out): kernels {k:.2} ms = {:.1} Gsym/s; end to end {w:.2} ms = {:.1} Gsym/s \
-             (setup {:.2} ms, after the last kernel {:.2} ms, {} batches); CPU encoder {:.0} ms on {threads} threads = {:.2} Gsym/s",
-            compressed as f64 / 1e6,
-            syms / k / 1e6,
-            syms / w / 1e6,
-            median(setup.clone()),
-            median(finish.clone()),
-            batches,
-            cpu_all * 1e3 * nchunks as f64,
-            chunk_syms / cpu_all / 1e9,
-        );
-        if let Some(w) = waits.last() {
-            println!("{tokens} tokens encode, last call: launcher waited {:.1} ms for kernels, {:.1} ms for copies, {:.1} ms for workers; workers busy {:.1} ms in all ({} workers)", w[0], w[1], w[2], w[3], w[4]);
-        }
-        results.push(json!({
-            "tokens": tokens,
-            "chunks": nchunks,
-            "symbols": syms,
-            "compressed_bytes": compressed,
-            "identical_to_cpu": identical,
-            "kernel_ms_median": k,
-            "kernel_ms_all": kern,
-            "kernel_ms_per_kernel_median": per,
-            "kernel_gsym_s": syms / k / 1e6,
-            "e2e_wall_ms_median": w,
-            "e2e_wall_ms_all": wall,
-            "e2e_gsym_s": syms / w / 1e6,
-            "setup_ms_median": median(setup),
-            "finish_ms_median": median(finish),
-            "batches": batches,
-            "launcher_wait_gpu_copy_workers_ms_and_worker_busy_ms_and_workers": waits,
-            "cpu_encode_gsym_s_1_thread": chunk_syms / cpu_1t / 1e9,
-            "cpu_encode_gsym_s_all_threads": chunk_syms / cpu_all / 1e9,
-            "cpu_encode_ms_all_threads_estimate": cpu_all * 1e3 * nchunks as f64,
-        }));
     }
     Ok(results)
 }

@@ -29,11 +29,15 @@
 //! reuses the arena of the batch `RING` before it), so a call's device
 //! memory is bounded by the batch size, not by the call's length.
 //!
-//! Supported: the lossy levels (Compact, Default, High) with embedded tables,
-//! with or without a profile (per-tensor step multipliers), outlier
-//! protection on or off, `prob_bits` overrides; f16, bf16, f32; K/V and MLA
-//! latent layouts. Not supported (an error, nothing launched): the lossless
-//! level, custom `plan`/`rules`, external table sets.
+//! Supported: the lossy levels (Compact, Default, High) with embedded tables
+//! or a model-level table set (`Tables::External`: channels the set cannot
+//! code get patches, as on the CPU; a chunk whose patch needs more symbols
+//! than the set's precision allows is encoded with embedded tables, as the
+//! CPU encoder does, by a second pass over those chunks), with or without a
+//! profile (per-tensor step multipliers), outlier protection on or off,
+//! `prob_bits` overrides; f16, bf16, f32; K/V and MLA latent layouts. Not
+//! supported (an error, nothing launched): the lossless level, custom
+//! `plan`/`rules`, a table set whose plan is not the level's.
 //!
 //! One bit of the CPU encoder is not plain arithmetic: the 4-bit table codes
 //! round `2 log2(max / count)` with the host's libm `log2`. The encoder finds,
@@ -47,9 +51,9 @@ use std::time::Instant;
 use xxhash_rust::xxh3::{xxh3_64, Xxh3};
 
 use crate::codec::encode::choose_segments;
-use crate::codec::format::Header;
+use crate::codec::format::{Header, FLAG_EXTERNAL_TABLES};
 use crate::codec::quant::StepRule;
-use crate::codec::{Dtype, EncodeOptions, Error as CodecError, KvKind, Level, Tables};
+use crate::codec::{Dtype, EncodeOptions, Error as CodecError, KvKind, Level, TableSet, Tables};
 use crate::layout::KvLayout;
 
 use super::driver::{self, DeviceBuffer, Event, Module, Stream};
@@ -60,6 +64,9 @@ pub const ENCODE_CU: &str = include_str!("../../cuda/encode.cu");
 
 const TAB_STRIDE: u64 = 132;
 const ERR_NONFINITE: u32 = 1;
+const ERR_FALLBACK: u32 = 4;
+/// u16 per table of an uploaded table set: `lo`, `n`, then the n + 1 starts.
+const SET_STRIDE: usize = 260;
 
 // Mirrors of the structs in cuda/encode.cu, field for field.
 #[repr(C)]
@@ -80,7 +87,7 @@ struct Geo {
     max: u32,
     nchunks: u32,
     vec16: u32,
-    pad1: u32,
+    ext: u32,
     stride_block: i64,
     stride_kv: i64,
     stride_token: i64,
@@ -89,6 +96,7 @@ struct Geo {
     layer_base: u64,
     alpha: u64,
     thresholds: u64,
+    set: u64,
 }
 
 #[repr(C)]
@@ -177,6 +185,9 @@ pub struct EncodeTimings {
     pub worker_busy_ms: f64,
     /// Host workers.
     pub workers: usize,
+    /// Chunks encoded again with embedded tables because a patch did not
+    /// fit the table set's precision (what the CPU encoder does too).
+    pub fallback_chunks: usize,
 }
 
 /// GPU encoder; see the module documentation.
@@ -192,6 +203,9 @@ pub struct GpuEncoder {
     staging: Mutex<[Option<super::PinnedBuffer>; SLOTS]>,
     /// Symbols per batch ([`BATCH_SYMBOLS`] unless set).
     batch_symbols: u64,
+    /// The last table set used, uploaded (its id, the buffer): engines store
+    /// with one set per model, so it is uploaded once.
+    set: Mutex<Option<(u64, std::sync::Arc<DeviceBuffer>)>>,
 }
 
 // SAFETY: CUfunction handles are usable from any thread with the context current;
@@ -242,14 +256,15 @@ fn code_by_thresholds(x: u32, mx: u32, th: &[f64; 14]) -> u8 {
     15 - th.iter().filter(|&&t| q >= t).count() as u8
 }
 
-struct Plan {
+struct Plan<'a> {
     level: Level,
     prob_bits: u32,
     alpha: Vec<f32>,
     protect: bool,
+    set: Option<&'a TableSet>,
 }
 
-fn plan(layout: &KvLayout, opts: &EncodeOptions) -> Result<Plan, GpuError> {
+fn plan<'a>(layout: &KvLayout, opts: &EncodeOptions<'a>) -> Result<Plan<'a>, GpuError> {
     let level = opts.level.unwrap_or(Level::Default);
     if level == Level::Lossless {
         return Err(GpuError::Unsupported("the lossless level (GPU encode covers the lossy levels)".into()));
@@ -257,15 +272,29 @@ fn plan(layout: &KvLayout, opts: &EncodeOptions) -> Result<Plan, GpuError> {
     if opts.plan.is_some() || opts.rules.is_some() {
         return Err(GpuError::Unsupported("custom plans or step rules".into()));
     }
-    if let Tables::External(_) = opts.tables {
-        return Err(GpuError::Unsupported("external table sets".into()));
-    }
-    let prob_bits = opts.prob_bits.unwrap_or(level.prob_bits());
+    let shape = layout.chunk_shape(1);
+    let t = shape.tensors();
+    let set = match opts.tables {
+        Tables::External(set) => {
+            // The CPU encoder's check, then what the kernels assume: the
+            // level's planes (per-tensor, symmetric, max 127).
+            if set.channels != shape.channels() || set.plan.len() != t {
+                return Err(GpuError::Invalid("table set was calibrated for another shape or level".into()));
+            }
+            if set.plan != level.plan(&shape, layout.dtype) {
+                return Err(GpuError::Unsupported("a table set whose plan is not the level's".into()));
+            }
+            Some(set)
+        }
+        Tables::Embedded => None,
+    };
+    let prob_bits = match set {
+        Some(s) => s.prob_bits,
+        None => opts.prob_bits.unwrap_or(level.prob_bits()),
+    };
     if !(8..=10).contains(&prob_bits) {
         return Err(GpuError::Invalid("prob_bits must be in 8..=10".into()));
     }
-    let shape = layout.chunk_shape(1);
-    let t = shape.tensors();
     if let Some(p) = &opts.profile {
         if p.len() != t || p.iter().any(|m| !(m.is_finite() && *m > 0.0)) {
             return Err(GpuError::Invalid(format!("profile needs {t} positive multipliers (one per tensor)")));
@@ -279,7 +308,30 @@ fn plan(layout: &KvLayout, opts: &EncodeOptions) -> Result<Plan, GpuError> {
             StepRule::Range => Err(GpuError::Unsupported("range step rules".into())),
         })
         .collect::<Result<Vec<f32>, _>>()?;
-    Ok(Plan { level, prob_bits, alpha, protect: opts.protect_outliers.unwrap_or(true) })
+    Ok(Plan { level, prob_bits, alpha, protect: opts.protect_outliers.unwrap_or(true), set })
+}
+
+/// A table set as the kernels read it: per (plane, channel) `SET_STRIDE`
+/// u16: `lo`, the number of frequencies n, then the n + 1 cumulative starts.
+fn set_image(set: &TableSet) -> Result<Vec<u16>, GpuError> {
+    let tables = set.tables().map_err(|e| GpuError::Invalid(format!("table set: {e}")))?;
+    let n: usize = tables.iter().map(|p| p.len()).sum();
+    let mut img = vec![0u16; n * SET_STRIDE];
+    for (t, slot) in tables.iter().flatten().zip(img.chunks_mut(SET_STRIDE)) {
+        if t.freq.len() + 3 > SET_STRIDE {
+            return Err(GpuError::Invalid("table set: a table wider than the alphabet".into()));
+        }
+        slot[0] = t.lo as u16;
+        slot[1] = t.freq.len() as u16;
+        let mut start = 0u32;
+        for (j, &f) in t.freq.iter().enumerate() {
+            slot[2 + j] = start as u16;
+            start += f as u32;
+        }
+        // The total, 2^prob_bits <= 2^10 (checked by the plan).
+        slot[2 + t.freq.len()] = start as u16;
+    }
+    Ok(img)
 }
 
 impl GpuEncoder {
@@ -303,7 +355,16 @@ impl GpuEncoder {
         let th = code_thresholds()?;
         let thresholds = gpu.alloc(8 * 14)?;
         thresholds.write(0, as_bytes(&th))?;
-        Ok(GpuEncoder { gpu: gpu.clone(), _module: module, f, thresholds, stream: Mutex::new((Stream::new()?, Stream::new()?)), staging: Mutex::new(Default::default()), batch_symbols: BATCH_SYMBOLS })
+        Ok(GpuEncoder {
+            gpu: gpu.clone(),
+            _module: module,
+            f,
+            thresholds,
+            stream: Mutex::new((Stream::new()?, Stream::new()?)),
+            staging: Mutex::new(Default::default()),
+            batch_symbols: BATCH_SYMBOLS,
+            set: Mutex::new(None),
+        })
     }
 
     /// Cut calls into batches of at most `symbols` symbols (at least one
@@ -313,6 +374,22 @@ impl GpuEncoder {
     pub fn with_batch_symbols(mut self, symbols: u64) -> GpuEncoder {
         self.batch_symbols = symbols.max(1);
         self
+    }
+
+    /// `set` on the device (`set_image`), uploaded unless it was the last one used.
+    fn uploaded(&self, set: &TableSet) -> Result<std::sync::Arc<DeviceBuffer>, GpuError> {
+        let mut last = self.set.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((id, buf)) = last.as_ref() {
+            if *id == set.id() {
+                return Ok(std::sync::Arc::clone(buf));
+            }
+        }
+        let img = set_image(set)?;
+        let buf = self.gpu.alloc(2 * img.len())?;
+        buf.write(0, as_bytes(&img))?;
+        let buf = std::sync::Arc::new(buf);
+        *last = Some((set.id(), std::sync::Arc::clone(&buf)));
+        Ok(buf)
     }
 
     /// The device.
@@ -383,8 +460,9 @@ impl GpuEncoder {
             let seg_words = seg_tokens * seg_groups * 32;
             let emax = if plan.protect && tokens >= 8 { (tokens / 64).max(1) } else { 0 };
             let syms = (p * tokens * c) as u64;
-            // Worst case: every symbol flushes a word.
-            let worst = 64 + 6 * p as u64 + 4 * emax as u64 + (emax * p * c * es) as u64 + p as u64 * c as u64 * TAB_STRIDE + 4 * s as u64 + 128 * s as u64 + 2 * syms;
+            // Worst case: every symbol flushes a word; every table is a
+            // patch (index + compact table) after a patch count.
+            let worst = 64 + 6 * p as u64 + 4 * emax as u64 + (emax * p * c * es) as u64 + 4 + p as u64 * c as u64 * (4 + TAB_STRIDE) + 4 * s as u64 + 128 * s as u64 + 2 * syms;
             if 2 * syms + 128 * s as u64 > u32::MAX as u64 || worst > u32::MAX as u64 {
                 return Err(GpuError::Unsupported(format!("chunk {ci}: {tokens} tokens could exceed a 4 GiB container; use smaller chunks")));
             }
@@ -437,6 +515,10 @@ impl GpuEncoder {
 
         let g = &self.gpu;
         g.bind()?;
+        let set_buf = match plan.set {
+            Some(set) => Some(self.uploaded(set)?),
+            None => None,
+        };
         let d_base = g.alloc(8 * layout.layers)?;
         let d_alpha = g.alloc(4 * p)?;
         // At most RING batches hold device scratch at once: batch b reuses
@@ -471,6 +553,8 @@ impl GpuEncoder {
             layer_base: d_base.ptr(),
             alpha: d_alpha.ptr(),
             thresholds: self.thresholds.ptr(),
+            ext: set_buf.is_some() as u32,
+            set: set_buf.as_ref().map_or(0, |b| b.ptr()),
             ..Default::default()
         };
         // Rows can be read 16 bytes at a time when every row and head starts
@@ -556,6 +640,8 @@ impl GpuEncoder {
         let mut per_kernel_ms = [0f64; 8];
         let mut t_tail = Instant::now();
         let (mut wait_gpu_ms, mut wait_copy_ms, mut wait_workers_ms) = (0f64, 0f64, 0f64);
+        // Chunks to encode again with embedded tables (ERR_FALLBACK).
+        let mut fallback: Vec<usize> = Vec::new();
         let worker_busy_ns = std::sync::atomic::AtomicU64::new(0);
         let run = std::thread::scope(|sc| -> Result<(), GpuError> {
             let (job_tx, job_rx) = crossbeam_channel::unbounded::<Finish>();
@@ -600,17 +686,24 @@ impl GpuEncoder {
                 arena.read(b.arena.bufs.info as usize, &mut info)?;
                 let word = |ci: usize, k: usize| u32::from_le_bytes(info[32 * ci + 4 * k..32 * ci + 4 * k + 4].try_into().unwrap());
                 // Sizes and errors first.
-                let mut at = Vec::with_capacity(nb);
+                // Where each container goes in the staging slot; none for a
+                // chunk that falls back to embedded tables.
+                let mut at: Vec<Option<usize>> = Vec::with_capacity(nb);
                 let mut staged = 0usize;
                 for ci in 0..nb {
                     let err = word(ci, 0);
                     if err & ERR_NONFINITE != 0 {
                         return Err(GpuError::Codec { chunk: b.first + ci, source: CodecError::NonFinite });
                     }
+                    if err & ERR_FALLBACK != 0 {
+                        fallback.push(b.first + ci);
+                        at.push(None);
+                        continue;
+                    }
                     if err != 0 {
                         return Err(GpuError::Driver(format!("chunk {}: encode kernel error bits {err:#x}", b.first + ci)));
                     }
-                    at.push(staged);
+                    at.push(Some(staged));
                     staged += word(ci, 6) as usize;
                 }
                 let slot = bi % SLOTS;
@@ -627,8 +720,9 @@ impl GpuEncoder {
                 }
                 let host = staging[slot].as_mut().expect("allocated above").as_mut_slice();
                 for ci in 0..nb {
+                    let Some(at) = at[ci] else { continue };
                     let total = word(ci, 6) as usize;
-                    let dst = &mut host[at[ci]..at[ci] + total];
+                    let dst = &mut host[at..at + total];
                     let src = arena.ptr() + b.arena.bufs.out + b.descs[ci].out;
                     // SAFETY: the device range lies in the chunk's region of
                     // the arena (total <= its worst case); the kernels that
@@ -646,17 +740,19 @@ impl GpuEncoder {
                 for (k, slot_ms) in per_kernel_ms.iter_mut().enumerate() {
                     *slot_ms += ev[bi][k + 1].since(&ev[bi][k])? as f64;
                 }
+                let mut jobs = 0;
                 for ci in 0..nb {
+                    let Some(at) = at[ci] else { continue };
                     let (exact, prob_bits, tables_len, payload_len, total) = (word(ci, 2) as usize, word(ci, 3), word(ci, 4) as usize, word(ci, 5) as usize, word(ci, 6) as usize);
                     let header = Header {
-                        flags: 0,
+                        flags: if plan.set.is_some() { FLAG_EXTERNAL_TABLES } else { 0 },
                         dtype: layout.dtype,
                         shape: layout.chunk_shape(b.descs[ci].tokens as usize),
                         level: plan.level.number(),
                         prob_bits,
                         seg_tokens: b.descs[ci].seg_tokens as usize,
                         seg_groups: b.descs[ci].seg_groups as usize,
-                        table_id: 0, // set by the worker: a hash of the table section
+                        table_id: plan.set.map_or(0, |s| s.id()), // else set by the worker: a hash of the table section
                         planes: p,
                         scales_len: 2 * p,
                         tables_len,
@@ -668,10 +764,12 @@ impl GpuEncoder {
                     if tables_at + tables_len > total || total < 64 {
                         return Err(GpuError::Driver(format!("chunk {}: encode kernels reported inconsistent sizes", b.first + ci)));
                     }
-                    let job = Finish { batch: bi, chunk: b.first + ci, bytes: SendBytes(host[at[ci]..].as_ptr(), total), header, tables_at, huge_pages };
+                    let hash_tables = plan.set.is_none();
+                    let job = Finish { batch: bi, chunk: b.first + ci, bytes: SendBytes(host[at..].as_ptr(), total), header, tables_at, hash_tables, huge_pages };
                     job_tx.send(job).map_err(|_| GpuError::Driver("the threads finishing containers stopped".into()))?;
+                    jobs += 1;
                 }
-                pending[bi] = nb;
+                pending[bi] = jobs;
             }
             drop(job_tx);
             for _ in 0..pending.iter().sum::<usize>() {
@@ -688,7 +786,17 @@ impl GpuEncoder {
         drop(staging);
         drop(streams);
         let worker_busy_ms = worker_busy_ns.into_inner() as f64 / 1e6;
-        Ok((out, EncodeTimings { setup_ms, kernels_ms, per_kernel_ms, finish_ms, batches: batches.len(), wait_gpu_ms, wait_copy_ms, wait_workers_ms, worker_busy_ms, workers }))
+        let fallback_chunks = fallback.len();
+        if !fallback.is_empty() {
+            let again: Vec<(&[u32], usize)> = fallback.iter().map(|&i| chunks[i]).collect();
+            let embedded = EncodeOptions { tables: Tables::Embedded, ..opts.clone() };
+            // SAFETY: the caller's contract covers these chunks too.
+            let (coded, _) = unsafe { self.encode_blocks_timed(layout, &again, &embedded, stream) }?;
+            for (i, bytes) in fallback.into_iter().zip(coded) {
+                out[i] = bytes;
+            }
+        }
+        Ok((out, EncodeTimings { setup_ms, kernels_ms, per_kernel_ms, finish_ms, batches: batches.len(), wait_gpu_ms, wait_copy_ms, wait_workers_ms, worker_busy_ms, workers, fallback_chunks }))
     }
 }
 
@@ -782,6 +890,9 @@ struct Finish {
     bytes: SendBytes,
     header: Header,
     tables_at: usize,
+    /// `table_id` is the table section's hash (embedded tables), else the
+    /// header already holds the set's id.
+    hash_tables: bool,
     huge_pages: bool,
 }
 
@@ -814,7 +925,9 @@ impl Finish {
     unsafe fn run(mut self) -> Vec<u8> {
         // SAFETY: the caller's contract.
         let src = unsafe { self.bytes.slice() };
-        self.header.table_id = xxh3_64(&src[self.tables_at..self.tables_at + self.header.tables_len]);
+        if self.hash_tables {
+            self.header.table_id = xxh3_64(&src[self.tables_at..self.tables_at + self.header.tables_len]);
+        }
         let mut h = Vec::with_capacity(64);
         self.header.write(&mut h);
         // One pass over the bytes: each piece is hashed while it is in cache

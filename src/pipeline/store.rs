@@ -131,11 +131,11 @@ impl StoreRun {
     /// Stores from GPU memory at a lossy level: every chunk encoded on the
     /// device at once (then the blocks are reusable), written by the io
     /// threads. Returns false when the host path must run instead (host
-    /// memory, the lossless level or a table set, which the GPU encoder does
-    /// not take: gathered on the device, encoded on the host).
+    /// memory, or the lossless level, which the GPU encoder does not take:
+    /// gathered on the device, encoded on the host).
     fn gpu_encode(self: &Arc<Self>, io: &crossbeam_channel::Sender<super::Task>) -> bool {
         let Some(dev) = &self.spec.device else { return false };
-        if self.spec.level == Level::Lossless || self.spec.tables.is_some() {
+        if self.spec.level == Level::Lossless {
             return false;
         }
         let t0 = Instant::now();
