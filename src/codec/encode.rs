@@ -256,15 +256,16 @@ fn quantize_tensor(values: &[f32], shape: &KvShape, spec: &QuantSpec, rule: Step
     let params = quant::group_params_with(values, t, c, d, spec, rule, exact)?;
     let symbols = match spec.group {
         ScaleGroup::PerToken | ScaleGroup::PerTensor => {
-            let mut out = vec![0u8; t * c];
-            for (tt, (row, dst)) in values.chunks_exact(c).zip(out.chunks_exact_mut(c)).enumerate() {
+            let mut out = Vec::with_capacity(t * c);
+            for (tt, row) in values.chunks_exact(c).enumerate() {
+                let start = out.len();
                 if exact.contains(&tt) {
                     // Stored exactly elsewhere: the symbol of zero.
-                    dst.fill(if spec.asymmetric { 0 } else { spec.max });
+                    out.resize(start + c, if spec.asymmetric { 0 } else { spec.max });
                 } else {
-                    quant::quantize_row(row, params[spec.group.index(tt, 0, c, d)], spec, dst);
+                    quant::quantize_row(row, params[spec.group.index(tt, 0, c, d)], spec, &mut out);
                 }
-                for (h, &s) in hist.iter_mut().zip(dst.iter()) {
+                for (h, &s) in hist.iter_mut().zip(&out[start..]) {
                     h.0[s as usize] += 1;
                 }
             }
