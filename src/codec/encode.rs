@@ -396,24 +396,35 @@ fn plane_symbols(kv: &KvTensors, plan: &Plan, keep_hist: bool, each: &mut dyn Fn
     }
     let (t, c) = (shape.tokens, shape.channels());
     let protect = plan.protect && t >= 8;
-    // One pass over each tensor converted to f32 (one tensor at a time, so
-    // it stays in cache, and nothing large is allocated): its row norms for
-    // the outlier tokens and, where a plane's steps need only per-row
-    // statistics, those; the quantizing pass then converts one row at a
-    // time instead of the whole tensor again.
+    // One pass over each tensor, converted to f32 a few rows at a time
+    // (they stay in L1): its row norms for the outlier tokens and, where a
+    // plane's steps need only per-row statistics, those; the quantizing
+    // pass then converts one row at a time instead of the whole tensor.
     let mut values = Vec::new();
     let mut norms = Vec::new();
     let mut rows: Vec<Vec<(u32, f64)>> = Vec::with_capacity(plan.planes.len());
+    let row_bytes = c * kv.dtype.size();
     for (p, x) in plan.planes.iter().zip(&kv.tensors) {
         let PlaneKind::Quantized(spec) = p else { unreachable!("checked by plan_for") };
         let by_rows = quant::symmetric_by_rows(spec);
+        let mut tensor_norms = Vec::with_capacity(if protect { t } else { 0 });
+        let mut tensor_rows = Vec::with_capacity(if by_rows { t } else { 0 });
         if protect || by_rows {
-            quant::to_f32_into(kv.dtype, x, &mut values);
+            for block in x.chunks(quant::NORM_ROWS * row_bytes) {
+                quant::to_f32_into(kv.dtype, block, &mut values);
+                let n = block.len() / row_bytes;
+                if protect {
+                    quant::row_norms_into(&values, n, c, &mut tensor_norms);
+                }
+                if by_rows {
+                    tensor_rows.extend((0..n).map(|r| quant::row_absmax_sq(&values[r * c..(r + 1) * c])));
+                }
+            }
         }
         if protect {
-            norms.push(quant::row_norms(&values, t, c));
+            norms.push(tensor_norms);
         }
-        rows.push(if by_rows { (0..t).map(|tt| quant::row_absmax_sq(&values[tt * c..(tt + 1) * c])).collect() } else { Vec::new() });
+        rows.push(tensor_rows);
     }
     let exact = if protect { quant::outlier_tokens_from_norms(&norms, t) } else { Vec::new() };
     let mut out = Vec::with_capacity(plan.planes.len());

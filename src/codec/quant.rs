@@ -389,10 +389,20 @@ pub fn outlier_tokens(tensors: &[Vec<f32>], tokens: usize, channels: usize) -> V
 /// computes it: squares in f64 summed in channel order from 0, then `sqrt`.
 /// Eight rows are summed side by side (each still in channel order, so the
 /// same bits) to hide the latency of the f64 additions.
-#[allow(clippy::needless_range_loop)] // c indexes eight rows at once
 pub fn row_norms(x: &[f32], tokens: usize, channels: usize) -> Vec<f64> {
-    const R: usize = 8;
     let mut out = Vec::with_capacity(tokens);
+    row_norms_into(x, tokens, channels, &mut out);
+    out
+}
+
+/// Rows `row_norms` sums side by side.
+pub const NORM_ROWS: usize = 8;
+
+/// `row_norms`, appending to `out`. Each row's norm depends on that row
+/// alone, so a plane may be given a few rows at a time.
+#[allow(clippy::needless_range_loop)] // c indexes eight rows at once
+pub fn row_norms_into(x: &[f32], tokens: usize, channels: usize, out: &mut Vec<f64>) {
+    const R: usize = NORM_ROWS;
     let mut t = 0;
     while t + R <= tokens {
         let rows: [&[f32]; R] = std::array::from_fn(|k| &x[(t + k) * channels..(t + k + 1) * channels]);
@@ -409,7 +419,6 @@ pub fn row_norms(x: &[f32], tokens: usize, channels: usize) -> Vec<f64> {
     for r in x[t * channels..tokens * channels].chunks_exact(channels.max(1)) {
         out.push(r.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>().sqrt());
     }
-    out
 }
 
 /// `outlier_tokens` from each tensor's `row_norms`.
