@@ -1,12 +1,14 @@
 //! Decoder: a container back to KV tensors. Every field is validated
 //! against the data before anything is sized by it (`format::parse`).
 
+use std::mem::MaybeUninit;
+
 use half::bf16;
 
 use super::encode::{apply_patches, TableSet};
 use super::format::{self, Header, Layout, PlaneKind};
 use super::quant::{self, GroupParams, QuantSpec, ScaleGroup};
-use super::rans::{decode_segment, decode_segment_pair_values, decode_segment_values, DecodeScratch, PlaneLuts, SegmentGeometry, LANES};
+use super::rans::{as_uninit, decode_segment, decode_segment_pair_values, decode_segment_values_uninit, DecodeScratch, PlaneLuts, SegmentGeometry, LANES};
 use super::table::{self, FreqTable};
 use super::{Error, KvTensors};
 
@@ -160,46 +162,12 @@ impl<'a> Container<'a> {
         let per_tensor = self.layout.planes.len() / shape.tensors();
         match self.layout.planes[i * per_tensor] {
             PlaneKind::Quantized(spec) if spec.group == ScaleGroup::PerTensor => {
-                // One step for the whole tensor: every symbol has one output
-                // value, so dequantization is a 256-entry table lookup.
-                let p = self.group_params(i, &spec)[0];
-                let mut lut = [0u8; 256 * 4];
-                for s in 0..256usize {
-                    let v = if spec.asymmetric { s as f32 * p.step + p.offset } else { s as f32 * p.step + -(spec.max as f32) * p.step };
-                    quant::store(dtype, &mut lut, s, v);
-                }
-                if size == 2 && h.prob_bits == 8 {
-                    // The output values go into the lookup entries: the
-                    // decoder writes the output directly, no symbol tile.
-                    let value: [u16; 256] = std::array::from_fn(|s| u16::from_le_bytes([lut[2 * s], lut[2 * s + 1]]));
-                    let (scratch, luts) = &mut *scratch;
-                    let (first, count) = self.tables.plane(i);
-                    luts.build_valued(count, |t| self.tables.get(first + t), &value)?;
-                    let per_plane = h.segments_per_plane();
-                    let simd = super::rans::simd_enabled();
-                    // Token blocks of a channel block two at a time (their
-                    // dependency chains overlap), then any single one left.
-                    let seg = |k: usize| {
-                        let (a, b) = self.layout.segments[i * per_plane + k];
-                        (h.segment_geometry(k), &self.bytes[a..b])
-                    };
-                    let mut k = 0;
-                    while k < per_plane {
-                        let (ga, ba) = seg(k);
-                        if k + 1 < per_plane {
-                            let (gb, bb) = seg(k + 1);
-                            if gb.group_begin == ga.group_begin {
-                                decode_segment_pair_values([&ga, &gb], [ba, bb], luts, |c| c, scratch, out, channels, simd)?;
-                                k += 2;
-                                continue;
-                            }
-                        }
-                        decode_segment_values(&ga, ba, luts, |c| c, scratch, out, channels, simd)?;
-                        k += 1;
-                    }
-                    self.overwrite_exact_tokens(i, out);
+                if self.decode_valued(i, as_uninit(out), scratch)? {
                     return Ok(());
                 }
+                // One step for the whole tensor: every symbol has one output
+                // value, so dequantization is a 256-entry table lookup.
+                let lut = self.value_lut(i, &spec);
                 // Element sizes as constants, so each store is one move.
                 fn run<const N: usize>(c: &Container, i: usize, scratch: &mut (DecodeScratch, PlaneLuts), lut: &[u8], out: &mut [u8], channels: usize) -> Result<(), Error> {
                     let lut: Vec<[u8; N]> = lut.chunks_exact(N).take(256).map(|b| b.try_into().unwrap()).collect();
@@ -218,7 +186,7 @@ impl<'a> Container<'a> {
                     2 => run::<2>(self, i, &mut *scratch, &lut, out, channels)?,
                     _ => run::<4>(self, i, &mut *scratch, &lut, out, channels)?,
                 }
-                self.overwrite_exact_tokens(i, out);
+                self.overwrite_exact_tokens(i, as_uninit(out));
                 Ok(())
             }
             PlaneKind::Quantized(spec) => {
@@ -257,7 +225,7 @@ impl<'a> Container<'a> {
                         quant::store_row(dtype, &vals[..lanes], &mut out[at..at + lanes * size]);
                     }
                 })?;
-                self.overwrite_exact_tokens(i, out);
+                self.overwrite_exact_tokens(i, as_uninit(out));
                 Ok(())
             }
             PlaneKind::Raw { .. } => {
@@ -277,14 +245,79 @@ impl<'a> Container<'a> {
         }
     }
 
+    /// Output value of every symbol of a per-tensor-step plane, as `dtype` bytes.
+    fn value_lut(&self, i: usize, spec: &QuantSpec) -> [u8; 256 * 4] {
+        let p = self.group_params(i, spec)[0];
+        let mut lut = [0u8; 256 * 4];
+        for s in 0..256usize {
+            let v = if spec.asymmetric { s as f32 * p.step + p.offset } else { s as f32 * p.step + -(spec.max as f32) * p.step };
+            quant::store(self.header().dtype, &mut lut, s, v);
+        }
+        lut
+    }
+
+    /// Tensor `i` by the decoder that writes output values straight from
+    /// its lookup tables, where it applies (a per-tensor step, 16-bit
+    /// values, `prob_bits` 8); Ok(false) where it does not, with `out`
+    /// untouched. On Ok(true) every byte of `out` (`tensor_bytes()` long)
+    /// has been written: the segments of a plane tile its tokens and
+    /// channels (`Header::segment_geometry`), each is written whole by
+    /// `decode_segment_values_uninit` or its pair form, and the exact
+    /// tokens' rows are then written over.
+    fn decode_valued(&self, i: usize, out: &mut [MaybeUninit<u8>], scratch: &mut (DecodeScratch, PlaneLuts)) -> Result<bool, Error> {
+        let h = self.header();
+        let per_tensor = self.layout.planes.len() / h.shape.tensors();
+        let spec = match self.layout.planes[i * per_tensor] {
+            PlaneKind::Quantized(spec) if spec.group == ScaleGroup::PerTensor && h.dtype.size() == 2 && h.prob_bits == 8 => spec,
+            _ => return Ok(false),
+        };
+        if out.len() != self.tensor_bytes() {
+            return Err(Error::Invalid("tensor index or output size out of range".into()));
+        }
+        let lut = self.value_lut(i, &spec);
+        // The output values go into the lookup entries: the decoder writes
+        // the output directly, no symbol tile.
+        let value: [u16; 256] = std::array::from_fn(|s| u16::from_le_bytes([lut[2 * s], lut[2 * s + 1]]));
+        let (scratch, luts) = &mut *scratch;
+        let (first, count) = self.tables.plane(i);
+        luts.build_valued(count, |t| self.tables.get(first + t), &value)?;
+        let per_plane = h.segments_per_plane();
+        let channels = h.shape.channels();
+        let simd = super::rans::simd_enabled();
+        // Token blocks of a channel block two at a time (their
+        // dependency chains overlap), then any single one left.
+        let seg = |k: usize| {
+            let (a, b) = self.layout.segments[i * per_plane + k];
+            (h.segment_geometry(k), &self.bytes[a..b])
+        };
+        let mut k = 0;
+        while k < per_plane {
+            let (ga, ba) = seg(k);
+            if k + 1 < per_plane {
+                let (gb, bb) = seg(k + 1);
+                if gb.group_begin == ga.group_begin {
+                    decode_segment_pair_values([&ga, &gb], [ba, bb], luts, |c| c, scratch, out, channels, simd)?;
+                    k += 2;
+                    continue;
+                }
+            }
+            decode_segment_values_uninit(&ga, ba, luts, |c| c, scratch, out, channels, simd)?;
+            k += 1;
+        }
+        self.overwrite_exact_tokens(i, out);
+        Ok(true)
+    }
+
     /// Exact tokens: their raw rows replace the placeholder symbols.
-    fn overwrite_exact_tokens(&self, i: usize, out: &mut [u8]) {
+    fn overwrite_exact_tokens(&self, i: usize, out: &mut [MaybeUninit<u8>]) {
         let row = self.header().shape.channels() * self.header().dtype.size();
         let n = self.layout.exact_tokens.len();
         let raw = &self.bytes[self.layout.exact_rows.clone()];
         for (k, &t) in self.layout.exact_tokens.iter().enumerate() {
             let src = &raw[(i * n + k) * row..(i * n + k + 1) * row];
-            out[t * row..(t + 1) * row].copy_from_slice(src);
+            for (d, &b) in out[t * row..(t + 1) * row].iter_mut().zip(src) {
+                d.write(b);
+            }
         }
     }
 
@@ -293,9 +326,17 @@ impl<'a> Container<'a> {
         let h = self.header();
         let mut tensors = Vec::with_capacity(h.shape.tensors());
         let mut scratch = (DecodeScratch::new(), PlaneLuts::new(h.prob_bits));
+        let n = self.tensor_bytes();
         for i in 0..h.shape.tensors() {
-            let mut out = vec![0u8; self.tensor_bytes()];
-            self.decode_tensor_with(i, &mut out, &mut scratch)?;
+            // Not zeroed first where the decoder writes every byte anyway.
+            let mut out = Vec::with_capacity(n);
+            if self.decode_valued(i, &mut out.spare_capacity_mut()[..n], &mut scratch)? {
+                // SAFETY: decode_valued returned true, so it wrote all n bytes.
+                unsafe { out.set_len(n) };
+            } else {
+                out.resize(n, 0);
+                self.decode_tensor_with(i, &mut out, &mut scratch)?;
+            }
             tensors.push(out);
         }
         Ok(KvTensors { shape: h.shape, dtype: h.dtype, tensors })

@@ -6,7 +6,7 @@ use super::format::{self, Header, PlaneKind, FLAG_EXTERNAL_TABLES, MAX_PROB_BITS
 use super::quant::{self, GroupParams, QuantSpec, ScaleGroup, StepRule};
 use super::rans::{self, encode_segment, encode_segment_flat, FlatEncTables, LANES};
 use super::table::{self, EncTable, FreqTable, TableEncoding};
-use super::{Error, KvShape, KvTensors, Level};
+use super::{Dtype, Error, KvShape, KvTensors, Level};
 
 /// Where the probability tables go.
 #[derive(Clone, Copy, Debug, Default)]
@@ -248,23 +248,41 @@ impl PlaneFreqs {
 #[repr(C)]
 struct PaddedHist([u32; 256], [u32; 8]);
 
-/// Quantize one tensor and count each channel's symbols (into `hist`, one
-/// histogram per channel, which must be zero) in the same pass, while the
-/// row is in cache.
-fn quantize_tensor(values: &[f32], shape: &KvShape, spec: &QuantSpec, rule: StepRule, exact: &[usize], hist: &mut [PaddedHist]) -> Result<(Vec<u8>, Vec<u8>), Error> {
+/// Quantize one tensor (`x`, raw `dtype` bytes) and count each channel's
+/// symbols (into `hist`, one histogram per channel, which must be zero) in
+/// the same pass, while the row is in cache. With `rows` (each row's
+/// `quant::row_absmax_sq`, for planes with `quant::symmetric_by_rows`) the
+/// steps come from those and each row is converted to f32 as it is
+/// quantized; otherwise the tensor is converted into `values` first.
+#[allow(clippy::too_many_arguments)]
+fn quantize_tensor(x: &[u8], dtype: Dtype, rows: Option<&[(u32, f64)]>, values: &mut Vec<f32>, shape: &KvShape, spec: &QuantSpec, rule: StepRule, exact: &[usize], hist: &mut [PaddedHist]) -> Result<(Vec<u8>, Vec<u8>), Error> {
     let (t, c, d) = (shape.tokens, shape.channels(), shape.head_dim);
-    let params = quant::group_params_with(values, t, c, d, spec, rule, exact)?;
+    let params = match rows {
+        Some(rows) => quant::group_params_from_rows(rows, c, d, spec, rule, exact)?,
+        None => {
+            quant::to_f32_into(dtype, x, values);
+            quant::group_params_with(values, t, c, d, spec, rule, exact)?
+        }
+    };
+    let row_bytes = c * dtype.size();
     let symbols = match spec.group {
         ScaleGroup::PerToken | ScaleGroup::PerTensor => {
-            let mut out = vec![0u8; t * c];
-            for (tt, (row, dst)) in values.chunks_exact(c).zip(out.chunks_exact_mut(c)).enumerate() {
+            let mut out = Vec::with_capacity(t * c);
+            for tt in 0..t {
+                let start = out.len();
                 if exact.contains(&tt) {
                     // Stored exactly elsewhere: the symbol of zero.
-                    dst.fill(if spec.asymmetric { 0 } else { spec.max });
+                    out.resize(start + c, if spec.asymmetric { 0 } else { spec.max });
                 } else {
-                    quant::quantize_row(row, params[spec.group.index(tt, 0, c, d)], spec, dst);
+                    let row: &[f32] = if rows.is_some() {
+                        quant::to_f32_into(dtype, &x[tt * row_bytes..(tt + 1) * row_bytes], values);
+                        values
+                    } else {
+                        &values[tt * c..(tt + 1) * c]
+                    };
+                    quant::quantize_row(row, params[spec.group.index(tt, 0, c, d)], spec, &mut out);
                 }
-                for (h, &s) in hist.iter_mut().zip(dst.iter()) {
+                for (h, &s) in hist.iter_mut().zip(&out[start..]) {
                     h.0[s as usize] += 1;
                 }
             }
@@ -377,28 +395,44 @@ fn plane_symbols(kv: &KvTensors, plan: &Plan, keep_hist: bool, each: &mut dyn Fn
         return Ok((out, Vec::new()));
     }
     let (t, c) = (shape.tokens, shape.channels());
-    // One f32 tensor at a time (converted again where needed) rather than
-    // every tensor up front: it stays in cache, and nothing large is allocated.
+    let protect = plan.protect && t >= 8;
+    // One pass over each tensor, converted to f32 a few rows at a time
+    // (they stay in L1): its row norms for the outlier tokens and, where a
+    // plane's steps need only per-row statistics, those; the quantizing
+    // pass then converts one row at a time instead of the whole tensor.
     let mut values = Vec::new();
-    let exact = if plan.protect && t >= 8 {
-        let norms: Vec<Vec<f64>> = kv
-            .tensors
-            .iter()
-            .map(|x| {
-                quant::to_f32_into(kv.dtype, x, &mut values);
-                quant::row_norms(&values, t, c)
-            })
-            .collect();
-        quant::outlier_tokens_from_norms(&norms, t)
-    } else {
-        Vec::new()
-    };
+    let mut norms = Vec::new();
+    let mut rows: Vec<Vec<(u32, f64)>> = Vec::with_capacity(plan.planes.len());
+    let row_bytes = c * kv.dtype.size();
+    for (p, x) in plan.planes.iter().zip(&kv.tensors) {
+        let PlaneKind::Quantized(spec) = p else { unreachable!("checked by plan_for") };
+        let by_rows = quant::symmetric_by_rows(spec);
+        let mut tensor_norms = Vec::with_capacity(if protect { t } else { 0 });
+        let mut tensor_rows = Vec::with_capacity(if by_rows { t } else { 0 });
+        if protect || by_rows {
+            for block in x.chunks(quant::NORM_ROWS * row_bytes) {
+                quant::to_f32_into(kv.dtype, block, &mut values);
+                let n = block.len() / row_bytes;
+                if protect {
+                    quant::row_norms_into(&values, n, c, &mut tensor_norms);
+                }
+                if by_rows {
+                    tensor_rows.extend((0..n).map(|r| quant::row_absmax_sq(&values[r * c..(r + 1) * c])));
+                }
+            }
+        }
+        if protect {
+            norms.push(tensor_norms);
+        }
+        rows.push(tensor_rows);
+    }
+    let exact = if protect { quant::outlier_tokens_from_norms(&norms, t) } else { Vec::new() };
     let mut out = Vec::with_capacity(plan.planes.len());
     let mut hist = vec![PaddedHist([0; 256], [0; 8]); c];
-    for ((p, rule), x) in plan.planes.iter().zip(&plan.rules).zip(&kv.tensors) {
+    for (((p, rule), x), rows) in plan.planes.iter().zip(&plan.rules).zip(&kv.tensors).zip(&rows) {
         let PlaneKind::Quantized(spec) = p else { unreachable!("checked by plan_for") };
-        quant::to_f32_into(kv.dtype, x, &mut values);
-        let (symbols, scales) = quantize_tensor(&values, shape, spec, *rule, &exact, &mut hist)?;
+        let rows = quant::symmetric_by_rows(spec).then_some(&rows[..]);
+        let (symbols, scales) = quantize_tensor(x, kv.dtype, rows, &mut values, shape, spec, *rule, &exact, &mut hist)?;
         let kept = if keep_hist { hist.iter().map(|h| h.0).collect() } else { Vec::new() };
         let ps = PlaneSymbols::new(symbols, scales, kept, &mut hist.iter().map(|h| &h.0[..p.nsym()]));
         // Zero the histograms for the next plane: only their non-zero

@@ -136,99 +136,126 @@ pub fn group_params(plane: &[f32], tokens: usize, channels: usize, head_dim: usi
 }
 
 pub fn group_params_with(plane: &[f32], tokens: usize, channels: usize, head_dim: usize, spec: &QuantSpec, rule: StepRule, skip: &[usize]) -> Result<Vec<GroupParams>, Error> {
+    if symmetric_by_rows(spec) {
+        let rows: Vec<(u32, f64)> = (0..tokens).map(|t| row_absmax_sq(&plane[t * channels..(t + 1) * channels])).collect();
+        return group_params_from_rows(&rows, channels, head_dim, spec, rule, skip);
+    }
     let n = spec.group.count(tokens, channels, head_dim);
     let mut lo = vec![f32::INFINITY; n];
     let mut hi = vec![f32::NEG_INFINITY; n];
     let mut sq = vec![0f64; n];
     let mut cnt = vec![0u64; n];
-    if !spec.asymmetric && matches!(spec.group, ScaleGroup::PerToken | ScaleGroup::PerTensor) {
-        // Symmetric steps need only each group's absmax (and sum of
-        // squares): the largest `|v|`, which is `max(|lo|, |hi|)` of the
-        // general loop below, found as the largest of the bit patterns with
-        // the sign cleared (ordered like the values for finite floats), so
-        // the loop vectorises; a pattern at or above infinity's is a
-        // non-finite value. The squares are summed exactly as below.
-        let mut absmax = vec![0u32; n];
-        for t in 0..tokens {
-            let row = &plane[t * channels..(t + 1) * channels];
-            let (mut m8, mut s8) = ([0u32; 8], [0f32; 8]);
-            let chunks = row.chunks_exact(8);
-            let rest = chunks.remainder();
-            for ch in chunks {
-                for k in 0..8 {
-                    m8[k] = m8[k].max(ch[k].to_bits() & 0x7fff_ffff);
-                    s8[k] += ch[k] * ch[k];
-                }
-            }
-            for (k, &v) in rest.iter().enumerate() {
-                m8[k] = m8[k].max(v.to_bits() & 0x7fff_ffff);
-                s8[k] += v * v;
-            }
-            let m = m8.iter().fold(0, |a, &b| a.max(b));
-            if m >= 0x7f80_0000 {
-                return Err(Error::NonFinite);
-            }
-            if skip.contains(&t) {
-                continue;
-            }
-            let g = spec.group.index(t, 0, channels, head_dim);
-            absmax[g] = absmax[g].max(m);
-            sq[g] += s8.iter().map(|&v| v as f64).sum::<f64>();
-            cnt[g] += channels as u64;
+    for t in 0..tokens {
+        let row = &plane[t * channels..(t + 1) * channels];
+        // A fold, not `any`: no early exit, so the check vectorises.
+        if row.iter().fold(false, |bad, v| bad | !v.is_finite()) {
+            return Err(Error::NonFinite);
         }
-        for g in 0..n {
-            hi[g] = f32::from_bits(absmax[g]);
-            lo[g] = -hi[g];
+        if skip.contains(&t) {
+            continue;
         }
-    } else {
-        for t in 0..tokens {
-            let row = &plane[t * channels..(t + 1) * channels];
-            // A fold, not `any`: no early exit, so the check vectorises.
-            if row.iter().fold(false, |bad, v| bad | !v.is_finite()) {
-                return Err(Error::NonFinite);
-            }
-            if skip.contains(&t) {
-                continue;
-            }
-            match spec.group {
-                // One group per row: reduce the row in f32 lanes, then once into f64.
-                ScaleGroup::PerToken | ScaleGroup::PerTensor => {
-                    let g = spec.group.index(t, 0, channels, head_dim);
-                    let (mut l8, mut h8, mut s8) = ([f32::INFINITY; 8], [f32::NEG_INFINITY; 8], [0f32; 8]);
-                    let chunks = row.chunks_exact(8);
-                    let rest = chunks.remainder();
-                    for ch in chunks {
-                        for k in 0..8 {
-                            l8[k] = l8[k].min(ch[k]);
-                            h8[k] = h8[k].max(ch[k]);
-                            s8[k] += ch[k] * ch[k];
-                        }
+        match spec.group {
+            // One group per row: reduce the row in f32 lanes, then once into f64.
+            ScaleGroup::PerToken | ScaleGroup::PerTensor => {
+                let g = spec.group.index(t, 0, channels, head_dim);
+                let (mut l8, mut h8, mut s8) = ([f32::INFINITY; 8], [f32::NEG_INFINITY; 8], [0f32; 8]);
+                let chunks = row.chunks_exact(8);
+                let rest = chunks.remainder();
+                for ch in chunks {
+                    for k in 0..8 {
+                        l8[k] = l8[k].min(ch[k]);
+                        h8[k] = h8[k].max(ch[k]);
+                        s8[k] += ch[k] * ch[k];
                     }
-                    for (k, &v) in rest.iter().enumerate() {
-                        l8[k] = l8[k].min(v);
-                        h8[k] = h8[k].max(v);
-                        s8[k] += v * v;
-                    }
-                    lo[g] = l8.iter().fold(lo[g], |a, &b| a.min(b));
-                    hi[g] = h8.iter().fold(hi[g], |a, &b| a.max(b));
-                    sq[g] += s8.iter().map(|&v| v as f64).sum::<f64>();
-                    cnt[g] += channels as u64;
                 }
-                _ => {
-                    for (c, &v) in row.iter().enumerate() {
-                        let g = spec.group.index(t, c, channels, head_dim);
-                        lo[g] = lo[g].min(v);
-                        hi[g] = hi[g].max(v);
-                        sq[g] += (v as f64) * (v as f64);
-                        cnt[g] += 1;
-                    }
+                for (k, &v) in rest.iter().enumerate() {
+                    l8[k] = l8[k].min(v);
+                    h8[k] = h8[k].max(v);
+                    s8[k] += v * v;
+                }
+                lo[g] = l8.iter().fold(lo[g], |a, &b| a.min(b));
+                hi[g] = h8.iter().fold(hi[g], |a, &b| a.max(b));
+                sq[g] += s8.iter().map(|&v| v as f64).sum::<f64>();
+                cnt[g] += channels as u64;
+            }
+            _ => {
+                for (c, &v) in row.iter().enumerate() {
+                    let g = spec.group.index(t, c, channels, head_dim);
+                    lo[g] = lo[g].min(v);
+                    hi[g] = hi[g].max(v);
+                    sq[g] += (v as f64) * (v as f64);
+                    cnt[g] += 1;
                 }
             }
         }
     }
+    params_from_stats(&lo, &hi, &sq, &cnt, spec, rule)
+}
+
+/// Whether a plane's steps come from per-row statistics alone
+/// ([`row_absmax_sq`], [`group_params_from_rows`]): symmetric, one group
+/// per token or per tensor.
+pub fn symmetric_by_rows(spec: &QuantSpec) -> bool {
+    !spec.asymmetric && matches!(spec.group, ScaleGroup::PerToken | ScaleGroup::PerTensor)
+}
+
+/// What a symmetric step needs of one row: the largest `|v|` (the largest
+/// of the bit patterns with the sign cleared, ordered like the values for
+/// finite floats, so the loop vectorises; a pattern at or above
+/// infinity's is a non-finite value) and the sum of squares (in f32 lanes,
+/// then once into f64). The encoder takes these while a row is in cache
+/// for its outlier norms, and later quantizes without another pass.
+#[inline]
+pub fn row_absmax_sq(row: &[f32]) -> (u32, f64) {
+    let (mut m8, mut s8) = ([0u32; 8], [0f32; 8]);
+    let chunks = row.chunks_exact(8);
+    let rest = chunks.remainder();
+    for ch in chunks {
+        for k in 0..8 {
+            m8[k] = m8[k].max(ch[k].to_bits() & 0x7fff_ffff);
+            s8[k] += ch[k] * ch[k];
+        }
+    }
+    for (k, &v) in rest.iter().enumerate() {
+        m8[k] = m8[k].max(v.to_bits() & 0x7fff_ffff);
+        s8[k] += v * v;
+    }
+    (m8.iter().fold(0, |a, &b| a.max(b)), s8.iter().map(|&v| v as f64).sum::<f64>())
+}
+
+/// `group_params_with` of a plane with `symmetric_by_rows`, from each row's
+/// `row_absmax_sq` (rows in token order): the same steps, bit for bit
+/// (each group's absmax is `max(|lo|, |hi|)` of the general statistics,
+/// and the sums of squares are added in the same order).
+pub fn group_params_from_rows(rows: &[(u32, f64)], channels: usize, head_dim: usize, spec: &QuantSpec, rule: StepRule, skip: &[usize]) -> Result<Vec<GroupParams>, Error> {
+    debug_assert!(symmetric_by_rows(spec));
+    let n = spec.group.count(rows.len(), channels, head_dim);
+    let mut absmax = vec![0u32; n];
+    let mut sq = vec![0f64; n];
+    let mut cnt = vec![0u64; n];
+    for (t, &(m, s)) in rows.iter().enumerate() {
+        if m >= 0x7f80_0000 {
+            return Err(Error::NonFinite);
+        }
+        if skip.contains(&t) {
+            continue;
+        }
+        let g = spec.group.index(t, 0, channels, head_dim);
+        absmax[g] = absmax[g].max(m);
+        sq[g] += s;
+        cnt[g] += channels as u64;
+    }
+    let hi: Vec<f32> = absmax.iter().map(|&b| f32::from_bits(b)).collect();
+    let lo: Vec<f32> = hi.iter().map(|&h| -h).collect();
+    params_from_stats(&lo, &hi, &sq, &cnt, spec, rule)
+}
+
+/// Each group's parameters from its minimum, maximum, sum of squares and
+/// count (a group with no values gets step 0).
+fn params_from_stats(lo: &[f32], hi: &[f32], sq: &[f64], cnt: &[u64], spec: &QuantSpec, rule: StepRule) -> Result<Vec<GroupParams>, Error> {
     let max = spec.max as f32;
-    let mut out = Vec::with_capacity(n);
-    for g in 0..n {
+    let mut out = Vec::with_capacity(lo.len());
+    for g in 0..lo.len() {
         if cnt[g] == 0 {
             // Every token of the group is stored exactly.
             out.push(GroupParams { offset: 0.0, step: 0.0 });
@@ -279,13 +306,15 @@ pub fn dequantize_value(s: u8, p: GroupParams, spec: &QuantSpec) -> f32 {
     }
 }
 
-/// Quantize one row under one group's parameters: `quantize_value` of each
-/// element, with the group's constants hoisted so the loop vectorises (the
-/// same IEEE operations in the same order, so the same symbols).
+/// Quantize one row under one group's parameters, appending to `out`:
+/// `quantize_value` of each element, with the group's constants hoisted so
+/// the loop vectorises (the same IEEE operations in the same order, so the
+/// same symbols). Appending rather than filling a zeroed buffer saves
+/// zeroing every symbol first.
 #[inline]
-pub fn quantize_row(row: &[f32], p: GroupParams, spec: &QuantSpec, dst: &mut [u8]) {
+pub fn quantize_row(row: &[f32], p: GroupParams, spec: &QuantSpec, out: &mut Vec<u8>) {
     if p.step == 0.0 {
-        dst.fill(if spec.asymmetric { 0 } else { spec.max });
+        out.resize(out.len() + row.len(), if spec.asymmetric { 0 } else { spec.max });
         return;
     }
     let top = 2.0 * spec.max as f32;
@@ -298,14 +327,10 @@ pub fn quantize_row(row: &[f32], p: GroupParams, spec: &QuantSpec, dst: &mut [u8
     const MAGIC: f32 = 8_388_608.0;
     if spec.asymmetric {
         let offset = p.offset;
-        for (d, &v) in dst.iter_mut().zip(row) {
-            *d = (((v - offset) / step).clamp(0.0, top) + MAGIC).to_bits() as u8;
-        }
+        out.extend(row.iter().map(|&v| (((v - offset) / step).clamp(0.0, top) + MAGIC).to_bits() as u8));
     } else {
         let centre = spec.max as f32;
-        for (d, &v) in dst.iter_mut().zip(row) {
-            *d = ((v / step + centre).clamp(0.0, top) + MAGIC).to_bits() as u8;
-        }
+        out.extend(row.iter().map(|&v| ((v / step + centre).clamp(0.0, top) + MAGIC).to_bits() as u8));
     }
 }
 
@@ -364,10 +389,20 @@ pub fn outlier_tokens(tensors: &[Vec<f32>], tokens: usize, channels: usize) -> V
 /// computes it: squares in f64 summed in channel order from 0, then `sqrt`.
 /// Eight rows are summed side by side (each still in channel order, so the
 /// same bits) to hide the latency of the f64 additions.
-#[allow(clippy::needless_range_loop)] // c indexes eight rows at once
 pub fn row_norms(x: &[f32], tokens: usize, channels: usize) -> Vec<f64> {
-    const R: usize = 8;
     let mut out = Vec::with_capacity(tokens);
+    row_norms_into(x, tokens, channels, &mut out);
+    out
+}
+
+/// Rows `row_norms` sums side by side.
+pub const NORM_ROWS: usize = 8;
+
+/// `row_norms`, appending to `out`. Each row's norm depends on that row
+/// alone, so a plane may be given a few rows at a time.
+#[allow(clippy::needless_range_loop)] // c indexes eight rows at once
+pub fn row_norms_into(x: &[f32], tokens: usize, channels: usize, out: &mut Vec<f64>) {
+    const R: usize = NORM_ROWS;
     let mut t = 0;
     while t + R <= tokens {
         let rows: [&[f32]; R] = std::array::from_fn(|k| &x[(t + k) * channels..(t + k + 1) * channels]);
@@ -384,7 +419,6 @@ pub fn row_norms(x: &[f32], tokens: usize, channels: usize) -> Vec<f64> {
     for r in x[t * channels..tokens * channels].chunks_exact(channels.max(1)) {
         out.push(r.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>().sqrt());
     }
-    out
 }
 
 /// `outlier_tokens` from each tensor's `row_norms`.
@@ -395,9 +429,10 @@ pub fn outlier_tokens_from_norms(all_norms: &[Vec<f64>], tokens: usize) -> Vec<u
     let tensors = all_norms;
     let mut score = vec![0f64; tokens];
     for norms in all_norms {
-        let mut sorted = norms.clone();
-        sorted.sort_by(|a, b| a.total_cmp(b));
-        let med = sorted[tokens / 2];
+        // Only the median is needed: a selection, not a sort (the same
+        // element, since `total_cmp` is a total order).
+        let mut work = norms.clone();
+        let med = *work.select_nth_unstable_by(tokens / 2, |a, b| a.total_cmp(b)).1;
         for (s, n) in score.iter_mut().zip(norms) {
             *s += det_ln((n + 1e-6) / (med + 1e-6)).abs();
         }
@@ -599,7 +634,7 @@ mod tests {
                 let spec = QuantSpec { group: ScaleGroup::PerTensor, max, asymmetric };
                 for (step, offset) in [(1.0f32, 0.0f32), (0.5, -3.0), (0.37, 1.25), (3.0e-39, 0.0), (1e-3, -0.5)] {
                     let p = GroupParams { offset: if asymmetric { offset } else { 0.0 }, step };
-                    let mut got = vec![0u8; vals.len()];
+                    let mut got = Vec::new();
                     quantize_row(&vals, p, &spec, &mut got);
                     for (&v, &g) in vals.iter().zip(&got) {
                         assert_eq!(g, quantize_value(v, p, &spec), "v {v} step {step} max {max} asym {asymmetric}");

@@ -10,6 +10,7 @@
 
 use super::table::{EncTable, FreqTable};
 use super::Error;
+use std::mem::MaybeUninit;
 
 /// Lower bound of the normalised state interval `[RANS_L, 2^32)`.
 pub const RANS_L: u32 = 1 << 16;
@@ -343,10 +344,34 @@ impl PlaneLuts {
                 // (A zero-frequency symbol writes garbage that the next run
                 // overwrites: `at` does not move.)
                 let e0 = value[lo as usize + i] as u32 | (f as u32).wrapping_sub(1) << 16;
-                // SAFETY: a run starts at most N - 1 entries into table t (the
-                // sum was checked) and data has 16 entries of padding after
-                // the last table. The first 16 entries are written without a
-                // branch: run lengths are too irregular to predict.
+                // SAFETY (both forms): a run starts at most N - 1 entries into
+                // table t (the sum was checked) and data has 16 entries of
+                // padding after the last table; AVX2 is enabled for the whole
+                // build where its form is compiled. The first 16 entries are
+                // written without a branch: run lengths are too irregular to
+                // predict.
+                // (With AVX2 also: entry j of the run is e0 + j << 24, as
+                // e0's top byte is clear whenever the run has entries past
+                // its 16th, so each 8 entries are the previous 8 plus 8 << 24:
+                // one vector add and store, where the compiler built every
+                // vector from the scalar form lane by lane.)
+                #[cfg(all(target_arch = "x86_64", target_feature = "avx2"))]
+                unsafe {
+                    use std::arch::x86_64::*;
+                    let step = _mm256_set1_epi32(8 << 24);
+                    let mut e = _mm256_add_epi32(_mm256_set1_epi32(e0 as i32), _mm256_loadu_si256(IOTA.as_ptr() as *const __m256i));
+                    _mm256_storeu_si256(at as *mut __m256i, e);
+                    e = _mm256_add_epi32(e, step);
+                    _mm256_storeu_si256(at.add(8) as *mut __m256i, e);
+                    let mut j = 16u32;
+                    while j < f as u32 {
+                        e = _mm256_add_epi32(e, step);
+                        _mm256_storeu_si256(at.add(j as usize) as *mut __m256i, e);
+                        j += 8;
+                    }
+                    at = at.add(f as usize);
+                }
+                #[cfg(not(all(target_arch = "x86_64", target_feature = "avx2")))]
                 unsafe {
                     let chunk = &mut *(at as *mut [u32; 16]);
                     for k in 0..8 {
@@ -542,6 +567,32 @@ pub fn decode_segment_values(
     row_stride: usize,
     allow_simd: bool,
 ) -> Result<(), Error> {
+    decode_segment_values_uninit(geo, bytes, luts, lut_index, scratch, as_uninit(out), row_stride, allow_simd)
+}
+
+/// `out` as possibly uninitialised bytes, for the decoders that only write it.
+pub fn as_uninit(out: &mut [u8]) -> &mut [MaybeUninit<u8>] {
+    // SAFETY: MaybeUninit<u8> has the layout of u8, and the callers of this
+    // module's `_uninit` decoders only write initialised bytes through it,
+    // so `out` stays initialised.
+    unsafe { &mut *(out as *mut [u8] as *mut [MaybeUninit<u8>]) }
+}
+
+/// `decode_segment_values` into possibly uninitialised output: when it
+/// returns Ok, it has written both bytes of the element of every channel
+/// of the segment's groups at every token of the segment (so segments
+/// that tile a plane leave all of it initialised).
+#[allow(clippy::too_many_arguments)]
+pub fn decode_segment_values_uninit(
+    geo: &SegmentGeometry,
+    bytes: &[u8],
+    luts: &PlaneLuts,
+    lut_index: impl Fn(usize) -> usize,
+    scratch: &mut DecodeScratch,
+    out: &mut [MaybeUninit<u8>],
+    row_stride: usize,
+    allow_simd: bool,
+) -> Result<(), Error> {
     if !luts.valued || luts.prob_bits != 8 {
         return Err(Error::Invalid("decode_segment_values needs valued lookup tables".into()));
     }
@@ -584,7 +635,9 @@ pub fn decode_segment_values(
                 let xl = x[l];
                 let e = lut[(base[l] + (xl & 0xff)) as usize];
                 let xn = ((e >> 16 & 0xff) + 1) * (xl >> 8) + (e >> 24);
-                row[2 * l..2 * l + 2].copy_from_slice(&(e as u16).to_le_bytes());
+                let v = (e as u16).to_le_bytes();
+                row[2 * l].write(v[0]);
+                row[2 * l + 1].write(v[1]);
                 let w = words[pos] as u32;
                 let need = xn < RANS_L;
                 let m = 0u32.wrapping_sub(need as u32);
@@ -601,6 +654,8 @@ pub fn decode_segment_values(
 /// calls but in lockstep on the AVX2 path, so that the two segments'
 /// dependency chains overlap. Falls back to the two calls otherwise. The
 /// same checks; which of the two segments' errors is reported may differ.
+/// Like `decode_segment_values_uninit`, on Ok it has written every element
+/// of both segments.
 #[allow(clippy::too_many_arguments)]
 pub fn decode_segment_pair_values(
     geo: [&SegmentGeometry; 2],
@@ -608,7 +663,7 @@ pub fn decode_segment_pair_values(
     luts: &PlaneLuts,
     lut_index: impl Fn(usize) -> usize,
     scratch: &mut DecodeScratch,
-    out: &mut [u8],
+    out: &mut [MaybeUninit<u8>],
     row_stride: usize,
     allow_simd: bool,
 ) -> Result<(), Error> {
@@ -664,8 +719,8 @@ pub fn decode_segment_pair_values(
         return finish_segment(gb, &xb, pos[1], nb);
     }
     let _ = paired;
-    decode_segment_values(ga, bytes[0], luts, &lut_index, scratch, out, row_stride, allow_simd)?;
-    decode_segment_values(gb, bytes[1], luts, &lut_index, scratch, out, row_stride, allow_simd)
+    decode_segment_values_uninit(ga, bytes[0], luts, &lut_index, scratch, out, row_stride, allow_simd)?;
+    decode_segment_values_uninit(gb, bytes[1], luts, &lut_index, scratch, out, row_stride, allow_simd)
 }
 
 #[cfg(target_arch = "x86_64")]
