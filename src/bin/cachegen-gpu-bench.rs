@@ -455,7 +455,7 @@ fn bench_encode(gpu: &Gpu, src: &KvTensors, variants: &[(&str, &[Vec<u8>], Optio
             drop(first);
             println!("{tokens} tokens: GPU containers {} the CPU encoder's", if identical { "identical to" } else { "DIFFER from" });
             let (mut kern, mut wall, mut setup, mut finish) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-            let mut per_kernel: Vec<Vec<f64>> = vec![Vec::new(); 8];
+            let mut per_kernel: Vec<Vec<f64>> = vec![Vec::new(); cachegen::gpu::KERNEL_NAMES.len()];
             let mut batches = 0;
             let mut waits: Vec<[f64; 5]> = Vec::new();
             for _ in 0..repeat {
@@ -475,7 +475,7 @@ fn bench_encode(gpu: &Gpu, src: &KvTensors, variants: &[(&str, &[Vec<u8>], Optio
             }
             let syms = chunk_syms * nchunks as f64;
             let (k, w) = (median(kern.clone()), median(wall.clone()));
-            let names = ["rows", "outliers", "steps", "quant", "rans", "sizes", "sections", "payload"];
+            let names = cachegen::gpu::KERNEL_NAMES.map(|n| n.trim_start_matches("cg_enc_"));
             let per: serde_json::Map<String, serde_json::Value> = names.iter().zip(&per_kernel).map(|(n, v)| (n.to_string(), json!(median(v.clone())))).collect();
             println!("{tokens} tokens encode, per kernel (ms): {}", names.iter().zip(&per_kernel).map(|(n, v)| format!("{n} {:.2}", median(v.clone()))).collect::<Vec<_>>().join(", "));
             println!(

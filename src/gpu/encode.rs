@@ -9,12 +9,14 @@
 //!    the two sums of squares the CPU makes (8 f32 lanes summed in f64, for
 //!    the step; a sequential f64 sum, for the outlier norms), max |v|, and
 //!    the non-finite check.
-//! 2. `cg_enc_outliers`: exact ("sink") tokens as `quant::outlier_tokens`
-//!    (median by rank counting, `quant::det_ln`, ranking).
-//! 3. `cg_enc_steps`: each tensor's step (`StepRule::Rms`, bf16 rounded up).
-//! 4. `cg_enc_quant`: symbols, per-channel histograms and compact tables.
-//! 5. `cg_enc_rans`: every segment, a warp each, a lane per channel.
-//! 6. `cg_enc_sizes`, 7. `cg_enc_sections`, 8. `cg_enc_payload`: section
+//! 2. `cg_enc_medians`: per (chunk, tensor), the median row norm (rank
+//!    counting) and each token's outlier term (`quant::det_ln`).
+//! 3. `cg_enc_outliers`: exact ("sink") tokens as `quant::outlier_tokens`
+//!    (the terms summed in tensor order, ranking).
+//! 4. `cg_enc_steps`: each tensor's step (`StepRule::Rms`, bf16 rounded up).
+//! 5. `cg_enc_quant`: symbols, per-channel histograms and compact tables.
+//! 6. `cg_enc_rans`: every segment, a warp each, a lane per channel.
+//! 7. `cg_enc_sizes`, 8. `cg_enc_sections`, 9. `cg_enc_payload`: section
 //!    offsets (scans) and the container assembled in device memory.
 //!
 //! The host then copies each container back (its exact size) and writes
@@ -168,9 +170,8 @@ pub struct EncodeTimings {
     /// From the first batch's start to the last batch's last kernel, by
     /// device events (includes any wait of the GPU for the host).
     pub kernels_ms: f64,
-    /// Each kernel (rows, outliers, steps, quant, rans, sizes, sections,
-    /// payload), summed over the batches.
-    pub per_kernel_ms: [f64; 8],
+    /// Each kernel ([`KERNEL_NAMES`]), summed over the batches.
+    pub per_kernel_ms: [f64; KERNELS],
     /// After the last kernel: that batch's copy to the host, headers and
     /// hashes (the part the pipeline cannot hide).
     pub finish_ms: f64,
@@ -194,7 +195,7 @@ pub struct EncodeTimings {
 pub struct GpuEncoder {
     gpu: Gpu,
     _module: Module,
-    f: [cudarc::driver::sys::CUfunction; 8],
+    f: [cudarc::driver::sys::CUfunction; KERNELS],
     thresholds: DeviceBuffer,
     /// The kernels' stream (when the caller passes none) and the copy stream.
     stream: Mutex<(Stream, Stream)>,
@@ -347,9 +348,8 @@ impl GpuEncoder {
         // No FMA contraction anywhere (the kernels also use explicit _rn intrinsics).
         let (cubin, _log) = nvrtc::compile(&src, "encode.cu", maj, min, &["--fmad=false".to_string()])?;
         let module = Module::load(&cubin)?;
-        let names = ["cg_enc_rows", "cg_enc_outliers", "cg_enc_steps", "cg_enc_quant", "cg_enc_rans", "cg_enc_sizes", "cg_enc_sections", "cg_enc_payload"];
-        let mut f = [std::ptr::null_mut(); 8];
-        for (slot, name) in f.iter_mut().zip(names) {
+        let mut f = [std::ptr::null_mut(); KERNELS];
+        for (slot, name) in f.iter_mut().zip(KERNEL_NAMES) {
             *slot = module.function(name)?;
         }
         let th = code_thresholds()?;
@@ -574,8 +574,8 @@ impl GpuEncoder {
             }
             None => own,
         };
-        // Per batch: its start, then the end of each of its 8 kernels.
-        let ev: Vec<Vec<Event>> = (0..batches.len()).map(|_| (0..9).map(|_| Event::new(true)).collect::<Result<_, _>>()).collect::<Result<_, _>>()?;
+        // Per batch: its start, then the end of each of its kernels.
+        let ev: Vec<Vec<Event>> = (0..batches.len()).map(|_| (0..=KERNELS).map(|_| Event::new(true)).collect::<Result<_, _>>()).collect::<Result<_, _>>()?;
         // SAFETY: both destinations were allocated above with these lengths;
         // the sources outlive the synchronisation at the end of this call.
         unsafe {
@@ -584,7 +584,7 @@ impl GpuEncoder {
         }
         let setup_ms = t_setup.elapsed().as_secs_f64() * 1e3;
 
-        // Launch batch `bi` into arena `bi % RING` (uploads, 8 kernels, events).
+        // Launch batch `bi` into arena `bi % RING` (uploads, kernels, events).
         let launch_batch = |bi: usize| -> Result<(), GpuError> {
             let b = &batches[bi];
             let base = arenas[bi % RING].ptr();
@@ -607,8 +607,9 @@ impl GpuEncoder {
                 driver::memset(bufs.info, 0, 32 * b.descs.len(), s)?;
             }
             let mut params = [&mut geo as *mut Geo as *mut c_void, &mut bufs as *mut Bufs as *mut c_void];
-            let launches: [((u32, u32, u32), u32); 8] = [
+            let launches: [((u32, u32, u32), u32); KERNELS] = [
                 (((p as u32 * b.max_t).div_ceil(128), nb, 1), 128),
+                ((p as u32, nb, 1), 256),
                 ((nb, 1, 1), 256),
                 (((p as u32).div_ceil(128), nb, 1), 128),
                 ((groups as u32, p as u32, nb), 256),
@@ -637,7 +638,7 @@ impl GpuEncoder {
         let huge_pages = std::env::var_os("CACHEGEN_NO_HUGE_PAGES").is_none();
         let workers = std::thread::available_parallelism().map_or(1, |t| t.get()).saturating_sub(1).max(1);
         let mut out: Vec<Vec<u8>> = vec![Vec::new(); n];
-        let mut per_kernel_ms = [0f64; 8];
+        let mut per_kernel_ms = [0f64; KERNELS];
         let mut t_tail = Instant::now();
         let (mut wait_gpu_ms, mut wait_copy_ms, mut wait_workers_ms) = (0f64, 0f64, 0f64);
         // Chunks to encode again with embedded tables (ERR_FALLBACK).
@@ -676,7 +677,7 @@ impl GpuEncoder {
             for (bi, b) in batches.iter().enumerate() {
                 let nb = b.descs.len();
                 let t_wait = Instant::now();
-                ev[bi][8].sync()?;
+                ev[bi][KERNELS].sync()?;
                 wait_gpu_ms += t_wait.elapsed().as_secs_f64() * 1e3;
                 if bi + 1 == batches.len() {
                     t_tail = Instant::now();
@@ -781,7 +782,7 @@ impl GpuEncoder {
         let synced = driver::call("cuStreamSynchronize", || unsafe { cudarc::driver::result::stream::synchronize(s.raw) });
         run?;
         synced?;
-        let kernels_ms = ev[batches.len() - 1][8].since(&ev[0][0])? as f64;
+        let kernels_ms = ev[batches.len() - 1][KERNELS].since(&ev[0][0])? as f64;
         let finish_ms = t_tail.elapsed().as_secs_f64() * 1e3;
         drop(staging);
         drop(streams);
@@ -799,6 +800,10 @@ impl GpuEncoder {
         Ok((out, EncodeTimings { setup_ms, kernels_ms, per_kernel_ms, finish_ms, batches: batches.len(), wait_gpu_ms, wait_copy_ms, wait_workers_ms, worker_busy_ms, workers, fallback_chunks }))
     }
 }
+
+/// The kernels of `cuda/encode.cu`, in launch order.
+pub const KERNEL_NAMES: [&str; KERNELS] = ["cg_enc_rows", "cg_enc_medians", "cg_enc_outliers", "cg_enc_steps", "cg_enc_quant", "cg_enc_rans", "cg_enc_sizes", "cg_enc_sections", "cg_enc_payload"];
+const KERNELS: usize = 9;
 
 /// Symbols per batch (about 8 chunks of 256 tokens of a Llama-3-8B-shaped
 /// cache; 44 of SmolLM2's): big enough to fill the GPU, small enough that the

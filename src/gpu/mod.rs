@@ -38,7 +38,7 @@ use std::sync::Arc;
 pub use decode::{GpuDecoder, GpuTableSet, LayerEvents, PreparedChunk, Staged, Timings, SKIP_BLOCK};
 pub use gather::GpuGather;
 pub use driver::{DeviceBuffer, Event, PinnedBuffer};
-pub use encode::{EncodeTimings, GpuEncoder, BATCH_SYMBOLS, ENCODE_CU, RING};
+pub use encode::{EncodeTimings, GpuEncoder, BATCH_SYMBOLS, ENCODE_CU, KERNEL_NAMES, RING};
 
 use driver::Context;
 
