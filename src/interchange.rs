@@ -121,9 +121,10 @@ mod tests {
         let mut missing = kv.clone();
         missing.shape.layers = 1;
         missing.tensors.truncate(2);
-        let mut views: Vec<(String, TensorView)> = Vec::new();
-        views.push(("layers.0.key".into(), TensorView::new(StDtype::BF16, vec![3, 2, 4], &kv.tensors[0]).unwrap()));
-        views.push(("layers.1.value".into(), TensorView::new(StDtype::BF16, vec![3, 2, 4], &kv.tensors[1]).unwrap()));
+        let views: Vec<(String, TensorView)> = vec![
+            ("layers.0.key".into(), TensorView::new(StDtype::BF16, vec![3, 2, 4], &kv.tensors[0]).unwrap()),
+            ("layers.1.value".into(), TensorView::new(StDtype::BF16, vec![3, 2, 4], &kv.tensors[1]).unwrap()),
+        ];
         let bad = safetensors::serialize(views, &None).unwrap();
         let err = from_safetensors(&bad).err().unwrap().to_string();
         assert!(err.contains("missing tensor 'layers.0.value'"), "{err}");

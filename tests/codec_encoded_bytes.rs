@@ -24,7 +24,10 @@ fn tokens(kv: &KvTensors, t0: usize, t1: usize) -> KvTensors {
     KvTensors { shape: KvShape { tokens: t1 - t0, ..kv.shape }, dtype: kv.dtype, tensors: kv.tensors.iter().map(|t| t[t0 * row..t1 * row].to_vec()).collect() }
 }
 
-fn pin(bytes: &[u8]) -> (usize, u64) {
+/// A stream's length and trailing checksum.
+type Pinned = (usize, u64);
+
+fn pin(bytes: &[u8]) -> Pinned {
     (bytes.len(), u64::from_le_bytes(bytes[bytes.len() - 8..].try_into().unwrap()))
 }
 
@@ -32,7 +35,7 @@ fn pin(bytes: &[u8]) -> (usize, u64) {
 fn encoded_fixture_is_byte_identical_at_every_level() {
     let (kv, profile) = load();
     // (level, no profile, with the SmolLM2 profile)
-    let want: [(Level, (usize, u64), (usize, u64)); 4] = [
+    let want: [(Level, Pinned, Pinned); 4] = [
         (Level::Compact, (1152110, 0x1de0edb80cb1a176), (1170518, 0xc9ec3f9e1e4faf41)),
         (Level::Default, (1840389, 0xd251af8a46d12c37), (1864219, 0x66f75ea109564ec1)),
         (Level::High, (2880335, 0xcfc298890d94cee4), (2624779, 0xc78146629927db0d)),

@@ -243,9 +243,10 @@ fn value_decoder_agrees_with_symbol_decoder() {
             let c = h.shape.channels();
             let tables = codec::encode::parse_tables(&bytes[layout.tables.clone()], &layout.planes, c, h.prob_bits, TableEncoding::Compact).unwrap();
             let per = h.segments_per_plane();
-            for p in 0..layout.planes.len() {
+            assert_eq!(tables.len(), layout.planes.len());
+            for (p, pt) in tables.iter().enumerate() {
                 let mut luts = PlaneLuts::new(8);
-                luts.build(&tables[p]).unwrap();
+                luts.build(pt).unwrap();
                 let mut want = vec![0u8; 2 * c * tokens];
                 for k in 0..per {
                     let (a, b) = layout.segments[p * per + k];
@@ -261,7 +262,7 @@ fn value_decoder_agrees_with_symbol_decoder() {
                     }, false).unwrap();
                 }
                 let mut vluts = PlaneLuts::new(8);
-                vluts.build_valued(tables[p].len(), |t| (tables[p][t].lo, &tables[p][t].freq[..]), &value).unwrap();
+                vluts.build_valued(pt.len(), |t| (pt[t].lo, &pt[t].freq[..]), &value).unwrap();
                 for simd in [false, true] {
                     let mut got = vec![0u8; 2 * c * tokens];
                     for k in 0..per {

@@ -258,16 +258,13 @@ fn device_layouts_without_a_gpu_or_with_host_pointers_are_refused() {
     // A host buffer labelled as device memory.
     let fake = Arc::new(KvLayout { memory: Memory::Cuda { device: 0 }, ..(*host.layout).clone() });
     let ctx = Context::from_json(&config("")).unwrap();
-    match gpu() {
-        None => {
-            // No GPU here: every job on device memory is refused up front.
-            let e = unsafe { ctx.store(Arc::clone(&fake), &toks, &blocks, b"") }.err().expect("store refused");
-            assert!(matches!(e, ConnectorError::NoGpu(_)), "{e}");
-            let e = unsafe { ctx.load(Arc::clone(&fake), &toks, &blocks, 0, b"", 0) }.err();
-            // Nothing stored: the load has no chunks and needs no GPU.
-            assert!(e.is_none() || matches!(e, Some(ConnectorError::NoGpu(_))));
-        }
-        Some(_) => {}
+    if gpu().is_none() {
+        // No GPU here: every job on device memory is refused up front.
+        let e = unsafe { ctx.store(Arc::clone(&fake), &toks, &blocks, b"") }.err().expect("store refused");
+        assert!(matches!(e, ConnectorError::NoGpu(_)), "{e}");
+        let e = unsafe { ctx.load(Arc::clone(&fake), &toks, &blocks, 0, b"", 0) }.err();
+        // Nothing stored: the load has no chunks and needs no GPU.
+        assert!(e.is_none() || matches!(e, Some(ConnectorError::NoGpu(_))));
     }
     // Through the C ABI: CG_ERR_NO_GPU without a GPU, CG_ERR_INVALID_ARGUMENT
     // for host pointers on a GPU machine; never a layout handle.

@@ -353,15 +353,15 @@ fn corrupt_containers_are_rejected() {
     // Corrupt words with a valid checksum: only decoding can tell; the device
     // reports it (the blocks may then have been written and are discarded).
     let mut bad = good.clone();
-    for i in seg0.0 + 4 * 32..seg0.1 {
-        bad[i] = bad[i].wrapping_mul(31).wrapping_add(7);
+    for b in &mut bad[seg0.0 + 4 * 32..seg0.1] {
+        *b = b.wrapping_mul(31).wrapping_add(7);
     }
     let bad = with_checksum(bad);
     assert!(codec::decode(&bad, None).is_err(), "the CPU decoder must reject it too");
     let e = expect_err(dec, &[good.clone(), bad], Dtype::F16, false);
     assert!(matches!(e, GpuError::CorruptOnDevice { chunk: 1, .. } | GpuError::Codec { chunk: 1, .. }), "{e}");
     // A layout of another dtype: rejected before launch.
-    let e = expect_err(dec, &[good.clone()], Dtype::Bf16, true);
+    let e = expect_err(dec, std::slice::from_ref(&good), Dtype::Bf16, true);
     assert!(matches!(e, GpuError::Invalid(_)), "{e}");
 }
 

@@ -367,15 +367,15 @@ impl Diag {
 fn oracle_min(sz: &Sizes, n: usize, bw: &[f64], rate: f64) -> f64 {
     let dec = sz.syms / GPU_SYM_PER_S;
     let mut total = 0.0;
-    for c in 0..n {
-        let fetch = LATENCY + sz.level_bytes[c % sz.level_bytes.len()][0] / bw[c];
+    for (c, &b) in bw[..n].iter().enumerate() {
+        let fetch = LATENCY + sz.level_bytes[c % sz.level_bytes.len()][0] / b;
         total += fetch.max(dec).min(CHUNK as f64 / rate);
     }
     total + dec
 }
 
 /// The best any online loader can do on per-chunk traces uniform in
-/// `lo..hi` bytes/s (`--online-bound`): a dynamic program over (chunk,
+/// `span` (`lo..hi` bytes/s, `--online-bound`): a dynamic program over (chunk,
 /// time used, whether the last fetched chunk's decode is still pending) for
 /// a loader that knows the rate distribution and every chunk's size, but
 /// learns a chunk's rate only by requesting it: a request costs the latency
@@ -388,7 +388,8 @@ fn oracle_min(sz: &Sizes, n: usize, bw: &[f64], rate: f64) -> f64 {
 /// steps in all). Returns the probability of violating the SLO (exact
 /// over the distribution, up to the grid and `M` rate points) and the DP
 /// policy's violations on the given traces (the same traces as the table).
-fn online_bound(sz: &Sizes, n: usize, slo: f64, rate: f64, lo: f64, hi: f64, delay: &dyn Fn(f64) -> f64, traces: &[Vec<f64>]) -> (f64, usize) {
+fn online_bound(sz: &Sizes, n: usize, slo: f64, rate: f64, span: std::ops::Range<f64>, delay: &dyn Fn(f64) -> f64, traces: &[Vec<f64>]) -> (f64, usize) {
+    let (lo, hi) = (span.start, span.end);
     let h: f64 = if n <= 32 { 2e-6 } else { 2e-5 };
     const M: usize = 1000;
     let dec = sz.syms / GPU_SYM_PER_S;
@@ -399,9 +400,9 @@ fn online_bound(sz: &Sizes, n: usize, slo: f64, rate: f64, lo: f64, hi: f64, del
     // f = 1 when the last fetched chunk's decode is pending (it ends `dec`
     // after its fetch; hidden by any later request, which takes >= LATENCY).
     let mut v: Vec<[Vec<f32>; 2]> = (0..=n).map(|_| [vec![0f32; kmax + 1], vec![0f32; kmax + 1]]).collect();
-    for f in 0..2 {
-        for k in 0..=kmax {
-            v[n][f][k] = (k as f64 * h + f as f64 * dec <= slo) as u8 as f32;
+    for (f, row) in v[n].iter_mut().enumerate() {
+        for (k, x) in row.iter_mut().enumerate() {
+            *x = (k as f64 * h + f as f64 * dec <= slo) as u8 as f32;
         }
     }
     let idx = |t: f64| -> Option<usize> { let k = (t / h).floor(); (k <= kmax as f64).then_some(k as usize) };
@@ -411,15 +412,15 @@ fn online_bound(sz: &Sizes, n: usize, slo: f64, rate: f64, lo: f64, hi: f64, del
         let s = sz.level_bytes[c % sz.level_bytes.len()][0];
         let min_rest: f64 = (c..n).map(fastest).sum();
         let (next, cur) = { let (a, b) = v.split_at_mut(c + 1); (&b[0], &mut a[c]) };
-        for f in 0..2 {
-            for k in 0..=kmax {
+        for (f, row) in cur.iter_mut().enumerate() {
+            for (k, x) in row.iter_mut().enumerate() {
                 let t = k as f64 * h;
                 if t + (n - c) as f64 * rc + f as f64 * dec <= slo {
-                    cur[f][k] = 1.0; // recompute the rest: met
+                    *x = 1.0; // recompute the rest: met
                     continue;
                 }
                 if t + min_rest > slo {
-                    cur[f][k] = 0.0;
+                    *x = 0.0;
                     continue;
                 }
                 let recompute = at(next, f, t + rc);
@@ -429,7 +430,7 @@ fn online_bound(sz: &Sizes, n: usize, slo: f64, rate: f64, lo: f64, hi: f64, del
                     let drop = at(next, 0, t + LATENCY + delay(r).min(s / r) + rc) as f64;
                     probe += keep.max(drop);
                 }
-                cur[f][k] = (recompute as f64).max(probe / M as f64) as f32;
+                *x = (recompute as f64).max(probe / M as f64) as f32;
             }
         }
     }
@@ -676,7 +677,7 @@ fn main() {
                 ];
                 let mut o = serde_json::Map::new();
                 for (name, d) in variants {
-                    let (pv, vt) = online_bound(&sz, n, slo, rate, gbps(0.1), gbps(10.0), d, &all_bw);
+                    let (pv, vt) = online_bound(&sz, n, slo, rate, gbps(0.1)..gbps(10.0), d, &all_bw);
                     eprintln!("online bound {ctx} x={x} ({name}): {:.2}% (exact over the distribution); its policy on these traces {:.1}%", pv * 100.0, pct(vt));
                     o.insert(name.to_string(), serde_json::json!({"exact": pv * 100.0, "traces": pct(vt)}));
                 }

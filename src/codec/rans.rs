@@ -294,10 +294,8 @@ impl PlaneLuts {
             // Check the table before writing: frequencies sum to exactly n.
             check_table(lo, freq, n)?;
             let mut at = self.data[t * n..].as_mut_ptr();
-            let mut sym = lo as u32;
-            for &f in freq {
+            for (sym, &f) in (lo as u32..).zip(freq) {
                 let e0 = sym | (f as u32) << 8;
-                sym += 1;
                 let mut j = 0u32;
                 while j < f as u32 {
                     let base = e0 | j << 19;
@@ -881,8 +879,8 @@ mod simd {
             }
         }
         *pos = p;
-        for v in 0..4 {
-            _mm256_storeu_si256(x.as_mut_ptr().add(8 * v) as *mut __m256i, state[v]);
+        for (v, &sv) in state.iter().enumerate() {
+            _mm256_storeu_si256(x.as_mut_ptr().add(8 * v) as *mut __m256i, sv);
         }
     }
 
@@ -935,8 +933,8 @@ mod simd {
                 std::ptr::write_unaligned(row.as_mut_ptr().add(8 * v) as *mut u64, lo | (hi << 32));
             }
         }
-        for v in 0..4 {
-            _mm256_storeu_si256(x.as_mut_ptr().add(8 * v) as *mut __m256i, state[v]);
+        for (v, &sv) in state.iter().enumerate() {
+            _mm256_storeu_si256(x.as_mut_ptr().add(8 * v) as *mut __m256i, sv);
         }
         Some(pos)
     }
@@ -994,8 +992,8 @@ mod simd {
                 _mm256_storeu_si256(dst.add(16 * h) as *mut __m256i, p);
             }
         }
-        for v in 0..4 {
-            _mm256_storeu_si256(x.as_mut_ptr().add(8 * v) as *mut __m256i, state[v]);
+        for (v, &sv) in state.iter().enumerate() {
+            _mm256_storeu_si256(x.as_mut_ptr().add(8 * v) as *mut __m256i, sv);
         }
         Some(pos)
     }

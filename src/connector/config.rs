@@ -321,7 +321,7 @@ impl Config {
         };
         let tiers = raw.tiers.unwrap_or(TiersConfig { memory: Some(MemoryConfig { bytes: 1 << 30, link: None }), disk: None, redis: None });
         for link in [tiers.memory.as_ref().and_then(|t| t.link.as_ref()), tiers.disk.as_ref().and_then(|t| t.link.as_ref()), tiers.redis.as_ref().and_then(|t| t.link.as_ref())].into_iter().flatten() {
-            if !(link.gbps > 0.0 && link.gbps.is_finite()) || !(link.latency_ms >= 0.0 && link.latency_ms.is_finite()) {
+            if !(link.gbps > 0.0 && link.gbps.is_finite() && link.latency_ms >= 0.0 && link.latency_ms.is_finite()) {
                 return Err("config: a tier's link needs gbps > 0 and latency_ms >= 0".into());
             }
         }

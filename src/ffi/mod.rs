@@ -214,6 +214,9 @@ unsafe fn slice<'a, T>(ptr: *const T, len: usize, name: &str) -> Result<&'a [T],
     Ok(unsafe { std::slice::from_raw_parts(ptr, len) })
 }
 
+/// A request's token, block id and salt arrays.
+type Request<'a> = (&'a [u32], &'a [u32], &'a [u8]);
+
 /// The token, block id and salt arrays of a store or load request.
 unsafe fn request<'a>(
     tokens: *const u32,
@@ -222,7 +225,7 @@ unsafe fn request<'a>(
     n_blocks: usize,
     salt: *const u8,
     salt_len: usize,
-) -> Result<(&'a [u32], &'a [u32], &'a [u8]), i32> {
+) -> Result<Request<'a>, i32> {
     unsafe { Ok((slice(tokens, n_tokens, "tokens")?, slice(block_ids, n_blocks, "block_ids")?, slice(salt, salt_len, "salt")?)) }
 }
 

@@ -623,6 +623,21 @@ struct State {
     pending: bool,
 }
 
+/// How `GpuDecoder::launch` runs: `upload` copies the staged containers to
+/// the device first (else they must be resident), `layered` enqueues the
+/// decode layer by layer with one event per layer and returns without
+/// waiting, `after` is a raw `CUevent` the decode waits for on the device.
+#[derive(Clone, Copy)]
+struct LaunchMode {
+    upload: bool,
+    layered: bool,
+    after: Option<u64>,
+}
+
+/// What a layered launch leaves running: one event per layer and the
+/// call's own device error flags.
+type LayeredWork = (Vec<Event>, DeviceBuffer);
+
 /// Decodes containers on one GPU into paged KV blocks. Thread-safe; calls
 /// are serialised.
 pub struct GpuDecoder {
@@ -1045,7 +1060,7 @@ impl GpuDecoder {
 
     unsafe fn run(&self, staged: &Staged, layout: &KvLayout, block_ids: &[&[u32]], stream: Option<u64>, upload: bool) -> Result<Timings, GpuError> {
         // SAFETY: forwarded.
-        unsafe { self.launch(staged, layout, block_ids, stream, upload, false, None) }.map(|(t, _)| t)
+        unsafe { self.launch(staged, layout, block_ids, stream, LaunchMode { upload, layered: false, after: None }) }.map(|(t, _)| t)
     }
 
     /// Stream-ordered decode, layer by layer: the call copies `staged` and
@@ -1073,7 +1088,7 @@ impl GpuDecoder {
     /// As for [`GpuDecoder::decode_into`], for as long as the work runs.
     pub unsafe fn decode_layered<'a>(&'a self, staged: &'a Staged, layout: &KvLayout, block_ids: &[&[u32]], stream: Option<u64>) -> Result<LayerEvents<'a>, GpuError> {
         // SAFETY: forwarded.
-        let (_, ev) = unsafe { self.launch(staged, layout, block_ids, stream, true, true, None) }?;
+        let (_, ev) = unsafe { self.launch(staged, layout, block_ids, stream, LaunchMode { upload: true, layered: true, after: None }) }?;
         let (events, errors) = ev.expect("layered launch returns its events");
         Ok(LayerEvents { events, errors, nchunks: staged.chunks(), gpu: self.gpu.clone(), _keep: None, _borrow: std::marker::PhantomData })
     }
@@ -1096,7 +1111,7 @@ impl GpuDecoder {
         after: Option<u64>,
     ) -> Result<LayerEvents<'static>, GpuError> {
         // SAFETY: forwarded.
-        let (_, ev) = unsafe { self.launch(&staged, layout, block_ids, None, true, true, after) }?;
+        let (_, ev) = unsafe { self.launch(&staged, layout, block_ids, None, LaunchMode { upload: true, layered: true, after }) }?;
         let (events, errors) = ev.expect("layered launch returns its events");
         let nchunks = staged.chunks();
         Ok(LayerEvents {
@@ -1118,17 +1133,15 @@ impl GpuDecoder {
         Ok(())
     }
 
-    #[allow(clippy::type_complexity)]
     unsafe fn launch(
         &self,
         staged: &Staged,
         layout: &KvLayout,
         block_ids: &[&[u32]],
         stream: Option<u64>,
-        upload: bool,
-        layered: bool,
-        after: Option<u64>,
-    ) -> Result<(Timings, Option<(Vec<Event>, DeviceBuffer)>), GpuError> {
+        mode: LaunchMode,
+    ) -> Result<(Timings, Option<LayeredWork>), GpuError> {
+        let LaunchMode { upload, layered, after } = mode;
         let (dest_data, first_at, ids_at) = self.destination(staged, layout, block_ids)?;
         self.gpu.bind()?;
         let mut guard = self.state.lock().unwrap_or_else(|p| p.into_inner());

@@ -15,16 +15,24 @@ use super::GpuError;
 
 type Prog = *mut c_void;
 
+// The C signatures of the NVRTC functions used (nvrtc.h).
+type CreateFn = unsafe extern "C" fn(*mut Prog, *const c_char, *const c_char, c_int, *const *const c_char, *const *const c_char) -> c_int;
+type CompileFn = unsafe extern "C" fn(Prog, c_int, *const *const c_char) -> c_int;
+type SizeFn = unsafe extern "C" fn(Prog, *mut usize) -> c_int;
+type GetFn = unsafe extern "C" fn(Prog, *mut c_char) -> c_int;
+type DestroyFn = unsafe extern "C" fn(*mut Prog) -> c_int;
+type VersionFn = unsafe extern "C" fn(*mut c_int, *mut c_int) -> c_int;
+
 struct Api {
     _lib: *mut c_void,
-    create: unsafe extern "C" fn(*mut Prog, *const c_char, *const c_char, c_int, *const *const c_char, *const *const c_char) -> c_int,
-    compile: unsafe extern "C" fn(Prog, c_int, *const *const c_char) -> c_int,
-    log_size: unsafe extern "C" fn(Prog, *mut usize) -> c_int,
-    log: unsafe extern "C" fn(Prog, *mut c_char) -> c_int,
-    cubin_size: unsafe extern "C" fn(Prog, *mut usize) -> c_int,
-    cubin: unsafe extern "C" fn(Prog, *mut c_char) -> c_int,
-    destroy: unsafe extern "C" fn(*mut Prog) -> c_int,
-    version: unsafe extern "C" fn(*mut c_int, *mut c_int) -> c_int,
+    create: CreateFn,
+    compile: CompileFn,
+    log_size: SizeFn,
+    log: GetFn,
+    cubin_size: SizeFn,
+    cubin: GetFn,
+    destroy: DestroyFn,
+    version: VersionFn,
 }
 
 fn candidates() -> Vec<String> {
@@ -99,14 +107,14 @@ impl Api {
             unsafe {
                 return Ok(Api {
                     _lib: lib,
-                    create: std::mem::transmute::<*mut c_void, _>(sym("nvrtcCreateProgram")?),
-                    compile: std::mem::transmute::<*mut c_void, _>(sym("nvrtcCompileProgram")?),
-                    log_size: std::mem::transmute::<*mut c_void, _>(sym("nvrtcGetProgramLogSize")?),
-                    log: std::mem::transmute::<*mut c_void, _>(sym("nvrtcGetProgramLog")?),
-                    cubin_size: std::mem::transmute::<*mut c_void, _>(sym("nvrtcGetCUBINSize")?),
-                    cubin: std::mem::transmute::<*mut c_void, _>(sym("nvrtcGetCUBIN")?),
-                    destroy: std::mem::transmute::<*mut c_void, _>(sym("nvrtcDestroyProgram")?),
-                    version: std::mem::transmute::<*mut c_void, _>(sym("nvrtcVersion")?),
+                    create: std::mem::transmute::<*mut c_void, CreateFn>(sym("nvrtcCreateProgram")?),
+                    compile: std::mem::transmute::<*mut c_void, CompileFn>(sym("nvrtcCompileProgram")?),
+                    log_size: std::mem::transmute::<*mut c_void, SizeFn>(sym("nvrtcGetProgramLogSize")?),
+                    log: std::mem::transmute::<*mut c_void, GetFn>(sym("nvrtcGetProgramLog")?),
+                    cubin_size: std::mem::transmute::<*mut c_void, SizeFn>(sym("nvrtcGetCUBINSize")?),
+                    cubin: std::mem::transmute::<*mut c_void, GetFn>(sym("nvrtcGetCUBIN")?),
+                    destroy: std::mem::transmute::<*mut c_void, DestroyFn>(sym("nvrtcDestroyProgram")?),
+                    version: std::mem::transmute::<*mut c_void, VersionFn>(sym("nvrtcVersion")?),
                 });
             }
         }

@@ -34,12 +34,15 @@ pub(crate) struct LevelStoreSpec {
     pub device: Option<DeviceTarget>,
 }
 
+/// Levels of a chunk not yet written, and the chunk's first error.
+type ChunkLeft = (usize, Option<String>);
+
 struct Run {
     job: Arc<Job>,
     spec: LevelStoreSpec,
     stats: Arc<Stats>,
-    /// Per chunk: (levels not yet written, first error).
-    left: Mutex<(usize, Vec<(usize, Option<String>)>)>,
+    /// Chunks not yet done, and per chunk (levels not yet written, first error).
+    left: Mutex<(usize, Vec<ChunkLeft>)>,
 }
 
 pub(crate) fn store_levels(p: &Pipeline, spec: LevelStoreSpec) -> Arc<Job> {
@@ -57,7 +60,7 @@ pub(crate) fn store_levels(p: &Pipeline, spec: LevelStoreSpec) -> Arc<Job> {
         });
         return job;
     }
-    let per: Vec<(usize, Option<String>)> = spec.chunks.iter().map(|c| (c.keys.len(), None)).collect();
+    let per: Vec<ChunkLeft> = spec.chunks.iter().map(|c| (c.keys.len(), None)).collect();
     let run = Arc::new(Run { job: Arc::clone(&job), spec, stats, left: Mutex::new((n, per)) });
     let cpu = p.cpu_tx();
     let io = p.io_tx();

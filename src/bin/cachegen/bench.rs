@@ -284,8 +284,11 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
     Ok(())
 }
 
+/// A size-only row: (method, level, chunk tokens, bytes).
+type SizeRow<'a> = dyn Fn(&str, Option<u8>, usize, usize) -> Row + 'a;
+
 /// The int8, LMCache-style and zstd baselines (skipped by `--quick`).
-fn baselines_row(kv: &KvTensors, args: &BenchArgs, rows: &mut Vec<Row>, size_row: &dyn Fn(&str, Option<u8>, usize, usize) -> Row) {
+fn baselines_row(kv: &KvTensors, args: &BenchArgs, rows: &mut Vec<Row>, size_row: &SizeRow<'_>) {
     let elems = kv.shape.elems();
     let repeat = args.repeat;
     let int8 = baselines::int8_absmax(kv, repeat);

@@ -190,7 +190,7 @@ pub fn run(args: ConnectorArgs) -> Result<(), String> {
             let Some(got) = &got else { break };
             let part = tokens_slice(&kv, c * chunk, (c + 1) * chunk);
             let want = codec::decode(&codec::encode(&part, &opts).map_err(|e| e.to_string())?, None).map_err(|e| e.to_string())?;
-            if tokens_slice(&got, c * chunk, (c + 1) * chunk) != want {
+            if tokens_slice(got, c * chunk, (c + 1) * chunk) != want {
                 verified = false;
             }
         }
