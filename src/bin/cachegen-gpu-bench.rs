@@ -191,7 +191,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         );
         model_tables = Some((set, ext, gset));
     }
-    let mut variants: Vec<(&str, &[Vec<u8>], Option<&TableSet>, Option<&cachegen::gpu::GpuTableSet>)> = vec![("embedded tables", &distinct, None, None)];
+    let mut variants: Vec<DecodeVariant> = vec![("embedded tables", &distinct, None, None)];
     if let Some((set, ext, gset)) = &model_tables {
         variants.push(("model-level tables", ext, Some(set), Some(gset)));
     }
@@ -361,7 +361,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     let encode_results = if skip_encode {
         Vec::new()
     } else {
-        let mut variants: Vec<(&str, &[Vec<u8>], Option<&TableSet>)> = vec![("embedded tables", &distinct, None)];
+        let mut variants: Vec<EncodeVariant> = vec![("embedded tables", &distinct, None)];
         if let Some((set, ext, _)) = &model_tables {
             variants.push(("model-level tables", ext, Some(set)));
         }
@@ -393,11 +393,18 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
+/// A decode variant: name, the 5 distinct containers, their table set on the
+/// host and on the device (none: embedded tables).
+type DecodeVariant<'a> = (&'a str, &'a [Vec<u8>], Option<&'a TableSet>, Option<&'a cachegen::gpu::GpuTableSet>);
+/// An encode variant: name, the CPU encoder's 5 distinct containers, the
+/// table set (none: embedded tables).
+type EncodeVariant<'a> = (&'a str, &'a [Vec<u8>], Option<&'a TableSet>);
+
 /// GPU encode straight from paged blocks vs the CPU encoder (see the top).
 /// One row per (variant, size); a variant is (name, the CPU encoder's 5
 /// distinct containers, the table set or none for embedded tables).
 #[allow(clippy::too_many_arguments)]
-fn bench_encode(gpu: &Gpu, src: &KvTensors, variants: &[(&str, &[Vec<u8>], Option<&TableSet>)], sizes: &[usize], repeat: usize, threads: usize, level: Level, batch_symbols: Option<u64>) -> Result<Vec<serde_json::Value>, Box<dyn std::error::Error>> {
+fn bench_encode(gpu: &Gpu, src: &KvTensors, variants: &[EncodeVariant], sizes: &[usize], repeat: usize, threads: usize, level: Level, batch_symbols: Option<u64>) -> Result<Vec<serde_json::Value>, Box<dyn std::error::Error>> {
     let t = Instant::now();
     let mut enc = GpuEncoder::new(gpu)?;
     if let Some(n) = batch_symbols {
