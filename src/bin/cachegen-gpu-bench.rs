@@ -31,7 +31,7 @@
 //! `--level` picks the level (default: the default level).
 //!
 //! Usage: cachegen-gpu-bench [--fixture PATH] [--tokens 8192,32768] [--repeat N] [--out FILE.json] [--skip-decode] [--skip-encode] [--encode-batch-symbols N]
-//!        [--level compact|default|high|lossless] [--tables-from PATH] [--batch-mb N (the decoder's batch size, default 48)]
+//!        [--level compact|default|high|lossless] [--tables-from PATH] [--batch-mb N (the decoder's batch size, default 32)]
 
 use std::time::Instant;
 

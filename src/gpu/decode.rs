@@ -703,7 +703,11 @@ impl GpuDecoder {
             // 256 bytes per warp for the word ring (SMEM_EXTRA in decode.cu).
             smem_extra: knob("CACHEGEN_SMEM_EXTRA", 256),
             max_warps: knob("CACHEGEN_MAX_WARPS", 8).max(1),
-            batch_bytes: 48 << 20,
+            // 32 MB: at 32K tokens on an H200, copy and decode end 0.3 ms
+            // sooner than with 48 MB for about 1% more kernel time; at 24 MB
+            // the embedded-table kernels take 20% longer (docs/BENCHMARKS.md,
+            // "Decoder batch size").
+            batch_bytes: 32 << 20,
         })
     }
 
@@ -834,7 +838,7 @@ impl GpuDecoder {
         let mut i = 0usize;
         // The first and the last chunk of a request of several batches get a
         // batch of their own: the copy before the first decode and the decode
-        // after the last copy are then one chunk's, not 48 MB's.
+        // after the last copy are then one chunk's, not a whole batch's.
         let total_over = chunks.len() > 1 && chunks.iter().map(|c| c.len()).sum::<usize>() > self.batch_bytes;
         while i < chunks.len() {
             let mut j = i;
@@ -1075,7 +1079,7 @@ impl GpuDecoder {
     /// goes undetected (the host checks of [`GpuDecoder::stage`] have run).
     ///
     /// Each layer is one kernel launch per batch of `staged`: with the
-    /// default 48 MB batches a launch is too small to fill the GPU, so stage
+    /// default 32 MB batches a launch is too small to fill the GPU, so stage
     /// layered requests with a decoder whose `batch_bytes` covers the whole
     /// request (8K tokens on an H100: all layers in 15.9 ms instead of
     /// 79.8 ms, docs/BENCHMARKS.md).
