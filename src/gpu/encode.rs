@@ -199,8 +199,8 @@ pub struct GpuEncoder {
     thresholds: DeviceBuffer,
     /// The kernels' stream (when the caller passes none) and the copy stream.
     stream: Mutex<(Stream, Stream)>,
-    /// Pinned staging (two slots) for the device-to-host copy of the containers, kept
-    /// between calls (pinning is slow) and grown as needed.
+    /// Pinned staging ([`SLOTS`] slots) for the device-to-host copy of the
+    /// containers, kept between calls (pinning is slow) and grown as needed.
     staging: Mutex<[Option<super::PinnedBuffer>; SLOTS]>,
     /// Symbols per batch ([`BATCH_SYMBOLS`] unless set).
     batch_symbols: u64,
@@ -686,9 +686,9 @@ impl GpuEncoder {
                 let mut info = vec![0u8; 32 * nb];
                 arena.read(b.arena.bufs.info as usize, &mut info)?;
                 let word = |ci: usize, k: usize| u32::from_le_bytes(info[32 * ci + 4 * k..32 * ci + 4 * k + 4].try_into().unwrap());
-                // Sizes and errors first.
-                // Where each container goes in the staging slot; none for a
-                // chunk that falls back to embedded tables.
+                // Sizes and errors first: where each container goes in the
+                // staging slot, none for a chunk that falls back to embedded
+                // tables.
                 let mut at: Vec<Option<usize>> = Vec::with_capacity(nb);
                 let mut staged = 0usize;
                 for ci in 0..nb {
@@ -765,8 +765,7 @@ impl GpuEncoder {
                     if tables_at + tables_len > total || total < 64 {
                         return Err(GpuError::Driver(format!("chunk {}: encode kernels reported inconsistent sizes", b.first + ci)));
                     }
-                    let hash_tables = plan.set.is_none();
-                    let job = Finish { batch: bi, chunk: b.first + ci, bytes: SendBytes(host[at..].as_ptr(), total), header, tables_at, hash_tables, huge_pages };
+                    let job = Finish { batch: bi, chunk: b.first + ci, bytes: SendBytes(host[at..].as_ptr(), total), header, tables_at, huge_pages };
                     job_tx.send(job).map_err(|_| GpuError::Driver("the threads finishing containers stopped".into()))?;
                     jobs += 1;
                 }
@@ -895,9 +894,6 @@ struct Finish {
     bytes: SendBytes,
     header: Header,
     tables_at: usize,
-    /// `table_id` is the table section's hash (embedded tables), else the
-    /// header already holds the set's id.
-    hash_tables: bool,
     huge_pages: bool,
 }
 
@@ -922,15 +918,16 @@ fn advise_huge_pages(v: &mut Vec<u8>) {
 }
 
 impl Finish {
-    /// The finished container: header (with the table section's hash as
-    /// `table_id`) and trailing checksum.
+    /// The finished container: header (`table_id` is the table section's
+    /// hash for embedded tables; a table set's id is already in the header)
+    /// and trailing checksum.
     ///
     /// # Safety
     /// `bytes` must be live and unwritten while this runs.
     unsafe fn run(mut self) -> Vec<u8> {
         // SAFETY: the caller's contract.
         let src = unsafe { self.bytes.slice() };
-        if self.hash_tables {
+        if self.header.flags & FLAG_EXTERNAL_TABLES == 0 {
             self.header.table_id = xxh3_64(&src[self.tables_at..self.tables_at + self.header.tables_len]);
         }
         let mut h = Vec::with_capacity(64);
