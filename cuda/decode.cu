@@ -168,9 +168,30 @@ __device__ __forceinline__ u32 weight_of_code(u32 q) {
     return (q & 1u) ? (1u << ((q + 1u) >> 1)) : (u32)((0xB55B2D170B060300ull >> (4u * q)) & 0xFFu);
 }
 
-__device__ __forceinline__ u32 code_at(const u8* tab, u32 j) {
-    u32 b = ld8(tab + 2 + (j >> 1));
-    return (j & 1) ? (b & 15u) : (b >> 4);
+// A symbol entry in the packed form of 8-bit tables with 16-bit outputs
+// (`vmode` 1: f16, 2: bf16): the symbol's dequantized output bits (FORMAT.md
+// 6.2, as dequant_bits), freq - 1 and cum, so that the hot loop needs no
+// arithmetic to write a value: `out | (freq - 1) << 16 | cum << 24`.
+__device__ __forceinline__ u32 packed_entry(u32 sym, u32 f, u32 cum, u32 vmode, float step, float base) {
+    const float v = __fadd_rn(__fmul_rn((float)sym, step), base);
+    unsigned short h;
+    if (vmode == 2) asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(v));
+    else asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(v));
+    const u32 out = v == v ? (u32)h : (vmode == 2 ? 0xFFC0u : 0xFE00u);
+    return out | ((f - 1u) & 0xFFu) << 16 | cum << 24;
+}
+
+// A classic entry (`symbol | freq << 8 | cum << 19`, as the table set's
+// prebuilt rows) in the packed form.
+__device__ __forceinline__ u32 pack_classic(u32 e, u32 vmode, float step, float base) {
+    return packed_entry(e & 0xFFu, (e >> 8) & 0x7FFu, e >> 19, vmode, step, base);
+}
+
+// A table-set row below the shared ones, from global memory, packed. Kept
+// out of line: the hot loop then only branches around a call, which few
+// rounds take (the set orders rows by falling frequency).
+__device__ __noinline__ u32 rare_entry(const u32* grows, u32 q, u32 vmode, float step, float base) {
+    return pack_classic(__ldg(grows + q * LANES), vmode, step, base);
 }
 
 // Build this lane's lookup (FORMAT.md 7.3 and 7.5) from its compact table.
@@ -178,29 +199,47 @@ __device__ __forceinline__ u32 code_at(const u8* tab, u32 j) {
 // - `lutw[w * 32]` (the caller offsets by the lane): 2^prob_bits / 4 words,
 //   byte r of word w = index q of the symbol that owns slot 4w + r among
 //   the table's non-zero symbols (at most 256 of them);
-// - `symt[q * 32]`: per non-zero symbol `symbol | freq << 8 | cum << 19`.
+// - `symt[q * 32]`: per non-zero symbol `symbol | freq << 8 | cum << 19`,
+//   or with `vmode` 1 or 2 (8-bit tables only) the packed entry above.
 // The normalisation is table::normalize, step for step; its (index,
 // frequency) pairs live in `symt` while it runs. Returns false for an
 // invalid table, or one with more than `kmax` non-zero symbols (the host
 // sizes `symt` to the batch's largest table, so that never happens for a
 // table that passed the host checks).
-__device__ __noinline__ bool build_lut(const u8* tab, u32* lutw, u32* symt, u32 prob_bits, u32 nsym, u32 kmax) {
+__device__ __noinline__ bool build_lut(const u8* tab, u32* lutw, u32* symt, u32 prob_bits, u32 nsym, u32 kmax,
+                                       u32 vmode, float step, float sbase) {
     const u32 M = 1u << prob_bits;
     const u32 lo = ld8(tab), n = ld8(tab + 1) + 1;
     if (lo + n > nsym) return false;
     if ((n & 1) && (ld8(tab + 2 + (n >> 1)) & 15u)) return false;
+    // The weights, their sum, and the (index, weight) pairs of the non-zero
+    // ones (in `symt`). Codes are read 8 at a time from aligned words (the
+    // table starts at any byte; the host checked that its bytes are there).
+    const u64 ca = (u64)(tab + 2);
+    const u32* cw = (const u32*)(ca & ~3ull);
+    const u32 csh = (u32)(ca & 3u) * 8u;
     u32 sum = 0, nz = 0;
-    for (u32 j = 0; j < n; j++) {
-        u32 w = weight_of_code(code_at(tab, j));
-        sum += w;
-        nz += w > 0;
+    for (u32 j0 = 0; j0 < n; j0 += 8) {
+        const u32 wi = j0 >> 3;
+        const u32 w8 = csh ? __funnelshift_r(__ldg(cw + wi), __ldg(cw + wi + 1), csh) : __ldg(cw + wi);
+#pragma unroll
+        for (u32 i = 0; i < 8; i++) {
+            // code j0 + i: high nibble first in each byte
+            const u32 c = (w8 >> ((i >> 1) * 8u + ((i & 1u) ? 0u : 4u))) & 15u;
+            const u32 w = j0 + i < n ? weight_of_code(c) : 0u;
+            if (w) {
+                if (nz < kmax) symt[nz * LANES] = (j0 + i) | (w << 16);
+                nz++;
+                sum += w;
+            }
+        }
     }
     if (nz == 0 || nz > M / 2 || nz > kmax) return false;
     const float rs = 1.0f / (float)sum;
-    u32 assigned = 0, k = 0, fmax = 0, kmx = 0;
-    for (u32 j = 0; j < n; j++) {
-        u32 w = weight_of_code(code_at(tab, j));
-        if (w == 0) continue;
+    u32 assigned = 0, fmax = 0, kmx = 0;
+    for (u32 k = 0; k < nz; k++) {
+        const u32 e = symt[k * LANES];
+        const u32 w = e >> 16;
         // floor(w * M / sum) through a float reciprocal, corrected to exact.
         const u32 wm = w * M;
         u32 f = (u32)((float)wm * rs);
@@ -209,8 +248,7 @@ __device__ __noinline__ bool build_lut(const u8* tab, u32* lutw, u32* symt, u32 
         if (f < 1) f = 1;
         assigned += f;
         if (f > fmax) { fmax = f; kmx = k; }
-        symt[k * LANES] = j | (f << 16);
-        k++;
+        symt[k * LANES] = (e & 0xFFFFu) | (f << 16);
     }
     while (assigned != M) {
         u32 e = symt[kmx * LANES];
@@ -233,19 +271,28 @@ __device__ __noinline__ bool build_lut(const u8* tab, u32* lutw, u32* symt, u32 
             }
         }
     }
-    u32 slot = 0, word = 0;
+    // Slot bytes without a loop over slots: a bitmap of where each symbol
+    // but the first starts (M / 32 words, kept in the last M / 32 slot
+    // words: word i is read at slot word 8i, before slot word M/4 - M/32 + i
+    // >= 8i is written), then slot s's symbol = the set bits at or below s.
+    u32* bm = lutw + (M / 4 - M / 32) * LANES;
+    for (u32 i = 0; i < M / 32; i++) bm[i * LANES] = 0;
+    u32 cum = 0;
     for (u32 q = 0; q < nz; q++) {
-        u32 e = symt[q * LANES];
-        u32 sym = lo + (e & 0xFFFFu), f = e >> 16;
-        symt[q * LANES] = sym | (f << 8) | (slot << 19);
-        for (u32 r = 0; r < f; r++) {
-            word |= q << ((slot & 3u) * 8u);
-            slot++;
-            if ((slot & 3u) == 0) {
-                lutw[((slot >> 2) - 1u) * LANES] = word;
-                word = 0;
-            }
-        }
+        const u32 e = symt[q * LANES];
+        const u32 sym = lo + (e & 0xFFFFu), f = e >> 16;
+        if (q) bm[(cum >> 5) * LANES] |= 1u << (cum & 31u);
+        symt[q * LANES] = vmode ? packed_entry(sym, f, cum, vmode, step, sbase) : (sym | (f << 8) | (cum << 19));
+        cum += f;
+    }
+    u32 below = 0, bits = 0;
+    for (u32 w = 0; w < M / 4; w++) {
+        if ((w & 7u) == 0) bits = bm[(w >> 3) * LANES];
+        const u32 nib = (bits >> ((w & 7u) * 4u)) & 15u;
+        // nibble bit r -> byte r, then a prefix sum over the bytes.
+        const u32 inc = ((nib * 0x00204081u) & 0x01010101u) * 0x01010101u;
+        lutw[w * LANES] = below * 0x01010101u + inc;
+        below += __popc(nib);
     }
     return true;
 }
@@ -350,6 +397,9 @@ extern "C" __global__ void cg_decode(
     float step = 0.f, sbase = 0.f;
     if (!raw && pl.group == 4) group_coef(scales, pl, 0, step, sbase);
     const bool fast = !raw && pl.group == 4;
+    // Packed entries (the output value in the entry) for the common case:
+    // one step for the tensor, 8-bit tables, 16-bit outputs.
+    const u32 vmode = FAST && fast && prob_bits == 8 && esize == 2 ? (ch.is_bf16 ? 2u : 1u) : 0u;
 
     for (u32 g = g0; g < g1; g++) {
         const u32 active = min(32u, C - 32u * g);
@@ -369,7 +419,16 @@ extern "C" __global__ void cg_decode(
             uint4* dl = (uint4*)wbase_smem;
             for (u32 i = lane; i < slw / 4; i += 32) dl[i] = src[i];
             uint4* ds = (uint4*)(wbase_smem + lut_words);
-            for (u32 i = lane; i < LANES * min(kmax, set_kmax) / 4; i += 32) ds[i] = src[slw / 4 + i];
+            for (u32 i = lane; i < LANES * min(kmax, set_kmax) / 4; i += 32) {
+                uint4 r = src[slw / 4 + i];
+                if (vmode) {
+                    r.x = pack_classic(r.x, vmode, step, sbase);
+                    r.y = pack_classic(r.y, vmode, step, sbase);
+                    r.z = pack_classic(r.z, vmode, step, sbase);
+                    r.w = pack_classic(r.w, vmode, step, sbase);
+                }
+                ds[i] = r;
+            }
             grows = blk + slw + lane;
             __syncwarp();
             // tab_off of a table-set chunk: per (plane, group), FROM_SET or
@@ -377,7 +436,7 @@ extern "C" __global__ void cg_decode(
             const u32 hdr = tab_off[ch.tab_first + sg.plane * ch.groups + g];
             if (on && hdr != FROM_SET) {
                 const u32 to = tab_off[ch.tab_first + hdr + lane];
-                if (to != FROM_SET) ok &= build_lut(base + to, lutw, symt, prob_bits, nsym, kmax);
+                if (to != FROM_SET) ok &= build_lut(base + to, lutw, symt, prob_bits, nsym, kmax, vmode, step, sbase);
             }
         } else
 #if BUILD_ONCE
@@ -386,7 +445,7 @@ extern "C" __global__ void cg_decode(
         if (on) {
 #endif
             const u32 ti = raw && pl.shared ? 0u : c;
-            ok &= build_lut(base + tab_off[ch.tab_first + sg.plane * C + ti], lutw, symt, prob_bits, nsym, kmax);
+            ok &= build_lut(base + tab_off[ch.tab_first + sg.plane * C + ti], lutw, symt, prob_bits, nsym, kmax, vmode, step, sbase);
         } else {
             // Idle lanes still look up (the hot path has no branch): slot 0
             // must name a symbol entry inside the table.
@@ -406,56 +465,96 @@ extern "C" __global__ void cg_decode(
         u32 bw = bi;
         u32 bwin = __ldg(block_ids + min(bi + lane, nblk - 1));
         if (FAST && fast) {
-            // Hot path: quantized plane with one scale for the tensor. No
-            // branches per round but the rare refill and block change; lanes
-            // beyond `active` run the arithmetic but keep their state.
-            auto rounds = [&](auto tag) {
-                constexpr int K = decltype(tag)::value;   // 0 f16, 1 bf16, 2 f32
-                const u32 blk0 = __shfl_sync(FULL, bwin, 0);
-                u8* tokp = layer_ptr + (i64)blk0 * dest.stride_block + (i64)slot * dest.stride_token;
-                bool wr = blk0 != SKIP_BLOCK;
-                for (u32 t = t0; t < t1; t++) {
-                    const u32 xs = x & mask;
-                    const u32 e = lookup(lutw, symt, grows, kmax, xs);
-                    const u32 xn = ((e >> 8) & 0x7FFu) * (x >> prob_bits) + xs - (e >> 19);
-                    const bool need = on && xn < RANS_L;
-                    x = on ? xn : x;
-                    const u32 bal = __ballot_sync(FULL, need);
-                    if (need) x = (x << 16) | ring16[(sh + pos + __popc(bal & lt_mask)) & (2 * RING_UNITS - 1)];
-                    pos += __popc(bal);
-                    if (((sh + pos) >> 5) + 3 >= gnext) {
-                        refill();
-                        asm volatile("cp.async.wait_group 2;");
-                        __syncwarp();
-                    }
-                    const float v = __fadd_rn(__fmul_rn((float)(e & 0xFFu), step), sbase);
-                    if (STORE && on && wr) {
-                        if (K == 2) {
-                            *(u32*)(tokp + coff) = v == v ? __float_as_uint(v) : 0xFFC00000u;
+            // Hot path: a quantized plane with one step for the tensor. Per
+            // round one slot byte and one symbol entry from shared memory,
+            // the state update, the refill, the output; tokens a block at a
+            // time, so the block test runs once per block. With packed
+            // entries (V: 8-bit tables, 16-bit outputs) the entry's low half
+            // is the output; otherwise it is dequantized here.
+            auto rounds = [&](auto tv, auto tk, auto tx) {
+                constexpr int V = decltype(tv)::value;   // 1: packed entries
+                constexpr int K = decltype(tk)::value;   // 0 f16, 1 bf16, 2 f32 (V = 0 only)
+                constexpr int X = decltype(tx)::value;   // 1: table-set chunk (rare rows in global memory)
+                const u8* slotb = (const u8*)wbase_smem + 4u * lane;
+                const u8* ring8 = (const u8*)ring;
+                u32 rb = 2u * (sh + pos);                 // ring position in bytes
+                u32 rlim = (gnext - 3u) << 6;             // refill once rb reaches it
+                u32 t = t0;
+                while (t < t1) {
+                    const u32 blk = __shfl_sync(FULL, bwin, bi - bw);
+                    u8* p = layer_ptr + (i64)blk * dest.stride_block + (i64)slot * dest.stride_token + coff;
+                    const bool wr = on && blk != SKIP_BLOCK;
+                    const u32 nt = min(dest.block_size - slot, t1 - t);
+                    for (u32 i = 0; i < nt; i++) {
+                        const u32 xs = x & (V ? 0xFFu : mask);
+                        // byte (xs & 3) of the lane's slot word xs >> 2
+                        const u32 q = slotb[xs * 32u - (xs & 3u) * 31u];
+                        u32 e;
+                        if (X) {
+                            if (q < kmax) e = symt[q * LANES];
+                            else e = V ? rare_entry(grows, q, vmode, step, sbase) : __ldg(grows + q * LANES);
                         } else {
-                            unsigned short hb;
-                            if (K == 1) asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(hb) : "f"(v));
-                            else asm("cvt.rn.f16.f32 %0, %1;" : "=h"(hb) : "f"(v));
-                            *(u16*)(tokp + coff) = v == v ? hb : (K == 1 ? 0xFFC0u : 0xFE00u);
+                            e = symt[q * LANES];
                         }
+                        u32 xn;
+                        if (V) {
+                            const u32 xh = x >> 8;
+                            xn = ((e >> 16) & 0xFFu) * xh + xh + xs - (e >> 24);
+                        } else {
+                            xn = ((e >> 8) & 0x7FFu) * (x >> prob_bits) + xs - (e >> 19);
+                        }
+                        const bool need = on && xn < RANS_L;
+                        x = on ? xn : x;
+                        const u32 bal = __ballot_sync(FULL, need);
+                        if (need) x = (x << 16) | *(const u16*)(ring8 + ((rb + 2u * __popc(bal & lt_mask)) & (4 * RING_UNITS - 1)));
+                        rb += 2u * __popc(bal);
+                        if (rb >= rlim) {
+                            refill();
+                            rlim += 64u;
+                            asm volatile("cp.async.wait_group 2;");
+                            __syncwarp();
+                        }
+                        if (STORE && wr) {
+                            if (V) {
+                                *(u16*)p = (u16)e;
+                            } else {
+                                const float v = __fadd_rn(__fmul_rn((float)(e & 0xFFu), step), sbase);
+                                if (K == 2) {
+                                    *(u32*)p = v == v ? __float_as_uint(v) : 0xFFC00000u;
+                                } else {
+                                    unsigned short hb;
+                                    if (K == 1) asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(hb) : "f"(v));
+                                    else asm("cvt.rn.f16.f32 %0, %1;" : "=h"(hb) : "f"(v));
+                                    *(u16*)p = v == v ? hb : (K == 1 ? 0xFFC0u : 0xFE00u);
+                                }
+                            }
+                        }
+                        p += dest.stride_token;
                     }
-                    tokp += dest.stride_token;
-                    if (++slot == dest.block_size) {
-                        slot = 0;
-                        bi++;
-                        if (bi - bw >= 32u) {
-                            bw = bi;
-                            bwin = __ldg(block_ids + min(bi + lane, nblk - 1));
-                        }
-                        const u32 blk = __shfl_sync(FULL, bwin, bi - bw);
-                        tokp = layer_ptr + (i64)blk * dest.stride_block;
-                        wr = blk != SKIP_BLOCK;
+                    t += nt;
+                    slot = 0;
+                    bi++;
+                    if (bi - bw >= 32u) {
+                        bw = bi;
+                        bwin = __ldg(block_ids + min(bi + lane, nblk - 1));
                     }
                 }
+                pos = rb / 2u - sh;
             };
-            if (esize == 4) rounds(IC<2>());
-            else if (ch.is_bf16) rounds(IC<1>());
-            else rounds(IC<0>());
+            const bool ext = ch.external != 0;
+            if (vmode) {
+                if (ext) rounds(IC<1>(), IC<0>(), IC<1>());
+                else rounds(IC<1>(), IC<0>(), IC<0>());
+            } else if (esize == 4) {
+                if (ext) rounds(IC<0>(), IC<2>(), IC<1>());
+                else rounds(IC<0>(), IC<2>(), IC<0>());
+            } else if (ch.is_bf16) {
+                if (ext) rounds(IC<0>(), IC<1>(), IC<1>());
+                else rounds(IC<0>(), IC<1>(), IC<0>());
+            } else {
+                if (ext) rounds(IC<0>(), IC<0>(), IC<1>());
+                else rounds(IC<0>(), IC<0>(), IC<0>());
+            }
             continue;
         }
         for (u32 t = t0; t < t1; t++) {

@@ -31,7 +31,7 @@
 //! `--level` picks the level (default: the default level).
 //!
 //! Usage: cachegen-gpu-bench [--fixture PATH] [--tokens 8192,32768] [--repeat N] [--out FILE.json] [--skip-decode] [--skip-encode] [--encode-batch-symbols N]
-//!        [--level compact|default|high|lossless] [--tables-from PATH] [--batch-mb N (the decoder's batch size, default 32)]
+//!        [--level compact|default|high|lossless] [--tables-from PATH] [--batch-mb N (the decoder's batch size, default 32)] [--set-only]
 
 use std::time::Instant;
 
@@ -194,6 +194,10 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     let mut variants: Vec<DecodeVariant> = vec![("embedded tables", &distinct, None, None)];
     if let Some((set, ext, gset)) = &model_tables {
         variants.push(("model-level tables", ext, Some(set), Some(gset)));
+        // --set-only: decode only the table-set chunks (e.g. to profile them).
+        if args.iter().any(|a| a == "--set-only") {
+            variants.remove(0);
+        }
     }
 
     let mut results = Vec::new();
