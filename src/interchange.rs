@@ -24,7 +24,8 @@ fn dtype_from(d: StDtype) -> Result<Dtype, InterchangeError> {
         StDtype::F16 => Ok(Dtype::F16),
         StDtype::BF16 => Ok(Dtype::Bf16),
         StDtype::F32 => Ok(Dtype::F32),
-        other => Err(InterchangeError::Layout(format!("unsupported dtype {other:?}: use f16, bf16 or f32"))),
+        StDtype::F8_E4M3 => Ok(Dtype::F8E4M3),
+        other => Err(InterchangeError::Layout(format!("unsupported dtype {other:?}: use f16, bf16, f32 or f8_e4m3"))),
     }
 }
 
@@ -33,6 +34,7 @@ fn dtype_to(d: Dtype) -> StDtype {
         Dtype::F16 => StDtype::F16,
         Dtype::Bf16 => StDtype::BF16,
         Dtype::F32 => StDtype::F32,
+        Dtype::F8E4M3 => StDtype::F8_E4M3,
     }
 }
 

@@ -104,6 +104,7 @@ fn synthetic(kind: cachegen::codec::KvKind, dtype: cachegen::codec::Dtype, layer
                         Dtype::F16 => out.extend_from_slice(&half::f16::from_f32(v).to_le_bytes()),
                         Dtype::Bf16 => out.extend_from_slice(&half::bf16::from_f32(v).to_le_bytes()),
                         Dtype::F32 => out.extend_from_slice(&v.to_le_bytes()),
+                        Dtype::F8E4M3 => out.push(cachegen::codec::fp8::f32_to_e4m3(v)),
                     }
                 }
             }

@@ -90,12 +90,14 @@ fn check_lossy(kv: &KvTensors, bytes: &[u8]) {
             for ch in 0..c {
                 let p = params[spec.group.index(t, ch, c, d)];
                 let e = (orig[t * c + ch] - got[t * c + ch]).abs();
-                let dtype_eps = match kv.dtype {
-                    Dtype::F16 => 1.0 / 1024.0,
-                    Dtype::Bf16 => 1.0 / 128.0,
-                    Dtype::F32 => 1e-6,
+                // (relative half-ulp, absolute half-ulp of the subnormals)
+                let (dtype_eps, dtype_abs) = match kv.dtype {
+                    Dtype::F16 => (1.0 / 1024.0, 1e-7),
+                    Dtype::Bf16 => (1.0 / 128.0, 1e-7),
+                    Dtype::F32 => (1e-6, 1e-7),
+                    Dtype::F8E4M3 => (1.0 / 16.0, 1.0 / 1024.0),
                 };
-                let bound = p.step * (0.5 + 1.0 / 65536.0) + dtype_eps * got[t * c + ch].abs().max(1e-4) + 1e-7;
+                let bound = p.step * (0.5 + 1.0 / 65536.0) + dtype_eps * got[t * c + ch].abs().max(1e-4) + dtype_abs;
                 assert!(e <= bound, "tensor {i} t {t} c {ch}: |{} - {}| = {e} > {bound} (step {}, offset {}, spec {:?})", orig[t * c + ch], got[t * c + ch], p.step, p.offset, spec);
             }
         }
@@ -104,7 +106,7 @@ fn check_lossy(kv: &KvTensors, bytes: &[u8]) {
 
 fn shapes() -> impl Strategy<Value = (KvShape, Dtype)> {
     let kind = prop_oneof![Just(KvKind::KeyValue), Just(KvKind::Latent)];
-    let dtype = prop_oneof![Just(Dtype::F16), Just(Dtype::Bf16), Just(Dtype::F32)];
+    let dtype = prop_oneof![Just(Dtype::F16), Just(Dtype::Bf16), Just(Dtype::F32), Just(Dtype::F8E4M3)];
     (kind, 1usize..4, 1usize..300, 1usize..6, prop_oneof![Just(8usize), Just(13), Just(64), Just(256)], dtype).prop_map(
         |(kind, layers, tokens, heads, head_dim, dtype)| {
             let heads = if kind == KvKind::Latent { 1 } else { heads };

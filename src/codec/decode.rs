@@ -183,6 +183,7 @@ impl<'a> Container<'a> {
                     })
                 }
                 match size {
+                    1 => run::<1>(self, i, &mut *scratch, &lut, out, channels)?,
                     2 => run::<2>(self, i, &mut *scratch, &lut, out, channels)?,
                     _ => run::<4>(self, i, &mut *scratch, &lut, out, channels)?,
                 }

@@ -381,7 +381,8 @@ fn plan_for(kv: &KvTensors, opts: &EncodeOptions) -> Result<Plan, Error> {
 fn plane_symbols(kv: &KvTensors, plan: &Plan, keep_hist: bool, each: &mut dyn FnMut(&[PlaneSymbols]) -> Result<(), Error>) -> Result<(Vec<PlaneSymbols>, Vec<u8>), Error> {
     let shape = &kv.shape;
     let per_tensor = plan.planes.len() / shape.tensors();
-    if per_tensor > 1 {
+    // Raw byte planes (the lossless level; one per tensor for fp8).
+    if matches!(plan.planes[0], PlaneKind::Raw { .. }) {
         let mut out = Vec::with_capacity(plan.planes.len());
         for (i, p) in plan.planes.iter().enumerate() {
             let PlaneKind::Raw { index, .. } = p else { unreachable!("checked by plan_for") };

@@ -11,6 +11,7 @@
 pub mod decode;
 pub mod encode;
 pub mod format;
+pub mod fp8;
 pub mod levels;
 pub mod quant;
 pub mod rans;
@@ -26,11 +27,15 @@ pub enum Dtype {
     F16,
     Bf16,
     F32,
+    /// FP8 E4M3 (`fp8::`), e.g. vLLM's `--kv-cache-dtype fp8`, coded in its
+    /// stored units (the engine's per-layer scales are not applied).
+    F8E4M3,
 }
 
 impl Dtype {
     pub fn size(self) -> usize {
         match self {
+            Dtype::F8E4M3 => 1,
             Dtype::F16 | Dtype::Bf16 => 2,
             Dtype::F32 => 4,
         }
@@ -40,6 +45,7 @@ impl Dtype {
             Dtype::F16 => 1,
             Dtype::Bf16 => 2,
             Dtype::F32 => 3,
+            Dtype::F8E4M3 => 4,
         }
     }
     pub fn from_code(c: u8) -> Option<Dtype> {
@@ -47,6 +53,7 @@ impl Dtype {
             1 => Some(Dtype::F16),
             2 => Some(Dtype::Bf16),
             3 => Some(Dtype::F32),
+            4 => Some(Dtype::F8E4M3),
             _ => None,
         }
     }
@@ -55,6 +62,7 @@ impl Dtype {
             Dtype::F16 => "f16",
             Dtype::Bf16 => "bf16",
             Dtype::F32 => "f32",
+            Dtype::F8E4M3 => "f8e4m3",
         }
     }
 }

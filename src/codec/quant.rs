@@ -506,6 +506,11 @@ pub fn to_f32_into(dtype: Dtype, bytes: &[u8], out: &mut Vec<f32>) {
                 *d = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
             }
         }
+        Dtype::F8E4M3 => {
+            for (d, &b) in out.iter_mut().zip(bytes) {
+                *d = super::fp8::e4m3_to_f32(b);
+            }
+        }
     }
 }
 
@@ -546,6 +551,7 @@ pub fn to_f32(dtype: Dtype, bytes: &[u8]) -> Vec<f32> {
         }
         Dtype::Bf16 => bytes.chunks_exact(2).map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
         Dtype::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
+        Dtype::F8E4M3 => bytes.iter().map(|&b| super::fp8::e4m3_to_f32(b)).collect(),
     }
 }
 
@@ -556,6 +562,7 @@ pub fn store(dtype: Dtype, out: &mut [u8], i: usize, v: f32) {
         Dtype::F16 => out[2 * i..2 * i + 2].copy_from_slice(&f16::from_f32(v).to_le_bytes()),
         Dtype::Bf16 => out[2 * i..2 * i + 2].copy_from_slice(&bf16::from_f32(v).to_le_bytes()),
         Dtype::F32 => out[4 * i..4 * i + 4].copy_from_slice(&v.to_le_bytes()),
+        Dtype::F8E4M3 => out[i] = super::fp8::f32_to_e4m3(v),
     }
 }
 
@@ -582,6 +589,11 @@ pub fn store_row(dtype: Dtype, vals: &[f32], out: &mut [u8]) {
             Dtype::F32 => {
                 for (dst, v) in out.chunks_exact_mut(4).zip(vals) {
                     dst.copy_from_slice(&v.to_le_bytes());
+                }
+            }
+            Dtype::F8E4M3 => {
+                for (dst, &v) in out.iter_mut().zip(vals) {
+                    *dst = super::fp8::f32_to_e4m3(v);
                 }
             }
         }

@@ -270,6 +270,9 @@ fn plan<'a>(layout: &KvLayout, opts: &EncodeOptions<'a>) -> Result<Plan<'a>, Gpu
     if level == Level::Lossless {
         return Err(GpuError::Unsupported("the lossless level (GPU encode covers the lossy levels)".into()));
     }
+    if layout.dtype == Dtype::F8E4M3 {
+        return Err(GpuError::Unsupported("fp8 KV (GPU encode reads f16, bf16 and f32; fp8 stores gather on the device and encode on the host)".into()));
+    }
     if opts.plan.is_some() || opts.rules.is_some() {
         return Err(GpuError::Unsupported("custom plans or step rules".into()));
     }
@@ -539,6 +542,7 @@ impl GpuEncoder {
                 Dtype::F16 => 0,
                 Dtype::Bf16 => 1,
                 Dtype::F32 => 2,
+                Dtype::F8E4M3 => return Err(GpuError::Unsupported("fp8 KV".into())), // refused by plan() already
             },
             es: es as u32,
             block_size: bs as u32,

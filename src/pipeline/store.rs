@@ -131,11 +131,11 @@ impl StoreRun {
     /// Stores from GPU memory at a lossy level: every chunk encoded on the
     /// device at once (then the blocks are reusable), written by the io
     /// threads. Returns false when the host path must run instead (host
-    /// memory, or the lossless level, which the GPU encoder does not take:
-    /// gathered on the device, encoded on the host).
+    /// memory, or the lossless level or an fp8 cache, which the GPU encoder
+    /// does not take: gathered on the device, encoded on the host).
     fn gpu_encode(self: &Arc<Self>, io: &crossbeam_channel::Sender<super::Task>) -> bool {
         let Some(dev) = &self.spec.device else { return false };
-        if self.spec.level == Level::Lossless {
+        if self.spec.level == Level::Lossless || self.spec.layout.dtype == crate::codec::Dtype::F8E4M3 {
             return false;
         }
         let t0 = Instant::now();
