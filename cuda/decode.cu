@@ -123,6 +123,25 @@ __device__ __forceinline__ u32 f32_to_bf16_bits(u32 x) {
     return x >> 16;
 }
 
+// f32 -> FP8 E4M3 bits exactly as codec::fp8::f32_to_e4m3: round to nearest
+// even, saturating to +-448; a NaN (only from inf - inf with absurd scales)
+// gives 0xFF, what the CPU decoder's x86 default NaN (sign set) converts to.
+__device__ __forceinline__ u32 f32_to_e4m3(float v) {
+    if (v != v) return 0xFFu;
+    const u32 bits = __float_as_uint(v);
+    const u32 sign = (bits >> 24) & 0x80u;
+    const float a = __uint_as_float(bits & 0x7FFFFFFFu);
+    if (a >= 448.0f) return sign | 0x7Eu;
+    if (a < 0.015625f) return sign | __float2uint_rn(a * 512.0f);   // subnormal grid, 2^-9
+    u32 e = ((bits >> 23) & 0xFFu) - 120u;                          // exponent + 7, 1..15
+    u32 r = (bits >> 20) & 7u;
+    const u32 rem = bits & 0xFFFFFu;
+    if (rem > 0x80000u || (rem == 0x80000u && (r & 1u))) {
+        if (++r == 8u) { r = 0; e++; }
+    }
+    return sign | (e << 3) | r;
+}
+
 // The reconstruction of FORMAT.md 6.2, with the CPU decoder's exact
 // operations: a multiply, then an add, each rounded (never fused). A NaN
 // (only from inf - inf with absurd scales) is given the x86 default NaN the
@@ -132,6 +151,7 @@ __device__ __forceinline__ u32 dequant_bits(u32 sym, float step, float base, u32
     u32 x = __float_as_uint(v);
     if (v != v) x = 0xFFC00000u;
     if (esize == 4) return x;
+    if (esize == 1) return f32_to_e4m3(v);
 #if HWCVT
     // cvt.rn is IEEE round-to-nearest-even with subnormals and overflow to
     // infinity, as the `half` crate; only NaNs differ (canonical NaN), so
@@ -168,12 +188,15 @@ __device__ __forceinline__ u32 weight_of_code(u32 q) {
     return (q & 1u) ? (1u << ((q + 1u) >> 1)) : (u32)((0xB55B2D170B060300ull >> (4u * q)) & 0xFFu);
 }
 
-// A symbol entry in the packed form of 8-bit tables with 16-bit outputs
-// (`vmode` 1: f16, 2: bf16): the symbol's dequantized output bits (FORMAT.md
-// 6.2, as dequant_bits), freq - 1 and cum, so that the hot loop needs no
-// arithmetic to write a value: `out | (freq - 1) << 16 | cum << 24`.
+// A symbol entry that carries the symbol's dequantized output bits
+// (FORMAT.md 6.2, as dequant_bits), so that the hot loop needs no arithmetic
+// to write a value: for 8-bit tables with 16-bit outputs (`vmode` 1: f16,
+// 2: bf16) `out | (freq - 1) << 16 | cum << 24`; for fp8 e4m3 outputs
+// (`vmode` 3, any prob_bits) the usual layout with the output byte in place
+// of the symbol, `out | freq << 8 | cum << 19`.
 __device__ __forceinline__ u32 packed_entry(u32 sym, u32 f, u32 cum, u32 vmode, float step, float base) {
     const float v = __fadd_rn(__fmul_rn((float)sym, step), base);
+    if (vmode == 3) return f32_to_e4m3(v) | f << 8 | cum << 19;
     unsigned short h;
     if (vmode == 2) asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(v));
     else asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(v));
@@ -200,7 +223,7 @@ __device__ __noinline__ u32 rare_entry(const u32* grows, u32 q, u32 vmode, float
 //   byte r of word w = index q of the symbol that owns slot 4w + r among
 //   the table's non-zero symbols (at most 256 of them);
 // - `symt[q * 32]`: per non-zero symbol `symbol | freq << 8 | cum << 19`,
-//   or with `vmode` 1 or 2 (8-bit tables only) the packed entry above.
+//   or with `vmode` 1 to 3 the entry with the output above.
 // The normalisation is table::normalize, step for step; its (index,
 // frequency) pairs live in `symt` while it runs. Returns false for an
 // invalid table, or one with more than `kmax` non-zero symbols (the host
@@ -399,7 +422,7 @@ extern "C" __global__ void cg_decode(
     const bool fast = !raw && pl.group == 4;
     // Packed entries (the output value in the entry) for the common case:
     // one step for the tensor, 8-bit tables, 16-bit outputs.
-    const u32 vmode = FAST && fast && prob_bits == 8 && esize == 2 ? (ch.is_bf16 ? 2u : 1u) : 0u;
+    const u32 vmode = !(FAST && fast) ? 0u : esize == 1 ? 3u : prob_bits == 8 && esize == 2 ? (ch.is_bf16 ? 2u : 1u) : 0u;
 
     for (u32 g = g0; g < g1; g++) {
         const u32 active = min(32u, C - 32u * g);
@@ -473,7 +496,7 @@ extern "C" __global__ void cg_decode(
             // is the output; otherwise it is dequantized here.
             auto rounds = [&](auto tv, auto tk, auto tx) {
                 constexpr int V = decltype(tv)::value;   // 1: packed entries
-                constexpr int K = decltype(tk)::value;   // 0 f16, 1 bf16, 2 f32 (V = 0 only)
+                constexpr int K = decltype(tk)::value;   // 0 f16, 1 bf16, 2 f32, 3 fp8 e4m3 from the entry (V = 0); f16/bf16 alike with V
                 constexpr int X = decltype(tx)::value;   // 1: table-set chunk (rare rows in global memory)
                 const u8* slotb = (const u8*)wbase_smem + 4u * lane;
                 const u8* ring8 = (const u8*)ring;
@@ -492,7 +515,7 @@ extern "C" __global__ void cg_decode(
                         u32 e;
                         if (X) {
                             if (q < kmax) e = symt[q * LANES];
-                            else e = V ? rare_entry(grows, q, vmode, step, sbase) : __ldg(grows + q * LANES);
+                            else e = V || K == 3 ? rare_entry(grows, q, vmode, step, sbase) : __ldg(grows + q * LANES);
                         } else {
                             e = symt[q * LANES];
                         }
@@ -517,6 +540,8 @@ extern "C" __global__ void cg_decode(
                         if (STORE && wr) {
                             if (V) {
                                 *(u16*)p = (u16)e;
+                            } else if (K == 3) {
+                                *p = (u8)e;
                             } else {
                                 const float v = __fadd_rn(__fmul_rn((float)(e & 0xFFu), step), sbase);
                                 if (K == 2) {
@@ -542,7 +567,10 @@ extern "C" __global__ void cg_decode(
                 pos = rb / 2u - sh;
             };
             const bool ext = ch.external != 0;
-            if (vmode) {
+            if (vmode == 3) {
+                if (ext) rounds(IC<0>(), IC<3>(), IC<1>());
+                else rounds(IC<0>(), IC<3>(), IC<0>());
+            } else if (vmode) {
                 if (ext) rounds(IC<1>(), IC<0>(), IC<1>());
                 else rounds(IC<1>(), IC<0>(), IC<0>());
             } else if (esize == 4) {
@@ -589,7 +617,9 @@ extern "C" __global__ void cg_decode(
                     if (pl.group == 1) group_coef(scales, pl, t, step, sbase);
                     else if (pl.group == 2) group_coef(scales, pl, t * ch.heads + h, step, sbase);
                     const u32 bits = dequant_bits(sym, step, sbase, esize, ch.is_bf16);
-                    if (esize == 4) *(u32*)p = bits; else *(u16*)p = (u16)bits;
+                    if (esize == 4) *(u32*)p = bits;
+                    else if (esize == 1) *p = (u8)bits;
+                    else *(u16*)p = (u16)bits;
                 }
             }
             if (++slot == dest.block_size) { slot = 0; bi++; }
@@ -633,6 +663,8 @@ extern "C" __global__ void cg_exact(const u8* __restrict__ region, const Chunk* 
         u8* p = (u8*)(((const u64*)dest.layer_base)[layer]) + (i64)layer * dest.stride_layer + (i64)stream * dest.stride_kv
               + (i64)blk * dest.stride_block + (i64)slot * dest.stride_token + (i64)h * dest.stride_head + (i64)d * esize;
         const u8* src = base + ch.exact_rows_off + (ik * C + c) * esize;
-        if (esize == 4) *(u32*)p = ld32u(src); else *(u16*)p = (u16)ld16u(src);
+        if (esize == 4) *(u32*)p = ld32u(src);
+        else if (esize == 1) *p = (u8)ld8(src);
+        else *(u16*)p = (u16)ld16u(src);
     }
 }

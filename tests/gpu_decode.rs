@@ -231,7 +231,7 @@ fn every_layout_kind_dtype_and_level_matches_the_cpu() {
     let Some(dec) = decoder() else { return };
     let mut n = 0;
     for kind in ALL_KINDS {
-        for dtype in [Dtype::F16, Dtype::Bf16, Dtype::F32] {
+        for dtype in [Dtype::F16, Dtype::Bf16, Dtype::F32, Dtype::F8E4M3] {
             for level in [Level::Compact, Level::Default, Level::High, Level::Lossless] {
                 // Two chunks in one call, the second not a multiple of the block size.
                 let streams: Vec<Vec<u8>> = [77usize, 40]
@@ -266,7 +266,7 @@ fn partial_channel_groups_and_long_chunks_match() {
 fn every_scale_grouping_and_symmetry_matches() {
     let Some(dec) = decoder() else { return };
     let shape = KvShape { kind: KvKind::KeyValue, layers: 2, tokens: 77, heads: 3, head_dim: 64 };
-    for dtype in [Dtype::F16, Dtype::Bf16] {
+    for dtype in [Dtype::F16, Dtype::Bf16, Dtype::F8E4M3] {
         let kv = synthetic(shape, dtype, 11);
         for group in [ScaleGroup::PerToken, ScaleGroup::PerTokenHead, ScaleGroup::PerChannel, ScaleGroup::PerTensor] {
             for asymmetric in [false, true] {
@@ -286,7 +286,7 @@ fn real_kv_fixture_matches_at_every_level() {
     let Some(dec) = decoder() else { return };
     let bytes = std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/smollm2-kernel-doc-320.safetensors")).unwrap();
     let kv = cachegen::interchange::from_safetensors(&bytes).unwrap().kv;
-    for dtype in [Dtype::F16, Dtype::Bf16] {
+    for dtype in [Dtype::F16, Dtype::Bf16, Dtype::F8E4M3] {
         let kv = if dtype == kv.dtype { kv.clone() } else { convert(&kv, dtype) };
         for level in [Level::Compact, Level::Default, Level::High, Level::Lossless] {
             let whole = vec![encode(&kv, &EncodeOptions::level(level)).unwrap()];
@@ -372,19 +372,19 @@ fn streams_with_external_tables_match_the_cpu() {
         for level in [Level::Compact, Level::Default, Level::High, Level::Lossless] {
             // A set calibrated on 8 tokens of another sample (narrow supports:
             // many channels carry patches) and one on 200 tokens (few).
-            for calib_tokens in [8, 200] {
-                let calib = synthetic(shape_for(kind, calib_tokens), Dtype::F16, 4);
+            for (calib_tokens, dtype) in [(8, Dtype::F16), (200, Dtype::F16), (200, Dtype::F8E4M3)] {
+                let calib = synthetic(shape_for(kind, calib_tokens), dtype, 4);
                 let set = calibrate_tables(&[&calib], &EncodeOptions::level(level)).unwrap();
                 let gset = dec.upload_tables(&set).unwrap();
                 assert_eq!(gset.id(), set.id());
                 let ext = EncodeOptions { tables: Tables::External(&set), ..EncodeOptions::level(level) };
                 // Two chunks referencing the set and one with its own tables, in one call.
                 let streams = vec![
-                    encode(&synthetic(shape_for(kind, 256), Dtype::F16, 5), &ext).unwrap(),
-                    encode(&synthetic(shape_for(kind, 77), Dtype::F16, 6), &ext).unwrap(),
-                    encode(&synthetic(shape_for(kind, 40), Dtype::F16, 7), &EncodeOptions::level(level)).unwrap(),
+                    encode(&synthetic(shape_for(kind, 256), dtype, 5), &ext).unwrap(),
+                    encode(&synthetic(shape_for(kind, 77), dtype, 6), &ext).unwrap(),
+                    encode(&synthetic(shape_for(kind, 40), dtype, 7), &EncodeOptions::level(level)).unwrap(),
                 ];
-                check_with(dec, kind, &streams, &format!("external tables {level:?} calibrated on {calib_tokens} tokens"), Some((&set, &gset)));
+                check_with(dec, kind, &streams, &format!("external tables {level:?} {dtype:?} calibrated on {calib_tokens} tokens"), Some((&set, &gset)));
             }
         }
     }

@@ -32,6 +32,7 @@
 //!
 //! Usage: cachegen-gpu-bench [--fixture PATH] [--tokens 8192,32768] [--repeat N] [--out FILE.json] [--skip-decode] [--skip-encode] [--encode-batch-symbols N]
 //!        [--level compact|default|high|lossless] [--tables-from PATH] [--batch-mb N (the decoder's batch size, default 32)] [--set-only]
+//!        [--dtype bf16|f32|fp8 (decode into blocks of that type; fp8 skips encode)]
 
 use std::time::Instant;
 
@@ -129,6 +130,26 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     println!("device: {} (sm_{maj}{min}, {} SMs); kernels compiled in {compile_ms:.0} ms (NVRTC {:?})", gpu.name(), gpu.multiprocessors(), cachegen::gpu::nvrtc::version()?);
 
     let src = cachegen::interchange::from_safetensors(&std::fs::read(&fixture)?)?.kv;
+    // --dtype: decode into blocks of another element type (the fixture's
+    // values converted first; the GPU encoder takes f16, bf16 and f32 only).
+    let src = match arg("--dtype") {
+        Some(name) => {
+            let dtype = cachegen::connector::config::parse_dtype(&name).or((name == "f8e4m3").then_some(Dtype::F8E4M3)).ok_or(format!("unknown --dtype {name}"))?;
+            let tensors = (0..src.tensors.len())
+                .map(|i| {
+                    let v = src.tensor_f32(i);
+                    let mut out = vec![0u8; v.len() * dtype.size()];
+                    for (j, &x) in v.iter().enumerate() {
+                        cachegen::codec::quant::store(dtype, &mut out, j, x);
+                    }
+                    out
+                })
+                .collect();
+            KvTensors { shape: src.shape, dtype, tensors }
+        }
+        None => src,
+    };
+    let skip_encode = skip_encode || src.dtype == Dtype::F8E4M3;
     let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     // The 5 distinct chunks of the tiled cache.
     let t = Instant::now();
@@ -207,9 +228,9 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         let streams: Vec<&[u8]> = (0..nchunks).map(|c| distinct[c % 5].as_slice()).collect();
         println!("== decode, {variant}, {tokens} tokens");
         let num_blocks = tokens / BLOCK;
-        let per_layer = 2 * num_blocks * BLOCK * HEADS * HEAD_DIM * 2;
+        let per_layer = 2 * num_blocks * BLOCK * HEADS * HEAD_DIM * src.dtype.size();
         let arena = gpu.alloc(per_layer * LAYERS)?;
-        let layout = KvLayout::vllm_flash_attn((0..LAYERS).map(|l| arena.ptr() as usize + l * per_layer).collect(), num_blocks, BLOCK, HEADS, HEAD_DIM, Dtype::F16, false)?;
+        let layout = KvLayout::vllm_flash_attn((0..LAYERS).map(|l| arena.ptr() as usize + l * per_layer).collect(), num_blocks, BLOCK, HEADS, HEAD_DIM, src.dtype, false)?;
         let perm = shuffled(num_blocks, tokens as u64);
         let ids: Vec<&[u32]> = perm.chunks(CHUNK / BLOCK).collect();
 
