@@ -36,8 +36,10 @@
 //! engines). Device memory is not touched here: GPU copies use the same
 //! geometry in CUDA kernels.
 //!
-//! Not covered by [`Dtype`]: fp8 KV caches (vLLM `--kv-cache-dtype fp8`,
-//! `fp8_ds_mla`) and their per-layer scales.
+//! FP8 E4M3 caches ([`Dtype::F8E4M3`], vLLM `--kv-cache-dtype fp8`) are
+//! 1-byte elements, copied in their stored units: the engine's per-layer
+//! scales are not applied (`codec::fp8`). Not covered: fp8 E5M2 and vLLM's
+//! `fp8_ds_mla` (fp32 scales stored inside each token's 656 bytes).
 
 use crate::codec::{Dtype, KvKind, KvShape, KvTensors};
 

@@ -27,7 +27,8 @@
 //!
 //! Streams that reference a model's table set (`Tables::External`) decode
 //! from the set's prebuilt lookups on the device ([`GpuDecoder::upload_tables`],
-//! [`GpuDecoder::stage_with_tables`]). Not supported yet: fp8 KV caches.
+//! [`GpuDecoder::stage_with_tables`]). FP8 (E4M3) chunks decode into fp8
+//! blocks, converted on the device exactly as `codec::fp8::f32_to_e4m3`.
 
 use std::ffi::c_void;
 use std::sync::atomic::{AtomicU64, Ordering};
