@@ -25,7 +25,7 @@ pub fn e4m3_to_f32(b: u8) -> f32 {
         // subnormal: m * 2^-9
         sign * m * (1.0 / 512.0)
     } else {
-        sign * (1.0 + m / 8.0) * f32::from_bits(((e as u32 + 127 - 7) << 23) as u32)
+        sign * (1.0 + m / 8.0) * f32::from_bits((e as u32 + 127 - 7) << 23)
     }
 }
 
