@@ -370,3 +370,52 @@ fn table_set_chunks_load_on_the_gpu_as_on_the_host_mixing_sets_in_one_load() {
         assert!(dev.download() == host.bufs, "GPU load of two sets' chunks (hnd={hnd}) differs from the host load");
     }
 }
+
+/// The fixture's values as fp8 (E4M3) elements, in their own units.
+fn fixture_fp8() -> cachegen::codec::KvTensors {
+    let kv = fixture();
+    let tensors = (0..kv.tensors.len())
+        .map(|i| kv.tensor_f32(i).iter().map(|&x| cachegen::codec::fp8::f32_to_e4m3(x)).collect())
+        .collect();
+    cachegen::codec::KvTensors { shape: kv.shape, dtype: cachegen::codec::Dtype::F8E4M3, tensors }
+}
+
+#[test]
+fn fp8_caches_store_from_and_load_into_device_memory_as_on_the_host() {
+    let Some(gpu) = gpu() else { return };
+    let kv = fixture_fp8();
+    let toks = tokens(320, 11);
+    let blocks: Vec<u32> = (0..20).map(|i| 19 - i).collect();
+    let mut src = Engine::vllm(&kv, 20, false);
+    src.fill(&kv, &blocks, 320);
+    let dev = DeviceEngine::mirror(gpu, &src);
+    for level in ["default", "lossless"] {
+        let (gdir, hdir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let cfg = |d: &tempfile::TempDir| {
+            config(&format!(r#", "level": "{level}", "tiers": {{"disk": {{"path": "{}", "bytes": 100000000}}}}"#, d.path().display())).replace(r#""kv_dtype": "f16""#, r#""kv_dtype": "fp8""#)
+        };
+        // From device memory (gathered on the GPU, encoded on the host) and
+        // from host memory: the same files.
+        let ctx = Context::from_json(&cfg(&gdir)).unwrap();
+        let job = unsafe { ctx.store_on(Arc::clone(&dev.layout), &toks, &blocks, b"", Some(0)) }.unwrap();
+        assert!(job.wait(Stage::Done, Some(Duration::from_secs(60))));
+        assert_eq!(job.progress().chunks_ok, 5, "{level}: {:?}", job.progress().errors);
+        let hctx = Context::from_json(&cfg(&hdir)).unwrap();
+        let job = unsafe { hctx.store(Arc::clone(&src.layout), &toks, &blocks, b"") }.unwrap();
+        assert!(job.wait(Stage::Done, Some(Duration::from_secs(60))));
+        let (g, h) = (files(gdir.path()), files(hdir.path()));
+        assert!(g.len() >= 5 && g == h, "{level}: the device store differs from the host store ({} and {} files)", g.len(), h.len());
+        // Loaded on the GPU into a TensorRT-LLM pool: the codec's output
+        // (the original bytes at the lossless level).
+        let mut host_dst = Engine::trtllm(&kv, 20);
+        let dst = DeviceEngine::mirror(gpu, &host_dst);
+        let job = unsafe { ctx.load_on(Arc::clone(&dst.layout), &toks, &blocks, 0, b"", 0, Some(0)) }.unwrap();
+        assert!(job.wait(Stage::Done, Some(Duration::from_secs(60))));
+        assert_eq!(job.progress().chunks_ok, 5, "{level}: {:?}", job.progress().errors);
+        for (b, d) in host_dst.bufs.iter_mut().zip(dst.download()) {
+            b.copy_from_slice(&d);
+        }
+        let want = if level == "lossless" { slice_tokens(&kv, 0, 320) } else { expected(&kv, 5, cachegen::codec::Level::Default) };
+        assert_eq!(host_dst.read(&blocks, 320), want, "{level}");
+    }
+}
