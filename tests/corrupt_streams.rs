@@ -2,7 +2,7 @@
 //! never a panic, a hang or a huge allocation.
 
 use cachegen::codec::format::{self, HEADER_LEN};
-use cachegen::codec::{decode, decode_with_limits, encode, DecodeLimits, EncodeOptions, Error, KvTensors, Level};
+use cachegen::codec::{decode, decode_with_limits, encode, DecodeLimits, Dtype, EncodeOptions, Error, KvTensors, Level};
 use cachegen::interchange;
 
 fn fixture() -> KvTensors {
@@ -142,5 +142,37 @@ fn the_gpu_host_checks_reject_what_the_cpu_parser_rejects() {
             }
         }
         assert!(rejected > 100, "{level:?}: only {rejected} changes rejected");
+    }
+}
+
+#[test]
+fn unknown_dtype_codes_are_rejected_and_a_relabelled_dtype_is_not_misread() {
+    // Byte 8 is the dtype: 1 f16, 2 bf16, 3 f32, 4 f8e4m3; anything else is refused.
+    let kv = fixture();
+    for level in [Level::Default, Level::Lossless] {
+        let b = encode(&kv, &EncodeOptions::level(level)).unwrap();
+        assert_eq!(b[8], 1, "the fixture is f16");
+        for code in [0u8, 5, 6, 0x80, 0xff] {
+            let mut c = b.clone();
+            c[8] = code;
+            reseal(&mut c);
+            let e = decode(&c, None).unwrap_err();
+            assert!(matches!(e, Error::Corrupt("unknown dtype")), "code {code}: {e}");
+        }
+        // An f16 stream relabelled fp8 (1-byte elements) with a valid checksum:
+        // a lossless one has two byte planes per tensor where fp8 has one and
+        // is refused; a lossy one's planes do not depend on the element size,
+        // so it may decode, but then to fp8 tensors of the declared shape.
+        let mut c = b.clone();
+        c[8] = 4;
+        reseal(&mut c);
+        match (level, decode(&c, None)) {
+            (Level::Lossless, Ok(_)) => panic!("a lossless f16 stream relabelled fp8 decoded"),
+            (_, Err(e)) => assert!(matches!(e, Error::Corrupt(_)), "{}: {e}", level.name()),
+            (_, Ok(out)) => {
+                assert_eq!((out.shape, out.dtype), (kv.shape, Dtype::F8E4M3));
+                assert!(out.tensors.iter().all(|t| t.len() == kv.shape.tokens * kv.shape.channels()));
+            }
+        }
     }
 }

@@ -240,6 +240,8 @@ pub fn parse_dtype(name: &str) -> Option<Dtype> {
         "f16" | "float16" | "half" => Some(Dtype::F16),
         "bf16" | "bfloat16" => Some(Dtype::Bf16),
         "f32" | "float32" | "float" => Some(Dtype::F32),
+        // FP8 E4M3, coded in its stored units (the engine's scales are not applied).
+        "fp8" | "fp8_e4m3" | "f8e4m3" | "float8_e4m3fn" => Some(Dtype::F8E4M3),
         _ => None,
     }
 }
@@ -253,7 +255,13 @@ impl Config {
             return Err("config: namespace.model must not be empty".into());
         }
         if parse_dtype(&ns.kv_dtype).is_none() {
-            return Err(format!("config: namespace.kv_dtype {:?} is not one of f16, bf16, f32", ns.kv_dtype));
+            if matches!(ns.kv_dtype.as_str(), "fp8_e5m2" | "float8_e5m2" | "f8e5m2") {
+                return Err(format!(
+                    "config: namespace.kv_dtype {:?}: FP8 E5M2 KV caches are not supported (FP8 E4M3 is: fp8, fp8_e4m3)",
+                    ns.kv_dtype
+                ));
+            }
+            return Err(format!("config: namespace.kv_dtype {:?} is not one of f16, bf16, f32, fp8 (e4m3)", ns.kv_dtype));
         }
         if ns.tp_world_size == 0 || ns.tp_rank >= ns.tp_world_size {
             return Err(format!("config: tp_rank {} must be below tp_world_size {}", ns.tp_rank, ns.tp_world_size));

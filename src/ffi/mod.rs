@@ -54,6 +54,11 @@ pub const CG_DTYPE_F16: u32 = 1;
 pub const CG_DTYPE_BF16: u32 = 2;
 /// `cg_layout_desc.dtype`: IEEE single.
 pub const CG_DTYPE_F32: u32 = 3;
+/// `cg_layout_desc.dtype`: FP8 E4M3 (`float8_e4m3fn`, 1 byte; vLLM's
+/// `--kv-cache-dtype fp8`), coded in its stored units: the engine's per-layer
+/// k/v scales are neither needed nor applied. Chunks stored as FP8 load only
+/// into FP8 layouts.
+pub const CG_DTYPE_F8E4M3: u32 = 4;
 
 /// `cg_layout_desc.kind`: keys and values (two streams per layer).
 pub const CG_KIND_KEY_VALUE: u32 = 0;

@@ -480,7 +480,7 @@ static void error_paths(const uint32_t *tokens) {
     CHECK_ERR(cg_context_new("not json", &ctx), CG_ERR_CONFIG);
     CHECK_ERR(cg_context_new("{\"namespace\": {\"model\": \"m\"}, \"chunk_tokns\": 64}", &ctx), CG_ERR_CONFIG);
     CHECK_ERR(cg_context_new("{\"namespace\": {\"model\": \"m\", \"block_size\": 16}, \"chunk_tokens\": 40}", &ctx), CG_ERR_CONFIG);
-    CHECK_ERR(cg_context_new("{\"namespace\": {\"model\": \"m\", \"kv_dtype\": \"fp8\"}}", &ctx), CG_ERR_CONFIG);
+    CHECK_ERR(cg_context_new("{\"namespace\": {\"model\": \"m\", \"kv_dtype\": \"fp8_e5m2\"}}", &ctx), CG_ERR_CONFIG);
     CHECK_ERR(cg_context_new("{\"namespace\": {\"model\": \"m\"}, \"level\": \"ultra\"}", &ctx), CG_ERR_CONFIG);
     CHECK_ERR(cg_context_new("{\"namespace\": {\"model\": \"m\"}, \"tiers\": {}}", &ctx), CG_ERR_CONFIG);
     CHECK_ERR(cg_context_new("{\"namespace\": {\"model\": \"m\"}, \"profile\": \"/nonexistent/profile.json\"}", &ctx), CG_ERR_CONFIG);

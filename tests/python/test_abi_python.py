@@ -564,7 +564,7 @@ def test_error_codes_and_messages(kv):
     cases = [
         ('{"namespace": {"model": "m"', cachegen.CG_ERR_CONFIG),
         ({"namespace": {"model": "m"}, "chunk_tokenz": 64}, cachegen.CG_ERR_CONFIG),
-        ({"namespace": {"model": "m", "kv_dtype": "fp8"}}, cachegen.CG_ERR_CONFIG),
+        ({"namespace": {"model": "m", "kv_dtype": "fp8_e5m2"}}, cachegen.CG_ERR_CONFIG),
         ({"namespace": {"model": "m"}, "chunk_tokens": 60}, cachegen.CG_ERR_CONFIG),
         ({"namespace": {"model": ""}}, cachegen.CG_ERR_CONFIG),
     ]
@@ -596,7 +596,7 @@ def test_error_codes_and_messages(kv):
     assert e.value.code in (cachegen.CG_ERR_NO_GPU, cachegen.CG_ERR_INVALID_ARGUMENT), e.value
     assert "CG_MEMORY_CUDA" in e.value.message
     with pytest.raises(E) as e:
-        layout(dtype="fp8")
+        layout(dtype="fp8_e5m2")
     assert e.value.code == cachegen.CG_ERR_INVALID_ARGUMENT
     with pytest.raises(E) as e:  # head_dim not contiguous
         cachegen.Layout.from_tensors([np.zeros((2, 8, BS, 64, 3), np.float16).transpose(0, 1, 2, 4, 3)], AXES_VLLM)
@@ -880,3 +880,180 @@ def test_missing_library_is_a_clear_error(tmp_path):
                         "print(cachegen.library_path(), cachegen.version())", str(REPO / "integrations/python")],
                        env=env, capture_output=True, text=True, check=True)
     assert r.stdout.split() == [env["CACHEGEN_LIBRARY"], "0.1.0"]
+
+
+# ---------------------------------------------------------------------------
+# FP8 E4M3 (vLLM --kv-cache-dtype fp8): coded in its stored units, no scales.
+
+def _e4m3_table():
+    """The value of every e4m3fn byte (NaN for 0x7F and 0xFF)."""
+    vals = np.empty(256, np.float64)
+    for b in range(256):
+        s, e, m = b >> 7, (b >> 3) & 0xF, b & 7
+        if e == 0xF and m == 7:
+            v = np.nan
+        elif e == 0:
+            v = m / 8 * 2.0**-6
+        else:
+            v = (1 + m / 8) * 2.0 ** (e - 7)
+        vals[b] = -v if s else v
+    return vals
+
+
+E4M3 = _e4m3_table()
+
+
+def to_e4m3(x):
+    """Nearest e4m3 byte of each value (saturating at 448; ties to the lower
+    magnitude: a test helper, not the codec's conversion)."""
+    x = np.asarray(x, np.float64)
+    mags = E4M3[:0x7F]  # 0 .. 448, increasing
+    a = np.minimum(np.abs(x), 448.0)
+    i = np.clip(np.searchsorted(mags, a), 1, 0x7E)
+    i = np.where(a - mags[i - 1] <= mags[i] - a, i - 1, i)
+    return (i | np.where(np.signbit(x) & (i > 0), 0x80, 0)).astype(np.uint8)
+
+
+def write_safetensors_u8(path, tensors, dtype="F8_E4M3"):
+    header, offset, blobs = {}, 0, []
+    for name, t in tensors.items():
+        raw = np.ascontiguousarray(t, dtype=np.uint8).tobytes()
+        header[name] = {"dtype": dtype, "shape": list(t.shape), "data_offsets": [offset, offset + len(raw)]}
+        offset += len(raw)
+        blobs.append(raw)
+    h = json.dumps(header).encode()
+    h += b" " * (-len(h) % 8)
+    Path(path).write_bytes(struct.pack("<Q", len(h)) + h + b"".join(blobs))
+
+
+def read_safetensors_u8(path):
+    data = Path(path).read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + n])
+    header.pop("__metadata__", None)
+    out = {}
+    for name, h in header.items():
+        a, b = h["data_offsets"]
+        out[name] = (h["dtype"], np.frombuffer(data, dtype=np.uint8, count=b - a, offset=8 + n + a).reshape(h["shape"]))
+    return out
+
+
+@pytest.fixture(scope="module")
+def kv8(kv):
+    """The fixture's K and V as e4m3 bytes [layers, 320, 3, 64] (unit scales)."""
+    k, v, toks = kv
+    k8, v8 = to_e4m3(k.astype(np.float32)), to_e4m3(v.astype(np.float32))
+    assert np.count_nonzero(k8 & 0x7F) > 0.9 * k8.size and not np.isnan(E4M3[k8]).any()
+    return k8, v8, toks
+
+
+def cli_round_trip(d, name, k8, v8, level):
+    """Encodes the layers' e4m3 K/V with the CLI at `level` and decodes them:
+    (dtypes, K, V) as the decoded safetensors file holds them."""
+    src, cg, dec = d / f"{name}.safetensors", d / f"{name}.cg", d / f"{name}.dec.safetensors"
+    tensors = {}
+    for i in range(k8.shape[0]):
+        tensors[f"layers.{i}.key"] = k8[i]
+        tensors[f"layers.{i}.value"] = v8[i]
+    write_safetensors_u8(src, tensors)
+    subprocess.run([str(CLI), "encode", "--level", level, str(src), str(cg)], check=True, capture_output=True)
+    subprocess.run([str(CLI), "decode", str(cg), str(dec)], check=True, capture_output=True)
+    got = read_safetensors_u8(dec)
+    dtypes = {dt for dt, _ in got.values()}
+    gk = np.stack([got[f"layers.{i}.key"][1] for i in range(k8.shape[0])])
+    gv = np.stack([got[f"layers.{i}.value"][1] for i in range(k8.shape[0])])
+    return dtypes, gk, gv
+
+
+def test_cli_round_trips_an_fp8_safetensors_file(kv8, tmp_path):
+    k8, v8, _ = kv8
+    s = slice(0, CHUNK)
+    dtypes, gk, gv = cli_round_trip(tmp_path, "lossless", k8[:, s], v8[:, s], "lossless")
+    assert dtypes == {"F8_E4M3"}
+    assert np.array_equal(gk, k8[:, s]) and np.array_equal(gv, v8[:, s])
+    dtypes, gk, gv = cli_round_trip(tmp_path, "default", k8[:, s], v8[:, s], "default")
+    assert dtypes == {"F8_E4M3"} and gk.shape == k8[:, s].shape
+    want, got = E4M3[k8[:, s]], E4M3[gk]
+    assert not np.isnan(got).any() and np.abs(got).max() <= 448
+    assert not np.array_equal(gk, k8[:, s]), "the default level is lossy"
+    # Close to the stored values: the error is a small part of each layer's spread.
+    err = np.sqrt(((got - want) ** 2).mean(axis=(1, 2, 3)))
+    rms = np.sqrt((want**2).mean(axis=(1, 2, 3)))
+    assert (err < 0.2 * rms).all(), (err / rms).max()
+
+
+def fp8_engine(num_blocks, layers=30, torch_like=False):
+    """vLLM's fp8 cache: per layer (2, blocks, BS, heads, dim) of uint8."""
+    arrs = [np.zeros((2, num_blocks, BS, 3, 64), np.uint8) for _ in range(layers)]
+    tensors = [FakeTensor(a, "torch.uint8") for a in arrs] if torch_like else arrs
+    return Engine(cachegen.Layout.from_tensors(tensors, AXES_VLLM, dtype="fp8"), arrs)
+
+
+def test_fp8_dtype_names_and_uint8_needs_an_override():
+    assert cachegen.CG_DTYPE_F8E4M3 == 4
+    u8 = [np.zeros((2, 4, BS, 3, 64), np.uint8) for _ in range(2)]
+    for t in (u8, [FakeTensor(a, "torch.uint8") for a in u8]):
+        # uint8 is raw bytes: never taken as fp8 without being told.
+        with pytest.raises(cachegen.CacheGenError, match="dtype="):
+            cachegen.Layout.from_tensors(t, AXES_VLLM)
+        for name in ("fp8", "fp8_e4m3", "f8e4m3", "float8_e4m3fn"):
+            lay = cachegen.Layout.from_tensors(t, AXES_VLLM, dtype=name)
+            assert lay.dtype == "f8e4m3" and lay.stride_token == 3 * 64 and lay.stride_head == 64
+            lay.close()
+        with pytest.raises(cachegen.CacheGenError, match="E5M2"):
+            cachegen.Layout.from_tensors(t, AXES_VLLM, dtype="fp8_e5m2")
+        # An override never reinterprets bytes as a dtype of another size.
+        with pytest.raises(cachegen.CacheGenError):
+            cachegen.Layout.from_tensors(t, AXES_VLLM, dtype="f16")
+    # torch.float8_e4m3fn tensors are fp8 by their own dtype; a float16
+    # tensor is never reinterpreted as fp8.
+    lay = cachegen.Layout.from_tensors([FakeTensor(a, "torch.float8_e4m3fn") for a in u8], AXES_VLLM)
+    assert lay.dtype == "f8e4m3"
+    lay.close()
+    f16 = [np.zeros((2, 4, BS, 3, 64), np.float16) for _ in range(2)]
+    with pytest.raises(cachegen.CacheGenError, match="raw integers"):
+        cachegen.Layout.from_tensors(f16, AXES_VLLM, dtype="fp8")
+    # The context's namespace takes the same names and refuses E5M2.
+    for name in ("fp8", "fp8_e4m3", "f8e4m3", "float8_e4m3fn"):
+        cfg = config()
+        cfg["namespace"]["kv_dtype"] = name
+        cachegen.Context(cfg).close()
+    cfg = config()
+    cfg["namespace"]["kv_dtype"] = "fp8_e5m2"
+    with pytest.raises(cachegen.CacheGenError, match="E5M2") as e:
+        cachegen.Context(cfg)
+    assert e.value.code == cachegen.CG_ERR_CONFIG
+
+
+@pytest.mark.parametrize("level", ["default", "lossless"])
+def test_fp8_store_and_load_through_the_binding(kv8, tmp_path, level):
+    """vLLM-style uint8 fp8 caches: stored from one layout, loaded into an
+    HND-like torch-like one; lossless gives the bytes back, the default level
+    gives exactly what the CLI's encode/decode of each chunk gives."""
+    k8, v8, toks = kv8
+    n = 3 * CHUNK
+    cfg = config(level=level)
+    cfg["namespace"]["kv_dtype"] = "fp8"
+    with cachegen.Context(cfg) as ctx:
+        src = fp8_engine(16)
+        blocks = list(range(15, 3, -1))
+        src.fill(k8, v8, blocks, n)
+        with ctx.store(src.layout, toks[:n], blocks) as job:
+            assert job.wait(timeout=60) and job.info()["chunks_ok"] == 3
+        assert ctx.lookup(toks[:n])[0] == n
+        # An f16 layout does not load fp8 chunks.
+        with pytest.raises(cachegen.CacheGenError):
+            ctx.load(vllm(16).layout, toks[:n], blocks)
+        dst = fp8_engine(12, torch_like=True)
+        dst_blocks = [(i * 5 + 2) % 12 for i in range(12)]
+        with ctx.load(dst.layout, toks[:n], dst_blocks) as job:
+            assert job.wait(timeout=60) and job.failed_blocks() == []
+        gk, gv = dst.read(dst_blocks, 0, n)
+    if level == "lossless":
+        assert np.array_equal(gk, k8[:, :n]) and np.array_equal(gv, v8[:, :n])
+        return
+    assert not np.array_equal(gk, k8[:, :n])
+    for c in range(n // CHUNK):
+        s = slice(c * CHUNK, (c + 1) * CHUNK)
+        _, ck, cv = cli_round_trip(tmp_path, f"chunk{c}", k8[:, s], v8[:, s], "default")
+        assert np.array_equal(gk[:, s], ck) and np.array_equal(gv[:, s], cv), f"chunk {c}"

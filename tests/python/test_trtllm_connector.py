@@ -735,3 +735,55 @@ def test_nhd_pool_and_metadata_pickle(trt, model_dir, tmp_path, monkeypatch):
     err = np.abs(pool[dst].astype(np.float32) - pool[src].astype(np.float32)).max()
     assert 0 <= err < 0.5 and np.abs(pool[dst]).sum() > 0
     worker.shutdown()
+
+
+def test_fp8_pool_round_trips_in_stored_units(trt, model_dir, tmp_path, monkeypatch):
+    """KvCacheConfig(dtype="fp8"): the namespace is FP8 E4M3 and a pool of raw
+    bytes (uint8) is registered as fp8 (a pool tensor of dtype float8_e4m3fn
+    maps by its name); the lossless level gives the stored bytes back (no k/v
+    scales involved)."""
+    config = dict(lib_config(tmp_path / "tier"), level="lossless")
+    monkeypatch.setenv("CACHEGEN_TRTLLM_CONFIG", json.dumps(config))
+    mod = importlib.import_module("cachegen_trtllm.connector")
+    assert mod._DTYPES["float8_e4m3fn"] == "f8e4m3"
+    la = trt.llm_args
+    args = la.TorchLlmArgs(model=str(model_dir), kv_cache_config=la.KvCacheConfig(tokens_per_block=BLOCK, dtype="fp8"))
+    worker = mod.CacheGenConnectorWorker(args)
+    assert worker._disabled is None and worker._settings.kv_dtype == "f8e4m3"
+    assert worker._settings.lib_config["namespace"]["kv_dtype"] == "f8e4m3"
+    # e4m3 bytes, NaN (0x7F, 0xFF) left out as an engine would
+    rng = np.random.default_rng(6)
+    pool = rng.integers(0, 0x7F, (NUM_BLOCKS, LAYERS, 2, KV_HEADS * BLOCK * HEAD_DIM), dtype=np.uint8)
+    pool |= rng.integers(0, 2, pool.shape, dtype=np.uint8) << 7
+    worker.register_kv_caches(pool)
+    assert worker._disabled is None, worker._disabled
+    assert worker._layout.dtype == "f8e4m3"
+    tokens = list(range(10, 74))
+    src, dst = [3, 9, 1, 20], [30, 31, 32, 33]
+    before = pool[src].copy()
+
+    def run(meta):
+        worker.bind_connector_meta(mod.CacheGenTrtllmMetadata(requests=[meta]))
+        worker.start_load_kv(Stream())
+        for layer in range(LAYERS):
+            worker.wait_for_layer_load(layer, Stream())
+            worker.save_kv_layer(layer, Stream())
+        worker.wait_for_save(Stream())
+
+    run(mod.ReqMeta(req_id=1, token_ids=tokens, block_ids=src, save_tokens=64))
+    wait_durable(worker.stats, 2)
+    run(mod.ReqMeta(req_id=2, token_ids=tokens, block_ids=dst, load_tokens=64))
+    assert worker.load_failures == []
+    assert np.array_equal(pool[dst], before)
+    worker.shutdown()
+
+
+def test_fp4_and_e5m2_kv_disable(trt, model_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("CACHEGEN_TRTLLM_CONFIG", json.dumps(lib_config(tmp_path / "tier")))
+    mod = importlib.import_module("cachegen_trtllm.connector")
+    la = trt.llm_args
+    for dtype in ("nvfp4", "fp8_e5m2"):
+        args = la.TorchLlmArgs(model=str(model_dir), kv_cache_config=la.KvCacheConfig(tokens_per_block=BLOCK, dtype=dtype))
+        worker = mod.CacheGenConnectorWorker(args)
+        assert worker._disabled and dtype in worker._disabled
+        worker.shutdown()

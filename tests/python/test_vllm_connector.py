@@ -785,3 +785,40 @@ def test_tensor_parallel_ranks_share_through_redis(model_dir, distributed, tmp_p
     for w in workers:
         w.shutdown()
     sched.shutdown()
+
+
+def test_fp8_cache_dtype_maps_to_e4m3_and_e5m2_is_refused():
+    """--kv-cache-dtype fp8 / fp8_e4m3 is FP8 E4M3 in the namespace (vLLM
+    allocates it as uint8: register_kv_caches passes dtype="fp8");
+    fp8_e5m2 and fp8_ds_mla disable the connector with a reason."""
+    import cachegen_vllm.connector as mod
+
+    def settings(cache_dtype):
+        cfg = SimpleNamespace(
+            cache_config=SimpleNamespace(block_size=16, cache_dtype=cache_dtype),
+            model_config=SimpleNamespace(dtype=torch.bfloat16, model="m", revision=None, quantization=None),
+            parallel_config=SimpleNamespace(pipeline_parallel_size=1, tensor_parallel_size=1),
+        )
+        return mod._Settings(cfg, {}, 0)
+
+    for name in ("fp8", "fp8_e4m3"):
+        s = settings(name)
+        if torch.version.hip:
+            assert s.kv_dtype is None and "FNUZ" in s.disabled_reason
+            continue
+        assert s.kv_dtype == "f8e4m3" and s.disabled_reason is None
+        assert s.lib_config["namespace"]["kv_dtype"] == "f8e4m3"
+    assert settings("auto").kv_dtype == "bf16"
+    s = settings("fp8_e5m2")
+    assert s.kv_dtype is None and "E5M2" in s.disabled_reason and "not supported" in s.disabled_reason
+    assert "fp8_ds_mla" in settings("fp8_ds_mla").disabled_reason
+    # What register_kv_caches does with vLLM's uint8 fp8 cache.
+    t = [torch.zeros((2, 4, 16, 2, 8), dtype=torch.uint8) for _ in range(2)]
+    lay = cachegen.Layout.from_tensors(t, ("kv", "block", "token", "head", "dim"), dtype="fp8")
+    assert lay.dtype == "f8e4m3" and lay.stride_token == 16
+    lay.close()
+    if hasattr(torch, "float8_e4m3fn"):
+        t8 = [x.view(torch.float8_e4m3fn) for x in t]
+        lay = cachegen.Layout.from_tensors(t8, ("kv", "block", "token", "head", "dim"))
+        assert lay.dtype == "f8e4m3"
+        lay.close()

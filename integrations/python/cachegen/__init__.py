@@ -81,6 +81,9 @@ CG_ERR_LIBRARY = -1000
 CG_DTYPE_F16 = 1
 CG_DTYPE_BF16 = 2
 CG_DTYPE_F32 = 3
+#: FP8 E4M3 (``float8_e4m3fn``), coded in its stored units: the engine's
+#: per-layer k/v scales are neither passed nor applied (docs/ABI.md).
+CG_DTYPE_F8E4M3 = 4
 CG_KIND_KEY_VALUE = 0
 CG_KIND_LATENT = 1
 CG_MEMORY_HOST = 0
@@ -109,9 +112,14 @@ _DTYPES = {
     "f16": CG_DTYPE_F16, "float16": CG_DTYPE_F16, "half": CG_DTYPE_F16,
     "bf16": CG_DTYPE_BF16, "bfloat16": CG_DTYPE_BF16,
     "f32": CG_DTYPE_F32, "float32": CG_DTYPE_F32, "float": CG_DTYPE_F32,
+    "fp8": CG_DTYPE_F8E4M3, "fp8_e4m3": CG_DTYPE_F8E4M3, "f8e4m3": CG_DTYPE_F8E4M3, "float8_e4m3fn": CG_DTYPE_F8E4M3,
 }
-_DTYPE_NAMES = {CG_DTYPE_F16: "f16", CG_DTYPE_BF16: "bf16", CG_DTYPE_F32: "f32"}
-_DTYPE_SIZES = {CG_DTYPE_F16: 2, CG_DTYPE_BF16: 2, CG_DTYPE_F32: 4}
+_DTYPE_NAMES = {CG_DTYPE_F16: "f16", CG_DTYPE_BF16: "bf16", CG_DTYPE_F32: "f32", CG_DTYPE_F8E4M3: "f8e4m3"}
+_DTYPE_SIZES = {CG_DTYPE_F16: 2, CG_DTYPE_BF16: 2, CG_DTYPE_F32: 4, CG_DTYPE_F8E4M3: 1}
+#: Element types that only hold raw bytes of another dtype (vLLM allocates its
+#: fp8 cache as torch.uint8): accepted with an explicit ``dtype=``, never guessed.
+_RAW_DTYPES = {"uint8": 1, "int8": 1, "uint16": 2, "int16": 2, "uint32": 4, "int32": 4}
+_E5M2 = ("fp8_e5m2", "float8_e5m2", "f8e5m2", "float8_e5m2fnuz")
 _MEMORY = {"host": CG_MEMORY_HOST, "cpu": CG_MEMORY_HOST, "cuda": CG_MEMORY_CUDA}
 _STAGES = {"reusable": CG_STAGE_REUSABLE, "done": CG_STAGE_DONE}
 
@@ -467,23 +475,52 @@ class _Handle:
 # ---------------------------------------------------------------------------
 # Layout
 
-def _dtype_code(name: Any) -> int:
+def _dtype_key(name: Any) -> str:
     key = str(name).lower()
     if key.startswith("torch."):
         key = key[len("torch."):]
+    return key
+
+
+def _dtype_code(name: Any) -> int:
+    key = _dtype_key(name)
     code = _DTYPES.get(key)
     if code is None:
-        raise CacheGenError(CG_ERR_INVALID_ARGUMENT, f"dtype {name!r} is not float16, bfloat16 or float32")
+        if key in _E5M2:
+            raise CacheGenError(CG_ERR_INVALID_ARGUMENT, f"dtype {name!r}: FP8 E5M2 KV caches are not supported (FP8 E4M3 is: 'fp8')")
+        if key in _RAW_DTYPES:
+            raise CacheGenError(
+                CG_ERR_INVALID_ARGUMENT,
+                f"dtype {name!r} holds raw bytes: pass dtype= naming what they are (e.g. dtype='fp8' for vLLM's fp8 cache, allocated as uint8)",
+            )
+        raise CacheGenError(CG_ERR_INVALID_ARGUMENT, f"dtype {name!r} is not float16, bfloat16, float32 or fp8 (float8_e4m3fn)")
     return code
 
 
-def _tensor_info(t: Any) -> Dict[str, Any]:
+def _element_code(native: Any, override: Any) -> int:
+    """The dtype code of an array whose own element type is ``native``:
+    that type, or ``override`` when given. An override must name the array's
+    own type, or reinterpret raw integers of the same size (uint8 -> fp8);
+    it never reinterprets one float type as another."""
+    if override is None:
+        return _dtype_code(native)
+    code = _dtype_code(override)
+    key = _dtype_key(native)
+    if _DTYPES.get(key) == code or _RAW_DTYPES.get(key) == _DTYPE_SIZES[code]:
+        return code
+    raise CacheGenError(
+        CG_ERR_INVALID_ARGUMENT,
+        f"dtype={override!r} does not fit tensors of dtype {native}: an override reinterprets raw integers of the same size only",
+    )
+
+
+def _tensor_info(t: Any, dtype_override: Any = None) -> Dict[str, Any]:
     """Address, logical shape, byte strides, dtype and memory of an array or
     tensor, read from the object itself (never copied)."""
     if not isinstance(t, np.ndarray) and hasattr(t, "data_ptr") and hasattr(t, "stride"):
         # torch.Tensor (or anything shaped like it): strides are in elements.
         es = int(t.element_size())
-        dtype = _dtype_code(t.dtype)
+        dtype = _element_code(t.dtype, dtype_override)
         if _DTYPE_SIZES[dtype] != es:
             raise CacheGenError(CG_ERR_LAYOUT, f"dtype {t.dtype} has {es}-byte elements")
         device = getattr(t, "device", None)
@@ -505,7 +542,9 @@ def _tensor_info(t: Any) -> Dict[str, Any]:
             t = np.asarray(t)  # a view of the object's memory, not a copy
         else:
             raise TypeError(f"expected a numpy array or a torch-like tensor, not {type(t).__name__}")
-    dtype = _dtype_code(t.dtype.name)
+    dtype = _element_code(t.dtype.name, dtype_override)
+    if _DTYPE_SIZES[dtype] != int(t.itemsize):
+        raise CacheGenError(CG_ERR_LAYOUT, f"dtype {t.dtype} has {t.itemsize}-byte elements")
     return {
         "ptr": int(t.__array_interface__["data"][0]),
         "shape": tuple(int(n) for n in t.shape),
@@ -602,7 +641,7 @@ class Layout:
         self._h = _Handle(out.value, lib.cg_layout_free, "layout")
 
     @classmethod
-    def from_tensors(cls, tensors: Any, axes: Sequence[str], kind: str = "kv") -> "Layout":
+    def from_tensors(cls, tensors: Any, axes: Sequence[str], kind: str = "kv", dtype: Optional[str] = None) -> "Layout":
         """A layout over an engine's own KV arrays or tensors.
 
         ``tensors`` is a list of per-layer arrays (all of one shape, strides and
@@ -621,6 +660,13 @@ class Layout:
           ``("block", "layer", "kv", "head", "token", "dim")``;
         - vLLM MLA per layer ``(blocks, block_size, width)``, ``kind="latent"``:
           ``("block", "token", "dim")``.
+
+        The dtype is the arrays' own (torch ``float8_e4m3fn`` or an
+        ``ml_dtypes`` float8_e4m3fn array is FP8 E4M3). ``dtype`` overrides it
+        only for arrays of raw integers of the same size: vLLM allocates its
+        ``--kv-cache-dtype fp8`` cache as ``torch.uint8``, so pass
+        ``dtype="fp8"`` for it. FP8 is coded in its stored units; the
+        engine's k/v scales are not needed.
         """
         axes = tuple(str(a) for a in axes)
         unknown = [a for a in axes if a not in AXES]
@@ -648,7 +694,7 @@ class Layout:
         if kcode == CG_KIND_KEY_VALUE and "kv" not in axes:
             raise CacheGenError(CG_ERR_LAYOUT, f"a 'kv' layout needs a 'kv' axis (extent 2) in {axes}")
 
-        infos = [_tensor_info(t) for t in items]
+        infos = [_tensor_info(t, dtype) for t in items]
         first = infos[0]
         for i, info in enumerate(infos):
             if len(info["shape"]) != len(axes):

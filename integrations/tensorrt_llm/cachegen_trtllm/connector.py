@@ -102,7 +102,11 @@ _LIB_KEYS = ("chunk_tokens", "level", "levels", "adaptive", "profile", "tables",
 _SHIM_KEYS = ("model_fingerprint", "kv_dtype", "head_dim", "kv_layout", "lease_ms", "layerwise", "load", "save")
 
 _DTYPES = {"float16": "f16", "half": "f16", "fp16": "f16", "f16": "f16",
-           "bfloat16": "bf16", "bf16": "bf16", "float32": "f32", "float": "f32", "fp32": "f32", "f32": "f32"}
+           "bfloat16": "bf16", "bf16": "bf16", "float32": "f32", "float": "f32", "fp32": "f32", "f32": "f32",
+           # FP8 E4M3 KV (KvCacheConfig(dtype="fp8")), coded in its stored units: no scales needed.
+           "fp8": "f8e4m3", "fp8_e4m3": "f8e4m3", "float8_e4m3fn": "f8e4m3"}
+# Pool element types that hold an fp8 cache's raw bytes.
+_FP8_RAW = ("uint8", "int8")
 
 
 # ---------------------------------------------------------------------------
@@ -206,7 +210,7 @@ class _Settings:
         self.kv_dtype = _DTYPES.get(kv.replace("torch.", "").lower()) if kv else None
         if self.kv_dtype is None:
             self.disabled_reason = (
-                f"KV cache dtype {kv or 'unknown'!r} is not supported by libcachegen (f16, bf16, f32), or could not "
+                f"KV cache dtype {kv or 'unknown'!r} is not supported by libcachegen (f16, bf16, f32, fp8 e4m3), or could not "
                 f"be determined: set \"kv_dtype\" in {CONFIG_ENV}"
             )
         parallel = _get(llm_args, "parallel_config")
@@ -555,7 +559,9 @@ class CacheGenConnectorWorker(_Base, KvCacheConnectorWorker):
             view, axes, kind = self._pool_view(kv_cache_tensor)
             if view is None:
                 return
-            self._layout = cachegen.Layout.from_tensors([view], axes, kind=kind)
+            # An fp8 pool may be allocated as raw bytes: say what they are.
+            dtype = "fp8" if self._settings.kv_dtype == "f8e4m3" else None
+            self._layout = cachegen.Layout.from_tensors([view], axes, kind=kind, dtype=dtype)
             logger.info("cachegen_trtllm: registered pool %s as %s, axes %s",
                         tuple(kv_cache_tensor.shape), tuple(view.shape), axes)
         except cachegen.CacheGenError as e:
@@ -571,8 +577,8 @@ class CacheGenConnectorWorker(_Base, KvCacheConnectorWorker):
         s = self._settings
         shape = tuple(int(n) for n in pool.shape)
         dtype = str(getattr(pool, "dtype", "")).replace("torch.", "")
-        if _DTYPES.get(dtype) != s.kv_dtype:
-            self._disable(f"pool dtype {dtype} is not the namespace's kv_dtype {s.kv_dtype} (fp8/fp4 pools are not supported)")
+        if _DTYPES.get(dtype) != s.kv_dtype and not (s.kv_dtype == "f8e4m3" and dtype in _FP8_RAW):
+            self._disable(f"pool dtype {dtype} is not the namespace's kv_dtype {s.kv_dtype} (fp4 pools are not supported)")
             return None, None, None
         if len(shape) == 6:
             view = pool

@@ -86,6 +86,9 @@ _LIB_KEYS = ("chunk_tokens", "level", "levels", "adaptive", "profile", "tables",
 _SHIM_KEYS = ("model_fingerprint", "namespace", "lease_ms", "layerwise", "load", "save")
 
 _TORCH_DTYPES = {"float16": "f16", "half": "f16", "bfloat16": "bf16", "float32": "f32", "float": "f32"}
+# --kv-cache-dtype values for FP8 E4M3 (vLLM allocates the cache as uint8 and
+# keeps per-layer k/v scales; libcachegen codes the stored units, no scales).
+_FP8_E4M3 = ("fp8", "fp8_e4m3")
 
 
 # ---------------------------------------------------------------------------
@@ -147,10 +150,18 @@ class _Settings:
         self.save_enabled = bool(extra.get("save", True))
         self.kv_dtype = _kv_dtype(cache_config, model_config)
         if self.kv_dtype is None:
+            cache_dtype = str(getattr(cache_config, "cache_dtype", "?"))
+            why = {
+                "fp8_e5m2": "FP8 E5M2 KV caches are not supported; use --kv-cache-dtype fp8 (E4M3)",
+                "fp8_ds_mla": "the fp8_ds_mla cache (fp8 with inline scales and bf16 RoPE) is not supported",
+            }.get(cache_dtype, "")
             self.disabled_reason = (
-                f"KV cache dtype {getattr(cache_config, 'cache_dtype', '?')!r} (model dtype "
-                f"{getattr(model_config, 'dtype', '?')}) is not supported by libcachegen (f16, bf16, f32)"
+                f"KV cache dtype {cache_dtype!r} (model dtype {getattr(model_config, 'dtype', '?')}) is not "
+                f"supported by libcachegen (f16, bf16, f32, fp8/fp8_e4m3)" + (f": {why}" if why else "")
             )
+        elif self.kv_dtype == "f8e4m3" and _rocm_fp8():
+            self.kv_dtype = None
+            self.disabled_reason = "fp8 KV caches on ROCm may be E4M3 FNUZ, which libcachegen does not support"
         pp = int(getattr(parallel, "pipeline_parallel_size", 1) or 1)
         if pp > 1:
             self.disabled_reason = "pipeline parallelism is not supported"
@@ -184,7 +195,19 @@ def _kv_dtype(cache_config, model_config) -> Optional[str]:
         name = str(getattr(model_config, "dtype", "float16")).replace("torch.", "")
     else:
         name = cache_dtype.replace("torch.", "")
+    if name in _FP8_E4M3:
+        return "f8e4m3"
     return _TORCH_DTYPES.get(name)
+
+
+def _rocm_fp8() -> bool:
+    """ROCm builds of torch (MI300) use float8_e4m3fnuz for vLLM's fp8 cache."""
+    try:
+        import torch
+
+        return bool(getattr(torch.version, "hip", None))
+    except Exception:
+        return False
 
 
 def _model_fingerprint(model_config) -> str:
@@ -597,7 +620,9 @@ class CacheGenConnector(KVConnectorBase_V1):
             if axes is None:
                 self._disable(f"unsupported KV cache tensor shape {tuple(tensors[0].shape)}")
                 return
-            self._layout = cachegen.Layout.from_tensors(tensors, axes, kind=kind)
+            # vLLM allocates an fp8 cache as uint8: say what the bytes are.
+            dtype = "fp8" if self._settings.kv_dtype == "f8e4m3" else None
+            self._layout = cachegen.Layout.from_tensors(tensors, axes, kind=kind, dtype=dtype)
             self._layer_index = indices
             t = tensors[0]
             logger.info(
