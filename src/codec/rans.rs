@@ -328,9 +328,10 @@ impl PlaneLuts {
         }
         self.valued = true;
         const N: usize = 256;
-        // 16 entries of padding: every run writes at least 16 entries (the
-        // excess is overwritten by the runs and tables written after it).
-        self.data.resize(count * N + 16, 0);
+        // 32 entries of padding: every run writes at least 32 entries (16
+        // without AVX2; the excess is overwritten by the runs and tables
+        // written after it).
+        self.data.resize(count * N + 32, 0);
         self.tables = count;
         const IOTA: [u32; 8] = [0, 1 << 24, 2 << 24, 3 << 24, 4 << 24, 5 << 24, 6 << 24, 7 << 24];
         for t in 0..count {
@@ -343,11 +344,11 @@ impl PlaneLuts {
                 // overwrites: `at` does not move.)
                 let e0 = value[lo as usize + i] as u32 | (f as u32).wrapping_sub(1) << 16;
                 // SAFETY (both forms): a run starts at most N - 1 entries into
-                // table t (the sum was checked) and data has 16 entries of
+                // table t (the sum was checked) and data has 32 entries of
                 // padding after the last table; AVX2 is enabled for the whole
-                // build where its form is compiled. The first 16 entries are
-                // written without a branch: run lengths are too irregular to
-                // predict.
+                // build where its form is compiled. The first 32 entries (16
+                // without AVX2) are written without a branch: run lengths are
+                // too irregular to predict, and most runs are shorter.
                 // (With AVX2 also: entry j of the run is e0 + j << 24, as
                 // e0's top byte is clear whenever the run has entries past
                 // its 16th, so each 8 entries are the previous 8 plus 8 << 24:
@@ -361,7 +362,11 @@ impl PlaneLuts {
                     _mm256_storeu_si256(at as *mut __m256i, e);
                     e = _mm256_add_epi32(e, step);
                     _mm256_storeu_si256(at.add(8) as *mut __m256i, e);
-                    let mut j = 16u32;
+                    e = _mm256_add_epi32(e, step);
+                    _mm256_storeu_si256(at.add(16) as *mut __m256i, e);
+                    e = _mm256_add_epi32(e, step);
+                    _mm256_storeu_si256(at.add(24) as *mut __m256i, e);
+                    let mut j = 32u32;
                     while j < f as u32 {
                         e = _mm256_add_epi32(e, step);
                         _mm256_storeu_si256(at.add(j as usize) as *mut __m256i, e);
