@@ -280,8 +280,9 @@ pub fn freqs_from_codes(codes: &[u8], prob_bits: u32, out: &mut Vec<u16>) -> Res
     if codes.len() <= 256 {
         use std::arch::x86_64::*;
         // SAFETY: AVX2 is enabled for the whole build (the cfg above). Each
-        // load reads 16 bytes of `codes` (whole chunks) or of `tail` (the
-        // rest, copied into zeros); at most 16 vectors for 256 codes.
+        // load reads 16 bytes of `codes` (whole chunks, or its last 16), or
+        // 16 of SHIFT_DOWN from index 16 - rest (at most 16 + 15 < 32); at
+        // most 16 vectors for 256 codes.
         unsafe {
             let nib = _mm_set1_epi8(15);
             let mut v = [_mm_setzero_si128(); 16];
@@ -291,11 +292,24 @@ pub fn freqs_from_codes(codes: &[u8], prob_bits: u32, out: &mut Vec<u16>) -> Res
                 v[k] = _mm_and_si128(_mm_loadu_si128(ch.as_ptr() as *const __m128i), nib);
                 k += 1;
             }
-            let rest = chunks.remainder();
-            if !rest.is_empty() {
-                let mut tail = [0u8; 16];
-                tail[..rest.len()].copy_from_slice(rest);
-                v[k] = _mm_and_si128(_mm_loadu_si128(tail.as_ptr() as *const __m128i), nib);
+            let rest = chunks.remainder().len();
+            if rest > 0 {
+                let len = codes.len();
+                let tail = if len >= 16 {
+                    // The last 16 codes, moved down by 16 - rest bytes
+                    // (zeros shifted in): the rest at the bottom.
+                    let last = _mm_loadu_si128(codes[len - 16..].as_ptr() as *const __m128i);
+                    _mm_shuffle_epi8(last, _mm_loadu_si128(SHIFT_DOWN[16 - rest..].as_ptr() as *const __m128i))
+                } else if len > 8 {
+                    // Codes 8..len: the last 8 shifted down by 16 - len bytes.
+                    let hi = u64::from_le_bytes(codes[len - 8..].try_into().unwrap()) >> (8 * (16 - len));
+                    _mm_set_epi64x(hi as i64, u64::from_le_bytes(codes[..8].try_into().unwrap()) as i64)
+                } else if len == 8 {
+                    _mm_cvtsi64_si128(u64::from_le_bytes(codes[..8].try_into().unwrap()) as i64)
+                } else {
+                    _mm_cvtsi64_si128(tail_u64(codes) as i64)
+                };
+                v[k] = _mm_and_si128(tail, nib);
                 k += 1;
             }
             return freqs_from_code_vectors(&v[..k], codes.len(), prob_bits, out);
@@ -332,8 +346,8 @@ pub fn freqs_from_packed(body: &[u8], n: usize, prob_bits: u32, out: &mut Vec<u1
     if n <= 256 && body.len() == n.div_ceil(2) {
         use std::arch::x86_64::*;
         // SAFETY: AVX2 is enabled for the whole build (the cfg above). Each
-        // load reads 8 bytes of `body` (whole chunks) or of `tail` (the
-        // rest, copied into zeros); at most 16 vectors for 128 bytes.
+        // load reads 8 bytes of `body` (whole chunks); at most 16 vectors
+        // for 128 bytes.
         unsafe {
             let nib = _mm_set1_epi8(15);
             // 8 bytes to their 16 codes in order: high nibble, low nibble.
@@ -347,9 +361,11 @@ pub fn freqs_from_packed(body: &[u8], n: usize, prob_bits: u32, out: &mut Vec<u1
             }
             let rest = chunks.remainder();
             if !rest.is_empty() {
-                let mut tail = [0u8; 8];
-                tail[..rest.len()].copy_from_slice(rest);
-                v[k] = unpack(_mm_loadl_epi64(tail.as_ptr() as *const __m128i));
+                let len = body.len();
+                // The rest's bytes at the bottom of a u64, zeros above: the
+                // last 8 bytes shifted down where there are 8.
+                let tail = if len >= 8 { u64::from_le_bytes(body[len - 8..].try_into().unwrap()) >> (8 * (8 - rest.len())) } else { tail_u64(body) };
+                v[k] = unpack(_mm_cvtsi64_si128(tail as i64));
                 k += 1;
             }
             return freqs_from_code_vectors(&v[..k], n, prob_bits, out);
@@ -386,6 +402,30 @@ fn freqs_from_packed_scalar(body: &[u8], n: usize, prob_bits: u32, out: &mut Vec
     })
 }
 
+/// `b` (fewer than 8 bytes) as the low bytes of a u64, zeros above, by at
+/// most three loads (a copy of variable length is a call to `memcpy`).
+#[cfg(all(target_arch = "x86_64", target_feature = "avx2"))]
+#[inline(always)]
+fn tail_u64(b: &[u8]) -> u64 {
+    let l = b.len();
+    debug_assert!(l < 8);
+    if l >= 4 {
+        // Two overlapping 4-byte loads: each byte lands at its own place.
+        let a = u32::from_le_bytes(b[..4].try_into().unwrap()) as u64;
+        let z = u32::from_le_bytes(b[l - 4..].try_into().unwrap()) as u64;
+        a | z << (8 * (l - 4))
+    } else if l > 0 {
+        b[0] as u64 | (b[l / 2] as u64) << (8 * (l / 2)) | (b[l - 1] as u64) << (8 * (l - 1))
+    } else {
+        0
+    }
+}
+
+/// Shuffle control for moving a vector down by `k` bytes (16 from index
+/// `k`): bytes k..16 to 0..16 - k, zeros (0x80) above.
+#[cfg(all(target_arch = "x86_64", target_feature = "avx2"))]
+static SHIFT_DOWN: [u8; 32] = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80];
+
 /// `freqs_from_counts` (the same checks, errors and frequencies) from the
 /// codes themselves, 16 per vector (each `0..=15`; lanes past the `n`-th
 /// code are 0), without counting each code: the weight sum and the number
@@ -399,7 +439,7 @@ fn freqs_from_packed_scalar(body: &[u8], n: usize, prob_bits: u32, out: &mut Vec
 /// # Safety
 /// AVX2; `v.len() == n.div_ceil(16)`, at most 16.
 #[cfg(all(target_arch = "x86_64", target_feature = "avx2"))]
-#[inline]
+#[inline(always)]
 unsafe fn freqs_from_code_vectors(v: &[std::arch::x86_64::__m128i], n: usize, prob_bits: u32, out: &mut Vec<u16>) -> Result<(), Error> {
     use std::arch::x86_64::*;
     debug_assert!(v.len() == n.div_ceil(16) && v.len() <= 16);
