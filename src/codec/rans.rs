@@ -777,13 +777,31 @@ unsafe fn scalar_rounds<const PB: u32>(x: &mut [u32; LANES], base: &[u32; LANES]
 }
 
 /// AVX2 decoding of full 32-lane rounds: eight lanes per vector, table
-/// lookups by gather, refills by a byte shuffle chosen by the refill mask.
+/// lookups by gather, refills by a permutation or a byte shuffle chosen by
+/// the refill mask.
 /// Produces exactly what the scalar loop produces.
 #[cfg(target_arch = "x86_64")]
 mod simd {
     use std::arch::x86_64::*;
 
     use super::LANES;
+
+    /// For each 8-bit refill mask, the index among refilling lanes of each
+    /// lane (the number of refilling lanes before it).
+    const fn refill_permutations() -> [[u32; 8]; 256] {
+        let mut t = [[0u32; 8]; 256];
+        let mut m = 0;
+        while m < 256 {
+            let mut l = 0;
+            while l < 8 {
+                t[m][l] = ((m as u32) & ((1u32 << l) - 1)).count_ones();
+                l += 1;
+            }
+            m += 1;
+        }
+        t
+    }
+    static PERM: [[u32; 8]; 256] = refill_permutations();
 
     /// For each 8-bit refill mask, the byte shuffle (of 8 words broadcast
     /// to both 128-bit halves) that puts the k-th word in the low half of
@@ -914,7 +932,6 @@ mod simd {
     pub unsafe fn decode_rounds(x: &mut [u32; LANES], base: &[u32; LANES], lut: &[u32], words: &[u16], nwords: usize, mut pos: usize, tile: &mut [u8], prob_bits: u32) -> Option<usize> {
         let mask = _mm256_set1_epi32(((1u32 << prob_bits) - 1) as i32);
         let field = _mm256_set1_epi32(0x7ff);
-        let sixteen = _mm256_set1_epi32(16);
         let shift = _mm_cvtsi32_si128(prob_bits as i32);
         let pick_low_bytes = _mm256_setr_epi8(0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, 0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1);
         let mut state = [_mm256_setzero_si256(); 4];
@@ -939,10 +956,12 @@ mod simd {
                 // Lanes below RANS_L (top 16 bits zero) take a word.
                 let need = _mm256_cmpeq_epi32(_mm256_srli_epi32(xn, 16), _mm256_setzero_si256());
                 let m = _mm256_movemask_ps(_mm256_castsi256_ps(need)) as usize;
-                // Refill as in decode_rounds_values2.
-                let w = _mm256_broadcastsi128_si256(_mm_loadu_si128(words.as_ptr().add(pos) as *const __m128i));
-                let w = _mm256_shuffle_epi8(w, _mm256_loadu_si256(REFILL[m].as_ptr() as *const __m256i));
-                state[v] = _mm256_or_si256(_mm256_sllv_epi32(xn, _mm256_and_si256(need, sixteen)), w);
+                // (The byte-shuffle refill of the value decoders made
+                // this decoder slower on the lossless level's planes.)
+                let w = _mm256_cvtepu16_epi32(_mm_loadu_si128(words.as_ptr().add(pos) as *const __m128i));
+                let w = _mm256_permutevar8x32_epi32(w, _mm256_loadu_si256(PERM[m].as_ptr() as *const __m256i));
+                let refilled = _mm256_or_si256(_mm256_slli_epi32(xn, 16), w);
+                state[v] = _mm256_blendv_epi8(xn, refilled, need);
                 pos += (m as u32).count_ones() as usize;
                 // Symbols: the low byte of each 32-bit lane, 8 bytes.
                 let b = _mm256_shuffle_epi8(s, pick_low_bytes);
