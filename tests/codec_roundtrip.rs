@@ -232,7 +232,7 @@ fn value_decoder_agrees_with_symbol_decoder() {
     // decode_segment (symbols) mapped through the same values, scalar and
     // AVX2, on full and partial channel groups.
     use cachegen::codec::format;
-    use cachegen::codec::rans::{decode_segment_values, decode_segment_with, DecodeScratch, PlaneLuts};
+    use cachegen::codec::rans::{as_uninit, decode_segment_pair_values, decode_segment_values, decode_segment_with, DecodeScratch, PlaneLuts};
     use cachegen::codec::table::TableEncoding;
     let value: [u16; 256] = std::array::from_fn(|s| (s as u16).wrapping_mul(0x9e37) ^ 0x5a5a);
     for (heads, head_dim, tokens) in [(5, 64, 300), (3, 80, 77), (1, 16, 9)] {
@@ -273,6 +273,35 @@ fn value_decoder_agrees_with_symbol_decoder() {
                         decode_segment_values(&h.segment_geometry(k), &bytes[a..b], &vluts, |c| c, &mut scratch, &mut got, c, simd).unwrap();
                     }
                     assert!(got == want, "{level:?} {heads}x{head_dim} plane {p} simd {simd}");
+                }
+                // Token blocks two at a time (decode_segment_pair_values),
+                // tables in channel order (its lockstep kernel) and the same
+                // tables in reverse order (lut_index not channel order: its
+                // fallback), scalar and AVX2.
+                let rev: Vec<_> = pt.iter().rev().cloned().collect();
+                let mut rluts = PlaneLuts::new(8);
+                rluts.build_valued(rev.len(), |t| (rev[t].lo, &rev[t].freq[..]), &value).unwrap();
+                let n = pt.len();
+                for simd in [false, true] {
+                    for (luts, reversed) in [(&vluts, false), (&rluts, true)] {
+                        let index = |c: usize| if reversed { n - 1 - c } else { c };
+                        let mut got = vec![0u8; 2 * c * tokens];
+                        let mut scratch = DecodeScratch::new();
+                        let mut k = 0;
+                        while k < per {
+                            let (a, b) = layout.segments[p * per + k];
+                            let (ga, gb) = (h.segment_geometry(k), h.segment_geometry(k + 1));
+                            if k + 1 < per && gb.group_begin == ga.group_begin {
+                                let (a2, b2) = layout.segments[p * per + k + 1];
+                                decode_segment_pair_values([&ga, &gb], [&bytes[a..b], &bytes[a2..b2]], luts, index, &mut scratch, as_uninit(&mut got), c, simd).unwrap();
+                                k += 2;
+                            } else {
+                                decode_segment_values(&ga, &bytes[a..b], luts, index, &mut scratch, &mut got, c, simd).unwrap();
+                                k += 1;
+                            }
+                        }
+                        assert!(got == want, "{level:?} {heads}x{head_dim} plane {p} simd {simd} reversed {reversed}");
+                    }
                 }
             }
         }

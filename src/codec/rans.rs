@@ -328,9 +328,10 @@ impl PlaneLuts {
         }
         self.valued = true;
         const N: usize = 256;
-        // 16 entries of padding: every run writes at least 16 entries (the
-        // excess is overwritten by the runs and tables written after it).
-        self.data.resize(count * N + 16, 0);
+        // 32 entries of padding: every run writes at least 32 entries (16
+        // without AVX2; the excess is overwritten by the runs and tables
+        // written after it).
+        self.data.resize(count * N + 32, 0);
         self.tables = count;
         const IOTA: [u32; 8] = [0, 1 << 24, 2 << 24, 3 << 24, 4 << 24, 5 << 24, 6 << 24, 7 << 24];
         for t in 0..count {
@@ -343,11 +344,11 @@ impl PlaneLuts {
                 // overwrites: `at` does not move.)
                 let e0 = value[lo as usize + i] as u32 | (f as u32).wrapping_sub(1) << 16;
                 // SAFETY (both forms): a run starts at most N - 1 entries into
-                // table t (the sum was checked) and data has 16 entries of
+                // table t (the sum was checked) and data has 32 entries of
                 // padding after the last table; AVX2 is enabled for the whole
-                // build where its form is compiled. The first 16 entries are
-                // written without a branch: run lengths are too irregular to
-                // predict.
+                // build where its form is compiled. The first 32 entries (16
+                // without AVX2) are written without a branch: run lengths are
+                // too irregular to predict, and most runs are shorter.
                 // (With AVX2 also: entry j of the run is e0 + j << 24, as
                 // e0's top byte is clear whenever the run has entries past
                 // its 16th, so each 8 entries are the previous 8 plus 8 << 24:
@@ -361,7 +362,11 @@ impl PlaneLuts {
                     _mm256_storeu_si256(at as *mut __m256i, e);
                     e = _mm256_add_epi32(e, step);
                     _mm256_storeu_si256(at.add(8) as *mut __m256i, e);
-                    let mut j = 16u32;
+                    e = _mm256_add_epi32(e, step);
+                    _mm256_storeu_si256(at.add(16) as *mut __m256i, e);
+                    e = _mm256_add_epi32(e, step);
+                    _mm256_storeu_si256(at.add(24) as *mut __m256i, e);
+                    let mut j = 32u32;
                     while j < f as u32 {
                         e = _mm256_add_epi32(e, step);
                         _mm256_storeu_si256(at.add(j as usize) as *mut __m256i, e);
@@ -667,12 +672,17 @@ pub fn decode_segment_pair_values(
 ) -> Result<(), Error> {
     let [ga, gb] = geo;
     let tokens = ga.token_end - ga.token_begin;
+    // The lockstep kernel also wants each group's tables in channel order
+    // (lane l's table is the group's first plus l, as with `|c| c`), so
+    // that one vector of lane offsets serves all four of a segment's
+    // vectors.
     let paired = allow_simd
         && ga.group_begin == gb.group_begin
         && ga.group_end == gb.group_end
         && ga.channels == gb.channels
         && tokens == gb.token_end - gb.token_begin
-        && ga.lanes_in_group(ga.group_end - 1) == LANES;
+        && ga.lanes_in_group(ga.group_end - 1) == LANES
+        && (ga.group_begin..ga.group_end).all(|g| (1..LANES).all(|l| lut_index(LANES * g + l) == lut_index(LANES * g).wrapping_add(l)));
     #[cfg(target_arch = "x86_64")]
     if paired && simd_enabled_cpu() {
         if !luts.valued || luts.prob_bits != 8 {
@@ -695,13 +705,15 @@ pub fn decode_segment_pair_values(
             }
             let first = [ga.token_begin * row_stride + LANES * g, gb.token_begin * row_stride + LANES * g];
             // SAFETY: AVX2 is present; every base is a table start within
-            // lut; each words has its nwords + LANES entries; the rows of
-            // both segments lie within out (asserted above).
+            // lut, and base[l] = base[0] + (l << 8) (lut_index(32 g + l) =
+            // lut_index(32 g) + l, checked in `paired`); each words has its
+            // nwords + LANES entries; the rows of both segments lie within
+            // out (asserted above).
             pos = unsafe {
                 let o = out.as_mut_ptr();
                 simd::decode_rounds_values2(
                     [&mut xa, &mut xb],
-                    &base,
+                    base[0] as usize,
                     lut,
                     [&scratch.words[..], &scratch.words_b[..]],
                     [na, nb],
@@ -765,7 +777,8 @@ unsafe fn scalar_rounds<const PB: u32>(x: &mut [u32; LANES], base: &[u32; LANES]
 }
 
 /// AVX2 decoding of full 32-lane rounds: eight lanes per vector, table
-/// lookups by gather, refills by a permutation chosen by the refill mask.
+/// lookups by gather, refills by a permutation or a byte shuffle chosen by
+/// the refill mask.
 /// Produces exactly what the scalar loop produces.
 #[cfg(target_arch = "x86_64")]
 mod simd {
@@ -789,6 +802,28 @@ mod simd {
         t
     }
     static PERM: [[u32; 8]; 256] = refill_permutations();
+
+    /// For each 8-bit refill mask, the byte shuffle (of 8 words broadcast
+    /// to both 128-bit halves) that puts the k-th word in the low half of
+    /// the k-th refilling lane's 32 bits and zeros everywhere else.
+    const fn refill_shuffles() -> [[u8; 32]; 256] {
+        let mut t = [[0x80u8; 32]; 256];
+        let mut m = 0;
+        while m < 256 {
+            let mut l = 0;
+            while l < 8 {
+                if m & (1 << l) != 0 {
+                    let k = ((m as u32) & ((1u32 << l) - 1)).count_ones() as u8;
+                    t[m][4 * l] = 2 * k;
+                    t[m][4 * l + 1] = 2 * k + 1;
+                }
+                l += 1;
+            }
+            m += 1;
+        }
+        t
+    }
+    static REFILL: [[u8; 32]; 256] = refill_shuffles();
 
     /// For each 8-bit flush mask: the byte shuffle that moves the low 16
     /// bits of the flushing lanes (as 8 words in lane order) to the top of
@@ -921,6 +956,8 @@ mod simd {
                 // Lanes below RANS_L (top 16 bits zero) take a word.
                 let need = _mm256_cmpeq_epi32(_mm256_srli_epi32(xn, 16), _mm256_setzero_si256());
                 let m = _mm256_movemask_ps(_mm256_castsi256_ps(need)) as usize;
+                // (The byte-shuffle refill of the value decoders made
+                // this decoder slower on the lossless level's planes.)
                 let w = _mm256_cvtepu16_epi32(_mm_loadu_si128(words.as_ptr().add(pos) as *const __m128i));
                 let w = _mm256_permutevar8x32_epi32(w, _mm256_loadu_si256(PERM[m].as_ptr() as *const __m256i));
                 let refilled = _mm256_or_si256(_mm256_slli_epi32(xn, 16), w);
@@ -954,6 +991,7 @@ mod simd {
         let mask = _mm256_set1_epi32(0xff);
         let one = _mm256_set1_epi32(1);
         let low16 = _mm256_set1_epi32(0xffff);
+        let sixteen = _mm256_set1_epi32(16);
         let mut state = [_mm256_setzero_si256(); 4];
         let mut lut_base = [_mm256_setzero_si256(); 4];
         for v in 0..4 {
@@ -976,10 +1014,10 @@ mod simd {
                 let xn = _mm256_add_epi32(_mm256_mullo_epi32(freq, _mm256_srli_epi32(xv, 8)), _mm256_srli_epi32(e, 24));
                 let need = _mm256_cmpeq_epi32(_mm256_srli_epi32(xn, 16), _mm256_setzero_si256());
                 let m = _mm256_movemask_ps(_mm256_castsi256_ps(need)) as usize;
-                let w = _mm256_cvtepu16_epi32(_mm_loadu_si128(words.as_ptr().add(pos) as *const __m128i));
-                let w = _mm256_permutevar8x32_epi32(w, _mm256_loadu_si256(PERM[m].as_ptr() as *const __m256i));
-                let refilled = _mm256_or_si256(_mm256_slli_epi32(xn, 16), w);
-                state[v] = _mm256_blendv_epi8(xn, refilled, need);
+                // Refill as in decode_rounds_values2.
+                let w = _mm256_broadcastsi128_si256(_mm_loadu_si128(words.as_ptr().add(pos) as *const __m128i));
+                let w = _mm256_shuffle_epi8(w, _mm256_loadu_si256(REFILL[m].as_ptr() as *const __m256i));
+                state[v] = _mm256_or_si256(_mm256_sllv_epi32(xn, _mm256_and_si256(need, sixteen)), w);
                 pos += (m as u32).count_ones() as usize;
             }
             // Low 16 bits of each entry, lanes in order: packus interleaves
@@ -999,51 +1037,66 @@ mod simd {
     }
 
     /// `decode_rounds_values` of two segments in lockstep (the same
-    /// tables, rows of each segment at its own `out`); returns both word
-    /// positions, or None once either runs past its word count.
+    /// tables, rows of each segment at its own `out`), where lane `l`'s
+    /// table starts at entry `base0 + (l << 8)` of `lut`; returns both
+    /// word positions, or None once either runs past its word count.
+    ///
+    /// Lane offsets are one vector (`k << 8`), each vector of lanes its
+    /// own gather base (`base0 + 2048 v`), and each pair of vectors' values
+    /// is stored as soon as it is decoded, so that less is kept on the
+    /// stack (with four base vectors and four value vectors live, the
+    /// compiler kept half the states there).
     ///
     /// # Safety
-    /// As `decode_rounds_values`, for each segment.
+    /// As `decode_rounds_values`, for each segment, with `base[l] = base0
+    /// + (l << 8)`.
     #[target_feature(enable = "avx2")]
     #[allow(clippy::too_many_arguments, clippy::needless_range_loop)]
-    pub unsafe fn decode_rounds_values2(x: [&mut [u32; LANES]; 2], base: &[u32; LANES], lut: &[u32], words: [&[u16]; 2], nwords: [usize; 2], mut pos: [usize; 2], out: [*mut u16; 2], row_stride: usize, rows: usize) -> Option<[usize; 2]> {
+    pub unsafe fn decode_rounds_values2(x: [&mut [u32; LANES]; 2], base0: usize, lut: &[u32], words: [&[u16]; 2], nwords: [usize; 2], mut pos: [usize; 2], out: [*mut u16; 2], row_stride: usize, rows: usize) -> Option<[usize; 2]> {
         let mask = _mm256_set1_epi32(0xff);
-        let one = _mm256_set1_epi32(1);
         let low16 = _mm256_set1_epi32(0xffff);
+        let lane_offset = _mm256_setr_epi32(0, 1 << 8, 2 << 8, 3 << 8, 4 << 8, 5 << 8, 6 << 8, 7 << 8);
+        let sixteen = _mm256_set1_epi32(16);
         let mut state = [[_mm256_setzero_si256(); 4]; 2];
-        let mut lut_base = [_mm256_setzero_si256(); 4];
         for v in 0..4 {
             for s in 0..2 {
                 state[s][v] = _mm256_loadu_si256(x[s].as_ptr().add(8 * v) as *const __m256i);
             }
-            lut_base[v] = _mm256_loadu_si256(base.as_ptr().add(8 * v) as *const __m256i);
         }
-        let lut_ptr = lut.as_ptr() as *const i32;
+        // Vector v's lanes 8v..8v + 8 have their tables at base0 + 2048 v
+        // + (k << 8): within lut, as lane 31's table is.
+        let lut_ptr = lut.as_ptr().add(base0) as *const i32;
         for r in 0..rows {
             if pos[0] > nwords[0] || pos[1] > nwords[1] {
                 return None;
             }
             for s in 0..2 {
-                let mut vals = [_mm256_setzero_si256(); 4];
-                for v in 0..4 {
-                    let xv = state[s][v];
-                    let slot = _mm256_and_si256(xv, mask);
-                    let e = _mm256_i32gather_epi32(lut_ptr, _mm256_add_epi32(lut_base[v], slot), 4);
-                    vals[v] = e;
-                    let freq = _mm256_add_epi32(_mm256_and_si256(_mm256_srli_epi32(e, 16), mask), one);
-                    let xn = _mm256_add_epi32(_mm256_mullo_epi32(freq, _mm256_srli_epi32(xv, 8)), _mm256_srli_epi32(e, 24));
-                    let need = _mm256_cmpeq_epi32(_mm256_srli_epi32(xn, 16), _mm256_setzero_si256());
-                    let m = _mm256_movemask_ps(_mm256_castsi256_ps(need)) as usize;
-                    let w = _mm256_cvtepu16_epi32(_mm_loadu_si128(words[s].as_ptr().add(pos[s]) as *const __m128i));
-                    let w = _mm256_permutevar8x32_epi32(w, _mm256_loadu_si256(PERM[m].as_ptr() as *const __m256i));
-                    let refilled = _mm256_or_si256(_mm256_slli_epi32(xn, 16), w);
-                    state[s][v] = _mm256_blendv_epi8(xn, refilled, need);
-                    pos[s] += (m as u32).count_ones() as usize;
-                }
                 let dst = out[s].add(r * row_stride);
                 for h in 0..2 {
-                    let a = _mm256_and_si256(vals[2 * h], low16);
-                    let b = _mm256_and_si256(vals[2 * h + 1], low16);
+                    let mut vals = [_mm256_setzero_si256(); 2];
+                    for u in 0..2 {
+                        let v = 2 * h + u;
+                        let xv = state[s][v];
+                        let slot = _mm256_add_epi32(_mm256_and_si256(xv, mask), lane_offset);
+                        let e = _mm256_i32gather_epi32(lut_ptr.add(2048 * v), slot, 4);
+                        vals[u] = e;
+                        // freq * (x >> 8) + (slot - cum), freq - 1 in bits 16-23.
+                        let xs = _mm256_srli_epi32(xv, 8);
+                        let fm1 = _mm256_srli_epi32(_mm256_slli_epi32(e, 8), 24);
+                        let xn = _mm256_add_epi32(_mm256_add_epi32(_mm256_mullo_epi32(fm1, xs), xs), _mm256_srli_epi32(e, 24));
+                        let need = _mm256_cmpeq_epi32(_mm256_srli_epi32(xn, 16), _mm256_setzero_si256());
+                        let m = _mm256_movemask_ps(_mm256_castsi256_ps(need)) as usize;
+                        // Refill: the next words into the refilling lanes
+                        // (zero elsewhere) by one in-lane shuffle of the 8
+                        // words in both halves, over the state shifted up
+                        // by 16 in those lanes only.
+                        let w = _mm256_broadcastsi128_si256(_mm_loadu_si128(words[s].as_ptr().add(pos[s]) as *const __m128i));
+                        let w = _mm256_shuffle_epi8(w, _mm256_loadu_si256(REFILL[m].as_ptr() as *const __m256i));
+                        state[s][v] = _mm256_or_si256(_mm256_sllv_epi32(xn, _mm256_and_si256(need, sixteen)), w);
+                        pos[s] += (m as u32).count_ones() as usize;
+                    }
+                    let a = _mm256_and_si256(vals[0], low16);
+                    let b = _mm256_and_si256(vals[1], low16);
                     let p = _mm256_permute4x64_epi64(_mm256_packus_epi32(a, b), 0b11_01_10_00);
                     _mm256_storeu_si256(dst.add(16 * h) as *mut __m256i, p);
                 }
