@@ -176,3 +176,53 @@ def test_cuda_memory_without_a_gpu_is_refused_with_no_gpu():
         cachegen.Layout(kind="kv", dtype="float16", layers=1, num_blocks=1, block_size=1, heads=1, head_dim=1,
                         layer_base=[1 << 20], stride_block=4, stride_kv=2, stride_token=4, stride_head=2, memory="cuda")
     assert e.value.code == cachegen.CG_ERR_NO_GPU, e.value
+
+
+@needs_gpu
+@pytest.mark.parametrize("level", ["default", "lossless"])
+def test_fp8_caches_as_vllm_allocates_them_match_the_host_path(level):
+    """vLLM's fp8 cache: uint8 CUDA tensors registered with dtype="fp8"
+    (and float8_e4m3fn tensors by their own dtype); stored from and loaded
+    into GPU memory, compared with the same request on numpy uint8 blocks."""
+    tokens = list(range(7000, 7000 + 256))
+    f16 = kv_like(256, seed=5)
+    kv = torch.from_numpy(np.ascontiguousarray(f16)).to(torch.float8_e4m3fn).view(torch.uint8).numpy()
+    src_blocks = [31 - 2 * i for i in range(16)]
+    dst_blocks = [(5 * i + 2) % 20 for i in range(16)]
+
+    def host(num_blocks):
+        return [np.zeros((2, num_blocks, BS, HEADS, HEAD_DIM), np.uint8) for _ in range(LAYERS)]
+
+    def cuda(num_blocks, dtype=torch.uint8):
+        return [torch.zeros((2, num_blocks, BS, HEADS, HEAD_DIM), dtype=dtype, device="cuda") for _ in range(LAYERS)]
+
+    cfg = config()
+    cfg["namespace"]["kv_dtype"] = "fp8"
+    cfg["level"] = level
+    gpu_src, host_src = cuda(32), host(32)
+    put(gpu_src, kv, src_blocks)
+    put(host_src, kv, src_blocks)
+    with cachegen.Context(cfg) as gctx, cachegen.Context(cfg) as hctx:
+        glayout = cachegen.Layout.from_tensors(gpu_src, AXES, dtype="fp8")
+        assert glayout.memory == "cuda"
+        with gctx.store(glayout, tokens, src_blocks, stream=torch.cuda.current_stream()) as job:
+            assert job.wait("done", timeout=60)
+            assert job.info()["chunks_ok"] == 4, job.errors()
+        with hctx.store(cachegen.Layout.from_tensors(host_src, AXES, dtype="fp8"), tokens, src_blocks) as job:
+            assert job.wait("done", timeout=60)
+            assert job.info()["chunks_ok"] == 4, job.errors()
+        # Loads: into float8_e4m3fn CUDA tensors (the dtype from the tensors)
+        # and numpy uint8 blocks.
+        gpu_dst = cuda(20, torch.float8_e4m3fn)
+        host_dst = host(20)
+        with gctx.load(cachegen.Layout.from_tensors(gpu_dst, AXES), tokens, dst_blocks) as job:
+            assert job.wait("done", timeout=60)
+            assert job.info()["chunks_ok"] == 4, job.errors()
+        with hctx.load(cachegen.Layout.from_tensors(host_dst, AXES, dtype="fp8"), tokens, dst_blocks) as job:
+            assert job.wait("done", timeout=60)
+        for l in range(LAYERS):
+            got = gpu_dst[l].view(torch.uint8).cpu().numpy()
+            np.testing.assert_array_equal(got, host_dst[l], err_msg=f"layer {l}")
+            if level == "lossless":
+                for i in range(256):
+                    np.testing.assert_array_equal(got[:, dst_blocks[i // BS], i % BS], kv[l, :, i])
