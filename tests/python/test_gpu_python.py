@@ -188,7 +188,7 @@ def test_fp8_caches_as_vllm_allocates_them_match_the_host_path(level):
     f16 = kv_like(256, seed=5)
     kv = torch.from_numpy(np.ascontiguousarray(f16)).to(torch.float8_e4m3fn).view(torch.uint8).numpy()
     src_blocks = [31 - 2 * i for i in range(16)]
-    dst_blocks = [(5 * i + 2) % 20 for i in range(16)]
+    dst_blocks = [(7 * i + 3) % 20 for i in range(16)]
 
     def host(num_blocks):
         return [np.zeros((2, num_blocks, BS, HEADS, HEAD_DIM), np.uint8) for _ in range(LAYERS)]
