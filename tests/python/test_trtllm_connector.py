@@ -465,6 +465,18 @@ def wait_durable(stats, n: int, timeout: float = 20.0) -> dict:
     raise AssertionError(f"stores not durable: {stats()['counters']}")
 
 
+def run_request(mod, worker, meta) -> None:
+    """One engine step for one request: its metadata (through a pickle round
+    trip, as TensorRT-LLM ships it to the workers), then the load and the
+    per-layer saves."""
+    worker.bind_connector_meta(pickle.loads(pickle.dumps(mod.CacheGenTrtllmMetadata(requests=[meta]))))
+    worker.start_load_kv(Stream())
+    for layer in range(LAYERS):
+        worker.wait_for_layer_load(layer, Stream())
+        worker.save_kv_layer(layer, Stream())
+    worker.wait_for_save(Stream())
+
+
 def reference_load(config: dict, namespace: dict, tokens: list, block_ids: list) -> np.ndarray:
     """An independent load through a plain cachegen.Context into a fresh pool in the same layout."""
     pool = np.zeros((NUM_BLOCKS, LAYERS, 2, KV_HEADS * BLOCK * HEAD_DIM), np.float16)
@@ -719,18 +731,9 @@ def test_nhd_pool_and_metadata_pickle(trt, model_dir, tmp_path, monkeypatch):
     tokens = list(range(10, 74))
     src, dst = [3, 9, 1, 20], [30, 31, 32, 33]
 
-    def run(meta):
-        meta = pickle.loads(pickle.dumps(mod.CacheGenTrtllmMetadata(requests=[meta])))
-        worker.bind_connector_meta(meta)
-        worker.start_load_kv(Stream())
-        for layer in range(LAYERS):
-            worker.wait_for_layer_load(layer, Stream())
-            worker.save_kv_layer(layer, Stream())
-        worker.wait_for_save(Stream())
-
-    run(mod.ReqMeta(req_id=1, token_ids=tokens, block_ids=src, save_tokens=64))
+    run_request(mod, worker, mod.ReqMeta(req_id=1, token_ids=tokens, block_ids=src, save_tokens=64))
     wait_durable(worker.stats, 2)
-    run(mod.ReqMeta(req_id=2, token_ids=tokens, block_ids=dst, load_tokens=64))
+    run_request(mod, worker, mod.ReqMeta(req_id=2, token_ids=tokens, block_ids=dst, load_tokens=64))
     assert worker.load_failures == []
     err = np.abs(pool[dst].astype(np.float32) - pool[src].astype(np.float32)).max()
     assert 0 <= err < 0.5 and np.abs(pool[dst]).sum() > 0
@@ -762,17 +765,9 @@ def test_fp8_pool_round_trips_in_stored_units(trt, model_dir, tmp_path, monkeypa
     src, dst = [3, 9, 1, 20], [30, 31, 32, 33]
     before = pool[src].copy()
 
-    def run(meta):
-        worker.bind_connector_meta(mod.CacheGenTrtllmMetadata(requests=[meta]))
-        worker.start_load_kv(Stream())
-        for layer in range(LAYERS):
-            worker.wait_for_layer_load(layer, Stream())
-            worker.save_kv_layer(layer, Stream())
-        worker.wait_for_save(Stream())
-
-    run(mod.ReqMeta(req_id=1, token_ids=tokens, block_ids=src, save_tokens=64))
+    run_request(mod, worker, mod.ReqMeta(req_id=1, token_ids=tokens, block_ids=src, save_tokens=64))
     wait_durable(worker.stats, 2)
-    run(mod.ReqMeta(req_id=2, token_ids=tokens, block_ids=dst, load_tokens=64))
+    run_request(mod, worker, mod.ReqMeta(req_id=2, token_ids=tokens, block_ids=dst, load_tokens=64))
     assert worker.load_failures == []
     assert np.array_equal(pool[dst], before)
     worker.shutdown()
