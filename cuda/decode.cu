@@ -195,13 +195,8 @@ __device__ __forceinline__ u32 weight_of_code(u32 q) {
 // (`vmode` 3, any prob_bits) the usual layout with the output byte in place
 // of the symbol, `out | freq << 8 | cum << 19`.
 __device__ __forceinline__ u32 packed_entry(u32 sym, u32 f, u32 cum, u32 vmode, float step, float base) {
-    const float v = __fadd_rn(__fmul_rn((float)sym, step), base);
-    if (vmode == 3) return f32_to_e4m3(v) | f << 8 | cum << 19;
-    unsigned short h;
-    if (vmode == 2) asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(v));
-    else asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(v));
-    const u32 out = v == v ? (u32)h : (vmode == 2 ? 0xFFC0u : 0xFE00u);
-    return out | ((f - 1u) & 0xFFu) << 16 | cum << 24;
+    const u32 out = dequant_bits(sym, step, base, vmode == 3 ? 1u : 2u, vmode == 2);
+    return vmode == 3 ? out | f << 8 | cum << 19 : out | ((f - 1u) & 0xFFu) << 16 | cum << 24;
 }
 
 // A classic entry (`symbol | freq << 8 | cum << 19`, as the table set's
@@ -420,8 +415,8 @@ extern "C" __global__ void cg_decode(
     float step = 0.f, sbase = 0.f;
     if (!raw && pl.group == 4) group_coef(scales, pl, 0, step, sbase);
     const bool fast = !raw && pl.group == 4;
-    // Packed entries (the output value in the entry) for the common case:
-    // one step for the tensor, 8-bit tables, 16-bit outputs.
+    // Entries carrying the output value (packed_entry) where the plane has
+    // one step for the tensor: 8-bit tables with 16-bit outputs, or fp8.
     const u32 vmode = !(FAST && fast) ? 0u : esize == 1 ? 3u : prob_bits == 8 && esize == 2 ? (ch.is_bf16 ? 2u : 1u) : 0u;
 
     for (u32 g = g0; g < g1; g++) {

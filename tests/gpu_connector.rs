@@ -183,17 +183,7 @@ fn gpu_store_gathers_what_the_host_store_gathers() {
         }
         // A store from device memory (encoded on the GPU) and one from host
         // memory write the same files; a host load gives the codec's output.
-        let (gdir, hdir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-        let disk = |d: &tempfile::TempDir| config(&format!(r#", "tiers": {{"disk": {{"path": "{}", "bytes": 100000000}}}}"#, d.path().display()));
-        let ctx = Context::from_json(&disk(&gdir)).unwrap();
-        let job = unsafe { ctx.store_on(Arc::clone(&dev.layout), &toks, &src_blocks, b"", Some(0)) }.unwrap();
-        assert!(job.wait(Stage::Done, Some(Duration::from_secs(60))));
-        assert_eq!(job.progress().chunks_ok, 5, "{:?}", job.progress().errors);
-        let hctx = Context::from_json(&disk(&hdir)).unwrap();
-        let job = unsafe { hctx.store(Arc::clone(&src.layout), &toks, &src_blocks, b"") }.unwrap();
-        assert!(job.wait(Stage::Done, Some(Duration::from_secs(60))));
-        let (g, h) = (files(gdir.path()), files(hdir.path()));
-        assert!(g.len() >= 5 && g == h, "GPU-encoded store differs from the host store ({} and {} files)", g.len(), h.len());
+        let (ctx, _gdir) = store_both_ways(&|d| config(&disk_tier(d)), &dev, &src, &toks, &src_blocks, "GPU-encoded");
         let mut dst = Engine::vllm(&kv, 20, false);
         let dst_blocks: Vec<u32> = (0..20).collect();
         let job = unsafe { ctx.load(Arc::clone(&dst.layout), &toks, &dst_blocks, 0, b"", 0) }.unwrap();
@@ -201,6 +191,30 @@ fn gpu_store_gathers_what_the_host_store_gathers() {
         assert_eq!(dst.read(&dst_blocks, 320), expected(&kv, 5, cachegen::codec::Level::Default));
         dst.bufs.clear();
     }
+}
+
+/// The config entry for a disk tier at `d`.
+fn disk_tier(d: &std::path::Path) -> String {
+    format!(r#", "tiers": {{"disk": {{"path": "{}", "bytes": 100000000}}}}"#, d.display())
+}
+
+/// Stores `toks` from `dev` (device memory, through `store_on`) and from
+/// `src` (host memory), each with the config `cfg(dir)` of a fresh
+/// directory, and asserts that the device store stored every chunk and that
+/// both wrote the same files. Returns the device store's context and its
+/// directory (keep it while the context is used).
+fn store_both_ways(cfg: &dyn Fn(&std::path::Path) -> String, dev: &DeviceEngine, src: &Engine, toks: &[u32], blocks: &[u32], what: &str) -> (Context, tempfile::TempDir) {
+    let (gdir, hdir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let ctx = Context::from_json(&cfg(gdir.path())).unwrap();
+    let job = unsafe { ctx.store_on(Arc::clone(&dev.layout), toks, blocks, b"", Some(0)) }.unwrap();
+    assert!(job.wait(Stage::Done, Some(Duration::from_secs(60))));
+    assert_eq!(job.progress().chunks_ok, toks.len() / CHUNK, "{what}: {:?}", job.progress().errors);
+    let hctx = Context::from_json(&cfg(hdir.path())).unwrap();
+    let job = unsafe { hctx.store(Arc::clone(&src.layout), toks, blocks, b"") }.unwrap();
+    assert!(job.wait(Stage::Done, Some(Duration::from_secs(60))));
+    let (g, h) = (files(gdir.path()), files(hdir.path()));
+    assert!(g.len() >= toks.len() / CHUNK && g == h, "{what}: the device store differs from the host store ({} and {} files)", g.len(), h.len());
+    (ctx, gdir)
 }
 
 /// Every file under `d` (path relative to `d`, contents), sorted.
@@ -390,21 +404,10 @@ fn fp8_caches_store_from_and_load_into_device_memory_as_on_the_host() {
     src.fill(&kv, &blocks, 320);
     let dev = DeviceEngine::mirror(gpu, &src);
     for level in ["default", "lossless"] {
-        let (gdir, hdir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-        let cfg = |d: &tempfile::TempDir| {
-            config(&format!(r#", "level": "{level}", "tiers": {{"disk": {{"path": "{}", "bytes": 100000000}}}}"#, d.path().display())).replace(r#""kv_dtype": "f16""#, r#""kv_dtype": "fp8""#)
-        };
         // From device memory (gathered on the GPU, encoded on the host) and
         // from host memory: the same files.
-        let ctx = Context::from_json(&cfg(&gdir)).unwrap();
-        let job = unsafe { ctx.store_on(Arc::clone(&dev.layout), &toks, &blocks, b"", Some(0)) }.unwrap();
-        assert!(job.wait(Stage::Done, Some(Duration::from_secs(60))));
-        assert_eq!(job.progress().chunks_ok, 5, "{level}: {:?}", job.progress().errors);
-        let hctx = Context::from_json(&cfg(&hdir)).unwrap();
-        let job = unsafe { hctx.store(Arc::clone(&src.layout), &toks, &blocks, b"") }.unwrap();
-        assert!(job.wait(Stage::Done, Some(Duration::from_secs(60))));
-        let (g, h) = (files(gdir.path()), files(hdir.path()));
-        assert!(g.len() >= 5 && g == h, "{level}: the device store differs from the host store ({} and {} files)", g.len(), h.len());
+        let cfg = |d: &std::path::Path| config(&format!(r#", "level": "{level}"{}"#, disk_tier(d))).replace(r#""kv_dtype": "f16""#, r#""kv_dtype": "fp8""#);
+        let (ctx, _gdir) = store_both_ways(&cfg, &dev, &src, &toks, &blocks, &format!("fp8 {level}"));
         // Loaded on the GPU into a TensorRT-LLM pool: the codec's output
         // (the original bytes at the lossless level).
         let mut host_dst = Engine::trtllm(&kv, 20);

@@ -134,14 +134,12 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     // values converted first; the GPU encoder takes f16, bf16 and f32 only).
     let src = match arg("--dtype") {
         Some(name) => {
-            let dtype = cachegen::connector::config::parse_dtype(&name).or((name == "f8e4m3").then_some(Dtype::F8E4M3)).ok_or(format!("unknown --dtype {name}"))?;
+            let dtype = cachegen::connector::config::parse_dtype(&name).ok_or(format!("unknown --dtype {name}"))?;
             let tensors = (0..src.tensors.len())
                 .map(|i| {
                     let v = src.tensor_f32(i);
                     let mut out = vec![0u8; v.len() * dtype.size()];
-                    for (j, &x) in v.iter().enumerate() {
-                        cachegen::codec::quant::store(dtype, &mut out, j, x);
-                    }
+                    cachegen::codec::quant::store_row(dtype, &v, &mut out);
                     out
                 })
                 .collect();
