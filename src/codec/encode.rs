@@ -734,28 +734,60 @@ pub fn calibrate_tables(samples: &[&KvTensors], opts: &EncodeOptions) -> Result<
             }
         }
     }
-    let mut table_bytes = Vec::new();
+    // Each table's observed range of symbols.
+    let ranges: Vec<Vec<(usize, usize)>> = plan
+        .iter()
+        .zip(&hist)
+        .map(|(p, hs)| {
+            hs.iter()
+                .map(|h| {
+                    let h = &h[..p.nsym()];
+                    let lo = h.iter().position(|&c| c > 0).unwrap_or(p.nsym() / 2);
+                    (lo, h.iter().rposition(|&c| c > 0).unwrap_or(lo))
+                })
+                .collect()
+        })
+        .collect();
+    // The set keeps the level's precision, so the GPU decoder gets 8-bit
+    // lookups (half the shared memory of 9-bit ones, and entries that carry
+    // the output value; 9 bits would make chunks about 1.5% smaller). The
+    // few tables whose observed range is wider than that precision holds
+    // are cut to their densest window; chunks that use the rest carry
+    // patches. Where more than 1% of the tables would be cut (the high
+    // level: 9% on SmolLM2), the precision is raised instead.
+    let cap = 1usize << (prob_bits - 1);
+    let tables = ranges.iter().map(Vec::len).sum::<usize>();
+    let wide = ranges.iter().flatten().filter(|(lo, hi)| hi - lo + 1 > cap).count();
+    let cap = if wide * 100 > tables { usize::MAX } else { cap };
     let mut supports = Vec::new();
-    for (p, hs) in plan.iter().zip(&hist) {
-        for h in hs {
-            // Support: the observed range widened by half its width (at least
-            // 3 symbols) each side. Counts are scaled to about 2^20
-            // and 1 is added across the support, so symbols a little outside
-            // what calibration saw stay codable at the smallest frequency
-            // without spreading probability over the whole alphabet. A chunk
-            // outside the support is encoded with embedded tables instead.
+    for ((p, hs), rs) in plan.iter().zip(&hist).zip(&ranges) {
+        for (h, &(lo_seen, hi_seen)) in hs.iter().zip(rs) {
             let h = &h[..p.nsym()];
-            let lo_seen = h.iter().position(|&c| c > 0).unwrap_or(p.nsym() / 2);
-            let hi_seen = h.iter().rposition(|&c| c > 0).unwrap_or(p.nsym() / 2);
-            let margin = ((hi_seen - lo_seen) / 2).max(3);
-            let lo = lo_seen.saturating_sub(margin);
-            let hi = (hi_seen + margin).min(p.nsym() - 1);
+            let seen = hi_seen - lo_seen + 1;
+            // Support: the observed range widened by an eighth of its width
+            // (at least 3 symbols) each side, within the cap. Counts are
+            // scaled to about 2^20 and 1 is added across the support, so
+            // symbols a little outside what calibration saw stay codable at
+            // the smallest frequency without spreading probability over the
+            // whole alphabet. Every such symbol takes slots from the others
+            // in every chunk, so the margin is narrow (a quarter or a half of
+            // the width made SmolLM2 chunks larger: docs/BENCHMARKS.md, "Table
+            // sets at 8 bits"). A chunk outside the support carries a patch
+            // for that table.
+            let (lo, hi) = if seen > cap {
+                let lo = (0..=p.nsym() - cap).max_by_key(|&a| h[a..a + cap].iter().sum::<u64>()).unwrap_or(0);
+                (lo, lo + cap - 1)
+            } else {
+                let margin = ((seen - 1) / 8).max(3).min((cap - seen) / 2);
+                (lo_seen.saturating_sub(margin), (hi_seen + margin).min(p.nsym() - 1))
+            };
             let total: u64 = h.iter().sum::<u64>().max(1);
             let weights: Vec<u32> = h[lo..=hi].iter().map(|&c| ((c << 20) / total) as u32 + 1).collect();
             supports.push((lo, weights));
         }
     }
     let prob_bits = prob_bits.max(needed_prob_bits(supports.iter().map(|(_, w)| w.len()).max().unwrap_or(1)));
+    let mut table_bytes = Vec::new();
     for (lo, weights) in supports {
         let freq = table::normalize(&weights, prob_bits)?;
         table::write_exact(&mut table_bytes, &FreqTable { lo: lo as u8, freq });
