@@ -186,6 +186,55 @@ fn external_tables_round_trip_and_are_required() {
     assert!(matches!(decode(&external, Some(&other)), Err(codec::Error::WrongTables { .. })));
 }
 
+/// Small Laplace-like noise in every channel, and `wide` channels per
+/// tensor spread uniformly over about 360 steps at the high level (clipped
+/// to the 255-symbol alphabet).
+fn with_wide_channels(shape: KvShape, seed: u64, wide: usize) -> KvTensors {
+    let mut rnd = xorshift(seed);
+    let c = shape.channels();
+    let tensors = (0..shape.tensors())
+        .map(|_| {
+            let mut out = vec![0u8; shape.plane_elems() * 2];
+            for t in 0..shape.tokens {
+                for ch in 0..c {
+                    let v = if ch % (c / wide) == 7 { 2.0 * rnd() - 1.0 } else { 0.01 * ((-(rnd() + 1e-12).ln()) - (-(rnd() + 1e-12).ln())) };
+                    quant::store(Dtype::F16, &mut out, t * c + ch, v as f32);
+                }
+            }
+            out
+        })
+        .collect();
+    KvTensors { shape, dtype: Dtype::F16, tensors }
+}
+
+#[test]
+fn calibration_keeps_8_bits_by_cutting_a_few_wide_tables_and_widens_for_many() {
+    let shape = KvShape { kind: KvKind::KeyValue, layers: 2, tokens: 256, heads: 2, head_dim: 64 };
+    let opts = EncodeOptions::level(Level::High);
+    let support = |t: &codec::table::FreqTable| t.freq.iter().filter(|&&f| f > 0).count();
+    // One wide channel per tensor: 4 of 512 tables (under 1%) are cut to
+    // their densest 128 symbols and the set stays at 8 bits.
+    let calib: Vec<KvTensors> = (1..=3).map(|seed| with_wide_channels(shape, seed, 1)).collect();
+    let set = calibrate_tables(&calib.iter().collect::<Vec<_>>(), &opts).unwrap();
+    assert_eq!(set.prob_bits, 8);
+    let tables = set.tables().unwrap();
+    for tabs in &tables {
+        assert_eq!(support(&tabs[7]), 128, "the wide channel is cut to 128 symbols");
+        assert!(tabs.iter().enumerate().all(|(k, t)| k == 7 || (support(t) >= 7 && support(t) < 128)), "{:?}", tabs.iter().map(support).collect::<Vec<_>>());
+    }
+    // A later chunk codes with the set (its wide channel cannot: that
+    // chunk carries its own tables) and decodes as with embedded tables.
+    let kv = with_wide_channels(shape, 9, 1);
+    let external = encode(&kv, &EncodeOptions { tables: Tables::External(&set), ..opts.clone() }).unwrap();
+    assert_eq!(decode(&external, Some(&set)).unwrap(), decode(&encode(&kv, &opts).unwrap(), None).unwrap());
+    // A wide channel in every 8 (16 of 128 per tensor, 12.5%): the set keeps
+    // every observed range and takes the 9 bits that needs.
+    let calib: Vec<KvTensors> = (1..=3).map(|seed| with_wide_channels(shape, seed, 16)).collect();
+    let set = calibrate_tables(&calib.iter().collect::<Vec<_>>(), &opts).unwrap();
+    assert_eq!(set.prob_bits, 9);
+    assert!(set.tables().unwrap().iter().all(|tabs| support(&tabs[7]) > 128));
+}
+
 #[test]
 fn scalar_and_simd_decoders_agree_symbol_for_symbol() {
     use cachegen::codec::format;
