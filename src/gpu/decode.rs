@@ -181,9 +181,9 @@ fn patch_index(full: &[u32], planes: usize, channels: usize) -> Vec<u32> {
 
 /// Symbol rows of a table set's lookups kept in shared memory (the most
 /// frequent first); rarer rows are read from global memory. Calibrated sets
-/// cover each channel's widened support (up to 193 symbols on the tiled
-/// SmolLM2 cache), which in shared memory would cut the resident warps by
-/// two thirds.
+/// cover each channel's widened support (up to 128 symbols in an 8-bit set,
+/// more in a 9-bit one), which in shared memory would cut the resident warps
+/// by a third or more.
 const SET_SHARED_ROWS: u32 = 64;
 
 /// [`SET_SHARED_ROWS`], or CACHEGEN_SET_SHARED_ROWS (a development knob, 1..=256).
