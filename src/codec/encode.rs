@@ -1,5 +1,7 @@
 //! Encoder: KV tensors to a container (see `format`).
 
+use std::ops::Range;
+
 use xxhash_rust::xxh3::xxh3_64;
 
 use super::format::{self, Header, PlaneKind, FLAG_EXTERNAL_TABLES, MAX_PROB_BITS, MIN_PROB_BITS};
@@ -208,11 +210,13 @@ impl PlaneSymbols {
         self.code_tabs.iter().zip(starts).map(|(&(lo, end), start)| (lo, &self.codes[start..end as usize]))
     }
 
-    fn new(symbols: Vec<u8>, scales: Vec<u8>, hist: Vec<[u32; 256]>, hists: &mut dyn Iterator<Item = &[u32]>) -> PlaneSymbols {
+    /// `hists` yields each table's histogram from symbol `offset` on (it
+    /// must be zero below).
+    fn new(symbols: Vec<u8>, scales: Vec<u8>, hist: Vec<[u32; 256]>, offset: usize, hists: &mut dyn Iterator<Item = &[u32]>) -> PlaneSymbols {
         let mut codes = Vec::new();
         let mut code_tabs = Vec::new();
         for h in hists {
-            let lo = table::codes_from_histogram_into(h, &mut codes);
+            let lo = table::codes_from_histogram_window(h, offset, &mut codes);
             code_tabs.push((lo, codes.len() as u32));
         }
         PlaneSymbols { symbols, scales, hist, codes, code_tabs }
@@ -254,8 +258,9 @@ struct PaddedHist([u32; 256], [u32; 8]);
 /// `quant::row_absmax_sq`, for planes with `quant::symmetric_by_rows`) the
 /// steps come from those and each row is converted to f32 as it is
 /// quantized; otherwise the tensor is converted into `values` first.
+/// Returns the symbols, the scale bytes and a range holding every symbol.
 #[allow(clippy::too_many_arguments)]
-fn quantize_tensor(x: &[u8], dtype: Dtype, rows: Option<&[(u32, f64)]>, values: &mut Vec<f32>, shape: &KvShape, spec: &QuantSpec, rule: StepRule, exact: &[usize], hist: &mut [PaddedHist]) -> Result<(Vec<u8>, Vec<u8>), Error> {
+fn quantize_tensor(x: &[u8], dtype: Dtype, rows: Option<&[(u32, f64)]>, values: &mut Vec<f32>, shape: &KvShape, spec: &QuantSpec, rule: StepRule, exact: &[usize], hist: &mut [PaddedHist]) -> Result<(Vec<u8>, Vec<u8>, Range<usize>), Error> {
     let (t, c, d) = (shape.tokens, shape.channels(), shape.head_dim);
     let params = match rows {
         Some(rows) => quant::group_params_from_rows(rows, c, d, spec, rule, exact)?,
@@ -298,7 +303,19 @@ fn quantize_tensor(x: &[u8], dtype: Dtype, rows: Option<&[(u32, f64)]>, values: 
             out
         }
     };
-    Ok((symbols, scale_bytes(&params, spec)))
+    // Quantizing is monotonic in the value, so no symbol lies outside the
+    // symbols of -absmax and absmax under each group's step (the symbol of
+    // zero, which exact tokens get, lies between).
+    let support = match rows {
+        Some(rows) => {
+            let absmax = f32::from_bits(rows.iter().fold(0, |m, r| m.max(r.0)));
+            let lo = params.iter().map(|&p| quant::quantize_value(-absmax, p, spec)).min().unwrap_or(spec.max);
+            let hi = params.iter().map(|&p| quant::quantize_value(absmax, p, spec)).max().unwrap_or(spec.max);
+            lo as usize..hi as usize + 1
+        }
+        None => 0..spec.nsym(),
+    };
+    Ok((symbols, scale_bytes(&params, spec), support))
 }
 
 fn scale_bytes(params: &[GroupParams], spec: &QuantSpec) -> Vec<u8> {
@@ -389,7 +406,7 @@ fn plane_symbols(kv: &KvTensors, plan: &Plan, keep_hist: bool, each: &mut dyn Fn
             let symbols = raw_byte_plane(&kv.tensors[i / per_tensor], kv.dtype.size(), *index as usize);
             let hist = histograms(&symbols, p, shape.channels());
             let mut hists = hist.iter().map(|h| &h[..p.nsym()]);
-            let ps = PlaneSymbols::new(symbols, Vec::new(), Vec::new(), &mut hists);
+            let ps = PlaneSymbols::new(symbols, Vec::new(), Vec::new(), 0, &mut hists);
             out.push(PlaneSymbols { hist: if keep_hist { hist } else { Vec::new() }, ..ps });
             each(&out)?;
         }
@@ -433,9 +450,9 @@ fn plane_symbols(kv: &KvTensors, plan: &Plan, keep_hist: bool, each: &mut dyn Fn
     for (((p, rule), x), rows) in plan.planes.iter().zip(&plan.rules).zip(&kv.tensors).zip(&rows) {
         let PlaneKind::Quantized(spec) = p else { unreachable!("checked by plan_for") };
         let rows = quant::symmetric_by_rows(spec).then_some(&rows[..]);
-        let (symbols, scales) = quantize_tensor(x, kv.dtype, rows, &mut values, shape, spec, *rule, &exact, &mut hist)?;
+        let (symbols, scales, support) = quantize_tensor(x, kv.dtype, rows, &mut values, shape, spec, *rule, &exact, &mut hist)?;
         let kept = if keep_hist { hist.iter().map(|h| h.0).collect() } else { Vec::new() };
-        let ps = PlaneSymbols::new(symbols, scales, kept, &mut hist.iter().map(|h| &h.0[..p.nsym()]));
+        let ps = PlaneSymbols::new(symbols, scales, kept, support.start, &mut hist.iter().map(|h| &h.0[support.clone()]));
         // Zero the histograms for the next plane: only their non-zero
         // ranges, which the codes cover (not 1 KiB per channel).
         let starts = std::iter::once(0).chain(ps.code_tabs.iter().map(|&(_, e)| e as usize));
