@@ -414,10 +414,10 @@ fn plane_symbols(kv: &KvTensors, plan: &Plan, keep_hist: bool, each: &mut dyn Fn
     }
     let (t, c) = (shape.tokens, shape.channels());
     let protect = plan.protect && t >= 8;
-    // One pass over each tensor, converted to f32 a few rows at a time
-    // (they stay in L1): its row norms for the outlier tokens and, where a
-    // plane's steps need only per-row statistics, those; the quantizing
-    // pass then converts one row at a time instead of the whole tensor.
+    // One pass over each tensor, a few rows at a time (they stay in L1):
+    // its row norms for the outlier tokens and, where a plane's steps need
+    // only per-row statistics, those; the quantizing pass then converts one
+    // row at a time instead of the whole tensor.
     let mut values = Vec::new();
     let mut norms = Vec::new();
     let mut rows: Vec<Vec<(u32, f64)>> = Vec::with_capacity(plan.planes.len());
@@ -428,15 +428,8 @@ fn plane_symbols(kv: &KvTensors, plan: &Plan, keep_hist: bool, each: &mut dyn Fn
         let mut tensor_norms = Vec::with_capacity(if protect { t } else { 0 });
         let mut tensor_rows = Vec::with_capacity(if by_rows { t } else { 0 });
         if protect || by_rows {
-            for block in x.chunks(quant::NORM_ROWS * row_bytes) {
-                quant::to_f32_into(kv.dtype, block, &mut values);
-                let n = block.len() / row_bytes;
-                if protect {
-                    quant::row_norms_into(&values, n, c, &mut tensor_norms);
-                }
-                if by_rows {
-                    tensor_rows.extend((0..n).map(|r| quant::row_absmax_sq(&values[r * c..(r + 1) * c])));
-                }
+            for block in x.chunks(quant::STATS_ROWS * row_bytes) {
+                quant::row_stats_into(kv.dtype, block, c, &mut values, protect.then_some(&mut tensor_norms), by_rows.then_some(&mut tensor_rows));
             }
         }
         if protect {

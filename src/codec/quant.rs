@@ -220,6 +220,12 @@ pub fn row_absmax_sq(row: &[f32]) -> (u32, f64) {
         m8[k] = m8[k].max(v.to_bits() & 0x7fff_ffff);
         s8[k] += v * v;
     }
+    absmax_sq_of_lanes(&m8, &s8)
+}
+
+/// `row_absmax_sq`'s result from its eight lanes.
+#[inline]
+fn absmax_sq_of_lanes(m8: &[u32; 8], s8: &[f32; 8]) -> (u32, f64) {
     (m8.iter().fold(0, |a, &b| a.max(b)), s8.iter().map(|&v| v as f64).sum::<f64>())
 }
 
@@ -419,6 +425,114 @@ pub fn row_norms_into(x: &[f32], tokens: usize, channels: usize, out: &mut Vec<f
     for r in x[t * channels..tokens * channels].chunks_exact(channels.max(1)) {
         out.push(r.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>().sqrt());
     }
+}
+
+/// Rows `row_stats_into` takes at a time.
+pub const STATS_ROWS: usize = 16;
+
+/// What the encoder's first pass needs of each row of `block` (whole rows
+/// of raw `dtype` bytes, at most `STATS_ROWS`, `channels` each): the
+/// `row_norms` (appended to `norms`, where given) and the `row_absmax_sq`
+/// (appended to `rows`, where given), bit for bit. Full blocks of f16 with
+/// channels a multiple of 8 are read straight from the bytes with F16C and
+/// AVX2; others go through f32 `values`.
+pub fn row_stats_into(dtype: Dtype, block: &[u8], channels: usize, values: &mut Vec<f32>, norms: Option<&mut Vec<f64>>, rows: Option<&mut Vec<(u32, f64)>>) {
+    let n = block.len() / (channels * dtype.size());
+    debug_assert!(n <= STATS_ROWS && block.len() == n * channels * dtype.size());
+    #[cfg(target_arch = "x86_64")]
+    if dtype == Dtype::F16 && n == STATS_ROWS && channels % 8 == 0 && std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("f16c") {
+        // SAFETY: the features are present; the block holds STATS_ROWS
+        // rows of `channels` (a multiple of 8) f16 values.
+        // The rows first: their pass reads the block in order (the first
+        // touch of the input, which the prefetcher follows); the norms then
+        // read 16 rows at once from L1.
+        unsafe {
+            if let Some(rows) = rows {
+                for row in block.chunks_exact(2 * channels) {
+                    rows.push(f16_row_absmax_sq(row));
+                }
+            }
+            if let Some(norms) = norms {
+                f16_row_norms(block, channels, norms);
+            }
+        }
+        return;
+    }
+    to_f32_into(dtype, block, values);
+    if let Some(norms) = norms {
+        row_norms_into(values, n, channels, norms);
+    }
+    if let Some(rows) = rows {
+        rows.extend(values.chunks_exact(channels).map(row_absmax_sq));
+    }
+}
+
+/// `row_norms_into` of `STATS_ROWS` rows of f16 values: each 8-channel
+/// chunk of 8 rows is converted and transposed, so one f64 vector adds a
+/// channel's squares to 4 rows' sums (each row's sum still in channel
+/// order); 16 rows keep 4 independent chains of additions in flight.
+///
+/// # Safety
+/// AVX2 and F16C; `bytes` holds `STATS_ROWS * channels` f16 values,
+/// `channels` a multiple of 8.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,f16c")]
+unsafe fn f16_row_norms(bytes: &[u8], channels: usize, norms: &mut Vec<f64>) {
+    use std::arch::x86_64::*;
+    debug_assert!(channels % 8 == 0 && bytes.len() == 2 * STATS_ROWS * channels);
+    let p = bytes.as_ptr();
+    let mut acc = [_mm256_setzero_pd(); STATS_ROWS / 4];
+    for c in (0..channels).step_by(8) {
+        for half in 0..STATS_ROWS / 8 {
+            let v: [__m256; 8] = std::array::from_fn(|k| _mm256_cvtph_ps(_mm_loadu_si128(p.add(2 * ((8 * half + k) * channels + c)) as *const __m128i)));
+            // 8x8 transpose: t[j] holds channel c + j of the 8 rows.
+            let a: [__m256; 8] = std::array::from_fn(|k| if k % 2 == 0 { _mm256_unpacklo_ps(v[k], v[k + 1]) } else { _mm256_unpackhi_ps(v[k - 1], v[k]) });
+            let b: [__m256; 8] = std::array::from_fn(|k| {
+                let i = (k / 4) * 4 + (k % 4) / 2;
+                if k % 2 == 0 {
+                    _mm256_shuffle_ps(a[i], a[i + 2], 0b01_00_01_00)
+                } else {
+                    _mm256_shuffle_ps(a[i], a[i + 2], 0b11_10_11_10)
+                }
+            });
+            for j in 0..8 {
+                let t = if j < 4 { _mm256_permute2f128_ps(b[j], b[j + 4], 0x20) } else { _mm256_permute2f128_ps(b[j - 4], b[j], 0x31) };
+                let lo = _mm256_cvtps_pd(_mm256_castps256_ps128(t));
+                let hi = _mm256_cvtps_pd(_mm256_extractf128_ps(t, 1));
+                acc[2 * half] = _mm256_add_pd(acc[2 * half], _mm256_mul_pd(lo, lo));
+                acc[2 * half + 1] = _mm256_add_pd(acc[2 * half + 1], _mm256_mul_pd(hi, hi));
+            }
+        }
+    }
+    let mut sums = [0f64; STATS_ROWS];
+    for (h, &a) in acc.iter().enumerate() {
+        _mm256_storeu_pd(sums.as_mut_ptr().add(4 * h), a);
+    }
+    norms.extend(sums.iter().map(|s| s.sqrt()));
+}
+
+/// `row_absmax_sq` of one row of f16 values, converted 8 at a time in
+/// registers.
+///
+/// # Safety
+/// AVX2 and F16C; the row's length is a multiple of 16 bytes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,f16c")]
+unsafe fn f16_row_absmax_sq(row: &[u8]) -> (u32, f64) {
+    use std::arch::x86_64::*;
+    debug_assert!(row.len() % 16 == 0);
+    let abs = _mm256_set1_epi32(0x7fff_ffff);
+    let mut m8 = _mm256_setzero_si256();
+    let mut s8 = _mm256_setzero_ps();
+    for ch in row.chunks_exact(16) {
+        let x = _mm256_cvtph_ps(_mm_loadu_si128(ch.as_ptr() as *const __m128i));
+        m8 = _mm256_max_epu32(m8, _mm256_and_si256(_mm256_castps_si256(x), abs));
+        s8 = _mm256_add_ps(s8, _mm256_mul_ps(x, x));
+    }
+    let (mut m, mut s) = ([0u32; 8], [0f32; 8]);
+    _mm256_storeu_si256(m.as_mut_ptr() as *mut __m256i, m8);
+    _mm256_storeu_ps(s.as_mut_ptr(), s8);
+    absmax_sq_of_lanes(&m, &s)
 }
 
 /// `outlier_tokens` from each tensor's `row_norms`.
