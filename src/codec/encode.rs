@@ -278,14 +278,10 @@ fn quantize_tensor(x: &[u8], dtype: Dtype, rows: Option<&[(u32, f64)]>, values: 
                 if exact.contains(&tt) {
                     // Stored exactly elsewhere: the symbol of zero.
                     out.resize(start + c, if spec.asymmetric { 0 } else { spec.max });
+                } else if rows.is_some() {
+                    quant::quantize_row_raw(dtype, &x[tt * row_bytes..(tt + 1) * row_bytes], params[spec.group.index(tt, 0, c, d)], spec, values, &mut out);
                 } else {
-                    let row: &[f32] = if rows.is_some() {
-                        quant::to_f32_into(dtype, &x[tt * row_bytes..(tt + 1) * row_bytes], values);
-                        values
-                    } else {
-                        &values[tt * c..(tt + 1) * c]
-                    };
-                    quant::quantize_row(row, params[spec.group.index(tt, 0, c, d)], spec, &mut out);
+                    quant::quantize_row(&values[tt * c..(tt + 1) * c], params[spec.group.index(tt, 0, c, d)], spec, &mut out);
                 }
                 for (h, &s) in hist.iter_mut().zip(&out[start..]) {
                     h.0[s as usize] += 1;
