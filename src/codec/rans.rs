@@ -132,12 +132,14 @@ impl FlatEncTables {
             let (lo, freq) = table(k);
             self.base.push(self.entries.len() as i32 - lo as i32);
             let mut start = 0u32;
-            for &f in freq {
+            // One `extend` of a sized iterator: no capacity check per entry.
+            self.entries.extend(freq.iter().map(|&f| {
                 // Absent symbols (f = 0) get an entry that is never used.
                 let (p, r) = consts[f as usize];
-                self.entries.push((p + (start << 10)) as u64 | (r as u64) << 32);
+                let entry = (p + (start << 10)) as u64 | (r as u64) << 32;
                 start += f as u32;
-            }
+                entry
+            }));
             assert!(start == 1 << prob_bits, "frequencies must sum to 2^prob_bits");
         }
         self.entries.resize(self.entries.len() + FLAT_PAD, 0);
