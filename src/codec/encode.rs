@@ -1,7 +1,5 @@
 //! Encoder: KV tensors to a container (see `format`).
 
-use std::ops::Range;
-
 use xxhash_rust::xxh3::xxh3_64;
 
 use super::format::{self, Header, PlaneKind, FLAG_EXTERNAL_TABLES, MAX_PROB_BITS, MIN_PROB_BITS};
@@ -210,12 +208,12 @@ impl PlaneSymbols {
         self.code_tabs.iter().zip(starts).map(|(&(lo, end), start)| (lo, &self.codes[start..end as usize]))
     }
 
-    /// `hists` yields each table's histogram from symbol `offset` on (it
-    /// must be zero below).
-    fn new(symbols: Vec<u8>, scales: Vec<u8>, hist: Vec<[u32; 256]>, offset: usize, hists: &mut dyn Iterator<Item = &[u32]>) -> PlaneSymbols {
+    /// `hists` yields each table's histogram as `(offset, part)`: the part
+    /// from symbol `offset` on, outside which it is zero.
+    fn new(symbols: Vec<u8>, scales: Vec<u8>, hist: Vec<[u32; 256]>, hists: &mut dyn Iterator<Item = (usize, &[u32])>) -> PlaneSymbols {
         let mut codes = Vec::new();
         let mut code_tabs = Vec::new();
-        for h in hists {
+        for (offset, h) in hists {
             let lo = table::codes_from_histogram_window(h, offset, &mut codes);
             code_tabs.push((lo, codes.len() as u32));
         }
@@ -244,6 +242,29 @@ impl PlaneFreqs {
     }
 }
 
+/// Each channel's smallest and largest symbol in a plane, kept while
+/// counting (a few vector min/max per row), so that building the codes
+/// reads only the used part of each histogram.
+struct ChannelRanges {
+    lo: Vec<u8>,
+    hi: Vec<u8>,
+}
+
+impl ChannelRanges {
+    fn new(channels: usize) -> ChannelRanges {
+        ChannelRanges { lo: vec![u8::MAX; channels], hi: vec![0; channels] }
+    }
+
+    /// Widen each channel's range to its symbol in `row`.
+    #[inline]
+    fn add_row(&mut self, row: &[u8]) {
+        for ((lo, hi), &s) in self.lo.iter_mut().zip(self.hi.iter_mut()).zip(row) {
+            *lo = (*lo).min(s);
+            *hi = (*hi).max(s);
+        }
+    }
+}
+
 /// One channel's histogram while counting, padded to 1056 bytes: with
 /// 1024-byte histograms the same symbol of channels 4 apart sits at the same
 /// address modulo 4 KiB, and the CPU then stalls each count's load on the
@@ -258,9 +279,9 @@ struct PaddedHist([u32; 256], [u32; 8]);
 /// `quant::row_absmax_sq`, for planes with `quant::symmetric_by_rows`) the
 /// steps come from those and each row is converted to f32 as it is
 /// quantized; otherwise the tensor is converted into `values` first.
-/// Returns the symbols, the scale bytes and a range holding every symbol.
+/// Returns the symbols, the scale bytes and each channel's symbol range.
 #[allow(clippy::too_many_arguments)]
-fn quantize_tensor(x: &[u8], dtype: Dtype, rows: Option<&[(u32, f64)]>, values: &mut Vec<f32>, shape: &KvShape, spec: &QuantSpec, rule: StepRule, exact: &[usize], hist: &mut [PaddedHist]) -> Result<(Vec<u8>, Vec<u8>, Range<usize>), Error> {
+fn quantize_tensor(x: &[u8], dtype: Dtype, rows: Option<&[(u32, f64)]>, values: &mut Vec<f32>, shape: &KvShape, spec: &QuantSpec, rule: StepRule, exact: &[usize], hist: &mut [PaddedHist]) -> Result<(Vec<u8>, Vec<u8>, ChannelRanges), Error> {
     let (t, c, d) = (shape.tokens, shape.channels(), shape.head_dim);
     let params = match rows {
         Some(rows) => quant::group_params_from_rows(rows, c, d, spec, rule, exact)?,
@@ -270,6 +291,7 @@ fn quantize_tensor(x: &[u8], dtype: Dtype, rows: Option<&[(u32, f64)]>, values: 
         }
     };
     let row_bytes = c * dtype.size();
+    let mut ranges = ChannelRanges::new(c);
     let symbols = match spec.group {
         ScaleGroup::PerToken | ScaleGroup::PerTensor => {
             let mut out = Vec::with_capacity(t * c);
@@ -286,6 +308,7 @@ fn quantize_tensor(x: &[u8], dtype: Dtype, rows: Option<&[(u32, f64)]>, values: 
                 for (h, &s) in hist.iter_mut().zip(&out[start..]) {
                     h.0[s as usize] += 1;
                 }
+                ranges.add_row(&out[start..]);
             }
             out
         }
@@ -295,23 +318,12 @@ fn quantize_tensor(x: &[u8], dtype: Dtype, rows: Option<&[(u32, f64)]>, values: 
                 for (h, &s) in hist.iter_mut().zip(row) {
                     h.0[s as usize] += 1;
                 }
+                ranges.add_row(row);
             }
             out
         }
     };
-    // Quantizing is monotonic in the value, so no symbol lies outside the
-    // symbols of -absmax and absmax under each group's step (the symbol of
-    // zero, which exact tokens get, lies between).
-    let support = match rows {
-        Some(rows) => {
-            let absmax = f32::from_bits(rows.iter().fold(0, |m, r| m.max(r.0)));
-            let lo = params.iter().map(|&p| quant::quantize_value(-absmax, p, spec)).min().unwrap_or(spec.max);
-            let hi = params.iter().map(|&p| quant::quantize_value(absmax, p, spec)).max().unwrap_or(spec.max);
-            lo as usize..hi as usize + 1
-        }
-        None => 0..spec.nsym(),
-    };
-    Ok((symbols, scale_bytes(&params, spec), support))
+    Ok((symbols, scale_bytes(&params, spec), ranges))
 }
 
 fn scale_bytes(params: &[GroupParams], spec: &QuantSpec) -> Vec<u8> {
@@ -401,8 +413,8 @@ fn plane_symbols(kv: &KvTensors, plan: &Plan, keep_hist: bool, each: &mut dyn Fn
             let PlaneKind::Raw { index, .. } = p else { unreachable!("checked by plan_for") };
             let symbols = raw_byte_plane(&kv.tensors[i / per_tensor], kv.dtype.size(), *index as usize);
             let hist = histograms(&symbols, p, shape.channels());
-            let mut hists = hist.iter().map(|h| &h[..p.nsym()]);
-            let ps = PlaneSymbols::new(symbols, Vec::new(), Vec::new(), 0, &mut hists);
+            let mut hists = hist.iter().map(|h| (0, &h[..p.nsym()]));
+            let ps = PlaneSymbols::new(symbols, Vec::new(), Vec::new(), &mut hists);
             out.push(PlaneSymbols { hist: if keep_hist { hist } else { Vec::new() }, ..ps });
             each(&out)?;
         }
@@ -439,9 +451,11 @@ fn plane_symbols(kv: &KvTensors, plan: &Plan, keep_hist: bool, each: &mut dyn Fn
     for (((p, rule), x), rows) in plan.planes.iter().zip(&plan.rules).zip(&kv.tensors).zip(&rows) {
         let PlaneKind::Quantized(spec) = p else { unreachable!("checked by plan_for") };
         let rows = quant::symmetric_by_rows(spec).then_some(&rows[..]);
-        let (symbols, scales, support) = quantize_tensor(x, kv.dtype, rows, &mut values, shape, spec, *rule, &exact, &mut hist)?;
+        let (symbols, scales, ranges) = quantize_tensor(x, kv.dtype, rows, &mut values, shape, spec, *rule, &exact, &mut hist)?;
         let kept = if keep_hist { hist.iter().map(|h| h.0).collect() } else { Vec::new() };
-        let ps = PlaneSymbols::new(symbols, scales, kept, support.start, &mut hist.iter().map(|h| &h.0[support.clone()]));
+        // Every channel has a symbol (tokens > 0), so lo <= hi.
+        let mut windows = hist.iter().zip(ranges.lo.iter().zip(&ranges.hi)).map(|(h, (&lo, &hi))| (lo as usize, &h.0[lo as usize..=hi as usize]));
+        let ps = PlaneSymbols::new(symbols, scales, kept, &mut windows);
         // Zero the histograms for the next plane: only their non-zero
         // ranges, which the codes cover (not 1 KiB per channel).
         let starts = std::iter::once(0).chain(ps.code_tabs.iter().map(|&(_, e)| e as usize));

@@ -58,8 +58,7 @@ pub fn codes_from_histogram_into(hist: &[u32], out: &mut Vec<u8>) -> u8 {
 
 /// `codes_from_histogram_into` of a histogram that is zero outside the
 /// part `hist`, which starts at symbol `offset`: only that part is read
-/// (the encoder knows each plane's symbol range, often a fifth of the
-/// alphabet).
+/// (the encoder knows each channel's symbol range).
 pub fn codes_from_histogram_window(hist: &[u32], offset: usize, out: &mut Vec<u8>) -> u8 {
     let first = first_nonzero(hist);
     let Some(first) = first else {
