@@ -208,11 +208,13 @@ impl PlaneSymbols {
         self.code_tabs.iter().zip(starts).map(|(&(lo, end), start)| (lo, &self.codes[start..end as usize]))
     }
 
-    fn new(symbols: Vec<u8>, scales: Vec<u8>, hist: Vec<[u32; 256]>, hists: &mut dyn Iterator<Item = &[u32]>) -> PlaneSymbols {
+    /// `hists` yields each table's histogram as `(offset, part)`: the part
+    /// from symbol `offset` on, outside which it is zero.
+    fn new(symbols: Vec<u8>, scales: Vec<u8>, hist: Vec<[u32; 256]>, hists: &mut dyn Iterator<Item = (usize, &[u32])>) -> PlaneSymbols {
         let mut codes = Vec::new();
         let mut code_tabs = Vec::new();
-        for h in hists {
-            let lo = table::codes_from_histogram_into(h, &mut codes);
+        for (offset, h) in hists {
+            let lo = table::codes_from_histogram_window(h, offset, &mut codes);
             code_tabs.push((lo, codes.len() as u32));
         }
         PlaneSymbols { symbols, scales, hist, codes, code_tabs }
@@ -240,6 +242,29 @@ impl PlaneFreqs {
     }
 }
 
+/// Each channel's smallest and largest symbol in a plane, kept while
+/// counting (a few vector min/max per row), so that building the codes
+/// reads only the used part of each histogram.
+struct ChannelRanges {
+    lo: Vec<u8>,
+    hi: Vec<u8>,
+}
+
+impl ChannelRanges {
+    fn new(channels: usize) -> ChannelRanges {
+        ChannelRanges { lo: vec![u8::MAX; channels], hi: vec![0; channels] }
+    }
+
+    /// Widen each channel's range to its symbol in `row`.
+    #[inline]
+    fn add_row(&mut self, row: &[u8]) {
+        for ((lo, hi), &s) in self.lo.iter_mut().zip(self.hi.iter_mut()).zip(row) {
+            *lo = (*lo).min(s);
+            *hi = (*hi).max(s);
+        }
+    }
+}
+
 /// One channel's histogram while counting, padded to 1056 bytes: with
 /// 1024-byte histograms the same symbol of channels 4 apart sits at the same
 /// address modulo 4 KiB, and the CPU then stalls each count's load on the
@@ -254,8 +279,9 @@ struct PaddedHist([u32; 256], [u32; 8]);
 /// `quant::row_absmax_sq`, for planes with `quant::symmetric_by_rows`) the
 /// steps come from those and each row is converted to f32 as it is
 /// quantized; otherwise the tensor is converted into `values` first.
+/// Returns the symbols, the scale bytes and each channel's symbol range.
 #[allow(clippy::too_many_arguments)]
-fn quantize_tensor(x: &[u8], dtype: Dtype, rows: Option<&[(u32, f64)]>, values: &mut Vec<f32>, shape: &KvShape, spec: &QuantSpec, rule: StepRule, exact: &[usize], hist: &mut [PaddedHist]) -> Result<(Vec<u8>, Vec<u8>), Error> {
+fn quantize_tensor(x: &[u8], dtype: Dtype, rows: Option<&[(u32, f64)]>, values: &mut Vec<f32>, shape: &KvShape, spec: &QuantSpec, rule: StepRule, exact: &[usize], hist: &mut [PaddedHist]) -> Result<(Vec<u8>, Vec<u8>, ChannelRanges), Error> {
     let (t, c, d) = (shape.tokens, shape.channels(), shape.head_dim);
     let params = match rows {
         Some(rows) => quant::group_params_from_rows(rows, c, d, spec, rule, exact)?,
@@ -265,6 +291,7 @@ fn quantize_tensor(x: &[u8], dtype: Dtype, rows: Option<&[(u32, f64)]>, values: 
         }
     };
     let row_bytes = c * dtype.size();
+    let mut ranges = ChannelRanges::new(c);
     let symbols = match spec.group {
         ScaleGroup::PerToken | ScaleGroup::PerTensor => {
             let mut out = Vec::with_capacity(t * c);
@@ -273,18 +300,15 @@ fn quantize_tensor(x: &[u8], dtype: Dtype, rows: Option<&[(u32, f64)]>, values: 
                 if exact.contains(&tt) {
                     // Stored exactly elsewhere: the symbol of zero.
                     out.resize(start + c, if spec.asymmetric { 0 } else { spec.max });
+                } else if rows.is_some() {
+                    quant::quantize_row_raw(dtype, &x[tt * row_bytes..(tt + 1) * row_bytes], params[spec.group.index(tt, 0, c, d)], spec, values, &mut out);
                 } else {
-                    let row: &[f32] = if rows.is_some() {
-                        quant::to_f32_into(dtype, &x[tt * row_bytes..(tt + 1) * row_bytes], values);
-                        values
-                    } else {
-                        &values[tt * c..(tt + 1) * c]
-                    };
-                    quant::quantize_row(row, params[spec.group.index(tt, 0, c, d)], spec, &mut out);
+                    quant::quantize_row(&values[tt * c..(tt + 1) * c], params[spec.group.index(tt, 0, c, d)], spec, &mut out);
                 }
                 for (h, &s) in hist.iter_mut().zip(&out[start..]) {
                     h.0[s as usize] += 1;
                 }
+                ranges.add_row(&out[start..]);
             }
             out
         }
@@ -294,11 +318,12 @@ fn quantize_tensor(x: &[u8], dtype: Dtype, rows: Option<&[(u32, f64)]>, values: 
                 for (h, &s) in hist.iter_mut().zip(row) {
                     h.0[s as usize] += 1;
                 }
+                ranges.add_row(row);
             }
             out
         }
     };
-    Ok((symbols, scale_bytes(&params, spec)))
+    Ok((symbols, scale_bytes(&params, spec), ranges))
 }
 
 fn scale_bytes(params: &[GroupParams], spec: &QuantSpec) -> Vec<u8> {
@@ -388,7 +413,7 @@ fn plane_symbols(kv: &KvTensors, plan: &Plan, keep_hist: bool, each: &mut dyn Fn
             let PlaneKind::Raw { index, .. } = p else { unreachable!("checked by plan_for") };
             let symbols = raw_byte_plane(&kv.tensors[i / per_tensor], kv.dtype.size(), *index as usize);
             let hist = histograms(&symbols, p, shape.channels());
-            let mut hists = hist.iter().map(|h| &h[..p.nsym()]);
+            let mut hists = hist.iter().map(|h| (0, &h[..p.nsym()]));
             let ps = PlaneSymbols::new(symbols, Vec::new(), Vec::new(), &mut hists);
             out.push(PlaneSymbols { hist: if keep_hist { hist } else { Vec::new() }, ..ps });
             each(&out)?;
@@ -397,10 +422,10 @@ fn plane_symbols(kv: &KvTensors, plan: &Plan, keep_hist: bool, each: &mut dyn Fn
     }
     let (t, c) = (shape.tokens, shape.channels());
     let protect = plan.protect && t >= 8;
-    // One pass over each tensor, converted to f32 a few rows at a time
-    // (they stay in L1): its row norms for the outlier tokens and, where a
-    // plane's steps need only per-row statistics, those; the quantizing
-    // pass then converts one row at a time instead of the whole tensor.
+    // One pass over each tensor, a few rows at a time (they stay in L1):
+    // its row norms for the outlier tokens and, where a plane's steps need
+    // only per-row statistics, those; the quantizing pass then converts one
+    // row at a time instead of the whole tensor.
     let mut values = Vec::new();
     let mut norms = Vec::new();
     let mut rows: Vec<Vec<(u32, f64)>> = Vec::with_capacity(plan.planes.len());
@@ -411,15 +436,8 @@ fn plane_symbols(kv: &KvTensors, plan: &Plan, keep_hist: bool, each: &mut dyn Fn
         let mut tensor_norms = Vec::with_capacity(if protect { t } else { 0 });
         let mut tensor_rows = Vec::with_capacity(if by_rows { t } else { 0 });
         if protect || by_rows {
-            for block in x.chunks(quant::NORM_ROWS * row_bytes) {
-                quant::to_f32_into(kv.dtype, block, &mut values);
-                let n = block.len() / row_bytes;
-                if protect {
-                    quant::row_norms_into(&values, n, c, &mut tensor_norms);
-                }
-                if by_rows {
-                    tensor_rows.extend((0..n).map(|r| quant::row_absmax_sq(&values[r * c..(r + 1) * c])));
-                }
+            for block in x.chunks(quant::STATS_ROWS * row_bytes) {
+                quant::row_stats_into(kv.dtype, block, c, &mut values, protect.then_some(&mut tensor_norms), by_rows.then_some(&mut tensor_rows));
             }
         }
         if protect {
@@ -433,9 +451,11 @@ fn plane_symbols(kv: &KvTensors, plan: &Plan, keep_hist: bool, each: &mut dyn Fn
     for (((p, rule), x), rows) in plan.planes.iter().zip(&plan.rules).zip(&kv.tensors).zip(&rows) {
         let PlaneKind::Quantized(spec) = p else { unreachable!("checked by plan_for") };
         let rows = quant::symmetric_by_rows(spec).then_some(&rows[..]);
-        let (symbols, scales) = quantize_tensor(x, kv.dtype, rows, &mut values, shape, spec, *rule, &exact, &mut hist)?;
+        let (symbols, scales, ranges) = quantize_tensor(x, kv.dtype, rows, &mut values, shape, spec, *rule, &exact, &mut hist)?;
         let kept = if keep_hist { hist.iter().map(|h| h.0).collect() } else { Vec::new() };
-        let ps = PlaneSymbols::new(symbols, scales, kept, &mut hist.iter().map(|h| &h.0[..p.nsym()]));
+        // Every channel has a symbol (tokens > 0), so lo <= hi.
+        let mut windows = hist.iter().zip(ranges.lo.iter().zip(&ranges.hi)).map(|(h, (&lo, &hi))| (lo as usize, &h.0[lo as usize..=hi as usize]));
+        let ps = PlaneSymbols::new(symbols, scales, kept, &mut windows);
         // Zero the histograms for the next plane: only their non-zero
         // ranges, which the codes cover (not 1 KiB per channel).
         let starts = std::iter::once(0).chain(ps.code_tabs.iter().map(|&(_, e)| e as usize));

@@ -220,6 +220,12 @@ pub fn row_absmax_sq(row: &[f32]) -> (u32, f64) {
         m8[k] = m8[k].max(v.to_bits() & 0x7fff_ffff);
         s8[k] += v * v;
     }
+    absmax_sq_of_lanes(&m8, &s8)
+}
+
+/// `row_absmax_sq`'s result from its eight lanes.
+#[inline]
+fn absmax_sq_of_lanes(m8: &[u32; 8], s8: &[f32; 8]) -> (u32, f64) {
     (m8.iter().fold(0, |a, &b| a.max(b)), s8.iter().map(|&v| v as f64).sum::<f64>())
 }
 
@@ -334,6 +340,56 @@ pub fn quantize_row(row: &[f32], p: GroupParams, spec: &QuantSpec, out: &mut Vec
     }
 }
 
+/// `quantize_row` of a row of raw `dtype` bytes, converted through
+/// `values` where needed. Symmetric rows of f16 (a multiple of 32 values)
+/// are converted in registers with F16C, and 32 symbols are packed and
+/// stored at a time.
+pub fn quantize_row_raw(dtype: Dtype, row: &[u8], p: GroupParams, spec: &QuantSpec, values: &mut Vec<f32>, out: &mut Vec<u8>) {
+    #[cfg(target_arch = "x86_64")]
+    if dtype == Dtype::F16 && !spec.asymmetric && p.step != 0.0 && row.len() % 64 == 0 && std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("f16c") {
+        // SAFETY: the features are present; the row holds a multiple of 32
+        // f16 values.
+        unsafe { f16_quantize_row_symmetric(row, p.step, spec.max, out) };
+        return;
+    }
+    to_f32_into(dtype, row, values);
+    quantize_row(values, p, spec, out);
+}
+
+/// `quantize_row` of symmetric f16 values: the same IEEE operations in
+/// the same order, on 8 values per vector.
+///
+/// # Safety
+/// AVX2 and F16C; `row.len()` is a multiple of 64 bytes (32 values).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,f16c")]
+unsafe fn f16_quantize_row_symmetric(row: &[u8], step: f32, max: u8, out: &mut Vec<u8>) {
+    use std::arch::x86_64::*;
+    debug_assert!(row.len() % 64 == 0);
+    let n = row.len() / 2;
+    out.reserve(n);
+    let dst = out.as_mut_ptr().add(out.len());
+    let step = _mm256_set1_ps(step);
+    let centre = _mm256_set1_ps(max as f32);
+    let top = _mm256_set1_ps(2.0 * max as f32);
+    let zero = _mm256_setzero_ps();
+    let magic = _mm256_set1_ps(8_388_608.0);
+    let low_byte = _mm256_set1_epi32(0xff);
+    // The packs below work within 128-bit halves: put the 4-byte groups back in order.
+    let in_order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    for i in (0..n).step_by(32) {
+        let q: [__m256i; 4] = std::array::from_fn(|k| {
+            let v = _mm256_cvtph_ps(_mm_loadu_si128(row.as_ptr().add(2 * (i + 8 * k)) as *const __m128i));
+            // As `quantize_row`: clamp, then round half to even by adding 2^23.
+            let y = _mm256_min_ps(_mm256_max_ps(_mm256_add_ps(_mm256_div_ps(v, step), centre), zero), top);
+            _mm256_and_si256(_mm256_castps_si256(_mm256_add_ps(y, magic)), low_byte)
+        });
+        let bytes = _mm256_packus_epi16(_mm256_packus_epi32(q[0], q[1]), _mm256_packus_epi32(q[2], q[3]));
+        _mm256_storeu_si256(dst.add(i) as *mut __m256i, _mm256_permutevar8x32_epi32(bytes, in_order));
+    }
+    out.set_len(out.len() + n);
+}
+
 /// Quantize a plane to symbols `[tokens, channels]`; tokens in `skip` get
 /// the symbol of zero (their values are stored exactly elsewhere).
 pub fn quantize_plane(plane: &[f32], tokens: usize, channels: usize, head_dim: usize, spec: &QuantSpec, params: &[GroupParams]) -> Vec<u8> {
@@ -419,6 +475,114 @@ pub fn row_norms_into(x: &[f32], tokens: usize, channels: usize, out: &mut Vec<f
     for r in x[t * channels..tokens * channels].chunks_exact(channels.max(1)) {
         out.push(r.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>().sqrt());
     }
+}
+
+/// Rows `row_stats_into` takes at a time.
+pub const STATS_ROWS: usize = 16;
+
+/// What the encoder's first pass needs of each row of `block` (whole rows
+/// of raw `dtype` bytes, at most `STATS_ROWS`, `channels` each): the
+/// `row_norms` (appended to `norms`, where given) and the `row_absmax_sq`
+/// (appended to `rows`, where given), bit for bit. Full blocks of f16 with
+/// channels a multiple of 8 are read straight from the bytes with F16C and
+/// AVX2; others go through f32 `values`.
+pub fn row_stats_into(dtype: Dtype, block: &[u8], channels: usize, values: &mut Vec<f32>, norms: Option<&mut Vec<f64>>, rows: Option<&mut Vec<(u32, f64)>>) {
+    let n = block.len() / (channels * dtype.size());
+    debug_assert!(n <= STATS_ROWS && block.len() == n * channels * dtype.size());
+    #[cfg(target_arch = "x86_64")]
+    if dtype == Dtype::F16 && n == STATS_ROWS && channels % 8 == 0 && std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("f16c") {
+        // SAFETY: the features are present; the block holds STATS_ROWS
+        // rows of `channels` (a multiple of 8) f16 values.
+        // The rows first: their pass reads the block in order (the first
+        // touch of the input, which the prefetcher follows); the norms then
+        // read 16 rows at once from L1.
+        unsafe {
+            if let Some(rows) = rows {
+                for row in block.chunks_exact(2 * channels) {
+                    rows.push(f16_row_absmax_sq(row));
+                }
+            }
+            if let Some(norms) = norms {
+                f16_row_norms(block, channels, norms);
+            }
+        }
+        return;
+    }
+    to_f32_into(dtype, block, values);
+    if let Some(norms) = norms {
+        row_norms_into(values, n, channels, norms);
+    }
+    if let Some(rows) = rows {
+        rows.extend(values.chunks_exact(channels).map(row_absmax_sq));
+    }
+}
+
+/// `row_norms_into` of `STATS_ROWS` rows of f16 values: each 8-channel
+/// chunk of 8 rows is converted and transposed, so one f64 vector adds a
+/// channel's squares to 4 rows' sums (each row's sum still in channel
+/// order); 16 rows keep 4 independent chains of additions in flight.
+///
+/// # Safety
+/// AVX2 and F16C; `bytes` holds `STATS_ROWS * channels` f16 values,
+/// `channels` a multiple of 8.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,f16c")]
+unsafe fn f16_row_norms(bytes: &[u8], channels: usize, norms: &mut Vec<f64>) {
+    use std::arch::x86_64::*;
+    debug_assert!(channels % 8 == 0 && bytes.len() == 2 * STATS_ROWS * channels);
+    let p = bytes.as_ptr();
+    let mut acc = [_mm256_setzero_pd(); STATS_ROWS / 4];
+    for c in (0..channels).step_by(8) {
+        for half in 0..STATS_ROWS / 8 {
+            let v: [__m256; 8] = std::array::from_fn(|k| _mm256_cvtph_ps(_mm_loadu_si128(p.add(2 * ((8 * half + k) * channels + c)) as *const __m128i)));
+            // 8x8 transpose: t[j] holds channel c + j of the 8 rows.
+            let a: [__m256; 8] = std::array::from_fn(|k| if k % 2 == 0 { _mm256_unpacklo_ps(v[k], v[k + 1]) } else { _mm256_unpackhi_ps(v[k - 1], v[k]) });
+            let b: [__m256; 8] = std::array::from_fn(|k| {
+                let i = (k / 4) * 4 + (k % 4) / 2;
+                if k % 2 == 0 {
+                    _mm256_shuffle_ps(a[i], a[i + 2], 0b01_00_01_00)
+                } else {
+                    _mm256_shuffle_ps(a[i], a[i + 2], 0b11_10_11_10)
+                }
+            });
+            for j in 0..8 {
+                let t = if j < 4 { _mm256_permute2f128_ps(b[j], b[j + 4], 0x20) } else { _mm256_permute2f128_ps(b[j - 4], b[j], 0x31) };
+                let lo = _mm256_cvtps_pd(_mm256_castps256_ps128(t));
+                let hi = _mm256_cvtps_pd(_mm256_extractf128_ps(t, 1));
+                acc[2 * half] = _mm256_add_pd(acc[2 * half], _mm256_mul_pd(lo, lo));
+                acc[2 * half + 1] = _mm256_add_pd(acc[2 * half + 1], _mm256_mul_pd(hi, hi));
+            }
+        }
+    }
+    let mut sums = [0f64; STATS_ROWS];
+    for (h, &a) in acc.iter().enumerate() {
+        _mm256_storeu_pd(sums.as_mut_ptr().add(4 * h), a);
+    }
+    norms.extend(sums.iter().map(|s| s.sqrt()));
+}
+
+/// `row_absmax_sq` of one row of f16 values, converted 8 at a time in
+/// registers.
+///
+/// # Safety
+/// AVX2 and F16C; the row's length is a multiple of 16 bytes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,f16c")]
+unsafe fn f16_row_absmax_sq(row: &[u8]) -> (u32, f64) {
+    use std::arch::x86_64::*;
+    debug_assert!(row.len() % 16 == 0);
+    let abs = _mm256_set1_epi32(0x7fff_ffff);
+    let mut m8 = _mm256_setzero_si256();
+    let mut s8 = _mm256_setzero_ps();
+    for ch in row.chunks_exact(16) {
+        let x = _mm256_cvtph_ps(_mm_loadu_si128(ch.as_ptr() as *const __m128i));
+        m8 = _mm256_max_epu32(m8, _mm256_and_si256(_mm256_castps_si256(x), abs));
+        s8 = _mm256_add_ps(s8, _mm256_mul_ps(x, x));
+    }
+    let (mut m, mut s) = ([0u32; 8], [0f32; 8]);
+    _mm256_storeu_si256(m.as_mut_ptr() as *mut __m256i, m8);
+    _mm256_storeu_ps(s.as_mut_ptr(), s8);
+    absmax_sq_of_lanes(&m, &s)
 }
 
 /// `outlier_tokens` from each tensor's `row_norms`.
@@ -651,6 +815,46 @@ mod tests {
                     for (&v, &g) in vals.iter().zip(&got) {
                         assert_eq!(g, quantize_value(v, p, &spec), "v {v} step {step} max {max} asym {asymmetric}");
                     }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn f16_row_paths_match_the_f32_paths() {
+        // Finite f16 bit patterns of every magnitude (subnormals, zeros,
+        // the largest), STATS_ROWS rows of 64 channels.
+        let channels = 64;
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut bytes = Vec::new();
+        for _ in 0..STATS_ROWS * channels {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            let mut b = (state >> 16) as u16;
+            if b & 0x7c00 == 0x7c00 {
+                b &= !0x4000;
+            }
+            bytes.extend_from_slice(&b.to_le_bytes());
+        }
+        let values = to_f32(Dtype::F16, &bytes);
+        let (mut norms, mut rows, mut scratch) = (Vec::new(), Vec::new(), Vec::new());
+        row_stats_into(Dtype::F16, &bytes, channels, &mut scratch, Some(&mut norms), Some(&mut rows));
+        let want: Vec<u64> = row_norms(&values, STATS_ROWS, channels).iter().map(|n| n.to_bits()).collect();
+        assert_eq!(norms.iter().map(|n| n.to_bits()).collect::<Vec<_>>(), want);
+        for (r, &(m, s)) in rows.iter().enumerate() {
+            let (wm, ws) = row_absmax_sq(&values[r * channels..(r + 1) * channels]);
+            assert_eq!((m, s.to_bits()), (wm, ws.to_bits()), "row {r}");
+        }
+        for max in [1u8, 7, 127] {
+            let spec = QuantSpec { group: ScaleGroup::PerTensor, max, asymmetric: false };
+            for step in [1.0f32, 0.37, 3.0e-39, 1e-3, 600.0] {
+                let p = GroupParams { offset: 0.0, step };
+                for r in 0..STATS_ROWS {
+                    let (mut got, mut want) = (vec![7u8], vec![7u8]);
+                    quantize_row_raw(Dtype::F16, &bytes[2 * r * channels..2 * (r + 1) * channels], p, &spec, &mut scratch, &mut got);
+                    quantize_row(&values[r * channels..(r + 1) * channels], p, &spec, &mut want);
+                    assert_eq!(got, want, "max {max} step {step} row {r}");
                 }
             }
         }

@@ -92,18 +92,18 @@ pub fn encode_segment(
     }
 }
 
-/// Encoder constants of one plane's tables in two flat arrays, for the
-/// vectorised encoder (one gather per array and 8 lanes): symbol `s` of
-/// table `k` is entry `base(k) + s`. An entry packs `freq - 1` (bits 0-9),
-/// the bias of `EncSymbol::encode` (bits 10-20) and the reciprocal's shift
-/// (bits 21-24); `rcp` holds the reciprocal. The same constants as
-/// `EncTable` (tests compare the encoders' bytes). 256 entries of padding
-/// on each side keep every `base(k) + s` (any byte `s`) inside the arrays.
+/// Encoder constants of one plane's tables in one flat array, for the
+/// vectorised encoder (one 64-bit gather per 4 lanes): symbol `s` of table
+/// `k` is entry `base(k) + s`. An entry packs `freq - 1` (bits 0-9), the
+/// bias of `EncSymbol::encode` (bits 10-20) and the reciprocal's shift
+/// (bits 21-24) in its low half and the reciprocal in its high half. The
+/// same constants as `EncTable` (tests compare the encoders' bytes). 256
+/// entries of padding on each side keep every `base(k) + s` (any byte `s`)
+/// inside the array.
 #[derive(Default)]
 pub struct FlatEncTables {
     prob_bits: u32,
-    packed: Vec<u32>,
-    rcp: Vec<u32>,
+    entries: Vec<u64>,
     base: Vec<i32>,
 }
 
@@ -125,26 +125,24 @@ impl FlatEncTables {
         assert!((8..=10).contains(&prob_bits));
         let consts = super::table::flat_constants(prob_bits);
         self.prob_bits = prob_bits;
-        self.packed.clear();
-        self.rcp.clear();
+        self.entries.clear();
         self.base.clear();
-        self.packed.resize(FLAT_PAD, 0);
-        self.rcp.resize(FLAT_PAD, 0);
+        self.entries.resize(FLAT_PAD, 0);
         for k in 0..count {
             let (lo, freq) = table(k);
-            self.base.push(self.packed.len() as i32 - lo as i32);
+            self.base.push(self.entries.len() as i32 - lo as i32);
             let mut start = 0u32;
-            for &f in freq {
+            // One `extend` of a sized iterator: no capacity check per entry.
+            self.entries.extend(freq.iter().map(|&f| {
                 // Absent symbols (f = 0) get an entry that is never used.
                 let (p, r) = consts[f as usize];
-                self.packed.push(p + (start << 10));
-                self.rcp.push(r);
+                let entry = (p + (start << 10)) as u64 | (r as u64) << 32;
                 start += f as u32;
-            }
+                entry
+            }));
             assert!(start == 1 << prob_bits, "frequencies must sum to 2^prob_bits");
         }
-        self.packed.resize(self.packed.len() + FLAT_PAD, 0);
-        self.rcp.resize(self.rcp.len() + FLAT_PAD, 0);
+        self.entries.resize(self.entries.len() + FLAT_PAD, 0);
     }
 
     /// Entry index base of table `k`.
@@ -156,8 +154,8 @@ impl FlatEncTables {
     /// the vector step): flush a word to `words[*pos - 1]` when due.
     #[inline(always)]
     fn step(&self, x: u32, idx: usize, words: &mut [u16], pos: &mut usize) -> u32 {
-        let a = self.packed[idx];
-        let r = self.rcp[idx];
+        let e = self.entries[idx];
+        let (a, r) = (e as u32, (e >> 32) as u32);
         let mut x = x;
         if (x >> (32 - self.prob_bits)) > (a & 0x3ff) {
             *pos -= 1;
@@ -190,7 +188,7 @@ pub fn encode_segment_flat_with(geo: &SegmentGeometry, symbols: &[u8], channels_
     assert!(symbols.len() >= (te - 1) * channels_stride + geo.channels && channels_stride >= geo.channels);
     assert!(lane_base.len() >= geo.channels);
     // Every index base + byte stays inside the padded arrays.
-    assert!(lane_base[..geo.channels].iter().all(|&b| b >= 0 && b as usize + 256 <= tables.packed.len()));
+    assert!(lane_base[..geo.channels].iter().all(|&b| b >= 0 && b as usize + 256 <= tables.entries.len()));
     let n = geo.symbols();
     // 8 words of slack below: a vector stores 8 words ending at the write
     // position. Only words written here are read back, so the buffer is
@@ -827,7 +825,9 @@ mod simd {
 
     /// For each 8-bit flush mask: the byte shuffle that moves the low 16
     /// bits of the flushing lanes (as 8 words in lane order) to the top of
-    /// a 16-byte vector, in ascending lane order; the rest is zeroed.
+    /// a 16-byte vector, in ascending lane order; the rest is zeroed. The
+    /// mask is in the encoder's vector order (`encode_group`): bit `i` is
+    /// lane `VECTOR_LANE[i]`.
     const fn compress_shuffles() -> [[u8; 16]; 256] {
         let mut t = [[0x80u8; 16]; 256];
         let mut m = 0;
@@ -836,7 +836,7 @@ mod simd {
             let mut j = 8 - k;
             let mut lane = 0;
             while lane < 8 {
-                if m & (1 << lane) != 0 {
+                if m & (1 << VECTOR_POSITION[lane]) != 0 {
                     t[m][2 * j] = 2 * lane as u8;
                     t[m][2 * j + 1] = 2 * lane as u8 + 1;
                     j += 1;
@@ -847,18 +847,25 @@ mod simd {
         }
         t
     }
+    /// The lane at each position of an encoder state vector: the order in
+    /// which two 64-bit gathers (lanes 0-3, 4-7) and one `shuffle_ps`
+    /// deliver the lanes' constants. It is its own inverse.
+    const VECTOR_LANE: [usize; 8] = [0, 1, 4, 5, 2, 3, 6, 7];
+    const VECTOR_POSITION: [usize; 8] = VECTOR_LANE;
     static COMPRESS: [[u8; 16]; 256] = compress_shuffles();
 
     /// Encode one full 32-lane channel group of a segment (tokens `te - 1`
     /// down to `tb`, lanes 31 down to 0 as in `encode_segment`), eight lanes
-    /// per vector: the per-symbol constants by two gathers, the division by
-    /// the reciprocal multiply on even and odd lanes, and the flushed words
-    /// of a vector packed by a shuffle chosen by the flush mask and stored
-    /// below `*pos` (the words are written backwards).
+    /// per vector: the per-symbol constants by two 64-bit gathers (half the
+    /// elements of two 32-bit ones), the division by the reciprocal multiply
+    /// on even and odd lanes, and the flushed words of a vector packed by a
+    /// shuffle chosen by the flush mask and stored below `*pos` (the words
+    /// are written backwards). The state vectors hold their lanes in
+    /// `VECTOR_LANE` order, the order the gathered constants come in.
     ///
     /// # Safety
     /// AVX2; rows `t` in `[tb, te)` have 32 symbols at `t * stride + c0`;
-    /// every `lane_base[l] + byte` indexes `tables`' arrays; `*pos - 8 >=
+    /// every `lane_base[l] + byte` indexes `tables`' entries; `*pos - 8 >=
     /// 0` and at least 32 words per token fit below `*pos` plus 8 of slack.
     #[target_feature(enable = "avx2")]
     #[allow(clippy::too_many_arguments, clippy::needless_range_loop)]
@@ -870,13 +877,16 @@ mod simd {
         let fm1_mask = _mm256_set1_epi32(0x3ff);
         let bias_mask = _mm256_set1_epi32(0x7ff);
         let m_minus_1 = _mm256_set1_epi32((1i32 << pb) - 1);
+        // The low 16 bits of each state, as words in lane order.
         let lo16 = _mm256_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, -1, -1, -1, -1, -1, -1, -1, -1, 0, 1, 4, 5, 8, 9, 12, 13, -1, -1, -1, -1, -1, -1, -1, -1);
-        let packed = tables.packed.as_ptr() as *const i32;
-        let rcp = tables.rcp.as_ptr() as *const i32;
+        let words_in_lane_order = _mm256_setr_epi32(0, 4, 1, 5, 2, 3, 6, 7);
+        // Natural lane order to VECTOR_LANE order (and back: 64-bit blocks 0 2 1 3).
+        const SWAP_MIDDLE: i32 = 0b11_01_10_00;
+        let entries = tables.entries.as_ptr() as *const i64;
         let mut state = [_mm256_setzero_si256(); 4];
         let mut base = [_mm256_setzero_si256(); 4];
         for v in 0..4 {
-            state[v] = _mm256_loadu_si256(x.as_ptr().add(8 * v) as *const __m256i);
+            state[v] = _mm256_permute4x64_epi64(_mm256_loadu_si256(x.as_ptr().add(8 * v) as *const __m256i), SWAP_MIDDLE);
             base[v] = _mm256_loadu_si256(lane_base.as_ptr().add(8 * v) as *const __m256i);
         }
         let out = words.as_mut_ptr();
@@ -891,14 +901,16 @@ mod simd {
             for v in (0..4).rev() {
                 let s = _mm256_cvtepu8_epi32(_mm_loadl_epi64(row.add(8 * v) as *const __m128i));
                 let idx = _mm256_add_epi32(base[v], s);
-                let a = _mm256_i32gather_epi32(packed, idx, 4);
-                let r = _mm256_i32gather_epi32(rcp, idx, 4);
+                let e03 = _mm256_castsi256_ps(_mm256_i32gather_epi64(entries, _mm256_castsi256_si128(idx), 8));
+                let e47 = _mm256_castsi256_ps(_mm256_i32gather_epi64(entries, _mm256_extracti128_si256(idx, 1), 8));
+                let a = _mm256_castps_si256(_mm256_shuffle_ps(e03, e47, 0b10_00_10_00));
+                let r = _mm256_castps_si256(_mm256_shuffle_ps(e03, e47, 0b11_01_11_01));
                 let fm1 = _mm256_and_si256(a, fm1_mask);
                 let xv = state[v];
                 // x >> (32 - prob_bits) >= freq: flush the low 16 bits.
                 let flush = _mm256_cmpgt_epi32(_mm256_srl_epi32(xv, shr), fm1);
                 let m = _mm256_movemask_ps(_mm256_castsi256_ps(flush)) as usize;
-                let w = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(xv, lo16), 0b00_00_10_00);
+                let w = _mm256_permutevar8x32_epi32(_mm256_shuffle_epi8(xv, lo16), words_in_lane_order);
                 let w = _mm_shuffle_epi8(_mm256_castsi256_si128(w), _mm_loadu_si128(COMPRESS[m].as_ptr() as *const __m128i));
                 _mm_storeu_si128(out.add(p - 8) as *mut __m128i, w);
                 p -= m.count_ones() as usize;
@@ -915,7 +927,7 @@ mod simd {
         }
         *pos = p;
         for (v, &sv) in state.iter().enumerate() {
-            _mm256_storeu_si256(x.as_mut_ptr().add(8 * v) as *mut __m256i, sv);
+            _mm256_storeu_si256(x.as_mut_ptr().add(8 * v) as *mut __m256i, _mm256_permute4x64_epi64(sv, SWAP_MIDDLE));
         }
     }
 

@@ -53,6 +53,13 @@ pub fn codes_from_histogram(hist: &[u32]) -> (u8, Vec<u8>) {
 
 /// `codes_from_histogram`, appending the codes to `out` and returning `lo`.
 pub fn codes_from_histogram_into(hist: &[u32], out: &mut Vec<u8>) -> u8 {
+    codes_from_histogram_window(hist, 0, out)
+}
+
+/// `codes_from_histogram_into` of a histogram that is zero outside the
+/// part `hist`, which starts at symbol `offset`: only that part is read
+/// (the encoder knows each channel's symbol range).
+pub fn codes_from_histogram_window(hist: &[u32], offset: usize, out: &mut Vec<u8>) -> u8 {
     let first = first_nonzero(hist);
     let Some(first) = first else {
         // Empty histogram: a single symbol 0 carries all probability.
@@ -80,7 +87,7 @@ pub fn codes_from_histogram_into(hist: &[u32], out: &mut Vec<u8>) -> u8 {
             *d = if c == 0 { 0 } else { code_of_count(max, c) };
         }
     }
-    first as u8
+    (offset + first) as u8
 }
 
 /// The weight code of a non-zero count `c` under the histogram's largest
