@@ -340,13 +340,19 @@ pub fn quantize_row(row: &[f32], p: GroupParams, spec: &QuantSpec, out: &mut Vec
     }
 }
 
+/// The features of the f16 row paths that read the bytes directly.
+#[cfg(target_arch = "x86_64")]
+fn has_avx2_f16c() -> bool {
+    std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("f16c")
+}
+
 /// `quantize_row` of a row of raw `dtype` bytes, converted through
 /// `values` where needed. Symmetric rows of f16 (a multiple of 32 values)
 /// are converted in registers with F16C, and 32 symbols are packed and
 /// stored at a time.
 pub fn quantize_row_raw(dtype: Dtype, row: &[u8], p: GroupParams, spec: &QuantSpec, values: &mut Vec<f32>, out: &mut Vec<u8>) {
     #[cfg(target_arch = "x86_64")]
-    if dtype == Dtype::F16 && !spec.asymmetric && p.step != 0.0 && row.len() % 64 == 0 && std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("f16c") {
+    if dtype == Dtype::F16 && !spec.asymmetric && p.step != 0.0 && row.len() % 64 == 0 && has_avx2_f16c() {
         // SAFETY: the features are present; the row holds a multiple of 32
         // f16 values.
         unsafe { f16_quantize_row_symmetric(row, p.step, spec.max, out) };
@@ -490,7 +496,7 @@ pub fn row_stats_into(dtype: Dtype, block: &[u8], channels: usize, values: &mut 
     let n = block.len() / (channels * dtype.size());
     debug_assert!(n <= STATS_ROWS && block.len() == n * channels * dtype.size());
     #[cfg(target_arch = "x86_64")]
-    if dtype == Dtype::F16 && n == STATS_ROWS && channels % 8 == 0 && std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("f16c") {
+    if dtype == Dtype::F16 && n == STATS_ROWS && channels % 8 == 0 && has_avx2_f16c() {
         // SAFETY: the features are present; the block holds STATS_ROWS
         // rows of `channels` (a multiple of 8) f16 values.
         // The rows first: their pass reads the block in order (the first
